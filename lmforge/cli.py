@@ -1,0 +1,167 @@
+"""The ``lmforge`` command: command name -> config dataclass -> function. No logic lives here.
+
+Arguments are parsed by tyro from the config dataclasses (their field docstrings are the
+``--help`` text). Every command also takes ``--config RECIPE.yaml``: the recipe is validated
+strictly (unknown keys and bad values fail naming the file and key) and becomes the defaults
+that command-line flags then override, e.g. ``--vocab-size 8000`` or ``--model.d-model 256``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tyro
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import load_yaml
+from lmforge.data import builtin
+from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
+from lmforge.interop import ConvertConfig, ExportConfig, convert_from_hf, export_to_hf
+
+console = Console()
+
+
+@dataclass
+class DataListConfig:
+    """List the built-in corpora with their split sizes."""
+
+    path: str | None = None
+    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+
+
+@dataclass
+class DataExportConfig:
+    """Write a built-in corpus's splits as JSONL / CoNLL / TSV files, the formats users bring."""
+
+    name: tyro.conf.Positional[str]
+    """Built-in corpus name (see `lmforge data list`)."""
+    out: str
+    """Directory to write train/dev/test files into."""
+    path: str | None = None
+    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+
+
+def _tokenizer_train(cfg: TokenizerTrainConfig) -> None:
+    tok = train_command(cfg)
+    console.print(f"[green]wrote[/green] {cfg.out}: {cfg.kind} tokenizer, {tok.vocab_size} tokens")
+
+
+def _convert(cfg: ConvertConfig) -> None:
+    out = convert_from_hf(cfg)
+    console.print(f"[green]wrote[/green] lmforge model directory {out}")
+
+
+def _export(cfg: ExportConfig) -> None:
+    out = export_to_hf(cfg)
+    console.print(f"[green]wrote[/green] Hugging Face model directory {out}")
+
+
+def _data_list(cfg: DataListConfig) -> None:
+    table = Table(title="Built-in corpora")
+    for col in ("name", "task", "train", "dev", "test", "source"):
+        table.add_column(col, justify="right" if col in ("train", "dev", "test") else "left")
+    for name, b in builtin.BUILTINS.items():
+        try:
+            splits = builtin.load_builtin(name, path=cfg.path)
+            sizes = [f"{len(splits[s]):,}" for s in builtin.SPLITS]
+        except ValueError as e:
+            sizes = ["-", "-", "-"]
+            console.print(f"[yellow]{name}[/yellow]: {e}")
+        table.add_row(name, b.task, *sizes, b.source)
+    console.print(table)
+
+
+def _data_export(cfg: DataExportConfig) -> None:
+    written = builtin.export_builtin(cfg.name, cfg.out, path=cfg.path)
+    for split, path in written.items():
+        console.print(f"[green]wrote[/green] {split}: {path}")
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
+    "tokenizer train": (TokenizerTrainConfig, _tokenizer_train),
+    "convert": (ConvertConfig, _convert),
+    "export": (ExportConfig, _export),
+    "data list": (DataListConfig, _data_list),
+    "data export": (DataExportConfig, _data_export),
+}
+
+
+def _usage() -> None:
+    console.print("usage: lmforge COMMAND [--config RECIPE.yaml] [OPTIONS]   (lmforge COMMAND --help for options)\n")
+    table = Table(show_header=False, box=None)
+    for name, (cls, _) in COMMANDS.items():
+        table.add_row(f"  lmforge {name}", (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+
+
+def _recipe_defaults(cls: type, path: str) -> Any:
+    """The recipe at ``path`` as a ``cls`` instance; required fields it leaves out stay required."""
+    import yaml
+
+    from lmforge.config import from_dict
+
+    data = yaml.safe_load(open(path, encoding="utf-8")) if path else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of keys to values")
+    absent = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
+    if not absent:
+        return load_yaml(cls, path)
+    placeholders = {name: _placeholder(cls, name, path) for name in absent}
+    cfg = from_dict(cls, {**data, **placeholders}, where=path)
+    for name in absent:
+        object.__setattr__(cfg, name, tyro.MISSING)
+    return cfg
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _placeholder(cls: type, name: str, path: str) -> Any:
+    hint = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if "list" in hint:
+        return []
+    if "str" in hint:
+        return ""
+    raise ValueError(f"{path}: the recipe must set {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    name = next((n for n in sorted(COMMANDS, key=len, reverse=True) if argv[: len(n.split())] == n.split()), None)
+    if name is None:
+        _usage()
+        known = argv and argv[0] not in ("-h", "--help")
+        if known:
+            console.print(f"[red]error:[/red] unknown command {' '.join(argv[:2])!r}")
+        return 2 if known or not argv else 0
+    cls, fn = COMMANDS[name]
+    rest = argv[len(name.split()) :]
+    try:
+        default = None
+        if "--config" in rest:
+            i = rest.index("--config")
+            if i + 1 >= len(rest):
+                raise ValueError("--config needs a YAML file")
+            default = _recipe_defaults(cls, rest[i + 1])
+            rest = rest[:i] + rest[i + 2 :]
+        cfg = tyro.cli(cls, args=rest, prog=f"lmforge {name}", default=default)
+        fn(cfg)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e.filename}: not found")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

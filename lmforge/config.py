@@ -1,0 +1,98 @@
+"""Typed configuration: YAML recipes and JSON configs into dataclasses, strictly validated.
+
+Dataclasses are the schema (their field docstrings become ``--help`` through tyro in ``cli.py``).
+``from_dict`` builds one from plain data with dacite in strict mode, so an unknown key or a value
+of the wrong type fails at start-up with the key, the value and what is allowed; ``load_yaml``
+does that for a recipe file and names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dacite
+import yaml
+
+T = TypeVar("T")
+
+
+def _int_to_float(value: Any) -> Any:
+    # YAML and JSON write 1e-4 as a float but 0 or 1 as an int; a float field accepts both.
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+_DACITE = dacite.Config(strict=True, type_hooks={float: _int_to_float})
+
+
+def _allowed(cls: type, path: str) -> str:
+    """Describe what the field at dotted ``path`` of ``cls`` accepts."""
+    hints = typing.get_type_hints(cls)
+    head, _, rest = path.partition(".")
+    if head not in hints:
+        return "one of: " + ", ".join(f.name for f in dataclasses.fields(cls))
+    hint = hints[head]
+    if rest and dataclasses.is_dataclass(hint):
+        return _allowed(hint, rest)
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return f"a value of type {getattr(hint, '__name__', hint)}"
+
+
+def from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; any problem raises ValueError naming ``where`` and the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    try:
+        return dacite.from_dict(cls, data, config=_DACITE)
+    except dacite.UnexpectedDataError as e:
+        keys = ", ".join(sorted(e.keys))
+        fields = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"{where}: unknown key(s) {keys}; allowed keys of {cls.__name__}: {fields}") from None
+    except dacite.WrongTypeError as e:
+        raise ValueError(
+            f"{where}: key {e.field_path!r} has value {e.value!r}; expected {_allowed(cls, e.field_path)}"
+        ) from None
+    except dacite.MissingValueError as e:
+        raise ValueError(f"{where}: required key {e.field_path!r} is missing") from None
+    except dacite.DaciteError as e:
+        raise ValueError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # raised by a dataclass's own __post_init__ checks
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
+    """Read a YAML recipe into ``cls``; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(cls, data or {}, where=str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as plain data, ready for YAML or JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_yaml(path: str | os.PathLike, cfg: Any) -> None:
+    """Write the resolved config of a run as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)

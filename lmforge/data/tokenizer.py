@@ -1,0 +1,221 @@
+"""Train, save and load tokenizers with the Hugging Face ``tokenizers`` library.
+
+Two kinds:
+- ``wordpiece`` for BERT, the bert-base-chinese convention: BERT normalisation (every CJK
+  character becomes its own pre-token, optional lower-casing), ``##`` continuation pieces,
+  [PAD] [UNK] [CLS] [SEP] [MASK], and the alphabet unlimited (the trainer's default keeps only
+  1,000 characters, which left ~9% [UNK] on Chinese text; see shared/FINDINGS.md).
+- ``bpe`` for GPT: byte-level BPE as in GPT-2 (no unknown token, exact round trips), with an
+  end-of-text token, a padding token and ChatML role tokens (``<|im_start|>``, ``<|im_end|>``)
+  plus a chat template, as Qwen uses.
+
+A tokenizer directory holds ``tokenizer.json`` plus ``tokenizer_config.json`` and
+``special_tokens_map.json`` so that ``transformers.AutoTokenizer`` loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmforge.config import write_json
+
+TokenizerKind = Literal["wordpiece", "bpe"]
+WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+BPE_SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A space that WordPiece decoding puts next to a CJK character or full-width punctuation is not
+# in the original text (BERT splits every such character into its own token).
+_CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_SPACE = re.compile(rf"(?<=[{_CJK}]) (?=\S)|(?<=\S) (?=[{_CJK}])")
+
+
+@dataclass
+class LMTokenizer:
+    """A ``tokenizers.Tokenizer`` with its kind and the ids of its special tokens."""
+
+    tokenizer: Tokenizer
+    kind: TokenizerKind
+    specials: dict[str, str]
+
+    def token_id(self, role: str) -> int | None:
+        """Id of the special token with ``role`` (pad, unk, cls, sep, mask, eos, ...), or None."""
+        token = self.specials.get(role)
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, pair: str | None = None, *, special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, pair, add_special_tokens=special_tokens).ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _CJK_SPACE.sub("", text) if self.kind == "wordpiece" else text
+
+
+def _wordpiece(vocab_size: int, lowercase: bool) -> tuple[Tokenizer, trainers.Trainer]:
+    tok = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk"], continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(WORDPIECE_SPECIALS.values()),
+        limit_alphabet=1_000_000,  # keep every character: Chinese needs thousands
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    return tok, trainer
+
+
+def _bpe(vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    return tok, trainer
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, kind: TokenizerKind, vocab_size: int, lowercase: bool = True
+) -> LMTokenizer:
+    """Train a tokenizer of ``kind`` on ``texts`` (streamed, never all in memory)."""
+    if vocab_size < 300 and kind == "bpe":
+        raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 bytes + specials (>= 300)")
+    if vocab_size < 10:
+        raise ValueError(f"vocab_size={vocab_size} is too small")
+    if kind == "wordpiece":
+        tok, trainer = _wordpiece(vocab_size, lowercase)
+        specials = dict(WORDPIECE_SPECIALS)
+    elif kind == "bpe":
+        tok, trainer = _bpe(vocab_size)
+        specials = dict(BPE_SPECIALS)
+    else:
+        raise ValueError(f"tokenizer kind {kind!r} is not one of 'wordpiece', 'bpe'")
+    tok.train_from_iterator(_nonempty(texts), trainer=trainer)
+    if kind == "wordpiece":
+        cls, sep = specials["cls"], specials["sep"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return LMTokenizer(tok, kind, specials)
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        if text and not text.isspace():
+            yield text
+
+
+def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_length: int = 512) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "tokenizer.json.tmp"
+    tok.tokenizer.save(str(tmp))
+    os.replace(tmp, directory / "tokenizer.json")
+    roles = {"pad": "pad_token", "unk": "unk_token", "cls": "cls_token", "sep": "sep_token",
+             "mask": "mask_token", "eos": "eos_token"}  # fmt: skip
+    special_map = {roles[r]: t for r, t in tok.specials.items() if r in roles}
+    if tok.kind == "bpe":
+        special_map["bos_token"] = tok.specials["eos"]  # GPT-2 convention: one <|endoftext|> for both
+        special_map["additional_special_tokens"] = [tok.specials["im_start"], tok.specials["im_end"]]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "lmforge_kind": tok.kind,
+        "lmforge_specials": tok.specials,
+        "clean_up_tokenization_spaces": False,
+        **special_map,
+    }
+    if tok.kind == "bpe":
+        config["chat_template"] = CHAT_TEMPLATE
+    else:
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "special_tokens_map.json", special_map)
+    return directory
+
+
+def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
+    """Load a tokenizer directory written by ``save_tokenizer`` (or any with a BERT/GPT tokenizer.json)."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no tokenizer.json (train one with `lmforge tokenizer train`)")
+    tok = Tokenizer.from_file(str(path))
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    if "lmforge_kind" in cfg:
+        return LMTokenizer(tok, cfg["lmforge_kind"], dict(cfg["lmforge_specials"]))
+    # A tokenizer from elsewhere (e.g. an imported Hugging Face model): infer kind and specials.
+    kind: TokenizerKind = "wordpiece" if type(tok.model).__name__ == "WordPiece" else "bpe"
+    roles = {"pad_token": "pad", "unk_token": "unk", "cls_token": "cls", "sep_token": "sep",
+             "mask_token": "mask", "eos_token": "eos", "bos_token": "bos"}  # fmt: skip
+    specials = {}
+    for key, role in roles.items():
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and tok.token_to_id(value) is not None:
+            specials[role] = value
+    return LMTokenizer(tok, kind, specials)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Train a tokenizer: WordPiece (BERT, one token per CJK character) or byte-level BPE (GPT)."""
+
+    input: list[str]
+    """Corpora: text files (one document per line), .jsonl files (field --jsonl-field) or builtin:NAME."""
+    out: str
+    """Directory to write tokenizer.json, tokenizer_config.json, special_tokens_map.json into."""
+    kind: TokenizerKind = "wordpiece"
+    """wordpiece for BERT models, bpe (byte-level) for GPT models."""
+    vocab_size: int = 21128
+    """Target vocabulary size (WordPiece keeps every character seen, even past this size)."""
+    lowercase: bool = True
+    """Lower-case text before WordPiece (the bert-base-chinese convention); ignored for bpe."""
+    jsonl_field: str = "text"
+    """Field holding the text in .jsonl inputs."""
+    model_max_length: int = 512
+    """Longest input recorded in tokenizer_config.json for transformers."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size={self.vocab_size} must be positive")
+
+
+def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
+    from lmforge.data.readers import corpus_texts
+
+    if not cfg.input:
+        raise ValueError("--input needs at least one file or builtin:NAME")
+    texts = corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field)
+    tok = train_tokenizer(texts, kind=cfg.kind, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
+    save_tokenizer(tok, cfg.out, model_max_length=cfg.model_max_length)
+    return tok

@@ -1,0 +1,164 @@
+"""The BERT encoder: embeddings, post-LN transformer layers, pooler and the tied MLM head.
+
+Follows Devlin et al., 2019 ("BERT: Pre-training of Deep Bidirectional Transformers") and matches
+Hugging Face's ``BertModel`` / ``BertForMaskedLM`` numerically, so their checkpoints load through
+``models/convert.py``. Task heads (classification, NER, ...) are generic and live in ``heads.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.models.layers import (
+    Activation,
+    Attention,
+    Embeddings,
+    FeedForward,
+    activation_fn,
+    build_attention_mask,
+    init_weights,
+)
+
+
+@dataclass
+class BertConfig:
+    """Shape and regularisation of a BERT encoder."""
+
+    vocab_size: int = 21128
+    """Number of token ids."""
+    max_seq_len: int = 512
+    """Number of learned positions: the longest input."""
+    n_layers: int = 4
+    """Transformer layers."""
+    n_heads: int = 4
+    """Attention heads per layer; must divide d_model."""
+    d_model: int = 256
+    """Hidden width."""
+    d_ff: int = 1024
+    """Feed-forward inner width."""
+    dropout: float = 0.1
+    """Dropout on embeddings and residual branches."""
+    attn_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    type_vocab_size: int = 2
+    """Number of segment (token type) ids."""
+    norm_eps: float = 1e-12
+    """LayerNorm epsilon."""
+    activation: Activation = "gelu"
+    """Feed-forward activation (BERT uses the exact erf GELU)."""
+    pooler: bool = True
+    """Include the tanh pooler over the first token."""
+    mlm_head: bool = True
+    """Include the masked-LM head (decoder tied to the word embeddings)."""
+    init_std: float = 0.02
+    """Standard deviation of the initial weights."""
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        for key in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: x = norm(x + attn(x)); x = norm(x + ffn(x))."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.attn_dropout)
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class MLMHead(nn.Module):
+    """Transform (dense + activation + LayerNorm), then logits against the tied word embeddings."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.transform = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = activation_fn(cfg.activation)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
+        h = self.norm(self.act(self.transform(hidden)))
+        return nn.functional.linear(h, word_embeddings, self.bias)
+
+
+class Pooler(nn.Module):
+    """tanh(dense(first token)), BERT's sentence representation for next-sentence prediction."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, D)
+
+
+class Bert(nn.Module):
+    """BERT encoder. ``forward`` gives hidden states; ``pool`` and ``mlm_logits`` apply the heads."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(
+            cfg.vocab_size,
+            cfg.d_model,
+            max_positions=cfg.max_seq_len,
+            type_vocab_size=cfg.type_vocab_size,
+            norm=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+            dropout=cfg.dropout,
+        )
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layers))
+        self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
+        self.mlm_head = MLMHead(cfg) if cfg.mlm_head else None
+        init_weights(self, cfg.init_std)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states (B, T, D) for token ids (B, T); ``attention_mask`` is 1 at real tokens."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids, position_ids, token_type_ids)
+        mask, _ = build_attention_mask(attention_mask, q_len=T, k_len=T, causal=False)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """The pooled first-token representation (B, D)."""
+        if self.pooler is None:
+            raise ValueError("this BERT has no pooler (model.pooler=false)")
+        return self.pooler(hidden)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits for hidden states (..., D) -> (..., V).
+
+        Pass only the rows you need (e.g. the masked positions, gathered first): the projection
+        to the vocabulary dominates the cost of small models.
+        """
+        if self.mlm_head is None:
+            raise ValueError("this BERT has no MLM head (model.mlm_head=false)")
+        return self.mlm_head(hidden, self.embed.word.weight)
+

@@ -1,0 +1,434 @@
+"""Key maps between lmforge and Hugging Face checkpoints: BERT, GPT-2, Llama and Qwen2.
+
+The only module where Hugging Face names live (rule 4 of the architecture page). Each family is a
+list of links, one per lmforge tensor, naming the Hugging Face tensors it is made of: several
+when lmforge fuses them (query, key and value become one ``qkv`` matrix), transposed for GPT-2's
+``Conv1D`` layers, which store (in, out). The same links convert both ways, so import and export
+cannot drift apart. Only safetensors are read: pickled ``.bin`` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmforge.models.bert import BertConfig
+from lmforge.models.gpt import GPTConfig
+from lmforge.models.registry import read_safetensors
+
+# Hugging Face activation names -> lmforge's; gelu_new and gelu_pytorch_tanh are the same function.
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                "silu": "silu", "swish": "silu"}  # fmt: skip
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+# Tensors Hugging Face checkpoints carry that are buffers or heads lmforge does not use.
+_IGNORED_SUFFIXES = (
+    "embeddings.position_ids",  # BERT buffer in old checkpoints
+    "attn.bias",  # GPT-2 causal-mask buffer in old checkpoints
+    "attn.masked_bias",
+    "rotary_emb.inv_freq",  # Llama buffer in old checkpoints
+    "cls.seq_relationship.weight",  # BERT next-sentence-prediction head
+    "cls.seq_relationship.bias",
+    "cls.predictions.decoder.weight",  # tied to the word embeddings
+    "cls.predictions.decoder.bias",  # an alias of cls.predictions.bias
+)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One lmforge tensor and the Hugging Face tensors it is concatenated from (along dim 0)."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    sizes: tuple[int, ...] = ()  # split sizes along dim 0 when ``theirs`` has several tensors
+    conv1d: bool = False  # GPT-2 Conv1D weight: stored transposed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a Hugging Face directory
+
+
+def read_hf_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """The config.json and all safetensors tensors (single file or sharded) of a HF model directory."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{directory}: no config.json; not a Hugging Face model directory")
+    hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return hf_cfg, read_safetensors(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        tensors: dict[str, Tensor] = {}
+        for shard in shards:
+            tensors.update(read_safetensors(directory / shard))
+        return hf_cfg, tensors
+    pickled = [p.name for p in directory.glob("*.bin")]
+    hint = (
+        f" It holds {', '.join(pickled)}: pickled weights are never loaded (they can run code); "
+        "re-save them as safetensors with transformers' save_pretrained(safe_serialization=True)."
+        if pickled
+        else ""
+    )
+    raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def _strip_prefix(tensors: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    out = {}
+    for k, v in tensors.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p) :]
+                break
+        out[k] = v
+    return out
+
+
+def _act(name: str, where: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise ValueError(f"{where}: hidden activation {name!r} is not supported; supported: {sorted(_ACT_FROM_HF)}")
+    return _ACT_FROM_HF[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Link tables
+
+
+def bert_links(cfg: BertConfig) -> list[Link]:
+    qkv = (cfg.d_model,) * 3
+    links = [
+        Link("embed.word.weight", ("embeddings.word_embeddings.weight",)),
+        Link("embed.position.weight", ("embeddings.position_embeddings.weight",)),
+        Link("embed.token_type.weight", ("embeddings.token_type_embeddings.weight",)),
+        Link("embed.norm.weight", ("embeddings.LayerNorm.weight",)),
+        Link("embed.norm.bias", ("embeddings.LayerNorm.bias",)),
+    ]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
+        att = hf + "attention."
+        for kind in ("weight", "bias"):
+            links += [
+                Link(ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv),
+                Link(ours + f"attn.out.{kind}", (att + f"output.dense.{kind}",)),
+                Link(ours + f"attn_norm.{kind}", (att + f"output.LayerNorm.{kind}",)),
+                Link(ours + f"ffn.up.{kind}", (hf + f"intermediate.dense.{kind}",)),
+                Link(ours + f"ffn.down.{kind}", (hf + f"output.dense.{kind}",)),
+                Link(ours + f"ffn_norm.{kind}", (hf + f"output.LayerNorm.{kind}",)),
+            ]
+    if cfg.pooler:
+        links += [Link("pooler.dense.weight", ("pooler.dense.weight",)), Link("pooler.dense.bias", ("pooler.dense.bias",))]
+    if cfg.mlm_head:
+        t = "cls.predictions.transform."
+        links += [
+            Link("mlm_head.transform.weight", (t + "dense.weight",)),
+            Link("mlm_head.transform.bias", (t + "dense.bias",)),
+            Link("mlm_head.norm.weight", (t + "LayerNorm.weight",)),
+            Link("mlm_head.norm.bias", (t + "LayerNorm.bias",)),
+            Link("mlm_head.bias", ("cls.predictions.bias",)),
+        ]
+    return links
+
+
+def gpt2_links(cfg: GPTConfig) -> list[Link]:
+    links = [Link("embed.word.weight", ("wte.weight",)), Link("embed.position.weight", ("wpe.weight",))]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"h.{i}."
+        links += [
+            Link(ours + "attn_norm.weight", (hf + "ln_1.weight",)),
+            Link(ours + "attn_norm.bias", (hf + "ln_1.bias",)),
+            Link(ours + "attn.qkv.weight", (hf + "attn.c_attn.weight",), conv1d=True),
+            Link(ours + "attn.qkv.bias", (hf + "attn.c_attn.bias",)),
+            Link(ours + "attn.out.weight", (hf + "attn.c_proj.weight",), conv1d=True),
+            Link(ours + "attn.out.bias", (hf + "attn.c_proj.bias",)),
+            Link(ours + "ffn_norm.weight", (hf + "ln_2.weight",)),
+            Link(ours + "ffn_norm.bias", (hf + "ln_2.bias",)),
+            Link(ours + "ffn.up.weight", (hf + "mlp.c_fc.weight",), conv1d=True),
+            Link(ours + "ffn.up.bias", (hf + "mlp.c_fc.bias",)),
+            Link(ours + "ffn.down.weight", (hf + "mlp.c_proj.weight",), conv1d=True),
+            Link(ours + "ffn.down.bias", (hf + "mlp.c_proj.bias",)),
+        ]
+    links += [Link("norm.weight", ("ln_f.weight",)), Link("norm.bias", ("ln_f.bias",))]
+    if not cfg.tie_embeddings:
+        links.append(Link("lm_head.weight", ("lm_head.weight",)))
+    return links
+
+
+def llama_links(cfg: GPTConfig) -> list[Link]:
+    hd = cfg.dim_per_head
+    qkv = (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
+    links = [Link("embed.word.weight", ("embed_tokens.weight",))]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"layers.{i}."
+        att = hf + "self_attn."
+        links += [
+            Link(ours + "attn_norm.weight", (hf + "input_layernorm.weight",)),
+            Link(ours + "attn.qkv.weight", tuple(att + f"{n}_proj.weight" for n in "qkv"), qkv),
+            Link(ours + "attn.out.weight", (att + "o_proj.weight",)),
+            Link(ours + "ffn_norm.weight", (hf + "post_attention_layernorm.weight",)),
+        ]
+        if cfg.qkv_bias:
+            links.append(Link(ours + "attn.qkv.bias", tuple(att + f"{n}_proj.bias" for n in "qkv"), qkv))
+        if cfg.out_bias:
+            links.append(Link(ours + "attn.out.bias", (att + "o_proj.bias",)))
+        for ours_name, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            links.append(Link(ours + f"ffn.{ours_name}.weight", (hf + f"mlp.{hf_name}.weight",)))
+            if cfg.ffn_bias:
+                links.append(Link(ours + f"ffn.{ours_name}.bias", (hf + f"mlp.{hf_name}.bias",)))
+    links.append(Link("norm.weight", ("norm.weight",)))
+    if not cfg.tie_embeddings:
+        links.append(Link("lm_head.weight", ("lm_head.weight",)))
+    return links
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{where}: position_embedding_type={hf['position_embedding_type']!r}; only 'absolute'")
+    return BertConfig(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 512),
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        activation=_act(hf.get("hidden_act", "gelu"), where),
+        pooler="pooler.dense.weight" in keys,
+        mlm_head="cls.predictions.transform.dense.weight" in keys,
+    )
+
+
+def _gpt2_config(hf: dict, where: str) -> GPTConfig:
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise ValueError(f"{where}: GPT-2 attention scaling variants are not supported")
+    d = hf["n_embd"]
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["n_positions"],
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        d_model=d,
+        d_ff=hf.get("n_inner") or 4 * d,
+        dropout=hf.get("resid_pdrop", 0.1),
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        positions="learned",
+        activation=_act(hf.get("activation_function", "gelu_new"), where),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"{where}: rope_type={kind!r} is not supported; only 'default' RoPE")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_config(hf: dict, where: str) -> GPTConfig:
+    qwen = hf["model_type"] == "qwen2"
+    if qwen and hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: Qwen2 sliding-window attention is not supported")
+    act = _act(hf.get("hidden_act", "silu"), where)
+    attn_bias = True if qwen else bool(hf.get("attention_bias", False))
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        positions="rope",
+        rope_theta=_rope_theta(hf, where),
+        activation=act,
+        gated_ffn=True,
+        qkv_bias=attn_bias,
+        out_bias=False if qwen else attn_bias,
+        ffn_bias=False if qwen else bool(hf.get("mlp_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_family(cfg: BertConfig | GPTConfig) -> str:
+    """The Hugging Face model_type a lmforge config exports to, or ValueError saying why none fits."""
+    if isinstance(cfg, BertConfig):
+        return "bert"
+    plain_heads = cfg.kv_heads == cfg.n_heads and cfg.dim_per_head * cfg.n_heads == cfg.d_model
+    if cfg.positions == "learned":
+        if cfg.norm == "layernorm" and not cfg.gated_ffn and cfg.qkv_bias and cfg.out_bias and cfg.ffn_bias and plain_heads:
+            return "gpt2"
+        raise ValueError("a learned-position GPT exports only as GPT-2: layernorm, plain MLP, all biases, no GQA")
+    if cfg.norm == "rmsnorm" and cfg.gated_ffn:
+        if cfg.qkv_bias == cfg.out_bias:
+            return "llama"
+        if cfg.qkv_bias and not cfg.out_bias and not cfg.ffn_bias:
+            return "qwen2"
+    raise ValueError("a RoPE GPT exports as Llama or Qwen2 only with rmsnorm and a gated feed-forward")
+
+
+def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
+    family = hf_family(cfg)
+    return {"bert": bert_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def from_hf(hf_cfg: dict, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> tuple[
+    BertConfig | GPTConfig, dict[str, Tensor]
+]:
+    """Convert a Hugging Face config and state dict into a lmforge config and state dict."""
+    kind = hf_cfg.get("model_type")
+    if kind == "bert":
+        tensors = _strip_prefix(tensors, ("bert.",))
+        cfg: BertConfig | GPTConfig = _bert_config(hf_cfg, set(tensors), source)
+    elif kind == "gpt2":
+        tensors = _strip_prefix(tensors, ("transformer.",))
+        cfg = _gpt2_config(hf_cfg, source)
+    elif kind in ("llama", "qwen2"):
+        tensors = _strip_prefix(tensors, ("model.",))
+        cfg = _llama_config(hf_cfg, source)
+    else:
+        raise ValueError(f"{source}: model_type={kind!r} is not supported; supported: bert, gpt2, llama, qwen2")
+    links = _links(cfg)
+    used = {name for link in links for name in link.theirs}
+    if getattr(cfg, "tie_embeddings", False):
+        used.add("lm_head.weight")  # some tied checkpoints store the head anyway; it is the embedding
+        optional = {"lm_head.weight"}
+    else:
+        optional = set()
+    missing = sorted(name for name in used - optional if name not in tensors)
+    unknown = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+    if missing or unknown:
+        raise ValueError(
+            f"{source}: tensors do not match its {kind} config; missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(unknown) or 'none'}"
+        )
+    ours = {}
+    for link in links:
+        parts = [tensors[name].t() if link.conv1d else tensors[name] for name in link.theirs]
+        ours[link.ours] = torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+    return cfg, ours
+
+
+def to_hf(cfg: BertConfig | GPTConfig, tensors: dict[str, Tensor], *, token_ids: dict[str, int | None]) -> tuple[
+    dict, dict[str, Tensor]
+]:
+    """Convert a lmforge config and state dict into a Hugging Face config.json dict and state dict.
+
+    ``token_ids`` gives the tokenizer's ``pad``, ``bos`` and ``eos`` ids for the config.
+    """
+    family = hf_family(cfg)
+    hf: dict[str, Tensor] = {}
+    for link in _links(cfg):
+        value = tensors[link.ours]
+        parts = value.split(list(link.sizes), dim=0) if link.sizes else (value,)
+        for name, part in zip(link.theirs, parts, strict=True):
+            hf[name] = (part.t() if link.conv1d else part).contiguous()
+    if family == "bert":
+        prefix = "bert." if cfg.mlm_head else ""
+        hf = {(k if k.startswith("cls.") else prefix + k): v for k, v in hf.items()}
+        return _bert_hf_config(cfg, token_ids), hf
+    if family == "gpt2":
+        hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
+        return _gpt2_hf_config(cfg, token_ids), hf
+    hf = {(k if k == "lm_head.weight" else "model." + k): v for k, v in hf.items()}
+    return _llama_hf_config(cfg, family, token_ids), hf
+
+
+def _common(token_ids: dict[str, int | None]) -> dict:
+    return {
+        "pad_token_id": token_ids.get("pad"),
+        "bos_token_id": token_ids.get("bos"),
+        "eos_token_id": token_ids.get("eos"),
+        "dtype": "float32",
+    }
+
+
+def _bert_hf_config(cfg: BertConfig, token_ids: dict[str, int | None]) -> dict:
+    return {
+        "architectures": ["BertForMaskedLM" if cfg.mlm_head else "BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "hidden_act": _ACT_TO_HF[cfg.activation],
+        "initializer_range": cfg.init_std,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        **_common(token_ids),
+    }
+
+
+def _gpt2_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_seq_len,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_embd": cfg.d_model,
+        "n_inner": cfg.d_ff,
+        "activation_function": _ACT_TO_HF[cfg.activation],
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **_common(token_ids),
+    }
+
+
+def _llama_hf_config(cfg: GPTConfig, family: str, token_ids: dict[str, int | None]) -> dict:
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _ACT_TO_HF[cfg.activation],
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "attention_dropout": cfg.dropout,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **_common(token_ids),
+    }
+    if family == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.ffn_bias)
+    else:
+        out.update(use_sliding_window=False)
+    return out

@@ -1,0 +1,300 @@
+"""The only shared transformer blocks: attention, feed-forward, norms, embeddings, rotary positions.
+
+Follows "Attention Is All You Need" (Vaswani et al., 2017) for attention, BERT (Devlin et al., 2019)
+and GPT-2 (Radford et al., 2019) for the embedding sums and GELU feed-forward, RoFormer (Su et al.,
+2021) for rotary positions and GLU Variants (Shazeer, 2020) for SwiGLU. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` so the fused kernels are used where available.
+
+Glossary for shape comments: B batch, T query length, S key length, D model width, H heads,
+Hkv key/value heads, Hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
+NormKind = Literal["layernorm", "rmsnorm"]
+
+
+def activation_fn(name: Activation):
+    """Return the activation function called ``name`` (``gelu`` is the exact erf form)."""
+    table = {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    """LayerNorm (BERT, GPT-2) or RMSNorm (Llama, Qwen) over the last dimension."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm']")
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus optional learned positions, token types, norm and dropout.
+
+    BERT uses all of them (word + position + token type, then LayerNorm); GPT-2 uses word +
+    position; Llama-style models use the word embedding alone (positions come from RoPE).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        max_positions: int = 0,
+        type_vocab_size: int = 0,
+        norm: nn.Module | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(max_positions, d_model) if max_positions else None
+        self.token_type = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
+        self.norm = norm
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        x = self.word(input_ids)  # (B, T, D)
+        if self.position is not None:
+            if position_ids is None:
+                raise ValueError("position_ids are required with learned position embeddings")
+            limit = self.position.num_embeddings
+            if position_ids.numel() and int(position_ids.max()) >= limit:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is past max_seq_len={limit}; "
+                    f"use sequences of at most {limit} tokens"
+                )
+            x = x + self.position(position_ids)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), in the rotate-half layout Llama and Qwen use."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin of shape (B, 1, T, Hd), computed in float32 then cast to ``dtype``."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, Hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, Hd) queries or keys by the position angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding.
+
+    One buffer of shape (L, B, Hkv, S_max, Hd) each for keys and values, filled in place, so a
+    decoding step allocates nothing new for the cache. ``length`` counts the positions already
+    stored; a model call appends its T new positions in every layer, then advances ``length``.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, Hkv, T, Hd) keys/values after the cached ones; return all (B, Hkv, S, Hd)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def build_attention_mask(
+    key_valid: Tensor | None, *, q_len: int, k_len: int, causal: bool
+) -> tuple[Tensor | None, bool]:
+    """Build the (mask, is_causal) pair for SDPA.
+
+    ``key_valid`` is a (B, S) mask, true/1 at real tokens. Queries are the last ``q_len`` of the
+    ``k_len`` positions (the earlier ones come from a KV cache). Returns ``(None, True)`` when
+    SDPA's built-in causal mask is exact, else a boolean (B|1, 1, T, S) mask, true = may attend.
+    """
+    if key_valid is None:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == k_len:
+            return None, True
+    mask: Tensor | None = None
+    if causal:
+        device = key_valid.device if key_valid is not None else None
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)
+        k_pos = torch.arange(k_len, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        if key_valid.shape[-1] != k_len:
+            raise ValueError(f"attention_mask covers {key_valid.shape[-1]} positions, expected {k_len}")
+        valid = key_valid.bool()[:, None, None, :]  # (B, 1, 1, S)
+        mask = valid if mask is None else mask & valid
+    # A padding query may see no key at all (left padding under a causal mask); let it see every
+    # key so SDPA returns finite numbers there. Those positions are never read.
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask, False
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, self or cross, optional rotary and cache.
+
+    Self-attention projects queries, keys and values with one fused matrix ``qkv`` (one matmul
+    instead of three, which matters at small widths); cross-attention projects queries from the
+    input (``q``) and keys/values from the memory (``kv``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        cross: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        if n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        q_dim, kv_dim = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(d_model, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(d_model, 2 * kv_dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.out = nn.Linear(q_dim, d_model, bias=out_bias)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        memory: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        if self.cross:
+            if memory is None:
+                raise ValueError("cross-attention needs the encoder output as memory")
+            q = self.q(x)
+            k, v = self.kv(memory).split(self.split[1:], dim=-1)
+        else:
+            q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
+        v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, Hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, *, activation: Activation = "gelu", gated: bool = False, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias) if gated else None
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = activation_fn(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT/GPT-2 initialisation: N(0, std) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def scale_residual_projections(module: nn.Module, n_layers: int, std: float, names: tuple[str, ...]) -> None:
+    """GPT-2's scaled init: output projections into the residual stream get std / sqrt(2 L)."""
+    scaled = std / math.sqrt(2 * n_layers)
+    for name, p in module.named_parameters():
+        if name.endswith(names):
+            nn.init.normal_(p, mean=0.0, std=scaled)

@@ -1,0 +1,126 @@
+"""Model types by name, and model directories on disk: ``config.json`` + ``model.safetensors``.
+
+A lmforge model directory names its architecture in ``config.json`` under ``lmforge_model`` and
+keeps the rest of the config in lmforge's own vocabulary (``d_model``, ``n_layers``, ...).
+Weights are safetensors only: loading never unpickles. Every mismatch between the file and the
+model (missing, unexpected or mis-shaped tensors) raises a ValueError that names the tensors.
+Hugging Face directories are recognised and pointed to ``lmforge convert``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lmforge.config import from_dict, write_json
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.gpt import GPT, GPTConfig
+
+MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
+    "bert": (BertConfig, Bert),
+    "gpt": (GPTConfig, GPT),
+}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TYPE_KEY = "lmforge_model"
+
+
+def model_type_of(model_or_cfg: nn.Module | object) -> str:
+    """The registry name of a model or config instance."""
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    for name, (cfg_cls, _) in MODEL_TYPES.items():
+        if isinstance(cfg, cfg_cls):
+            return name
+    raise ValueError(f"{type(model_or_cfg).__name__} is not a lmforge model; known: {', '.join(MODEL_TYPES)}")
+
+
+def build_model(cfg: BertConfig | GPTConfig) -> nn.Module:
+    """A freshly initialised model for ``cfg``."""
+    return MODEL_TYPES[model_type_of(cfg)][1](cfg)
+
+
+def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig:
+    """The model config stored in ``directory/config.json``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{directory}: no {CONFIG_FILE}; a lmforge model directory holds {CONFIG_FILE} + {WEIGHTS_FILE}"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    kind = data.pop(TYPE_KEY, None)
+    if kind is None:
+        if "model_type" in data:
+            raise ValueError(
+                f"{directory} is a Hugging Face {data['model_type']!r} model directory, not a lmforge one; "
+                f"import it with: lmforge convert --from-hf {directory} --out OUT_DIR"
+            )
+        raise ValueError(f"{path}: no {TYPE_KEY!r} key; expected one of {', '.join(MODEL_TYPES)}")
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"{path}: {TYPE_KEY}={kind!r} is not one of {', '.join(MODEL_TYPES)}")
+    return from_dict(MODEL_TYPES[kind][0], data, where=str(path))
+
+
+def config_json(cfg: BertConfig | GPTConfig) -> dict:
+    return {TYPE_KEY: model_type_of(cfg), **dataclasses.asdict(cfg)}
+
+
+def check_state(model: nn.Module, tensors: dict[str, Tensor], *, source: str) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(tensors))
+        if tuple(tensors[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+    if problems:
+        raise ValueError(f"{source}: weights do not match the {model_type_of(model)} config; " + " | ".join(problems))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_model(directory: str | os.PathLike) -> nn.Module:
+    """Load a lmforge model directory (config.json + model.safetensors)."""
+    cfg = read_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    tensors = read_safetensors(weights)
+    model = build_model(cfg)
+    check_state(model, tensors, source=str(weights))
+    model.load_state_dict(tensors)
+    return model
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each file atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", TYPE_KEY: model_type_of(model)})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    write_json(directory / CONFIG_FILE, config_json(model.cfg))
+    return directory
