@@ -168,6 +168,9 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
     if not path.is_file():
         raise ValueError(f"{directory}: no tokenizer.json (train one with `lmforge tokenizer train`)")
     tok = Tokenizer.from_file(str(path))
+    # Padding and truncation are the collators' job; a tokenizer.json may carry its own (MiniLM's pads to 128).
+    tok.no_padding()
+    tok.no_truncation()
     cfg_path = directory / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     if "lmforge_kind" in cfg:

@@ -102,7 +102,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_model(directory: str | os.PathLike) -> nn.Module:
-    """Load a lmforge model directory (config.json + model.safetensors)."""
+    """Load a lmforge model directory (config.json + model.safetensors), in eval mode."""
     cfg = read_config(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
@@ -111,7 +111,7 @@ def load_model(directory: str | os.PathLike) -> nn.Module:
     model = build_model(cfg)
     check_state(model, tensors, source=str(weights))
     model.load_state_dict(tensors)
-    return model
+    return model.eval()  # like transformers' from_pretrained: training code calls .train()
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -1,0 +1,66 @@
+"""Shared test setup: offline, deterministic, single-threaded torch, small fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Offline by construction: transformers and huggingface_hub must never reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba-cmn-en.tsv"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two torch threads on a 2-core machine shared with the test runner oversubscribe; one is steadier.
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus() -> Path:
+    return FIXTURES / "mixed.txt"
+
+
+@pytest.fixture(scope="session")
+def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+    from lmforge.data.readers import read_text_lines
+
+    tok = train_tokenizer(read_text_lines(mixed_corpus), kind="wordpiece", vocab_size=400)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("wordpiece"))
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+    from lmforge.data.readers import read_text_lines
+
+    tok = train_tokenizer(read_text_lines(mixed_corpus), kind="bpe", vocab_size=400)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def tatoeba_path() -> Path:
+    if not TATOEBA.is_file():
+        pytest.skip(f"{TATOEBA} not present")
+    return TATOEBA
