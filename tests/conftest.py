@@ -46,7 +46,7 @@ def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) 
     from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
     from lmforge.data.readers import read_text_lines
 
-    tok = train_tokenizer(read_text_lines(mixed_corpus), kind="wordpiece", vocab_size=400)
+    tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="wordpiece", vocab_size=400)
     return save_tokenizer(tok, tmp_path_factory.mktemp("wordpiece"))
 
 
@@ -55,7 +55,7 @@ def bpe_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Pat
     from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
     from lmforge.data.readers import read_text_lines
 
-    tok = train_tokenizer(read_text_lines(mixed_corpus), kind="bpe", vocab_size=400)
+    tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="bpe", vocab_size=400)
     return save_tokenizer(tok, tmp_path_factory.mktemp("bpe"))
 
 

@@ -5,9 +5,9 @@ Two kinds:
   character becomes its own pre-token, optional lower-casing), ``##`` continuation pieces,
   [PAD] [UNK] [CLS] [SEP] [MASK], and the alphabet unlimited (the trainer's default keeps only
   1,000 characters, which left ~9% [UNK] on Chinese text; see shared/FINDINGS.md).
-- ``bpe`` for GPT: byte-level BPE as in GPT-2 (no unknown token, exact round trips), with an
-  end-of-text token, a padding token and ChatML role tokens (``<|im_start|>``, ``<|im_end|>``)
-  plus a chat template, as Qwen uses.
+- ``bpe`` for GPT: byte-level BPE as in GPT-2 (no unknown token; exact round trips of NFC text),
+  pre-tokenized the way Qwen2 does it (NFC, single digits), with an end-of-text token, a padding
+  token and ChatML role tokens (``<|im_start|>``, ``<|im_end|>``) plus a chat template.
 
 A tokenizer directory holds ``tokenizer.json`` plus ``tokenizer_config.json`` and
 ``special_tokens_map.json`` so that ``transformers.AutoTokenizer`` loads it unchanged.
@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import write_json
 
@@ -33,6 +33,11 @@ BPE_SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "im_start": "<|im_star
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2's pre-tokenization (one digit per piece, letters and CJK runs kept whole). Using the very
+# same rules means transformers' Qwen2Tokenizer, which rebuilds them itself, gives identical ids.
+BPE_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 # A space that WordPiece decoding puts next to a CJK character or full-width punctuation is not
 # in the original text (BERT splits every such character into its own token).
@@ -65,26 +70,53 @@ class LMTokenizer:
         return _CJK_SPACE.sub("", text) if self.kind == "wordpiece" else text
 
 
-def _wordpiece(vocab_size: int, lowercase: bool) -> tuple[Tokenizer, trainers.Trainer]:
-    tok = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk"], continuing_subword_prefix="##"))
+def _bert_wordpiece(vocab: dict[str, int] | None, lowercase: bool) -> Tokenizer:
+    model = models.WordPiece(vocab, unk_token=WORDPIECE_SPECIALS["unk"]) if vocab else models.WordPiece(
+        unk_token=WORDPIECE_SPECIALS["unk"]
+    )
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _train_wordpiece(corpus: Callable[[], Iterable[str]], vocab_size: int, lowercase: bool) -> Tokenizer:
+    tok = _bert_wordpiece(None, lowercase)
+    # The trainer numbers "##x" continuation pieces in hash-map order, and those ids break ties
+    # between equally frequent merges, so the vocabulary changed from run to run (tokenizers
+    # issue #1794). Declaring every continuation piece up front, sorted, fixes their ids.
+    continuation: set[str] = set()
+    for text in _nonempty(corpus()):
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            continuation.update(word[1:])
+    pieces = ["##" + ch for ch in sorted(continuation)]
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(WORDPIECE_SPECIALS.values()),
+        special_tokens=list(WORDPIECE_SPECIALS.values()) + pieces,
         limit_alphabet=1_000_000,  # keep every character: Chinese needs thousands
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    return tok, trainer
+    tok.train_from_iterator(_nonempty(corpus()), trainer=trainer)
+    # Rebuild so the pieces are ordinary vocabulary entries, not special (skipped) tokens.
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tok = _bert_wordpiece(dict(sorted(vocab.items(), key=lambda kv: kv[1])), lowercase)
+    tok.add_special_tokens(list(WORDPIECE_SPECIALS.values()))
+    return tok
 
 
 def _bpe(vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BPE_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -97,22 +129,23 @@ def _bpe(vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
 
 
 def train_tokenizer(
-    texts: Iterable[str], *, kind: TokenizerKind, vocab_size: int, lowercase: bool = True
+    corpus: Callable[[], Iterable[str]], *, kind: TokenizerKind, vocab_size: int, lowercase: bool = True
 ) -> LMTokenizer:
-    """Train a tokenizer of ``kind`` on ``texts`` (streamed, never all in memory)."""
+    """Train a tokenizer of ``kind``; ``corpus()`` returns a fresh stream of texts each call
+    (WordPiece reads it twice; nothing is held in memory)."""
     if vocab_size < 300 and kind == "bpe":
         raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 bytes + specials (>= 300)")
     if vocab_size < 10:
         raise ValueError(f"vocab_size={vocab_size} is too small")
     if kind == "wordpiece":
-        tok, trainer = _wordpiece(vocab_size, lowercase)
+        tok = _train_wordpiece(corpus, vocab_size, lowercase)
         specials = dict(WORDPIECE_SPECIALS)
     elif kind == "bpe":
         tok, trainer = _bpe(vocab_size)
+        tok.train_from_iterator(_nonempty(corpus()), trainer=trainer)
         specials = dict(BPE_SPECIALS)
     else:
         raise ValueError(f"tokenizer kind {kind!r} is not one of 'wordpiece', 'bpe'")
-    tok.train_from_iterator(_nonempty(texts), trainer=trainer)
     if kind == "wordpiece":
         cls, sep = specials["cls"], specials["sep"]
         tok.post_processor = processors.TemplateProcessing(
@@ -218,7 +251,7 @@ def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
 
     if not cfg.input:
         raise ValueError("--input needs at least one file or builtin:NAME")
-    texts = corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field)
-    tok = train_tokenizer(texts, kind=cfg.kind, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
+    tok = train_tokenizer(
+        lambda: corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field), kind=cfg.kind, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
     save_tokenizer(tok, cfg.out, model_max_length=cfg.model_max_length)
     return tok
