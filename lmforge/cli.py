@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tyro
@@ -106,7 +107,12 @@ def _recipe_defaults(cls: type, path: str) -> Any:
 
     from lmforge.config import from_dict
 
-    data = yaml.safe_load(open(path, encoding="utf-8")) if path else {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of keys to values")
     absent = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]

@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba-cmn-en.tsv"
@@ -43,8 +43,8 @@ def mixed_corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
     from lmforge.data.readers import read_text_lines
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="wordpiece", vocab_size=400)
     return save_tokenizer(tok, tmp_path_factory.mktemp("wordpiece"))
@@ -52,8 +52,8 @@ def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) 
 
 @pytest.fixture(scope="session")
 def bpe_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
     from lmforge.data.readers import read_text_lines
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="bpe", vocab_size=400)
     return save_tokenizer(tok, tmp_path_factory.mktemp("bpe"))

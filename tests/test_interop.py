@@ -11,8 +11,7 @@ import transformers
 
 from lmforge.cli import main
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.models.registry import load_model, save_model
-from lmforge.models.registry import build_model
+from lmforge.models.registry import build_model, load_model, save_model
 from lmforge.models.sizes import model_size
 
 TEXTS = ["我爱北京天安门", "Hello World! 价格：１２８元", "自然语言处理"]

@@ -58,7 +58,9 @@ def read_jsonl_field(path: str | os.PathLike, field: str) -> Iterator[str]:
             raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         value = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj) if isinstance(obj, dict) else '-'})")
+            raise ValueError(
+                f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj) if isinstance(obj, dict) else '-'})"
+            )
         yield value
 
 

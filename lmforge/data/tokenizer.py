@@ -36,9 +36,7 @@ CHAT_TEMPLATE = (
 )
 # Qwen2's pre-tokenization (one digit per piece, letters and CJK runs kept whole). Using the very
 # same rules means transformers' Qwen2Tokenizer, which rebuilds them itself, gives identical ids.
-BPE_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+BPE_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (verbatim from Qwen2)
 # A space that WordPiece decoding puts next to a CJK character or full-width punctuation is not
 # in the original text (BERT splits every such character into its own token).
 _CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
@@ -71,8 +69,10 @@ class LMTokenizer:
 
 
 def _bert_wordpiece(vocab: dict[str, int] | None, lowercase: bool) -> Tokenizer:
-    model = models.WordPiece(vocab, unk_token=WORDPIECE_SPECIALS["unk"]) if vocab else models.WordPiece(
-        unk_token=WORDPIECE_SPECIALS["unk"]
+    model = (
+        models.WordPiece(vocab, unk_token=WORDPIECE_SPECIALS["unk"])
+        if vocab
+        else models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk"])
     )
     tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(
@@ -252,6 +252,10 @@ def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
     if not cfg.input:
         raise ValueError("--input needs at least one file or builtin:NAME")
     tok = train_tokenizer(
-        lambda: corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field), kind=cfg.kind, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
+        lambda: corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field),
+        kind=cfg.kind,
+        vocab_size=cfg.vocab_size,
+        lowercase=cfg.lowercase,
+    )
     save_tokenizer(tok, cfg.out, model_max_length=cfg.model_max_length)
     return tok

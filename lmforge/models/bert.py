@@ -161,4 +161,3 @@ class Bert(nn.Module):
         if self.mlm_head is None:
             raise ValueError("this BERT has no MLM head (model.mlm_head=false)")
         return self.mlm_head(hidden, self.embed.word.weight)
-

@@ -113,7 +113,9 @@ def bert_links(cfg: BertConfig) -> list[Link]:
         att = hf + "attention."
         for kind in ("weight", "bias"):
             links += [
-                Link(ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv),
+                Link(
+                    ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv
+                ),
                 Link(ours + f"attn.out.{kind}", (att + f"output.dense.{kind}",)),
                 Link(ours + f"attn_norm.{kind}", (att + f"output.LayerNorm.{kind}",)),
                 Link(ours + f"ffn.up.{kind}", (hf + f"intermediate.dense.{kind}",)),
@@ -121,7 +123,10 @@ def bert_links(cfg: BertConfig) -> list[Link]:
                 Link(ours + f"ffn_norm.{kind}", (hf + f"output.LayerNorm.{kind}",)),
             ]
     if cfg.pooler:
-        links += [Link("pooler.dense.weight", ("pooler.dense.weight",)), Link("pooler.dense.bias", ("pooler.dense.bias",))]
+        links += [
+            Link("pooler.dense.weight", ("pooler.dense.weight",)),
+            Link("pooler.dense.bias", ("pooler.dense.bias",)),
+        ]
     if cfg.mlm_head:
         t = "cls.predictions.transform."
         links += [
@@ -272,7 +277,14 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
         return "bert"
     plain_heads = cfg.kv_heads == cfg.n_heads and cfg.dim_per_head * cfg.n_heads == cfg.d_model
     if cfg.positions == "learned":
-        if cfg.norm == "layernorm" and not cfg.gated_ffn and cfg.qkv_bias and cfg.out_bias and cfg.ffn_bias and plain_heads:
+        if (
+            cfg.norm == "layernorm"
+            and not cfg.gated_ffn
+            and cfg.qkv_bias
+            and cfg.out_bias
+            and cfg.ffn_bias
+            and plain_heads
+        ):
             return "gpt2"
         raise ValueError("a learned-position GPT exports only as GPT-2: layernorm, plain MLP, all biases, no GQA")
     if cfg.norm == "rmsnorm" and cfg.gated_ffn:
@@ -292,9 +304,9 @@ def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
 # Conversion
 
 
-def from_hf(hf_cfg: dict, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> tuple[
-    BertConfig | GPTConfig, dict[str, Tensor]
-]:
+def from_hf(
+    hf_cfg: dict, tensors: dict[str, Tensor], *, source: str = "checkpoint"
+) -> tuple[BertConfig | GPTConfig, dict[str, Tensor]]:
     """Convert a Hugging Face config and state dict into a lmforge config and state dict."""
     kind = hf_cfg.get("model_type")
     if kind == "bert":
@@ -329,9 +341,9 @@ def from_hf(hf_cfg: dict, tensors: dict[str, Tensor], *, source: str = "checkpoi
     return cfg, ours
 
 
-def to_hf(cfg: BertConfig | GPTConfig, tensors: dict[str, Tensor], *, token_ids: dict[str, int | None]) -> tuple[
-    dict, dict[str, Tensor]
-]:
+def to_hf(
+    cfg: BertConfig | GPTConfig, tensors: dict[str, Tensor], *, token_ids: dict[str, int | None]
+) -> tuple[dict, dict[str, Tensor]]:
     """Convert a lmforge config and state dict into a Hugging Face config.json dict and state dict.
 
     ``token_ids`` gives the tokenizer's ``pad``, ``bos`` and ``eos`` ids for the config.

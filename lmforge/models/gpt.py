@@ -115,9 +115,7 @@ class Block(nn.Module):
             dropout=cfg.dropout,
         )
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(
-            cfg.d_model, cfg.d_ff, activation=cfg.activation, gated=cfg.gated_ffn, bias=cfg.ffn_bias
-        )
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, gated=cfg.gated_ffn, bias=cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, *, mask, is_causal, rope, cache, layer) -> Tensor:

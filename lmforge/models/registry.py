@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -98,7 +97,7 @@ def check_state(model: nn.Module, tensors: dict[str, Tensor], *, source: str) ->
 def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """All tensors of a safetensors file."""
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def load_model(directory: str | os.PathLike) -> nn.Module:

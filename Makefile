@@ -1,0 +1,36 @@
+# lmforge developer commands. `make test` works on a fresh machine: it builds .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch. Installed first so that no dependency pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Reinstall only when the package metadata changes; an already importable torch is kept as it is.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev,data]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmforge tests
+	$(VENV)/bin/ruff format --check lmforge tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format lmforge tests
+	$(VENV)/bin/ruff check --fix lmforge tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,115 @@
+"""The `lmforge` command: help for every command, recipes validate, errors name the key, tiny runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import COMMANDS, main
+from lmforge.config import load_yaml
+from lmforge.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# Which command each folder of configs/ feeds.
+STAGES = {"tokenizer": "tokenizer train"}
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f"lmforge {name}" in out
+
+
+def test_unknown_command_fails(capsys: pytest.CaptureFixture) -> None:
+    assert main(["pretrian"]) == 2
+    assert "unknown command" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*name.split(), "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"lmforge {name}" in out and "--" in out
+
+
+def test_console_script_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--from-hf" in done.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates(recipe: Path) -> None:
+    stage = recipe.relative_to(ROOT / "configs").parts[0]
+    assert stage in STAGES, f"{recipe}: no command registered for configs/{stage}/"
+    cls, _ = COMMANDS[STAGES[stage]]
+    text = recipe.read_text(encoding="utf-8")
+    assert text.startswith("#"), f"{recipe}: the header comment says what the recipe reached"
+    data = __import__("yaml").safe_load(text)
+    data.setdefault("out", "unused")
+    path = recipe.with_name("_validate.yaml")
+    try:
+        path.write_text(__import__("yaml").safe_dump(data), encoding="utf-8")
+        load_yaml(cls, path)
+    finally:
+        path.unlink()
+
+
+def test_recipe_with_unknown_key_names_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("input: [x.txt]\nvocab_sise: 100\n")
+    assert main(["tokenizer", "train", "--config", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "bad.yaml" in out and "vocab_sise" in out and "vocab_size" in out
+
+
+def test_recipe_with_bad_value_names_allowed_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("input: [x.txt]\nkind: sentencepiece\n")
+    assert main(["tokenizer", "train", "--config", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "'kind'" in out and "sentencepiece" in out and "'wordpiece', 'bpe'" in out
+
+
+def test_tokenizer_train_end_to_end_with_overrides(tmp_path: Path, mixed_corpus: Path) -> None:
+    recipe = tmp_path / "tok.yaml"
+    recipe.write_text(f"# test recipe\ninput: [{mixed_corpus}]\nkind: bpe\nvocab_size: 400\n")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--config", str(recipe), "--out", str(out), "--vocab-size", "300"]) == 0
+    tok = load_tokenizer(out)
+    assert tok.kind == "bpe" and tok.vocab_size == 300  # the recipe alone gives 321
+
+
+def test_tokenizer_train_reads_jsonl(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "你好世界"}\n{"body": "天安门"}\n', encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(data), "--jsonl-field", "body", "--out", str(out),
+                 "--vocab-size", "50"]) == 0  # fmt: skip
+    assert load_tokenizer(out).encode("你好", special_tokens=False) == [
+        load_tokenizer(out).tokenizer.token_to_id(c) for c in "你好"
+    ]
+
+
+def test_tokenizer_train_names_the_bad_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "你好"}\n{"text": 3}\n', encoding="utf-8")
+    assert main(["tokenizer", "train", "--input", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "d.jsonl:2" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_data_list_prints_sizes(capsys: pytest.CaptureFixture, tatoeba_path: Path) -> None:
+    assert main(["data", "list", "--path", str(tatoeba_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("reviews-sentiment", "peoples-daily-ner", "pretrain-zh", "tatoeba-cmn-en", "13,890"):
+        assert name in out
+
+
+def test_data_export_writes_files(tmp_path: Path) -> None:
+    assert main(["data", "export", "chatterbot-zh", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.jsonl", "test.jsonl", "train.jsonl"]
