@@ -83,6 +83,8 @@ def test_tokenizer_train_end_to_end_with_overrides(tmp_path: Path, mixed_corpus:
     assert main(["tokenizer", "train", "--config", str(recipe), "--out", str(out), "--vocab-size", "300"]) == 0
     tok = load_tokenizer(out)
     assert tok.kind == "bpe" and tok.vocab_size == 300  # the recipe alone gives 321
+    resolved = load_yaml(COMMANDS["tokenizer train"][0], out / "tokenizer_train.yaml")
+    assert resolved.vocab_size == 300 and resolved.input == [str(mixed_corpus)]
 
 
 def test_tokenizer_train_reads_jsonl(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.config import write_json
+from lmforge.config import write_json, write_yaml
 
 TokenizerKind = Literal["wordpiece", "bpe"]
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -258,4 +258,5 @@ def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
         lowercase=cfg.lowercase,
     )
     save_tokenizer(tok, cfg.out, model_max_length=cfg.model_max_length)
+    write_yaml(Path(cfg.out) / "tokenizer_train.yaml", cfg)  # how this tokenizer was made
     return tok
