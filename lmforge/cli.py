@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import tyro
 from rich.console import Console
@@ -40,7 +40,7 @@ class DataListConfig:
 class DataExportConfig:
     """Write a built-in corpus's splits as JSONL / CoNLL / TSV files, the formats users bring."""
 
-    name: tyro.conf.Positional[str]
+    name: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="NAME")]]
     """Built-in corpus name (see `lmforge data list`)."""
     out: str
     """Directory to write train/dev/test files into."""

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 from safetensors.torch import save_file
@@ -41,7 +41,7 @@ class ConvertConfig:
 class ExportConfig:
     """Export a lmforge model directory to another format."""
 
-    run_dir: tyro.conf.Positional[str]
+    run_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="RUN_DIR")]]
     """lmforge model or run directory to export."""
     out: str
     """Directory to write."""

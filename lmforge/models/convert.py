@@ -55,6 +55,8 @@ class Link:
 def read_hf_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """The config.json and all safetensors tensors (single file or sharded) of a HF model directory."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: directory not found")
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{directory}: no config.json; not a Hugging Face model directory")

@@ -47,6 +47,8 @@ def build_model(cfg: BertConfig | GPTConfig) -> nn.Module:
 
 def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig:
     """The model config stored in ``directory/config.json``."""
+    if not Path(directory).is_dir():
+        raise ValueError(f"{directory}: model directory not found")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(

@@ -67,8 +67,10 @@ def test_hugging_face_directory_points_to_convert(tmp_path: Path) -> None:
 
 
 def test_missing_directory_says_what_it_needs(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="model directory not found"):
         load_model(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
 
 
 def test_weights_are_safetensors_only(tmp_path: Path) -> None:
