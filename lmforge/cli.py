@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from lmforge.config import load_yaml
 from lmforge.data import builtin
+from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
 from lmforge.interop import ConvertConfig, ExportConfig, convert_from_hf, export_to_hf
 
@@ -84,8 +86,35 @@ def _data_export(cfg: DataExportConfig) -> None:
         console.print(f"[green]wrote[/green] {split}: {path}")
 
 
+def _prepare(cfg: PrepareConfig) -> None:
+    out = prepare(cfg)
+    console.print(f"[green]token shards ready[/green] in {out}")
+
+
+def _pretrain(cfg: Any) -> None:
+    from lmforge.pretrain import pretrain
+
+    summary = pretrain(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
+        return
+    best = summary["best_val_loss"]
+    minutes = summary["seconds"] / 60
+    text = f"[green]done[/green]: {summary['steps']} steps, {summary['tokens']:,} tokens in {minutes:.1f} min"
+    if best is not None:
+        text += f", best validation loss {best:.4f}"
+    console.print(f"{text}; model directory {cfg.out}")
+
+
+def _pretrain_config() -> type:
+    from lmforge.pretrain import PretrainConfig
+
+    return PretrainConfig
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "tokenizer train": (TokenizerTrainConfig, _tokenizer_train),
+    "prepare": (PrepareConfig, _prepare),
+    "pretrain": (_pretrain_config(), _pretrain),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),
@@ -138,6 +167,20 @@ def _placeholder(cls: type, name: str, path: str) -> Any:
     raise ValueError(f"{path}: the recipe must set {name!r}")
 
 
+def _expand_resume(args: list[str]) -> list[str]:
+    """``--resume RUN_DIR`` continues a run: its config.yaml becomes the recipe and --out RUN_DIR is implied."""
+    if "--resume" not in args:
+        return args
+    i = args.index("--resume")
+    if i + 1 >= len(args) or args[i + 1].startswith("-"):
+        raise ValueError("--resume needs the run directory")
+    run_dir = args[i + 1]
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ValueError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+    extra = [] if "--out" in args else ["--out", run_dir]
+    return ["--config", str(Path(run_dir) / "config.yaml"), *args, *extra]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -152,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[len(name.split()) :]
     try:
         default = None
-        if "--config" in rest:
-            i = rest.index("--config")
+        rest = _expand_resume(rest)
+        flag = next((f for f in ("--config", "-c") if f in rest), None)
+        if flag:
+            i = rest.index(flag)
             if i + 1 >= len(rest):
-                raise ValueError("--config needs a YAML file")
+                raise ValueError(f"{flag} needs a YAML file")
             default = _recipe_defaults(cls, rest[i + 1])
             rest = rest[:i] + rest[i + 2 :]
         cfg = tyro.cli(cls, args=rest, prog=f"lmforge {name}", default=default)

@@ -64,3 +64,55 @@ def tatoeba_path() -> Path:
     if not TATOEBA.is_file():
         pytest.skip(f"{TATOEBA} not present")
     return TATOEBA
+
+
+@pytest.fixture(scope="session")
+def review_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3,000 real review texts as a plain-text corpus (one document per line)."""
+    from lmforge.data.builtin import load_builtin
+
+    path = tmp_path_factory.mktemp("corpus") / "reviews.txt"
+    texts = [ex["text"] for ex in load_builtin("reviews-sentiment")["train"][:3000]]
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def review_wordpiece(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path) -> Path:
+    from lmforge.data.readers import read_text_lines
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(lambda: read_text_lines(review_corpus), kind="wordpiece", vocab_size=3000)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("review-wordpiece"))
+
+
+@pytest.fixture(scope="session")
+def review_bpe(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path) -> Path:
+    from lmforge.data.readers import read_text_lines
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(lambda: read_text_lines(review_corpus), kind="bpe", vocab_size=1000)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("review-bpe"))
+
+
+def _shards(factory: pytest.TempPathFactory, corpus: Path, tokenizer: Path, *, whole_word: bool = False) -> Path:
+    from lmforge.data.shards import PrepareConfig, prepare
+
+    out = factory.mktemp("shards")
+    return prepare(PrepareConfig(tokenizer=str(tokenizer), out=str(out), input=[str(corpus)], whole_word=whole_word,
+                                 val_fraction=0.02), progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mlm_shards(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path, review_wordpiece: Path) -> Path:
+    return _shards(tmp_path_factory, review_corpus, review_wordpiece)
+
+
+@pytest.fixture(scope="session")
+def wwm_shards(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path, review_wordpiece: Path) -> Path:
+    return _shards(tmp_path_factory, review_corpus, review_wordpiece, whole_word=True)
+
+
+@pytest.fixture(scope="session")
+def clm_shards(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path, review_bpe: Path) -> Path:
+    return _shards(tmp_path_factory, review_corpus, review_bpe)

@@ -1,0 +1,214 @@
+"""The ``lmforge prepare`` and ``lmforge pretrain`` commands: tokenizer, shards, model, fit, model directory.
+
+``pretrain`` runs the whole pretraining pipeline into one run directory: it trains a tokenizer
+when none is given (WordPiece for BERT objectives, byte-level BPE for GPT), prepares or reuses the
+token shards, builds the model from a named size plus overrides, calls ``train.loop.fit`` and
+finally writes the chosen weights (best validation loss) as a normal lmforge model directory
+(config.json + model.safetensors + tokenizer files) with a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmforge.config import write_json, write_yaml
+from lmforge.data.shards import PrepareConfig, prepare
+from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.models.bert import BertConfig
+from lmforge.models.registry import build_model, config_json
+from lmforge.models.sizes import model_size
+from lmforge.tasks.clm import CLMTask
+from lmforge.tasks.mlm import MLMTask
+from lmforge.train import checkpoint, distributed
+from lmforge.train.loop import TrainConfig, fit
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class ModelSpec:
+    """A named size, optionally reshaped (None keeps the size's value)."""
+
+    size: str = "bert-tiny"
+    """Named size (lmforge.models.sizes): bert-tiny, bert-mini, ..., gpt-tiny, llama-tiny, ..."""
+    n_layers: int | None = None
+    """Transformer layers."""
+    n_heads: int | None = None
+    """Attention heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads (GPT sizes: grouped-query attention)."""
+    d_model: int | None = None
+    """Hidden width."""
+    d_ff: int | None = None
+    """Feed-forward width."""
+    max_seq_len: int | None = None
+    """Longest sequence the model accepts."""
+    dropout: float | None = None
+    """Dropout (BERT: also on attention probabilities)."""
+
+    def build(self, vocab_size: int):
+        cfg = model_size(self.size, vocab_size=vocab_size)
+        changes = {k: v for k, v in dataclasses.asdict(self).items() if k != "size" and v is not None}
+        if "n_kv_heads" in changes and isinstance(cfg, BertConfig):
+            raise ValueError("model.n_kv_heads applies to GPT sizes only")
+        if isinstance(cfg, BertConfig) and "dropout" in changes:
+            changes["attn_dropout"] = changes["dropout"]
+        return dataclasses.replace(cfg, **changes)
+
+
+@dataclass
+class PretrainData:
+    """Corpus, tokenizer and sequence length."""
+
+    input: list[str] = field(default_factory=lambda: ["builtin:pretrain-zh"])
+    """Corpora: text files, .jsonl files or builtin:NAME."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = train one into OUT/tokenizer."""
+    vocab_size: int = 21128
+    """Vocabulary size when a tokenizer is trained here."""
+    shards: str | None = None
+    """Prepared shard directory; None = prepare (or reuse) OUT/data."""
+    seq_len: int = 128
+    """Training sequence length in tokens."""
+    val_fraction: float = 0.01
+    """Documents held out for validation."""
+    jsonl_field: str = "text"
+    """Text field of .jsonl inputs."""
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a BERT (mlm, wwm-mlm) or GPT (clm) on a corpus."""
+
+    out: str
+    """Run directory."""
+    task: Literal["mlm", "wwm-mlm", "clm"] = "mlm"
+    """mlm / wwm-mlm (BERT sizes) or clm (GPT sizes)."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: PretrainData = field(default_factory=PretrainData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mask_prob: float = 0.15
+    """Share of tokens (words, for wwm-mlm) selected for MLM prediction."""
+    resume: str | None = None
+    """Continue the run in this directory from its last checkpoint (its config.yaml gives the defaults)."""
+
+
+def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> Path:
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    target = run_dir / "tokenizer"
+    if d.is_main and not (target / "tokenizer.json").is_file():
+        from lmforge.data.readers import corpus_texts
+
+        kind = "bpe" if cfg.task == "clm" else "wordpiece"
+        tok = train_tokenizer(
+            lambda: corpus_texts(cfg.data.input, jsonl_field=cfg.data.jsonl_field),
+            kind=kind,
+            vocab_size=cfg.data.vocab_size,
+        )
+        save_tokenizer(tok, target, model_max_length=cfg.data.seq_len)
+    distributed.barrier(d)
+    return target
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    run_dir = Path(cfg.out)
+    is_gpt = not isinstance(model_size(cfg.model.size), BertConfig)
+    if (cfg.task == "clm") != is_gpt:
+        raise ValueError(
+            f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
+        )
+    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
+        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
+    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
+        raise ValueError(
+            f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out"
+        )
+    d = distributed.setup(cfg.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        write_yaml(run_dir / "config.yaml", cfg)
+    tok_dir = _tokenizer_dir(cfg, run_dir, d)
+    tok = load_tokenizer(tok_dir)
+    shards = Path(cfg.data.shards or run_dir / "data")
+    if d.is_main:
+        prepare(
+            PrepareConfig(
+                input=cfg.data.input, tokenizer=str(tok_dir), out=str(shards), jsonl_field=cfg.data.jsonl_field,
+                val_fraction=cfg.data.val_fraction, whole_word=cfg.task == "wwm-mlm",
+            ),
+            progress=cfg.train.progress,
+        )  # fmt: skip
+    distributed.barrier(d)
+    model_cfg = cfg.model.build(tok.vocab_size)
+    if model_cfg.max_seq_len < cfg.data.seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(model_cfg)
+    if getattr(model, "pooler", None) is not None:
+        # MLM without next-sentence prediction never uses the pooler: freeze it so DDP does not wait for
+        # gradients that never come (it stays at its initialisation, as in RoBERTa-style pretraining).
+        model.pooler.requires_grad_(False)
+    if cfg.task == "clm":
+        task = CLMTask(shards=str(shards), seq_len=cfg.data.seq_len)
+    else:
+        task = MLMTask(
+            shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob,
+            whole_word=cfg.task == "wwm-mlm",
+        )  # fmt: skip
+    summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
+    if d.is_main:
+        _write_model_dir(run_dir, model_cfg, summary, tok_dir)
+    distributed.teardown(d)
+    return summary
+
+
+def _write_model_dir(run_dir: Path, model_cfg, summary: dict, tok_dir: Path) -> None:
+    """Copy the best (else last) checkpoint's weights into the run directory as a model directory."""
+    found = checkpoint.checkpoint_dirs(run_dir)
+    best = summary.get("best_step")
+    chosen = next((p for p in found if best is not None and p.name == f"step-{best:07d}"), found[-1])
+    shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
+    (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
+    write_json(run_dir / "config.json", config_json(model_cfg))
+    if tok_dir.resolve() != run_dir.resolve():
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, run_dir / name)
+    summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
+    write_json(run_dir / "results.json", summary)
+    _write_report(run_dir, summary)
+
+
+def _write_report(run_dir: Path, s: dict) -> None:
+    lines = [
+        f"# Pretraining run `{run_dir.name}`",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| steps | {s['steps']:,} |",
+        f"| tokens seen | {s['tokens']:,} |",
+        f"| wall time | {s['seconds'] / 60:.1f} min |",
+        f"| tokens/s | {s['tokens_per_s']:,.0f} |",
+        f"| training FLOPs | {s['train_flops']:.3g} |",
+        f"| MFU | {100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s measured peak |",
+        f"| best validation loss | {s['best_val_loss'] if s['best_val_loss'] is not None else '-'} "
+        f"(step {s['best_step']}) |",
+        f"| skipped non-finite steps | {s['skipped_steps']} |",
+        f"| weights in this directory | {s['model_weights']} |",
+        "",
+        "![loss](loss.png)",
+        "",
+        "![learning rate](lr.png)",
+        "",
+        "Definitions: loss is the mean cross-entropy in nats per predicted token (masked tokens for MLM, next",
+        "tokens for CLM); perplexity = exp(loss); training FLOPs count forward + backward (3x forward) matmul FLOPs",
+        "including attention scores; MFU = FLOPs per second / measured peak matmul FLOPs per second.",
+    ]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

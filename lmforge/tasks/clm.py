@@ -1,0 +1,53 @@
+"""Causal language modelling for GPT (Radford et al., 2018/2019) over packed token shards.
+
+Windows of the token stream (documents end in <|endoftext|>) of ``seq_len + 1`` tokens give
+``seq_len`` inputs and the next-token targets. The loss uses the chunked fused linear +
+cross-entropy of ``tasks/base.py``, so the (B*T, V) logits are never materialised at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.shards import TokenWindows
+from lmforge.tasks.base import LossOutput, linear_cross_entropy, transformer_train_flops
+
+
+class CLMTask:
+    """Next-token prediction over token shards."""
+
+    def __init__(self, *, shards: str, seq_len: int) -> None:
+        self.name = "clm"
+        self.seq_len = seq_len
+        self.train_items = TokenWindows(shards, "train", length=seq_len + 1, stride=seq_len)
+        self.val_items = TokenWindows(shards, "val", length=seq_len + 1, stride=seq_len)
+
+    def collate(self, items: list[Any], *, generator: torch.Generator) -> dict[str, Any]:
+        windows = torch.from_numpy(np.stack(items))  # (B, T+1)
+        return {"input_ids": windows[:, :-1], "labels": windows[:, 1:], "n_targets": windows[:, 1:].numel()}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
+        weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+        loss_sum, correct = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1)
+        )
+        return LossOutput(loss_sum, {"correct": float(correct)})
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["n_targets"], 1)
+        loss = sums["loss_sum"] / n
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": sums["correct"] / n}
+
+    def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
+        cfg = model.cfg
+        B, T = batch["input_ids"].shape
+        d_ff = cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff
+        return transformer_train_flops(
+            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=d_ff, n_tokens=B * T, seq_len=T,
+            head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
+        )  # fmt: skip

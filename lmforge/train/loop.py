@@ -1,0 +1,309 @@
+"""fit(): the one training loop for every objective and task (pretraining, fine-tuning, NAS).
+
+Tasks differ in data, head, loss and metrics (``tasks/base.py``); the loop does the rest:
+global batches split into micro-batches per process, the loss normalised by the number of
+targets across all of a step's micro-batches and processes (so accumulation and DDP give the
+gradients of the equivalent big batch), mixed precision, clipping, skipping of non-finite steps,
+periodic evaluation and best-model tracking, atomic checkpoints and exact resume, and the compute
+summary. Per-step seeds (masking, dropout) make a resumed run repeat the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmforge.config import write_json
+from lmforge.data.batching import GlobalBatches
+from lmforge.tasks.base import LossOutput, Task
+from lmforge.train import checkpoint, distributed
+from lmforge.train.logging import RunLogger, measure_peak_flops, plot_curves
+from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainConfig:
+    """How to train: steps, batch, optimizer, precision, evaluation, checkpoints."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much wall time; 0 = no limit."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, over all processes and accumulation."""
+    micro_batch_size: int = 32
+    """Sequences per forward pass; global = micro x accumulation x processes."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA)."""
+    compile: bool = False
+    """torch.compile the model."""
+    deterministic: bool = False
+    """Deterministic kernels (exact repeatability, slower on GPU)."""
+    seed: int = 1234
+    """Seed for initialisation, data order, masking and dropout."""
+    eval_every: int = 200
+    """Evaluate every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 50
+    """Validation micro-batches per evaluation."""
+    log_every: int = 10
+    """Log training metrics every N steps."""
+    save_every: int = 500
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive non-finite losses or gradients."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Strategy under torchrun."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar."""
+    peak_tflops: float = 0.0
+    """Device peak for MFU in TFLOP/s; 0 = measure once and cache."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be positive")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+class _LossModule(nn.Module):
+    """Model + task loss in one forward, so DDP/FSDP see every parameter use inside forward()."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict[str, Any]) -> LossOutput:
+        return self.task.loss(self.model, batch)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _collate(task: Task, indices, generator: torch.Generator) -> dict[str, Any]:
+    return task.collate([task.train_items[int(i)] for i in indices], generator=generator)
+
+
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(hash((seed, *parts)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _state_dicts(module: _LossModule, optimizer, scheduler, strategy: str, d) -> tuple[dict, dict]:
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=opts)
+        model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
+    else:
+        model_sd, optim_sd = module.model.state_dict(), optimizer.state_dict()
+    return model_sd, {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
+
+
+def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dist) -> dict[str, float]:
+    """Task metrics over the first ``eval_batches`` validation micro-batches (fixed masks)."""
+    n = min(len(task.val_items), cfg.eval_batches * cfg.micro_batch_size)
+    if n == 0:
+        return {}
+    sums: dict[str, float] = {"loss_sum": 0.0, "n_targets": 0.0}
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), _autocast(cfg, d.device):
+        for start in range(d.rank * cfg.micro_batch_size, n, d.world_size * cfg.micro_batch_size):
+            items = [task.val_items[i] for i in range(start, min(start + cfg.micro_batch_size, n))]
+            batch = task.collate(items, generator=_generator(cfg.seed, -1, start))
+            out = module(_to(batch, d.device))
+            sums["loss_sum"] += float(out.loss_sum)
+            sums["n_targets"] += batch["n_targets"]
+            for key, v in out.counts.items():
+                sums[key] = sums.get(key, 0.0) + v
+    module.train(was_training)
+    totals = {k: distributed.all_sum(v, d) for k, v in sums.items()}
+    return task.metrics(totals)
+
+
+def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train ``model`` on ``task``; returns the summary also written to ``run_dir/results.json``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    d = distributed.setup(cfg.device)
+    accum, rest = divmod(cfg.global_batch_size, cfg.micro_batch_size * d.world_size)
+    if rest or accum == 0:
+        raise ValueError(
+            f"train.global_batch_size={cfg.global_batch_size} must be a multiple of train.micro_batch_size="
+            f"{cfg.micro_batch_size} x {d.world_size} process(es)"
+        )
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    state = checkpoint.TrainerState()
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if ckpt is not None:
+        checkpoint.load_model_state(model, ckpt)
+        state = checkpoint.load_state(ckpt)
+        checkpoint.restore_rng(ckpt)
+    model.to(d.device).train()
+    module = _LossModule(model, task)
+    wrapped = distributed.wrap(module, d, cfg.distributed)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    if ckpt is not None:
+        saved = checkpoint.load_optim_state(ckpt)
+        if d.enabled and cfg.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    batches = GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed)
+    logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
+    if ckpt is not None:
+        logger.info(f"resumed from {ckpt} (step {state.step})")
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(
+        d.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    started = time.perf_counter() - state.seconds
+    window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
+
+    def save() -> None:
+        state.seconds = time.perf_counter() - started
+        model_sd, optim_sd = _state_dicts(module, optimizer, scheduler, cfg.distributed, d)
+        if d.is_main:
+            checkpoint.save(run_dir, model_state=model_sd, optim_state=optim_sd, state=state, keep_last=cfg.keep_last)
+        distributed.barrier(d)
+
+    def run_eval() -> None:
+        metrics = evaluate(wrapped, task, cfg, d)
+        if not metrics:
+            return
+        logger.record("eval", state.step, metrics)
+        logger.info(f"step {state.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
+        if state.best_metric is None or metrics["loss"] < state.best_metric:
+            state.best_metric, state.best_step = metrics["loss"], state.step
+
+    try:
+        while state.step < cfg.max_steps:
+            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
+                logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
+                break
+            ids = batches.at(state.step).reshape(d.world_size, accum, cfg.micro_batch_size)[d.rank]
+            # Seeds follow the micro-batch's place in the global batch, so 1 process x 2 accumulation steps
+            # and 2 processes x 1 draw the same masks.
+            micro = [_collate(task, c, _generator(cfg.seed, state.step, d.rank * accum + k)) for k, c in enumerate(ids)]
+            n_total = distributed.all_sum(sum(b["n_targets"] for b in micro), d)
+            torch.manual_seed(hash((cfg.seed, state.step, d.rank)) & 0x7FFF_FFFF)  # dropout, repeatable on resume
+            loss_local, step_flops = 0.0, 0.0
+            for k, batch in enumerate(micro):
+                sync = (
+                    wrapped.no_sync()
+                    if d.enabled and cfg.distributed == "ddp" and k < accum - 1
+                    else contextlib.nullcontext()
+                )
+                with sync:
+                    with _autocast(cfg, d.device):
+                        out = wrapped(_to(batch, d.device))
+                    scaler.scale(out.loss_sum * (d.world_size / max(n_total, 1.0))).backward()
+                loss_local += float(out.loss_sum.detach())
+                step_flops += task.flops(model, batch)
+                window["tokens"] += batch["input_ids"].numel()
+            loss_sum = distributed.all_sum(loss_local, d)
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if math.isfinite(loss_sum) and math.isfinite(float(norm)):
+                scaler.step(optimizer)
+                state.bad_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                state.bad_in_a_row += 1
+                logger.record("skip", state.step + 1, {"loss_sum": loss_sum, "grad_norm": float(norm)})
+                logger.info(f"step {state.step + 1}: non-finite loss or gradient, step skipped")
+                if state.bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{state.bad_in_a_row} non-finite steps in a row (up to step {state.step + 1}); the last "
+                        f"good checkpoint is in {run_dir / checkpoint.STATE_DIR}. Lower train.optim.lr or use fp32."
+                    )
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.step += 1
+            state.tokens += int(distributed.all_sum(sum(b["input_ids"].numel() for b in micro), d))
+            state.flops += distributed.all_sum(step_flops, d)
+            state.samples_seen += cfg.global_batch_size
+            if math.isfinite(loss_sum):
+                window["loss"] += loss_sum
+                window["n"] += n_total
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                seconds = time.perf_counter() - window_start
+                tokens_per_s = distributed.all_sum(window["tokens"], d) / max(seconds, 1e-9)
+                loss = window["loss"] / max(window["n"], 1.0)
+                record = {"loss": loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
+                          "epoch": batches.epoch_of(state.step)}  # fmt: skip
+                logger.record("train", state.step, record)
+                logger.progress(state.step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+                window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                run_eval()
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        logger.info(f"interrupted: saving a checkpoint at step {state.step}; continue with --resume")
+        save()
+        logger.close()
+        raise
+    if not (cfg.eval_every and state.step % cfg.eval_every == 0):
+        run_eval()
+    save()
+    logger.close()
+    seconds = time.perf_counter() - started
+    summary = {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": state.tokens / max(seconds, 1e-9),
+        "train_flops": state.flops,
+        "flops_per_s": state.flops / max(seconds, 1e-9),
+        "peak_flops_per_s": peak * d.world_size,
+        "mfu": state.flops / max(seconds, 1e-9) / (peak * d.world_size),
+        "skipped_steps": state.skipped_steps,
+        "best_val_loss": state.best_metric,
+        "best_step": state.best_step,
+        "processes": d.world_size,
+        "train_config": asdict(cfg),
+    }
+    if d.is_main:
+        write_json(run_dir / "results.json", summary)
+        plot_curves(run_dir)
+    return summary

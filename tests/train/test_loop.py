@@ -1,0 +1,220 @@
+"""The training loop: accumulation equals the big batch, non-finite steps, interrupts, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.models.registry import build_model
+from lmforge.models.sizes import model_size
+from lmforge.tasks.base import LossOutput
+from lmforge.tasks.mlm import MLMTask
+from lmforge.train import checkpoint
+from lmforge.train.loop import TrainConfig, TrainingDiverged, fit
+from lmforge.train.optim import OptimConfig, build_optimizer, lr_factor
+
+
+def _cfg(**changes) -> TrainConfig:
+    base = dict(max_steps=1, global_batch_size=8, micro_batch_size=8, eval_every=0, eval_batches=1, save_every=0,
+                log_every=1, progress=False, peak_tflops=1.0, deterministic=True,
+                optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))  # fmt: skip
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _model(task: MLMTask, dropout: float = 0.1):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        model_size("bert-tiny", vocab_size=task.vocab_size), dropout=dropout, attn_dropout=dropout
+    )
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def task(mlm_shards: Path, review_wordpiece: Path) -> MLMTask:
+    return MLMTask(shards=str(mlm_shards), tokenizer=load_tokenizer(review_wordpiece), seq_len=64)
+
+
+class _PerItemMasks:
+    """MLM whose masks depend on each item alone, so any split into micro-batches sees the same masks
+    (the real task draws one stream per micro-batch); the number of targets still varies per batch."""
+
+    def __init__(self, task: MLMTask) -> None:
+        self.task, self.name = task, task.name
+        self.train_items, self.val_items = task.train_items, task.val_items
+
+    def collate(self, items, *, generator):
+        parts = []
+        for item in items:
+            g = torch.Generator()
+            g.manual_seed(int(item[0][:8].sum()))
+            parts.append(self.task.collate([item], generator=g))
+        T = parts[0]["input_ids"].shape[1]
+        return {
+            "input_ids": torch.cat([p["input_ids"] for p in parts]),
+            "positions": torch.cat([p["positions"] + i * T for i, p in enumerate(parts)]),
+            "labels": torch.cat([p["labels"] for p in parts]),
+            "n_targets": sum(p["n_targets"] for p in parts),
+        }
+
+    def loss(self, model, batch):
+        return self.task.loss(model, batch)
+
+    def metrics(self, sums):
+        return self.task.metrics(sums)
+
+    def flops(self, model, batch):
+        return self.task.flops(model, batch)
+
+
+def test_accumulated_micro_batches_equal_the_big_batch(task: MLMTask, tmp_path: Path) -> None:
+    per_item = _PerItemMasks(task)
+    results = {}
+    for micro in (8, 4, 2):
+        model = _model(task, dropout=0.0)  # dropout masks depend on the micro-batch shape
+        fit(model, per_item, _cfg(micro_batch_size=micro, max_steps=2), run_dir=tmp_path / f"m{micro}")
+        results[micro] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for micro in (4, 2):
+        for name, value in results[8].items():
+            torch.testing.assert_close(results[micro][name], value, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_summary_accounts_tokens_flops_and_writes_the_run_files(task: MLMTask, tmp_path: Path) -> None:
+    summary = fit(_model(task), task, _cfg(max_steps=3, eval_every=2), run_dir=tmp_path)
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 64
+    assert summary["train_flops"] > 0 and 0 < summary["mfu"] < 1  # against the given 1 TFLOP/s peak
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert {"loss", "perplexity", "accuracy"} <= set(next(r for r in records if r["kind"] == "eval"))
+    for name in ("results.json", "loss.png", "lr.png"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard event file"
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000003"]
+
+
+class _Poisoned:
+    """Wraps a task: the loss is NaN on the listed (1-based) calls, or interrupts at one."""
+
+    def __init__(self, task: MLMTask, nan_calls=(), interrupt_call: int | None = None) -> None:
+        self.task, self.nan_calls, self.interrupt_call, self.calls = task, set(nan_calls), interrupt_call, 0
+        self.name, self.train_items, self.val_items = task.name, task.train_items, task.val_items
+
+    def collate(self, items, *, generator):
+        return self.task.collate(items, generator=generator)
+
+    def loss(self, model, batch) -> LossOutput:
+        self.calls += 1
+        if self.calls == self.interrupt_call:
+            raise KeyboardInterrupt
+        out = self.task.loss(model, batch)
+        return LossOutput(out.loss_sum * float("nan"), out.counts) if self.calls in self.nan_calls else out
+
+    def metrics(self, sums):
+        return self.task.metrics(sums)
+
+    def flops(self, model, batch):
+        return self.task.flops(model, batch)
+
+
+def test_a_nan_step_is_skipped_and_counted(task: MLMTask, tmp_path: Path) -> None:
+    model = _model(task)
+    summary = fit(model, _Poisoned(task, nan_calls={2}), _cfg(max_steps=4), run_dir=tmp_path)
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("skip") == 1
+
+
+def test_consecutive_nan_steps_stop_with_the_last_good_checkpoint(task: MLMTask, tmp_path: Path) -> None:
+    cfg = _cfg(max_steps=10, save_every=2, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+        fit(_model(task), _Poisoned(task, nan_calls={5, 6, 7}), cfg, run_dir=tmp_path)
+    last = checkpoint.latest(tmp_path)  # saved at step 6, inside the bad streak: weights still those of step 4
+    assert checkpoint.load_state(last).skipped_steps == 2
+    from lmforge.models.registry import read_safetensors
+
+    assert all(torch.isfinite(t).all() for t in read_safetensors(last / "model.safetensors").values())
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(task: MLMTask, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(task), _Poisoned(task, interrupt_call=3), _cfg(max_steps=5), run_dir=tmp_path)
+    assert checkpoint.checkpoint_dirs(tmp_path)[-1].name == "step-0000002"
+    summary = fit(_model(task), task, _cfg(max_steps=5), run_dir=tmp_path, resume=True)
+    assert summary["steps"] == 5
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(task: MLMTask, tmp_path: Path) -> None:
+    fit(_model(task), task, _cfg(max_steps=8, save_every=1, keep_last=2, eval_every=1), run_dir=tmp_path)
+    state = checkpoint.load_state(checkpoint.latest(tmp_path))
+    names = {p.name for p in checkpoint.checkpoint_dirs(tmp_path)}
+    assert {"step-0000007", "step-0000008", f"step-{state.best_step:07d}"} == names
+    assert not list((tmp_path / checkpoint.STATE_DIR).glob(".tmp-*"))
+
+
+def test_learning_rate_schedule_and_decay_groups(task: MLMTask) -> None:
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_factor(0, cfg=cfg, total_steps=100) == pytest.approx(0.1)
+    assert lr_factor(9, cfg=cfg, total_steps=100) == pytest.approx(1.0)
+    assert lr_factor(100, cfg=cfg, total_steps=100) == pytest.approx(0.1)
+    assert lr_factor(55, cfg=cfg, total_steps=100) == pytest.approx(0.55)
+    linear = OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="linear")
+    assert lr_factor(25, cfg=linear, total_steps=100) == pytest.approx(0.75)
+    groups = build_optimizer(_model(task), OptimConfig(weight_decay=0.1)).param_groups
+    assert groups[0]["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, shards: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""# tiny test recipe
+task: mlm
+model: {{size: bert-tiny}}
+data: {{input: [{corpus}], tokenizer: {tokenizer}, shards: {shards}, seq_len: 64}}
+train: {{max_steps: 30, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 10, eval_batches: 2,
+         save_every: 5, progress: false, deterministic: true, peak_tflops: 1.0}}
+"""
+    )
+    return recipe
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", "pretrain", *args]
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
+    tmp_path: Path, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path
+) -> None:
+    recipe = _recipe(tmp_path, review_corpus, review_wordpiece, mlm_shards)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("-c", str(recipe), "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("-c", str(recipe), "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / checkpoint.STATE_DIR / "step-0000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(killed).name < "step-0000030"  # really interrupted
+    subprocess.run(_cli("--resume", str(killed)), check=True, env=env, capture_output=True)
+    whole, resumed = _train_losses(tmp_path / "whole"), _train_losses(killed)
+    assert sorted(resumed) == list(range(1, 31))
+    assert resumed == whole  # exact equality, step by step
