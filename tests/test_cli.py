@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from lmforge.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Which command each folder of configs/ feeds.
-STAGES = {"tokenizer": "tokenizer train"}
+STAGES = {"tokenizer": "tokenizer train", "pretrain": "pretrain"}
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
@@ -113,3 +114,36 @@ def test_data_list_prints_sizes(capsys: pytest.CaptureFixture, tatoeba_path: Pat
 def test_data_export_writes_files(tmp_path: Path) -> None:
     assert main(["data", "export", "chatterbot-zh", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.jsonl", "test.jsonl", "train.jsonl"]
+
+
+def test_pretrain_end_to_end_from_a_text_file(tmp_path: Path, review_corpus: Path) -> None:
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", str(out), "--data.input", str(review_corpus), "--data.vocab-size", "800",
+            "--data.seq-len", "32", "--model.size", "bert-tiny", "--model.dropout", "0", "--train.max-steps", "40",
+            "--train.global-batch-size", "16", "--train.micro-batch-size", "16", "--train.eval-every", "10",
+            "--train.eval-batches", "4", "--train.save-every", "20", "--train.optim.lr", "2e-3",
+            "--train.optim.warmup-steps", "5", "--train.no-progress", "--train.peak-tflops", "1"]  # fmt: skip
+    assert main(args) == 0
+    for name in ("config.yaml", "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl",
+                 "results.json", "report.md", "loss.png", "tokenizer/tokenizer.json", "data/meta.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5  # validation loss falls
+    from lmforge.models.registry import load_model
+
+    assert load_model(out).cfg.vocab_size == load_tokenizer(out).vocab_size
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 40 and resolved["data"]["seq_len"] == 32
+    # A second run into the same directory must not clobber it.
+    assert main(args) == 2
+
+
+def test_pretrain_rejects_a_task_that_does_not_fit_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["pretrain", "--out", str(tmp_path), "--task", "clm", "--model.size", "bert-tiny"]) == 2
+    assert "task='clm' needs a GPT size" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_resume_needs_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["pretrain", "--resume", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().out

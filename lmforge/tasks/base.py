@@ -15,6 +15,7 @@ cost 1.3-1.5x in training here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,13 @@ class Task(Protocol):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float: ...
+
+
+def lm_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Mean loss per target (nats), perplexity = exp(loss), and top-1 accuracy of the predictions."""
+    n = max(sums["n_targets"], 1.0)
+    loss = sums["loss_sum"] / n
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums.get("correct", 0.0) / n}
 
 
 def transformer_train_flops(

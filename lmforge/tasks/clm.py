@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.data.shards import TokenWindows
-from lmforge.tasks.base import LossOutput, linear_cross_entropy, transformer_train_flops
+from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
 
 
 class CLMTask:
@@ -31,17 +31,10 @@ class CLMTask:
         return {"input_ids": windows[:, :-1], "labels": windows[:, 1:], "n_targets": windows[:, 1:].numel()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
-        weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
-        loss_sum, correct = linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1)
-        )
-        return LossOutput(loss_sum, {"correct": float(correct)})
+        return clm_loss(model, batch)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums["n_targets"], 1)
-        loss = sums["loss_sum"] / n
-        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": sums["correct"] / n}
+        return lm_metrics(sums)
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
         cfg = model.cfg
@@ -51,3 +44,11 @@ class CLMTask:
             n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=d_ff, n_tokens=B * T, seq_len=T,
             head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
         )  # fmt: skip
+
+
+def clm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """Summed next-token loss through the chunked fused head."""
+    hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
+    weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+    loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1))
+    return LossOutput(loss_sum, {"correct": float(correct)})

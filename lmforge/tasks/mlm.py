@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.data.shards import TokenWindows
 from lmforge.data.tokenizer import LMTokenizer
-from lmforge.tasks.base import LossOutput, linear_cross_entropy, transformer_train_flops
+from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
 
 
 class _WindowsWithWords(Sequence):
@@ -93,17 +93,10 @@ class MLMTask:
         }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        hidden = model(batch["input_ids"])  # (B, T, D)
-        picked = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]  # (N, D): only masked rows
-        head = model.mlm_head
-        transformed = head.norm(head.act(head.transform(picked)))
-        loss_sum, correct = linear_cross_entropy(transformed, model.embed.word.weight, batch["labels"], bias=head.bias)
-        return LossOutput(loss_sum, {"correct": float(correct)})
+        return mlm_loss(model, batch)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums["n_targets"], 1)
-        loss = sums["loss_sum"] / n
-        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": sums["correct"] / n}
+        return lm_metrics(sums)
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
         cfg = model.cfg
@@ -113,3 +106,13 @@ class MLMTask:
             n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
             head_rows=batch["n_targets"], head_flops_per_row=head_row,
         )  # fmt: skip
+
+
+def mlm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """Summed loss at the selected positions; the head never sees the other rows."""
+    hidden = model(batch["input_ids"])  # (B, T, D)
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]  # (N, D): only masked rows
+    head = model.mlm_head
+    transformed = head.norm(head.act(head.transform(picked)))
+    loss_sum, correct = linear_cross_entropy(transformed, model.embed.word.weight, batch["labels"], bias=head.bias)
+    return LossOutput(loss_sum, {"correct": float(correct)})

@@ -79,3 +79,30 @@ def barrier(d: Dist) -> None:
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, strategy: str) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts of a (task-wrapped) model, gathered on CPU under FSDP.
+
+    ``module`` holds the model as ``module.model``; the returned model keys are the model's own.
+    """
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=opts)
+        return {k.removeprefix("model."): v for k, v in model_sd.items()}, optim_sd
+    return module.model.state_dict(), optimizer.state_dict()
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist, strategy: str):
+    """Load a full optimizer state dict, re-sharding it under FSDP."""
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    elif any(isinstance(k, str) for k in state.get("state", {})):
+        raise ValueError("this checkpoint's optimizer state was written under FSDP: resume it with torchrun and "
+                         "--train.distributed fsdp")  # fmt: skip
+    else:
+        optimizer.load_state_dict(state)

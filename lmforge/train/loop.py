@@ -114,18 +114,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _state_dicts(module: _LossModule, optimizer, scheduler, strategy: str, d) -> tuple[dict, dict]:
-    if d.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(module, optimizer, options=opts)
-        model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
-    else:
-        model_sd, optim_sd = module.model.state_dict(), optimizer.state_dict()
-    return model_sd, {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
-
-
 def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dist) -> dict[str, float]:
     """Task metrics over the first ``eval_batches`` validation micro-batches (fixed masks)."""
     n = min(len(task.val_items), cfg.eval_batches * cfg.micro_batch_size)
@@ -176,14 +164,7 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     if ckpt is not None:
         saved = checkpoint.load_optim_state(ckpt)
-        if d.enabled and cfg.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(
-                module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
+        distributed.load_optimizer_state(module, optimizer, saved["optimizer"], d, cfg.distributed)
         scheduler.load_state_dict(saved["scheduler"])
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     batches = GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed)
@@ -199,9 +180,12 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
 
     def save() -> None:
         state.seconds = time.perf_counter() - started
-        model_sd, optim_sd = _state_dicts(module, optimizer, scheduler, cfg.distributed, d)
+        model_sd, optim_sd = distributed.full_state_dicts(module, optimizer, d, cfg.distributed)
         if d.is_main:
-            checkpoint.save(run_dir, model_state=model_sd, optim_state=optim_sd, state=state, keep_last=cfg.keep_last)
+            optim_state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
+            checkpoint.save(
+                run_dir, model_state=model_sd, optim_state=optim_state, state=state, keep_last=cfg.keep_last
+            )
         distributed.barrier(d)
 
     def run_eval() -> None:
