@@ -78,8 +78,10 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask)))
+    def forward(self, x: Tensor, mask: Tensor | None, queries: Tensor | None = None) -> Tensor:
+        """``queries`` (B, T', D): compute the outputs at these rows only (keys/values from all of x)."""
+        residual = x if queries is None else queries
+        x = self.attn_norm(residual + self.dropout(self.attn(x, mask=mask, queries=queries)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -135,16 +137,32 @@ class Bert(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        select: Tensor | None = None,
     ) -> Tensor:
-        """Hidden states (B, T, D) for token ids (B, T); ``attention_mask`` is 1 at real tokens."""
+        """Hidden states (B, T, D) for token ids (B, T); ``attention_mask`` is 1 at real tokens.
+
+        ``select``: ascending flat indices into B*T. Only those rows are returned, (N, D), and the last
+        layer computes only them (its keys and values still see every token): masked-LM training
+        needs ~15% of the outputs, and the last layer's queries, output projection and feed-forward
+        are then ~85% cheaper.
+        """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids, position_ids, token_type_ids)
         mask, _ = build_attention_mask(attention_mask, q_len=T, k_len=T, causal=False)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, mask)
-        return x
+        if select is None:
+            return self.layers[-1](x, mask)
+        rows = select // T
+        counts = torch.bincount(rows, minlength=B)
+        slots = torch.arange(len(select), device=select.device) - (counts.cumsum(0) - counts)[rows]
+        index = torch.zeros(B, int(counts.max()), dtype=torch.long, device=select.device)  # (B, T')
+        index[rows, slots] = select % T
+        queries = x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, T', D)
+        out = self.layers[-1](x, mask, queries=queries)  # (B, T', D)
+        return out[rows, slots]  # (N, D), in the order of select
 
     def pool(self, hidden: Tensor) -> Tensor:
         """The pooled first-token representation (B, D)."""

@@ -227,17 +227,30 @@ class Attention(nn.Module):
         is_causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         memory: Tensor | None = None,
+        queries: Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        B, T, _ = x.shape
+        """Attend from ``x`` (B, T, D) to itself, or to ``memory`` (cross-attention).
+
+        ``queries`` (B, T', D), self-attention only: the queries come from these rows instead of all of
+        ``x`` (keys and values still from all of ``x``): for outputs needed at a few positions only.
+        """
         if self.cross:
             if memory is None:
                 raise ValueError("cross-attention needs the encoder output as memory")
             q = self.q(x)
             k, v = self.kv(memory).split(self.split[1:], dim=-1)
+        elif queries is not None:
+            q_dim = self.split[0]
+            bias = self.qkv.bias
+            q = F.linear(queries, self.qkv.weight[:q_dim], None if bias is None else bias[:q_dim])
+            kv = F.linear(x, self.qkv.weight[q_dim:], None if bias is None else bias[q_dim:])
+            k, v = kv.split(self.split[1:], dim=-1)
+            x = queries
         else:
             q, k, v = self.qkv(x).split(self.split, dim=-1)
+        B, T, _ = x.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = k.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
         v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)

@@ -71,40 +71,47 @@ def transformer_train_flops(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int):
-        n = hidden.shape[0]
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-        compute = dtype or hidden.dtype
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int, count: bool):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        compute = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
         w = weight.to(compute)
+        fp32 = compute == torch.float32
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = (
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
-        )
+        grad_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        # One logits buffer for every chunk: the allocator sees a single (chunk, V) block per call.
+        buffer = torch.empty((min(chunk, n), vocab), dtype=torch.float32, device=hidden.device) if fp32 else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 h = hidden[start : start + chunk].to(compute)
                 y = labels[start : start + chunk]
-                logits = (h @ w.t()).float()  # (C, V)
+                # (C, V) logits; in fp32 written straight into the shared buffer
+                logits = torch.mm(h, w.t(), out=buffer[: len(y)]) if fp32 else torch.mm(h, w.t()).float()
                 if bias is not None:
                     logits += bias.float()
                 valid = y != IGNORE
                 target = y.clamp(min=0)
-                lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, target[:, None]).squeeze(1)
-                loss += ((lse - picked) * valid).sum()
-                correct += ((logits.argmax(-1) == y) & valid).sum()
-                # d(sum of losses)/d(logits) = softmax - one_hot, computed in place over the logits.
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(y), device=y.device), target] -= 1.0
-                grad *= valid[:, None]
-                if bias is not None:
+                if count:
+                    correct += ((logits.argmax(-1) == y) & valid).sum()
+                # softmax in place, then d(sum of losses)/d(logits) = softmax - one_hot (zero on ignored rows)
+                top = logits.amax(-1, keepdim=True)
+                total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+                loss += ((top.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
+                grad = logits.mul_(valid[:, None] / total)
+                grad[torch.arange(len(y), device=y.device), target] -= valid.float()
+                if grad_bias is not None:
                     grad_bias += grad.sum(0)
-                grad = grad.to(compute)
-                grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                grad_weight += (grad.t() @ h).float()
+                if fp32:
+                    torch.mm(grad, w, out=grad_hidden[start : start + len(y)])
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad = grad.to(compute)
+                    grad_hidden[start : start + len(y)] = (grad @ w).to(hidden.dtype)
+                    grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, *([grad_bias] if grad_bias is not None else []))
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
@@ -115,13 +122,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
         grad_hidden, grad_weight, *rest = ctx.saved_tensors
         grad_bias = rest[0] * grad_loss if ctx.has_bias else None
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), grad_bias, None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), grad_bias, None, None, None
 
 
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_bytes: int = 1 << 24
 ) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (IGNORE = -100 skipped),
-    and the number of correct argmax predictions. hidden (N, D), weight (V, D), labels (N,)."""
+    and the number of correct argmax predictions (counted only without gradients, i.e. in evaluation:
+    the argmax is an extra pass over the logits). hidden (N, D), weight (V, D), labels (N,)."""
     chunk = max(16, chunk_bytes // (4 * weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, not torch.is_grad_enabled())

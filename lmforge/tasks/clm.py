@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.data.shards import TokenWindows
+from lmforge.models.gpt import GPTConfig
 from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
 
 
@@ -37,13 +38,7 @@ class CLMTask:
         return lm_metrics(sums)
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
-        cfg = model.cfg
-        B, T = batch["input_ids"].shape
-        d_ff = cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff
-        return transformer_train_flops(
-            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=d_ff, n_tokens=B * T, seq_len=T,
-            head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
-        )  # fmt: skip
+        return clm_train_flops(model.cfg, batch)
 
 
 def clm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -52,3 +47,13 @@ def clm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
     weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
     loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1))
     return LossOutput(loss_sum, {"correct": float(correct)})
+
+
+def clm_train_flops(cfg: GPTConfig, batch: dict[str, Any]) -> float:
+    """Training FLOPs of a batch: every position runs the whole stack and the vocabulary head."""
+    B, T = batch["input_ids"].shape
+    d_ff = cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff  # a gated FFN has three matrices, not two
+    return transformer_train_flops(
+        n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=d_ff, n_tokens=B * T, seq_len=T,
+        head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from torch import nn
 
 from lmforge.data.shards import TokenWindows
 from lmforge.data.tokenizer import LMTokenizer
+from lmforge.models.bert import BertConfig
 from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
 
 
@@ -99,20 +100,26 @@ class MLMTask:
         return lm_metrics(sums)
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
-        cfg = model.cfg
-        B, T = batch["input_ids"].shape
-        head_row = 2 * cfg.d_model * cfg.vocab_size + 2 * cfg.d_model * cfg.d_model
-        return transformer_train_flops(
-            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
-            head_rows=batch["n_targets"], head_flops_per_row=head_row,
-        )  # fmt: skip
+        return mlm_train_flops(model.cfg, batch)
 
 
 def mlm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
     """Summed loss at the selected positions; the head never sees the other rows."""
-    hidden = model(batch["input_ids"])  # (B, T, D)
-    picked = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]  # (N, D): only masked rows
+    picked = model(batch["input_ids"], select=batch["positions"])  # (N, D): only the masked rows
     head = model.mlm_head
     transformed = head.norm(head.act(head.transform(picked)))
     loss_sum, correct = linear_cross_entropy(transformed, model.embed.word.weight, batch["labels"], bias=head.bias)
     return LossOutput(loss_sum, {"correct": float(correct)})
+
+
+def mlm_train_flops(cfg: BertConfig, batch: dict[str, Any]) -> float:
+    """Training FLOPs actually spent: dense layers but the last, whose keys/values are dense and whose
+    queries, output projection, feed-forward and head run at the N masked rows only."""
+    B, T = batch["input_ids"].shape
+    n, d = batch["n_targets"], cfg.d_model
+    dense = transformer_train_flops(
+        n_layers=cfg.n_layers - 1, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
+        head_rows=n, head_flops_per_row=2 * d * cfg.vocab_size + 2 * d * d,
+    )  # fmt: skip
+    last = 3.0 * (B * T * 4 * d * d + n * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
+    return dense + last

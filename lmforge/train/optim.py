@@ -1,6 +1,6 @@
 """Optimizers, parameter groups and learning-rate schedules.
 
-AdamW (Loshchilov & Hutter, 2019) with the fused kernel on CUDA and foreach elsewhere, or SGD with
+AdamW (Loshchilov & Hutter, 2019) with torch's fused kernel (CPU and CUDA), or SGD with
 momentum. Weight decay applies to matrices only: norms, biases and other 1-D parameters are
 exempt (as in BERT and GPT-2 training code). Schedules: linear warmup, then cosine or linear
 decay to ``min_lr_ratio`` of the peak, or constant.
@@ -62,9 +62,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    on_cuda = next(model.parameters()).is_cuda
-    kernel = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+    # The fused kernel (CUDA and, since torch 2.4, CPU) updates each tensor in one pass instead of ~10.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, *, cfg: OptimConfig, total_steps: int) -> float:

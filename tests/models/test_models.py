@@ -126,3 +126,15 @@ def test_unknown_size_lists_the_known_ones() -> None:
 def test_bad_config_values_name_the_key(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BertConfig(**change)
+
+
+def test_bert_selected_rows_equal_the_full_forward() -> None:
+    model = Bert(BertConfig(vocab_size=VOCAB, n_layers=3, n_heads=2, d_model=32, d_ff=64)).eval()
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[2, 6:] = 0
+    select = torch.tensor([1, 4, 5, 10, 20, 21, 22])  # row 0: three, row 1: one, row 2: three
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).reshape(-1, 32)[select]
+        sparse = model(ids, attention_mask=mask, select=select)
+    torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
