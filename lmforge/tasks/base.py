@@ -120,13 +120,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
+        # The saved gradients were computed for a unit upstream gradient and are used once: scale in place.
         grad_hidden, grad_weight, *rest = ctx.saved_tensors
-        grad_bias = rest[0] * grad_loss if ctx.has_bias else None
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), grad_bias, None, None, None
+        grad_bias = rest[0].mul_(grad_loss) if ctx.has_bias else None
+        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden.mul_(grad_loss), grad_weight, grad_bias, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_bytes: int = 1 << 24
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_bytes: int = 1 << 25
 ) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (IGNORE = -100 skipped),
     and the number of correct argmax predictions (counted only without gradients, i.e. in evaluation:
