@@ -26,6 +26,7 @@ from lmforge.models.sizes import model_size
 from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
+from lmforge.train.logging import read_metrics
 from lmforge.train.loop import TrainConfig, fit
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -187,6 +188,12 @@ def _write_model_dir(run_dir: Path, model_cfg, summary: dict, tok_dir: Path) -> 
 
 
 def _write_report(run_dir: Path, s: dict) -> None:
+    best = "-" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f} (step {s['best_step']})"
+    evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+    last_eval = "-"
+    if evals:
+        shown = {k: v for k, v in evals[-1].items() if k not in ("kind", "step")}
+        last_eval = f"step {evals[-1]['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
     lines = [
         f"# Pretraining run `{run_dir.name}`",
         "",
@@ -198,8 +205,8 @@ def _write_report(run_dir: Path, s: dict) -> None:
         f"| tokens/s | {s['tokens_per_s']:,.0f} |",
         f"| training FLOPs | {s['train_flops']:.3g} |",
         f"| MFU | {100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s measured peak |",
-        f"| best validation loss | {s['best_val_loss'] if s['best_val_loss'] is not None else '-'} "
-        f"(step {s['best_step']}) |",
+        f"| best validation loss | {best} |",
+        f"| last evaluation | {last_eval} |",
         f"| skipped non-finite steps | {s['skipped_steps']} |",
         f"| weights in this directory | {s['model_weights']} |",
         "",
