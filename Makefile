@@ -25,12 +25,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmforge tests
-	$(VENV)/bin/ruff format --check lmforge tests
+	$(VENV)/bin/ruff check lmforge tests bench
+	$(VENV)/bin/ruff format --check lmforge tests bench
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format lmforge tests
-	$(VENV)/bin/ruff check --fix lmforge tests
+	$(VENV)/bin/ruff format lmforge tests bench
+	$(VENV)/bin/ruff check --fix lmforge tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
