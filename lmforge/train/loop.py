@@ -46,7 +46,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile every transformer block."""
     deterministic: bool = False
     """Deterministic kernels (exact repeatability, slower on GPU)."""
     seed: int = 1234
@@ -158,8 +158,9 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
     model.to(d.device).train()
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
+    if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
+        for layer in getattr(model, "layers", []):
+            layer.compile(dynamic=True)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     if ckpt is not None:

@@ -218,3 +218,13 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
     whole, resumed = _train_losses(tmp_path / "whole"), _train_losses(killed)
     assert sorted(resumed) == list(range(1, 31))
     assert resumed == whole  # exact equality, step by step
+
+
+def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None:
+    eager = fit(_model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3), run_dir=tmp_path / "eager")
+    compiled = fit(_model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3, compile=True),
+                   run_dir=tmp_path / "compiled")  # fmt: skip
+    assert abs(compiled["best_val_loss"] - eager["best_val_loss"]) < 1e-4
+    losses = [_train_losses(tmp_path / name) for name in ("eager", "compiled")]
+    for step, loss in losses[0].items():
+        assert abs(losses[1][step] - loss) < 1e-4, step
