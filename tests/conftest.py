@@ -41,22 +41,21 @@ def mixed_corpus() -> Path:
     return FIXTURES / "mixed.txt"
 
 
-@pytest.fixture(scope="session")
-def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
+def _tokenizer(directory: Path, corpus: Path, *, kind: str, vocab_size: int) -> Path:
     from lmforge.data.readers import read_text_lines
     from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 
-    tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="wordpiece", vocab_size=400)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("wordpiece"))
+    return save_tokenizer(train_tokenizer(lambda: read_text_lines(corpus), kind=kind, vocab_size=vocab_size), directory)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
+    return _tokenizer(tmp_path_factory.mktemp("wordpiece"), mixed_corpus, kind="wordpiece", vocab_size=400)
 
 
 @pytest.fixture(scope="session")
 def bpe_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Path:
-    from lmforge.data.readers import read_text_lines
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
-
-    tok = train_tokenizer(lambda: read_text_lines(mixed_corpus), kind="bpe", vocab_size=400)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("bpe"))
+    return _tokenizer(tmp_path_factory.mktemp("bpe"), mixed_corpus, kind="bpe", vocab_size=400)
 
 
 @pytest.fixture(scope="session")
@@ -79,20 +78,12 @@ def review_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def review_wordpiece(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path) -> Path:
-    from lmforge.data.readers import read_text_lines
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
-
-    tok = train_tokenizer(lambda: read_text_lines(review_corpus), kind="wordpiece", vocab_size=3000)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("review-wordpiece"))
+    return _tokenizer(tmp_path_factory.mktemp("review-wordpiece"), review_corpus, kind="wordpiece", vocab_size=3000)
 
 
 @pytest.fixture(scope="session")
 def review_bpe(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path) -> Path:
-    from lmforge.data.readers import read_text_lines
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
-
-    tok = train_tokenizer(lambda: read_text_lines(review_corpus), kind="bpe", vocab_size=1000)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("review-bpe"))
+    return _tokenizer(tmp_path_factory.mktemp("review-bpe"), review_corpus, kind="bpe", vocab_size=1000)
 
 
 def _shards(factory: pytest.TempPathFactory, corpus: Path, tokenizer: Path, *, whole_word: bool = False) -> Path:
