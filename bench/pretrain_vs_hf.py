@@ -5,7 +5,7 @@ and under bf16 autocast. One training step = forward + backward + AdamW step. Bo
 this process with the same allocator and thread count, interleaved (a round of lmforge steps,
 then a round of transformers steps, repeated), and the medians are compared.
 
-    python bench/pretrain_vs_hf.py [--rounds 6] [--steps 3] [--threads 2]
+    python bench/pretrain_vs_hf.py [--rounds 6] [--steps 3] [--threads 2] [--compile] [--out FILE]
 
 Writes bench/results/pretrain_vs_hf.json:
 {"machine": {...}, "cases": {"<case>": {"lmforge": tokens/s, "hf": tokens/s, "unit": "tokens/s",
@@ -82,8 +82,11 @@ def _clm_batches(B: int = 16, T: int = 256):
     return ours, {"input_ids": ids[:, :-1], "labels": ids[:, :-1]}  # transformers shifts labels itself
 
 
-def _step_fns(kind: str):
+def _step_fns(kind: str, compile_blocks: bool = False):
     ours, hf = _mlm_models() if kind == "mlm" else _clm_models()
+    if compile_blocks:  # what --train.compile does
+        for layer in ours.layers:
+            layer.compile(dynamic=True)
     ours_batch, hf_batch = _mlm_batches() if kind == "mlm" else _clm_batches()
     loss_fn = mlm_loss if kind == "mlm" else clm_loss
     # The same optimizer kernel on both sides (torch's fused AdamW, what lmforge uses), so the ratio
@@ -125,8 +128,8 @@ def _time(fn, steps: int, precision: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_case(kind: str, precision: str, *, rounds: int, steps: int) -> dict:
-    ours_step, hf_step, tokens, flops, shape = _step_fns(kind)
+def run_case(kind: str, precision: str, *, rounds: int, steps: int, compile_blocks: bool = False) -> dict:
+    ours_step, hf_step, tokens, flops, shape = _step_fns(kind, compile_blocks)
     _time(ours_step, 2, precision)  # warm-up both sides
     _time(hf_step, 2, precision)
     ours_t, hf_t = [], []
@@ -142,7 +145,8 @@ def run_case(kind: str, precision: str, *, rounds: int, steps: int) -> dict:
         "ratio": hf_s / ours_s,
         "settings": {
             "batch": list(shape), "d_model": D, "n_layers": LAYERS, "vocab_size": VOCAB, "precision": precision,
-            "rounds": rounds, "steps_per_round": steps, "lmforge_mfu": flops[0] / ours_s / peak,
+            "rounds": rounds, "steps_per_round": steps, "lmforge_compiled_blocks": compile_blocks,
+            "lmforge_mfu": flops[0] / ours_s / peak,
             "hf_mfu": flops[1] / hf_s / peak, "lmforge_flops_per_step": flops[0], "hf_flops_per_step": flops[1],
             "peak_flops_per_s": peak,
             "lmforge_step_s": ours_t, "hf_step_s": hf_t,
@@ -156,13 +160,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="mlm-fp32,mlm-bf16,clm-fp32,clm-bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile lmforge's blocks (--train.compile)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = {}
     for case in args.cases.split(","):
         kind, precision = case.split("-")
-        cases[case] = run_case(kind, precision, rounds=args.rounds, steps=args.steps)
+        cases[case] = run_case(kind, precision, rounds=args.rounds, steps=args.steps, compile_blocks=args.compile)
         c = cases[case]
         mfu = 100 * c["settings"]["lmforge_mfu"]
         line = f"{case:10s} lmforge {c['lmforge']:8,.0f}  transformers {c['hf']:8,.0f} tokens/s"
@@ -174,9 +180,9 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "allocator": os.environ.get("LD_PRELOAD", "glibc malloc") or "glibc malloc",
     }  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "cases": cases}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "cases": cases}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
