@@ -1,0 +1,146 @@
+"""Generic heads over (B, T, D) hidden states: sequence classification, token classification, CRF.
+
+Heads know nothing about the encoder beneath them (no ``BertForX`` classes, rule 2 of the
+architecture page). The CRF is a linear-chain conditional random field (Lafferty et al., 2001;
+used over BiLSTM/BERT emissions by Lample et al., 2016): training maximises the log-likelihood
+(forward algorithm), decoding is Viterbi; both run in log space over padded batches. An optional
+transition mask forbids paths such as ``O -> I-PER`` for BIO/BIOES tag sets. No well-kept
+PyTorch CRF library fits (pytorch-crf is unmaintained since 2020), hence our own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+FORBIDDEN = -1e4  # added to forbidden transition scores: exp(-1e4) underflows to 0 in fp32
+
+
+class SequenceClassifier(nn.Module):
+    """Pool the hidden states (first token or masked mean), then dropout + linear -> (B, C) logits."""
+
+    def __init__(
+        self, d_model: int, n_classes: int, *, dropout: float = 0.1, pooling: Literal["cls", "mean"] = "cls"
+    ) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling={pooling!r} must be 'cls' or 'mean'")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(d_model, n_classes)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, D)
+        else:
+            weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+            weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        return self.out(self.dropout(pooled))
+
+
+class TokenClassifier(nn.Module):
+    """Dropout + linear per token -> (B, T, C) scores (softmax logits or CRF emissions)."""
+
+    def __init__(self, d_model: int, n_tags: int, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(d_model, n_tags)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.out(self.dropout(hidden))
+
+
+class CRF(nn.Module):
+    """Linear-chain CRF over (B, T, C) emissions; sequences are left-aligned, ``mask`` (B, T) marks real steps."""
+
+    def __init__(self, n_tags: int, *, allowed: Tensor | None = None, allowed_start: Tensor | None = None) -> None:
+        super().__init__()
+        self.n_tags = n_tags
+        self.transitions = nn.Parameter(torch.zeros(n_tags, n_tags))  # [from, to]
+        self.start = nn.Parameter(torch.zeros(n_tags))
+        self.end = nn.Parameter(torch.zeros(n_tags))
+        penalty = torch.zeros(n_tags, n_tags) if allowed is None else (~allowed).float() * FORBIDDEN
+        start_penalty = torch.zeros(n_tags) if allowed_start is None else (~allowed_start).float() * FORBIDDEN
+        self.register_buffer("penalty", penalty, persistent=False)
+        self.register_buffer("start_penalty", start_penalty, persistent=False)
+
+    def _scores(self) -> tuple[Tensor, Tensor]:
+        return self.transitions + self.penalty, self.start + self.start_penalty
+
+    def _check(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        if not mask[:, 0].all():
+            raise ValueError("CRF sequences must start at position 0 (left-aligned, right padding)")
+        return mask
+
+    def log_likelihood(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        """log p(tags | emissions) per sequence, (B,). Tags at padded steps are ignored."""
+        mask = self._check(emissions, mask)
+        emissions = emissions.float()
+        trans, start = self._scores()
+        B, T, _ = emissions.shape
+        tags = tags.clamp(min=0) * mask  # padded labels (e.g. -100) -> 0, masked out below
+        batch = torch.arange(B, device=emissions.device)
+        score = start[tags[:, 0]] + emissions[batch, 0, tags[:, 0]]
+        for t in range(1, T):
+            step = trans[tags[:, t - 1], tags[:, t]] + emissions[batch, t, tags[:, t]]
+            score = score + step * mask[:, t]
+        last = tags[batch, mask.sum(1) - 1]
+        score = score + self.end[last]
+        return score - self._log_partition(emissions, mask, trans, start)
+
+    def _log_partition(self, emissions: Tensor, mask: Tensor, trans: Tensor, start: Tensor) -> Tensor:
+        alpha = start + emissions[:, 0]  # (B, C)
+        for t in range(1, emissions.shape[1]):
+            # alpha'[j] = logsumexp_i(alpha[i] + trans[i, j]) + emission[t, j]
+            nxt = torch.logsumexp(alpha.unsqueeze(2) + trans.unsqueeze(0), dim=1) + emissions[:, t]  # (B, C)
+            alpha = torch.where(mask[:, t, None], nxt, alpha)
+        return torch.logsumexp(alpha + self.end, dim=1)
+
+    @torch.no_grad()
+    def decode(self, emissions: Tensor, mask: Tensor) -> list[list[int]]:
+        """The highest-scoring tag sequence of each sequence (Viterbi), as lists of its real length."""
+        mask = self._check(emissions, mask)
+        emissions = emissions.float()
+        trans, start = self._scores()
+        B, T, _ = emissions.shape
+        score = start + emissions[:, 0]  # (B, C)
+        history = []
+        for t in range(1, T):
+            candidates = score.unsqueeze(2) + trans.unsqueeze(0)  # (B, C_from, C_to)
+            best, index = candidates.max(dim=1)  # (B, C)
+            history.append(index)
+            score = torch.where(mask[:, t, None], best + emissions[:, t], score)
+        score = score + self.end
+        lengths = mask.sum(1).tolist()
+        paths = []
+        for b in range(B):
+            tag = int(score[b].argmax())
+            path = [tag]
+            for t in range(lengths[b] - 1, 0, -1):
+                tag = int(history[t - 1][b, tag])
+                path.append(tag)
+            paths.append(path[::-1])
+        return paths
+
+
+def bio_transitions(labels: list[str]) -> tuple[Tensor, Tensor]:
+    """Allowed (from, to) transitions and allowed first tags for BIO or BIOES labels.
+
+    An inside tag (I-X, or E-X under BIOES) may only follow B-X or I-X of the same type; a sequence
+    may not start inside an entity.
+    """
+    n = len(labels)
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    start = torch.ones(n, dtype=torch.bool)
+    for j, to in enumerate(labels):
+        prefix, _, kind = to.partition("-")
+        if prefix in ("I", "E"):
+            start[j] = False
+            for i, frm in enumerate(labels):
+                f_prefix, _, f_kind = frm.partition("-")
+                allowed[i, j] = f_prefix in ("B", "I") and f_kind == kind
+    return allowed, start
