@@ -7,9 +7,12 @@ writers produce the same formats, so ``lmforge data export`` output reads back u
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -49,7 +52,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 def read_jsonl_field(path: str | os.PathLike, field: str) -> Iterator[str]:
     """The string ``field`` of every JSONL object; a missing or non-string field names file:line."""
     path = Path(path)
-    for lineno, (_, line) in enumerate(_lines(path), 1):
+    for lineno, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -136,3 +139,108 @@ def corpus_texts(inputs: Iterable[str], *, jsonl_field: str = "text", split: str
             yield from read_jsonl_field(spec, jsonl_field)
         else:
             yield from read_text_lines(spec)
+
+
+@dataclass
+class ReadReport:
+    """What reading a labelled file kept and skipped (with --skip-bad-rows), for the run's report."""
+
+    path: str
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[tuple[int, str]]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    out = []
+    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = chunk.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            problem = f"{path}:{lineno}: undecodable bytes (not UTF-8) at column {e.start + 1}"
+            if not skip_bad_rows:
+                raise ValueError(problem + "; re-save the file as UTF-8 or pass --skip-bad-rows") from None
+            report.skipped.append(problem)
+            continue
+        out.append((lineno, line))
+    return out
+
+
+def read_labelled(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
+    """Classification examples ``{"text", "label"[, "text_pair"]}`` from a .csv, .tsv or .jsonl file.
+
+    CSV and TSV need a header naming ``text`` and ``label`` (``text_pair`` optional); JSONL objects
+    need the same fields. Every bad row (malformed, missing field, empty text) raises a ValueError
+    naming file:line, or with ``skip_bad_rows`` is skipped and listed in the report.
+    """
+    path = Path(path)
+    report = ReadReport(str(path))
+    lines = _decoded_lines(path, report, skip_bad_rows)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path, lines)
+    elif suffix in (".csv", ".tsv"):
+        rows = _delimited_rows(path, lines, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise ValueError(f"{path}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
+    examples = []
+    for lineno, row, problem in rows:
+        problem = problem or _row_problem(row)
+        if problem:
+            message = f"{path}:{lineno}: {problem}"
+            if not skip_bad_rows:
+                raise ValueError(message + " (pass --skip-bad-rows to skip such rows)")
+            report.skipped.append(message)
+            continue
+        example = {"text": row["text"], "label": str(row["label"]).strip()}
+        if row.get("text_pair") not in (None, ""):
+            example["text_pair"] = row["text_pair"]
+        examples.append(example)
+    report.kept = len(examples)
+    return examples, report
+
+
+def _row_problem(row: dict) -> str | None:
+    for key in ("text", "label"):
+        if key not in row or row[key] is None:
+            return f"missing field {key!r}"
+    if not isinstance(row["text"], str) or not row["text"].strip():
+        return "empty text"
+    if isinstance(row["label"], (dict, list)) or str(row["label"]).strip() == "":
+        return f"bad label {row['label']!r}"
+    if "text_pair" in row and row["text_pair"] is not None and not isinstance(row["text_pair"], str):
+        return "text_pair is not a string"
+    return None
+
+
+def _jsonl_rows(path: Path, lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict, str | None]]:
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, {}, f"malformed JSON ({e.msg})"
+            continue
+        yield lineno, obj if isinstance(obj, dict) else {}, None if isinstance(obj, dict) else "not a JSON object"
+
+
+def _delimited_rows(path: Path, lines: list[tuple[int, str]], delimiter: str) -> Iterator[tuple[int, dict, str | None]]:
+    if not lines:
+        raise ValueError(f"{path}: empty file")
+    numbers = [n for n, _ in lines]
+    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)), delimiter=delimiter)
+    header = next(reader)
+    if "text" not in header or "label" not in header:
+        raise ValueError(f"{path}:1: header has columns {header}; it needs 'text' and 'label' ('text_pair' optional)")
+    for values in reader:
+        lineno = numbers[min(reader.line_num - 1, len(numbers) - 1)]
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield lineno, {}, f"{len(values)} columns where the header has {len(header)}"
+            continue
+        yield lineno, dict(zip(header, values, strict=True)), None

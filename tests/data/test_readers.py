@@ -1,0 +1,60 @@
+"""Labelled files: every format users bring, and bad rows named by file:line or skipped and counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.readers import read_labelled
+
+
+def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def test_csv_tsv_and_jsonl_read_the_same_examples(tmp_path: Path) -> None:
+    csv_path = _write(tmp_path, "a.csv", 'text,text_pair,label\n"好,很好",,pos\n差评,还行,neg\n')
+    tsv_path = _write(tmp_path, "a.tsv", "label\ttext\ttext_pair\npos\t好,很好\t\nneg\t差评\t还行\n")
+    jsonl_path = _write(
+        tmp_path,
+        "a.jsonl",
+        '{"text": "好,很好", "label": "pos"}\n\n{"text": "差评", "text_pair": "还行", "label": "neg"}\n',
+    )
+    expected = [{"text": "好,很好", "label": "pos"}, {"text": "差评", "label": "neg", "text_pair": "还行"}]
+    for path in (csv_path, tsv_path, jsonl_path):
+        examples, report = read_labelled(path)
+        assert examples == expected, path
+        assert report.kept == 2 and report.skipped == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("b.jsonl", '{"text": "ok", "label": "pos"}\n{"text": "x", "label": "pos"\n', "b.jsonl:2: malformed JSON"),
+        ("b.jsonl", '{"text": "ok", "label": "pos"}\n{"text": "ok"}\n', "b.jsonl:2: missing field 'label'"),
+        ("b.jsonl", '{"text": "   ", "label": "pos"}\n', "b.jsonl:1: empty text"),
+        ("b.csv", "text,label\nfine,pos\ntoo,many,columns\n", "b.csv:3: 3 columns where the header has 2"),
+        ("b.csv", "words,label\nx,pos\n", "b.csv:1: header has columns"),
+        ("b.tsv", b"text\tlabel\nok\tpos\nbad \xff\tneg\n", "b.tsv:3: undecodable bytes"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path: Path, name: str, content: str | bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_labelled(_write(tmp_path, name, content))
+
+
+def test_skip_bad_rows_keeps_the_rest_and_counts(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.jsonl", '{"text": "a", "label": "x"}\nnot json\n{"text": "", "label": "y"}\n'
+                                       '{"text": "b", "label": "y"}\n')  # fmt: skip
+    examples, report = read_labelled(path, skip_bad_rows=True)
+    assert [e["text"] for e in examples] == ["a", "b"]
+    assert report.kept == 2 and len(report.skipped) == 2
+    assert report.skipped[0].startswith(f"{path}:2:") and report.skipped[1].startswith(f"{path}:3:")
+
+
+def test_unknown_extension_says_what_is_supported(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=".csv, .tsv or .jsonl"):
+        read_labelled(_write(tmp_path, "d.xlsx", "x"))
