@@ -21,7 +21,7 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import load_yaml
+from lmforge.config import from_dict, read_yaml
 from lmforge.data import builtin
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
@@ -132,21 +132,8 @@ def _usage() -> None:
 
 def _recipe_defaults(cls: type, path: str) -> Any:
     """The recipe at ``path`` as a ``cls`` instance; required fields it leaves out stay required."""
-    import yaml
-
-    from lmforge.config import from_dict
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of keys to values")
+    data = read_yaml(path)
     absent = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
-    if not absent:
-        return load_yaml(cls, path)
     placeholders = {name: _placeholder(cls, name, path) for name in absent}
     cfg = from_dict(cls, {**data, **placeholders}, where=path)
     for name in absent:

@@ -65,8 +65,8 @@ def from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
         raise ValueError(f"{where}: {e}") from None
 
 
-def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
-    """Read a YAML recipe into ``cls``; errors name the file."""
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from ``path``; a missing file, bad YAML or a non-mapping raises ValueError naming it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -74,7 +74,15 @@ def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
         raise ValueError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return from_dict(cls, data or {}, where=str(path))
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
+    """Read a YAML recipe into ``cls``; errors name the file."""
+    return from_dict(cls, read_yaml(path), where=str(path))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

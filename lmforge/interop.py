@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,12 +18,11 @@ import tyro
 from safetensors.torch import save_file
 
 from lmforge.config import write_json
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from lmforge.models.convert import from_hf, read_hf_dir, to_hf
 from lmforge.models.registry import build_model, load_model, save_model
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 @dataclass
@@ -49,15 +47,6 @@ class ExportConfig:
     """Target format: hf = Hugging Face transformers layout."""
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
 def convert_from_hf(cfg: ConvertConfig) -> Path:
     src, out = Path(cfg.from_hf), Path(cfg.out)
     hf_cfg, tensors = read_hf_dir(src)
@@ -65,7 +54,7 @@ def convert_from_hf(cfg: ConvertConfig) -> Path:
     model = build_model(model_cfg)
     model.load_state_dict(state)
     save_model(model, out)
-    copied = _copy_tokenizer(src, out)
+    copied = copy_tokenizer_files(src, out)
     if "tokenizer.json" not in copied:
         log.warning("%s has no tokenizer.json: the imported model has no tokenizer", src)
     return out
@@ -87,5 +76,5 @@ def export_to_hf(cfg: ExportConfig) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     write_json(out / "config.json", hf_cfg)
-    _copy_tokenizer(src, out)
+    copy_tokenizer_files(src, out)
     return out

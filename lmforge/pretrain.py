@@ -19,7 +19,7 @@ import torch
 
 from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
-from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.models.bert import BertConfig
 from lmforge.models.registry import build_model, config_json
 from lmforge.models.sizes import model_size
@@ -28,8 +28,6 @@ from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
 from lmforge.train.loop import TrainConfig, fit
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -178,10 +176,7 @@ def _write_model_dir(run_dir: Path, model_cfg, summary: dict, tok_dir: Path) -> 
     shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
     (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
     write_json(run_dir / "config.json", config_json(model_cfg))
-    if tok_dir.resolve() != run_dir.resolve():
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copyfile(tok_dir / name, run_dir / name)
+    copy_tokenizer_files(tok_dir, run_dir)
     summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
     write_json(run_dir / "results.json", summary)
     _write_report(run_dir, summary)

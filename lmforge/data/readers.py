@@ -34,36 +34,40 @@ def read_text_lines(path: str | os.PathLike) -> Iterator[str]:
             yield line
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Objects of a JSONL file, streamed; a malformed line raises ValueError with file:line."""
-    path = Path(path)
-    for lineno, line in _lines(path):
+def _jsonl_objects(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, object, problem) for every non-blank JSONL line; exactly one of object / problem is set."""
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, None, f"malformed JSON ({e.msg})"
+            continue
+        if isinstance(obj, dict):
+            yield lineno, obj, None
+        else:
+            yield lineno, None, f"expected a JSON object, got {type(obj).__name__}"
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Objects of a JSONL file, streamed; a malformed line raises ValueError with file:line."""
+    path = Path(path)
+    for lineno, obj, problem in _jsonl_objects(_lines(path)):
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
         yield obj
 
 
 def read_jsonl_field(path: str | os.PathLike, field: str) -> Iterator[str]:
     """The string ``field`` of every JSONL object; a missing or non-string field names file:line."""
     path = Path(path)
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        value = obj.get(field) if isinstance(obj, dict) else None
+    for lineno, obj, problem in _jsonl_objects(_lines(path)):
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        value = obj.get(field)
         if not isinstance(value, str):
-            raise ValueError(
-                f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj) if isinstance(obj, dict) else '-'})"
-            )
+            raise ValueError(f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj)})")
         yield value
 
 
@@ -181,7 +185,7 @@ def read_labelled(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tu
     lines = _decoded_lines(path, report, skip_bad_rows)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = _jsonl_rows(path, lines)
+        rows = ((n, obj or {}, problem) for n, obj, problem in _jsonl_objects(lines))
     elif suffix in (".csv", ".tsv"):
         rows = _delimited_rows(path, lines, "\t" if suffix == ".tsv" else ",")
     else:
@@ -214,18 +218,6 @@ def _row_problem(row: dict) -> str | None:
     if "text_pair" in row and row["text_pair"] is not None and not isinstance(row["text_pair"], str):
         return "text_pair is not a string"
     return None
-
-
-def _jsonl_rows(path: Path, lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict, str | None]]:
-    for lineno, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, {}, f"malformed JSON ({e.msg})"
-            continue
-        yield lineno, obj if isinstance(obj, dict) else {}, None if isinstance(obj, dict) else "not a JSON object"
 
 
 def _delimited_rows(path: Path, lines: list[tuple[int, str]], delimiter: str) -> Iterator[tuple[int, dict, str | None]]:
