@@ -172,12 +172,13 @@ def _tatoeba(path: Path) -> Splits:
             x = parent[x]
         return x
 
-    for en, zh in pairs:
+    for en, zh in sorted(pairs):  # sorted: set order changes with PYTHONHASHSEED
         parent[find("en:" + en)] = find("zh:" + zh)
     groups: dict[str, list[tuple[str, str]]] = {}
     for en, zh in sorted(pairs):
         groups.setdefault(find("en:" + en), []).append((en, zh))
-    ordered = [groups[k] for k in sorted(groups)]
+    # Order groups by their first pair, not by their union-find root, which depends on the merge order.
+    ordered = sorted(groups.values(), key=lambda group: group[0])
     random.Random(SEED).shuffle(ordered)
     out: Splits = {"test": [], "dev": [], "train": []}
     for group in ordered:

@@ -117,3 +117,28 @@ def test_tatoeba_export_is_source_tab_target(tmp_path: Path, tatoeba_path: Path)
     first = written["test"].read_text(encoding="utf-8").splitlines()[0].split("\t")
     example = load_builtin("tatoeba-cmn-en", path=tatoeba_path)["test"][0]
     assert first == [example["zh"], example["en"]]
+
+
+def test_splits_do_not_depend_on_the_hash_seed(tatoeba_path: Path) -> None:
+    """Set iteration order changes with PYTHONHASHSEED; no split may follow it (the Tatoeba groups once did)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, json; from lmforge.data.builtin import load_builtin; "
+        "names = ['reviews-sentiment', 'peoples-daily-ner', 'chatterbot-zh', 'pretrain-zh', 'tatoeba-cmn-en']; "
+        f"data = {{n: load_builtin(n, path={str(tatoeba_path)!r}) for n in names}}; "
+        "print(hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1
