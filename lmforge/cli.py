@@ -25,6 +25,7 @@ from lmforge.config import from_dict, read_yaml
 from lmforge.data import builtin
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
+from lmforge.finetune import ClassifyConfig, EvaluateConfig, NERConfig, PredictConfig
 from lmforge.interop import ConvertConfig, ExportConfig, convert_from_hf, export_to_hf
 
 console = Console()
@@ -111,10 +112,57 @@ def _pretrain_config() -> type:
     return PretrainConfig
 
 
+def _finetune(kind: str) -> Callable[[Any], None]:
+    def run(cfg: Any) -> None:
+        from lmforge.finetune import finetune
+
+        results = finetune(cfg, kind)
+        if os.environ.get("RANK", "0") != "0":
+            return
+        _metrics_table(f"{kind}: {cfg.out}", {s: results[s] for s in ("dev", "test") if s in results})
+        console.print(f"[green]done[/green] in {results['wall_seconds'] / 60:.1f} min; run directory {cfg.out}")
+
+    return run
+
+
+def _metrics_table(title: str, by_split: dict[str, dict]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    for split in by_split:
+        table.add_column(split, justify="right")
+    first = next(iter(by_split.values()), {})
+    for key in ("accuracy", "macro_f1", "f1", "precision", "recall", "loss"):
+        if key in first:
+            table.add_row(key, *(f"{m[key]:.4f}" for m in by_split.values()))
+    per = "per_type" if "per_type" in first else "per_class"
+    for name in first.get(per, {}):
+        table.add_row(f"{name} F1", *(f"{m[per][name]['f1']:.4f}" for m in by_split.values()))
+    console.print(table)
+
+
+def _evaluate(cfg: Any) -> None:
+    from lmforge.finetune import evaluate_command
+
+    _metrics_table(f"{cfg.model} on {cfg.data}", {"score": evaluate_command(cfg)})
+    if cfg.output:
+        console.print(f"[green]wrote[/green] {cfg.output}")
+
+
+def _predict(cfg: Any) -> None:
+    from lmforge.finetune import predict_command
+
+    n = predict_command(cfg)
+    console.print(f"[green]wrote[/green] {n} predictions to {cfg.output}")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "tokenizer train": (TokenizerTrainConfig, _tokenizer_train),
     "prepare": (PrepareConfig, _prepare),
     "pretrain": (_pretrain_config(), _pretrain),
+    "finetune classify": (ClassifyConfig, _finetune("classify")),
+    "finetune ner": (NERConfig, _finetune("ner")),
+    "evaluate": (EvaluateConfig, _evaluate),
+    "predict": (PredictConfig, _predict),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),

@@ -173,12 +173,16 @@ def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[
     return out
 
 
-def read_labelled(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
-    """Classification examples ``{"text", "label"[, "text_pair"]}`` from a .csv, .tsv or .jsonl file.
+def read_labelled(
+    path: str | os.PathLike, *, skip_bad_rows: bool = False, need_label: bool = True
+) -> tuple[list[dict], ReadReport]:
+    """Classification examples ``{"text", "label"[, "text_pair"], "source"}`` from a .csv, .tsv or .jsonl file.
 
     CSV and TSV need a header naming ``text`` and ``label`` (``text_pair`` optional); JSONL objects
     need the same fields. Every bad row (malformed, missing field, empty text) raises a ValueError
-    naming file:line, or with ``skip_bad_rows`` is skipped and listed in the report.
+    naming file:line, or with ``skip_bad_rows`` is skipped and listed in the report. ``source`` is
+    the row's ``file:line``. With ``need_label=False`` (prediction) the label is optional, and a
+    .txt file is read as one text per non-blank line.
     """
     path = Path(path)
     report = ReadReport(str(path))
@@ -187,19 +191,24 @@ def read_labelled(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tu
     if suffix == ".jsonl":
         rows = ((n, obj or {}, problem) for n, obj, problem in _jsonl_objects(lines))
     elif suffix in (".csv", ".tsv"):
-        rows = _delimited_rows(path, lines, "\t" if suffix == ".tsv" else ",")
+        rows = _delimited_rows(path, lines, "\t" if suffix == ".tsv" else ",", need_label=need_label)
+    elif suffix == ".txt" and not need_label:
+        rows = ((n, {"text": line}, None) for n, line in lines if line.strip())
     else:
-        raise ValueError(f"{path}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
+        formats = ".csv, .tsv or .jsonl" + ("" if need_label else " (or .txt, one text per line)")
+        raise ValueError(f"{path}: unknown format {suffix!r}; use {formats}")
     examples = []
     for lineno, row, problem in rows:
-        problem = problem or _row_problem(row)
+        problem = problem or _row_problem(row, need_label)
         if problem:
             message = f"{path}:{lineno}: {problem}"
             if not skip_bad_rows:
                 raise ValueError(message + " (pass --skip-bad-rows to skip such rows)")
             report.skipped.append(message)
             continue
-        example = {"text": row["text"], "label": str(row["label"]).strip()}
+        example = {"text": row["text"], "source": f"{path}:{lineno}"}
+        if row.get("label") not in (None, ""):
+            example["label"] = str(row["label"]).strip()
         if row.get("text_pair") not in (None, ""):
             example["text_pair"] = row["text_pair"]
         examples.append(example)
@@ -207,27 +216,30 @@ def read_labelled(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tu
     return examples, report
 
 
-def _row_problem(row: dict) -> str | None:
-    for key in ("text", "label"):
+def _row_problem(row: dict, need_label: bool = True) -> str | None:
+    for key in ("text", "label") if need_label else ("text",):
         if key not in row or row[key] is None:
             return f"missing field {key!r}"
     if not isinstance(row["text"], str) or not row["text"].strip():
         return "empty text"
-    if isinstance(row["label"], (dict, list)) or str(row["label"]).strip() == "":
+    if need_label and (isinstance(row["label"], (dict, list)) or str(row["label"]).strip() == ""):
         return f"bad label {row['label']!r}"
     if "text_pair" in row and row["text_pair"] is not None and not isinstance(row["text_pair"], str):
         return "text_pair is not a string"
     return None
 
 
-def _delimited_rows(path: Path, lines: list[tuple[int, str]], delimiter: str) -> Iterator[tuple[int, dict, str | None]]:
+def _delimited_rows(
+    path: Path, lines: list[tuple[int, str]], delimiter: str, *, need_label: bool = True
+) -> Iterator[tuple[int, dict, str | None]]:
     if not lines:
         raise ValueError(f"{path}: empty file")
     numbers = [n for n, _ in lines]
     reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)), delimiter=delimiter)
     header = next(reader)
-    if "text" not in header or "label" not in header:
-        raise ValueError(f"{path}:1: header has columns {header}; it needs 'text' and 'label' ('text_pair' optional)")
+    if "text" not in header or (need_label and "label" not in header):
+        needed = "'text' and 'label'" if need_label else "'text'"
+        raise ValueError(f"{path}:1: header has columns {header}; it needs {needed} ('text_pair' optional)")
     for values in reader:
         lineno = numbers[min(reader.line_num - 1, len(numbers) - 1)]
         if not values or all(not v.strip() for v in values):
@@ -236,3 +248,64 @@ def _delimited_rows(path: Path, lines: list[tuple[int, str]], delimiter: str) ->
             yield lineno, {}, f"{len(values)} columns where the header has {len(header)}"
             continue
         yield lineno, dict(zip(header, values, strict=True)), None
+
+
+def read_tagged(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
+    """NER sentences ``{"tokens", "tags", "source"}`` from a CoNLL file (token first, tag last column,
+    blank line between sentences) or a .jsonl file of ``{"tokens": [...], "tags": [...]}`` objects.
+
+    A malformed line, a tag that is not ``O`` or ``B-/I-/E-/S-TYPE``, or a token/tag count mismatch
+    raises a ValueError naming file:line; with ``skip_bad_rows`` the whole sentence is skipped and
+    listed in the report. ``source`` is the file:line where the sentence starts.
+    """
+    path = Path(path)
+    report = ReadReport(str(path))
+    lines = _decoded_lines(path, report, skip_bad_rows)
+    examples: list[dict] = []
+
+    def keep(lineno: int, tokens: list, tags: list, problem: str | None) -> None:
+        problem = problem or tags_problem(tokens, tags)
+        if problem:
+            message = f"{path}:{lineno}: {problem}"
+            if not skip_bad_rows:
+                raise ValueError(message + " (pass --skip-bad-rows to skip such sentences)")
+            report.skipped.append(message)
+        elif tokens:
+            examples.append({"tokens": tokens, "tags": tags, "source": f"{path}:{lineno}"})
+
+    if path.suffix.lower() == ".jsonl":
+        for lineno, obj, problem in _jsonl_objects(lines):
+            obj = obj or {}
+            if not problem and not (isinstance(obj.get("tokens"), list) and isinstance(obj.get("tags"), list)):
+                problem = "needs list fields 'tokens' and 'tags'"
+            keep(lineno, obj.get("tokens", []), obj.get("tags", []), problem)
+    else:
+        tokens, tags, first, problem = [], [], 0, None
+        for lineno, line in [*lines, (len(lines) + 1, "")]:
+            if not line.strip():
+                if tokens or problem:
+                    keep(first, tokens, tags, problem)
+                tokens, tags, first, problem = [], [], 0, None
+                continue
+            first = first or lineno
+            cols = line.split()
+            if len(cols) < 2:
+                problem = problem or f"line {lineno}: expected 'TOKEN TAG', got {line!r}"
+                continue
+            tokens.append(cols[0])
+            tags.append(cols[-1])
+    report.kept = len(examples)
+    return examples, report
+
+
+def tags_problem(tokens: list, tags: list) -> str | None:
+    """Why a NER sentence is malformed (count mismatch, bad tag, empty token), or None."""
+    if len(tokens) != len(tags):
+        return f"{len(tokens)} tokens but {len(tags)} tags"
+    for t in tags:
+        prefix, dash, kind = str(t).partition("-")
+        if t != "O" and (not dash or not kind or prefix not in ("B", "I", "E", "S")):
+            return f"tag {t!r} is not 'O' or B-/I-/E-/S- followed by an entity type"
+    if any(not isinstance(x, str) or not x.strip() for x in tokens):
+        return "empty token"
+    return None

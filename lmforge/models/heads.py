@@ -19,25 +19,38 @@ FORBIDDEN = -1e4  # added to forbidden transition scores: exp(-1e4) underflows t
 
 
 class SequenceClassifier(nn.Module):
-    """Pool the hidden states (first token or masked mean), then dropout + linear -> (B, C) logits."""
+    """Pool the hidden states, then dropout + linear -> (B, C) logits.
+
+    Pooling: ``cls`` takes the first token; ``pooler`` passes it through dense + tanh first (BERT's
+    pooler; the fine-tuning code copies a pretrained pooler's weights in when the checkpoint has one);
+    ``mean`` averages the real tokens.
+    """
 
     def __init__(
-        self, d_model: int, n_classes: int, *, dropout: float = 0.1, pooling: Literal["cls", "mean"] = "cls"
+        self,
+        d_model: int,
+        n_classes: int,
+        *,
+        dropout: float = 0.1,
+        pooling: Literal["cls", "pooler", "mean"] = "pooler",
     ) -> None:
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling={pooling!r} must be 'cls' or 'mean'")
+        if pooling not in ("cls", "pooler", "mean"):
+            raise ValueError(f"pooling={pooling!r} must be 'cls', 'pooler' or 'mean'")
         self.pooling = pooling
+        self.dense = nn.Linear(d_model, d_model) if pooling == "pooler" else None
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, n_classes)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]  # (B, D)
-        else:
+        if self.pooling == "mean":
             weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
             weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        else:
+            pooled = hidden[:, 0]  # (B, D)
+            if self.dense is not None:
+                pooled = torch.tanh(self.dense(pooled))
         return self.out(self.dropout(pooled))
 
 
@@ -49,8 +62,23 @@ class TokenClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, n_tags)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.out(self.dropout(hidden))
+
+
+class EncoderWithHead(nn.Module):
+    """An encoder giving (B, T, D) hidden states, a head on top, and optionally a CRF over the head's scores."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, crf: CRF | None = None) -> None:
+        super().__init__()
+        self.encoder, self.head, self.crf = encoder, head, crf
+
+    def forward(
+        self, input_ids: Tensor, *, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """Head outputs: (B, C) class logits or (B, T, C) token scores."""
+        hidden = self.encoder(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return self.head(hidden, attention_mask)
 
 
 class CRF(nn.Module):

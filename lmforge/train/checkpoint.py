@@ -41,6 +41,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     samples_seen: int = 0
+    evals_since_best: int = 0
 
 
 def _fsync_dir(path: Path) -> None:

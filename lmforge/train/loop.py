@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,58 +24,10 @@ from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
+from lmforge.train.adversarial import EmbeddingAttack
+from lmforge.train.config import TrainConfig
 from lmforge.train.logging import RunLogger, measure_peak_flops, plot_curves
-from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
-
-
-@dataclass
-class TrainConfig:
-    """How to train: steps, batch, optimizer, precision, evaluation, checkpoints."""
-
-    max_steps: int = 1000
-    """Optimizer steps."""
-    max_minutes: float = 0.0
-    """Stop (with a checkpoint) after this much wall time; 0 = no limit."""
-    global_batch_size: int = 32
-    """Sequences per optimizer step, over all processes and accumulation."""
-    micro_batch_size: int = 32
-    """Sequences per forward pass; global = micro x accumulation x processes."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (0 = off)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA)."""
-    compile: bool = False
-    """torch.compile every transformer block."""
-    deterministic: bool = False
-    """Deterministic kernels (exact repeatability, slower on GPU)."""
-    seed: int = 1234
-    """Seed for initialisation, data order, masking and dropout."""
-    eval_every: int = 200
-    """Evaluate every N steps (and at the end); 0 = only at the end."""
-    eval_batches: int = 50
-    """Validation micro-batches per evaluation."""
-    log_every: int = 10
-    """Log training metrics every N steps."""
-    save_every: int = 500
-    """Checkpoint every N steps (and at the end)."""
-    keep_last: int = 2
-    """Checkpoints kept besides the best."""
-    max_bad_steps: int = 10
-    """Stop after this many consecutive non-finite losses or gradients."""
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    """Strategy under torchrun."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    progress: bool = True
-    """Show a progress bar."""
-    peak_tflops: float = 0.0
-    """Device peak for MFU in TFLOP/s; 0 = measure once and cache."""
-
-    def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be positive")
+from lmforge.train.optim import build_optimizer, build_scheduler
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,8 +66,16 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a batch: tasks with padding say so in ``n_tokens``."""
+    return int(batch.get("n_tokens", batch["input_ids"].numel()))
+
+
 def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dist) -> dict[str, float]:
-    """Task metrics over the first ``eval_batches`` validation micro-batches (fixed masks)."""
+    """Task metrics: the task's own ``evaluate`` on its whole dev set if it has one, else summed over
+    the first ``eval_batches`` validation micro-batches (fixed masks)."""
+    if hasattr(task, "evaluate"):  # every process evaluates the whole dev set (FSDP needs them all in step)
+        return task.evaluate(module.model, device=d.device)
     n = min(len(task.val_items), cfg.eval_batches * cfg.micro_batch_size)
     if n == 0:
         return {}
@@ -159,8 +119,13 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
     if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
-        for layer in getattr(model, "layers", []):
+        for layer in getattr(getattr(model, "encoder", model), "layers", []):
             layer.compile(dynamic=True)
+    attack = None
+    if cfg.adversarial != "none":
+        attack = EmbeddingAttack(
+            model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha, steps=cfg.adv_steps
+        )
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     if ckpt is not None:
@@ -168,7 +133,10 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
         distributed.load_optimizer_state(module, optimizer, saved["optimizer"], d, cfg.distributed)
         scheduler.load_state_dict(saved["scheduler"])
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    batches = GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed)
+    lengths = getattr(task, "train_lengths", None)  # length-grouped batches for padded tasks
+    batches = GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed, lengths=lengths)
+    selection, direction = getattr(task, "selection", ("loss", "min"))  # the dev metric that picks the best model
+    sign = 1.0 if direction == "min" else -1.0  # best_metric is stored so that lower is better
     logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
     if ckpt is not None:
         logger.info(f"resumed from {ckpt} (step {state.step})")
@@ -190,18 +158,25 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
         distributed.barrier(d)
 
     def run_eval() -> None:
-        metrics = evaluate(wrapped, task, cfg, d)
+        # scalars only: task evaluations also return tables (per-class scores, confusion matrices)
+        metrics = {k: v for k, v in evaluate(wrapped, task, cfg, d).items() if isinstance(v, (int, float))}
         if not metrics:
             return
         logger.record("eval", state.step, metrics)
         logger.info(f"step {state.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
-        if state.best_metric is None or metrics["loss"] < state.best_metric:
-            state.best_metric, state.best_step = metrics["loss"], state.step
+        value = metrics[selection] * sign
+        if state.best_metric is None or value < state.best_metric:
+            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+        else:
+            state.evals_since_best += 1
 
     try:
         while state.step < cfg.max_steps:
             if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
                 logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
+                break
+            if cfg.patience and state.evals_since_best >= cfg.patience:
+                logger.info(f"early stop at step {state.step}: no better dev {selection} in {cfg.patience} evaluations")
                 break
             ids = batches.at(state.step).reshape(d.world_size, accum, cfg.micro_batch_size)[d.rank]
             # Seeds follow the micro-batch's place in the global batch, so 1 process x 2 accumulation steps
@@ -217,12 +192,20 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
                     else contextlib.nullcontext()
                 )
                 with sync:
-                    with _autocast(cfg, d.device):
-                        out = wrapped(_to(batch, d.device))
-                    scaler.scale(out.loss_sum * (d.world_size / max(n_total, 1.0))).backward()
+                    on_device, scale = _to(batch, d.device), d.world_size / max(n_total, 1.0)
+
+                    def scaled_loss(on_device=on_device, scale=scale):
+                        with _autocast(cfg, d.device):
+                            out = wrapped(on_device)
+                        return out, scaler.scale(out.loss_sum * scale)
+
+                    out, scaled = scaled_loss()
+                    scaled.backward()
+                    if attack is not None:  # adds the gradient at adversarially perturbed embeddings
+                        attack.backward(lambda: scaled_loss()[1])
                 loss_local += float(out.loss_sum.detach())
-                step_flops += task.flops(model, batch)
-                window["tokens"] += batch["input_ids"].numel()
+                step_flops += task.flops(model, batch) * (1 if attack is None else 1 + attack.passes)
+                window["tokens"] += _tokens(batch)
             loss_sum = distributed.all_sum(loss_local, d)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -244,7 +227,7 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
-            state.tokens += int(distributed.all_sum(sum(b["input_ids"].numel() for b in micro), d))
+            state.tokens += int(distributed.all_sum(sum(_tokens(b) for b in micro), d))
             state.flops += distributed.all_sum(step_flops, d)
             state.samples_seen += cfg.global_batch_size
             if math.isfinite(loss_sum):
@@ -283,7 +266,8 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
         "peak_flops_per_s": peak * d.world_size,
         "mfu": state.flops / max(seconds, 1e-9) / (peak * d.world_size),
         "skipped_steps": state.skipped_steps,
-        "best_val_loss": state.best_metric,
+        "best_val_loss": state.best_metric if selection == "loss" else None,
+        "best_dev": None if state.best_metric is None else {selection: state.best_metric * sign},
         "best_step": state.best_step,
         "processes": d.world_size,
         "train_config": asdict(cfg),

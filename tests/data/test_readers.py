@@ -26,7 +26,9 @@ def test_csv_tsv_and_jsonl_read_the_same_examples(tmp_path: Path) -> None:
     expected = [{"text": "好,很好", "label": "pos"}, {"text": "差评", "label": "neg", "text_pair": "还行"}]
     for path in (csv_path, tsv_path, jsonl_path):
         examples, report = read_labelled(path)
-        assert examples == expected, path
+        assert [{k: v for k, v in ex.items() if k != "source"} for ex in examples] == expected, path
+        lines = [2, 3] if path != jsonl_path else [1, 3]
+        assert [ex["source"] for ex in examples] == [f"{path}:{n}" for n in lines]
         assert report.kept == 2 and report.skipped == []
 
 

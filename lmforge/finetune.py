@@ -1,0 +1,384 @@
+"""The ``lmforge finetune classify|ner``, ``lmforge evaluate`` and ``lmforge predict`` commands.
+
+``finetune`` loads a pretrained lmforge BERT directory (or only its config and tokenizer, with
+``--init scratch``), puts the task's head on it, trains through ``train.loop.fit`` with early
+stopping on the dev metric, and writes the best checkpoint as a run directory that is also a
+model directory:
+
+```
+RUN_DIR/config.json + model.safetensors   the fine-tuned encoder (a normal lmforge BERT: export works)
+RUN_DIR/head.safetensors + task.json      the task head and what rebuilds the task (labels / tags, window)
+RUN_DIR/results.json                      dev and test metrics with their definitions, data report, training
+RUN_DIR/report.md, loss.png, confusion.png what a person reads
+```
+
+``evaluate`` and ``predict`` rebuild the task from ``task.json`` and run its ``evaluate`` /
+``predict``; nothing about the task is guessed from file names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lmforge.config import write_json, write_yaml
+from lmforge.data.builtin import BUILTINS, load_builtin
+from lmforge.data.readers import ReadReport, read_labelled, read_tagged, write_jsonl
+from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer
+from lmforge.metrics import DEFINITIONS, plot_confusion
+from lmforge.models.bert import Bert, BertConfig, Pooler
+from lmforge.models.registry import WEIGHTS_FILE, check_state, read_config, read_safetensors, save_model
+from lmforge.tasks.classification import ClassificationTask, label_set
+from lmforge.tasks.ner import NERTask, tag_set
+from lmforge.train import checkpoint, distributed
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import fit
+from lmforge.train.optim import OptimConfig
+
+HEAD_FILE, TASK_FILE = "head.safetensors", "task.json"
+
+
+def _finetune_training() -> TrainConfig:
+    return TrainConfig(
+        global_batch_size=32, micro_batch_size=32, eval_every=200, save_every=200, log_every=20, patience=5,
+        optim=OptimConfig(lr=1e-4, warmup_steps=100, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
+    )  # fmt: skip
+
+
+@dataclass
+class FinetuneConfig:
+    """What every fine-tuning task takes."""
+
+    out: str
+    """Run directory."""
+    model: str
+    """Pretrained lmforge BERT directory (config.json + model.safetensors + tokenizer)."""
+    data: str | None = None
+    """builtin:NAME instead of --train/--dev/--test (see `lmforge data list`)."""
+    train: str | None = None
+    """Training file."""
+    dev: str | None = None
+    """Dev file for early stopping; without one, 10% of --train (fixed seed) is held out."""
+    test: str | None = None
+    """Test file, evaluated once with the best checkpoint."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows / sentences (reported with file:line) instead of stopping at the first."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained weights, or random initialisation of the same architecture (what pretraining buys)."""
+    max_len: int = 128
+    """Longest input in sub-tokens, with [CLS] and [SEP]."""
+    epochs: float = 3.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
+    dropout: float | None = None
+    """Encoder and head dropout; None keeps the pretrained model's."""
+    training: TrainConfig = field(default_factory=_finetune_training)
+    resume: str | None = None
+    """Continue the run in this directory from its last checkpoint."""
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    """Fine-tune a BERT for text or text-pair classification (CSV / TSV / JSONL: text, text_pair, label)."""
+
+    pooling: Literal["cls", "pooler", "mean"] = "pooler"
+    """Sentence representation: first token, first token through dense + tanh, or mean of tokens."""
+    selection: Literal["accuracy", "macro_f1"] = "accuracy"
+    """Dev metric for early stopping and best-checkpoint selection."""
+
+
+@dataclass
+class NERConfig(FinetuneConfig):
+    """Fine-tune a BERT for named-entity recognition (CoNLL or JSONL tokens/tags, BIO or BIOES)."""
+
+    head: Literal["crf", "softmax"] = "crf"
+    """Tag decoder: linear-chain CRF (Viterbi) or independent softmax per token."""
+    overlap: int = 32
+    """Sub-tokens shared by consecutive windows of sentences longer than max_len."""
+
+
+def _split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, len(train) // 10)
+    dev = {*order[:cut]}
+    return [ex for i, ex in enumerate(train) if i not in dev], [train[i] for i in sorted(dev)]
+
+
+def load_splits(cfg: FinetuneConfig, kind: str) -> tuple[dict[str, list[dict]], list[ReadReport]]:
+    """train / dev / test examples from --data builtin:NAME or the files, and what reading skipped."""
+    if cfg.data:
+        name = cfg.data.removeprefix("builtin:")
+        if not cfg.data.startswith("builtin:") or name not in BUILTINS or BUILTINS[name].task != kind:
+            names = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == kind]
+            raise ValueError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
+        if cfg.train or cfg.dev or cfg.test:
+            raise ValueError("give either --data builtin:NAME or --train/--dev/--test files, not both")
+        return load_builtin(name), []
+    if not cfg.train:
+        raise ValueError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
+    read = read_labelled if kind == "classify" else read_tagged
+    splits, reports = {}, []
+    for split in ("train", "dev", "test"):
+        path = getattr(cfg, split)
+        if path:
+            splits[split], report = read(path, skip_bad_rows=cfg.skip_bad_rows)
+            reports.append(report)
+            if not splits[split]:
+                raise ValueError(f"{path}: no usable examples")
+    if "dev" not in splits:
+        splits["train"], splits["dev"] = _split_off_dev(splits["train"], cfg.training.seed)
+    return splits, reports
+
+
+def build_task(kind: str, tok: LMTokenizer, settings: dict, splits: dict | None = None, dropout: float = 0.1):
+    """A task from its settings (task.json), optionally with train / dev examples."""
+    splits = splits or {}
+    examples = {"train_examples": splits.get("train", ()), "dev_examples": splits.get("dev", ())}
+    if kind == "classify":
+        return ClassificationTask(
+            tok, settings["labels"], max_len=settings["max_len"], pooling=settings["pooling"], dropout=dropout,
+            selection=settings.get("selection", "accuracy"), **examples,
+        )  # fmt: skip
+    return NERTask(
+        tok, settings["tags"], max_len=settings["max_len"], overlap=settings["overlap"], head=settings["head"],
+        dropout=dropout, **examples,
+    )  # fmt: skip
+
+
+def _encoder(cfg: FinetuneConfig) -> tuple[Bert, Pooler | None]:
+    """The encoder to fine-tune (no MLM head, no pooler) and the pretrained pooler, if any."""
+    base = read_config(cfg.model)
+    if not isinstance(base, BertConfig):
+        raise ValueError(f"{cfg.model}: fine-tuning for classification / NER needs a BERT-family model")
+    changes: dict = {"mlm_head": False, "pooler": False}
+    if cfg.dropout is not None:
+        changes.update(dropout=cfg.dropout, attn_dropout=cfg.dropout)
+    if cfg.max_len > base.max_seq_len:
+        raise ValueError(f"max_len={cfg.max_len} exceeds the model's max_seq_len={base.max_seq_len}")
+    torch.manual_seed(cfg.training.seed)
+    encoder = Bert(dataclasses.replace(base, **changes))
+    if cfg.init == "scratch":
+        return encoder, None
+    tensors = read_safetensors(Path(cfg.model) / WEIGHTS_FILE)
+    pooler = None
+    if base.pooler and "pooler.dense.weight" in tensors:
+        pooler = Pooler(base.d_model)
+        pooler.load_state_dict({k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")})
+    kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
+    check_state(encoder, kept, source=str(Path(cfg.model) / WEIGHTS_FILE))
+    encoder.load_state_dict(kept)
+    return encoder, pooler
+
+
+def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
+    """Fine-tune, then evaluate the best checkpoint on dev and test; returns results.json's content."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.out)
+    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
+        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
+    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: continue with --resume {run_dir}, or pick a new --out")
+    splits, reports = load_splits(cfg, kind)
+    tok = load_tokenizer(cfg.model)
+    encoder, pooler = _encoder(cfg)
+    if kind == "classify":
+        settings = {"labels": label_set(splits["train"]), "pooling": cfg.pooling, "selection": cfg.selection}
+    else:
+        settings = {"tags": tag_set(splits["train"]), "overlap": cfg.overlap, "head": cfg.head}
+    settings["max_len"] = cfg.max_len
+    dropout = encoder.cfg.dropout
+    task = build_task(kind, tok, settings, splits, dropout=dropout)
+    model = task.build_model(encoder, pretrained_pooler=pooler)
+    training = cfg.training
+    if cfg.epochs > 0:
+        steps = max(1, math.ceil(cfg.epochs * len(task.train_items) / training.global_batch_size))
+        training = dataclasses.replace(training, max_steps=steps)
+    d = distributed.setup(training.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        write_yaml(run_dir / "config.yaml", cfg)
+    summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+    results = {}
+    if d.is_main:
+        chosen = _load_best(model, run_dir, summary)
+        _write_run(run_dir, model, task, cfg.model)
+        results = _evaluate_splits(task, model, splits, d.device)
+        results.update(
+            task=kind, model=cfg.model, init=cfg.init, weights=f"{checkpoint.STATE_DIR}/{chosen}",
+            data=_data_report(cfg, splits, reports, task), training=summary, definitions=DEFINITIONS,
+            wall_seconds=round(time.perf_counter() - started, 2),
+        )  # fmt: skip
+        write_json(run_dir / "results.json", results)
+        write_report(run_dir, results)
+    distributed.teardown(d)
+    return results
+
+
+def _load_best(model: nn.Module, run_dir: Path, summary: dict) -> str:
+    found = checkpoint.checkpoint_dirs(run_dir)
+    best = summary.get("best_step")
+    chosen = next((p for p in found if best is not None and p.name == f"step-{best:07d}"), found[-1])
+    model.load_state_dict(read_safetensors(chosen / WEIGHTS_FILE))
+    return chosen.name
+
+
+def _write_run(run_dir: Path, model: nn.Module, task, source: str) -> None:
+    save_model(model.encoder, run_dir)
+    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    tmp = run_dir / (HEAD_FILE + ".tmp")
+    save_file(head, str(tmp), metadata={"format": "pt"})
+    tmp.replace(run_dir / HEAD_FILE)
+    write_json(run_dir / TASK_FILE, task.settings())
+    copy_tokenizer_files(source, run_dir)
+
+
+def _evaluate_splits(task, model: nn.Module, splits: dict, device: torch.device) -> dict:
+    out = {}
+    for split in ("dev", "test"):
+        if splits.get(split):
+            out[split] = evaluate_examples(task, model, splits[split], device=device)
+    return out
+
+
+def evaluate_examples(task, model: nn.Module, examples: list[dict], *, device: torch.device) -> dict:
+    if isinstance(task, ClassificationTask):
+        return task.evaluate(model, device=device, items=task.encode(examples, split="eval"))
+    return task.evaluate(model, device=device, examples=examples)
+
+
+def _data_report(cfg: FinetuneConfig, splits: dict, reports: list[ReadReport], task) -> dict:
+    return {
+        "source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
+        "examples": {s: len(v) for s, v in splits.items()},
+        "training_items": len(task.train_items),
+        "skipped_rows": {r.path: r.skipped for r in reports if r.skipped},
+        "truncated": dict(task.truncated),
+    }
+
+
+def load_finetuned(run_dir: str | Path):
+    """(task, model) of a fine-tuned run directory, the model in eval mode on the CPU."""
+    run_dir = Path(run_dir)
+    if not (run_dir / TASK_FILE).is_file():
+        raise ValueError(f"{run_dir}: no {TASK_FILE}; pass a run directory written by `lmforge finetune`")
+    settings = json.loads((run_dir / TASK_FILE).read_text(encoding="utf-8"))
+    if settings.get("task") not in ("classify", "ner"):
+        raise ValueError(f"{run_dir / TASK_FILE}: task {settings.get('task')!r} is not 'classify' or 'ner'")
+    tok = load_tokenizer(run_dir)
+    encoder = Bert(read_config(run_dir))
+    task = build_task(settings["task"], tok, settings)
+    model = task.build_model(encoder)
+    encoder_state = read_safetensors(run_dir / WEIGHTS_FILE)
+    check_state(model.encoder, encoder_state, source=str(run_dir / WEIGHTS_FILE))
+    head_state = read_safetensors(run_dir / HEAD_FILE)
+    expected = {k for k in model.state_dict() if not k.startswith("encoder.")}
+    if set(head_state) != expected:
+        raise ValueError(
+            f"{run_dir / HEAD_FILE}: head tensors {sorted(head_state)} do not match {TASK_FILE} "
+            f"(expected {sorted(expected)})"
+        )
+    model.load_state_dict({**{f"encoder.{k}": v for k, v in encoder_state.items()}, **head_state})
+    return task, model.eval()
+
+
+def write_report(run_dir: Path, results: dict) -> None:
+    """report.md: metrics table, curves, confusion matrix (classification) or error table (NER)."""
+    lines = [f"# Fine-tuning run `{run_dir.name}` ({results['task']}, init: {results['init']})", ""]
+    lines += ["| split | metric | value |", "|---|---|---|"]
+    keys = ("accuracy", "macro_f1", "loss") if results["task"] == "classify" else ("f1", "precision", "recall", "loss")
+    for split in ("dev", "test"):
+        for key in keys if split in results else ():
+            lines.append(f"| {split} | {key} | {results[split][key]:.4f} |")
+    t = results["training"]
+    speed = f"{t['tokens']:,} real tokens in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s)"
+    lines += ["", f"Training: {t['steps']} steps, {speed}; best dev {t['best_dev']} at step {t['best_step']}.", ""]
+    lines += [f"Data: {json.dumps(results['data'], ensure_ascii=False)}", "", "![loss](loss.png)", ""]
+    final = results.get("test") or results.get("dev")
+    if results["task"] == "classify" and final:
+        plot_confusion(final["confusion_matrix"], final["labels"], run_dir / "confusion.png",
+                       title=f"{'test' if 'test' in results else 'dev'} confusion matrix")  # fmt: skip
+        lines += ["![confusion matrix](confusion.png)", ""]
+        lines += ["| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name, s in final["per_class"].items():
+            lines.append(f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
+    elif final:
+        header = "| type | precision | recall | F1 | support | correct | wrong type | wrong span | missed | spurious |"
+        lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, s in final["per_type"].items():
+            e = final["errors"].get(kind, {})
+            lines.append(
+                f"| {kind} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} | "
+                f"{e.get('correct', 0)} | {e.get('wrong_type', 0)} | {e.get('wrong_span', 0)} | "
+                f"{e.get('missed', 0)} | {e.get('spurious', 0)} |"
+            )
+    lines += ["", "Definitions: see `definitions` in results.json."]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --- evaluate and predict ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a fine-tuned run directory on labelled data."""
+
+    model: str
+    """Run directory written by `lmforge finetune`."""
+    data: str
+    """Labelled file (CSV / TSV / JSONL, or CoNLL for NER), or builtin:NAME[:SPLIT] (default split: test)."""
+    output: str | None = None
+    """Write the metrics here as JSON (and, for classification, a confusion-matrix PNG beside it)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows instead of stopping at the first."""
+
+
+def evaluate_command(cfg: EvaluateConfig) -> dict:
+    task, model = load_finetuned(cfg.model)
+    if cfg.data.startswith("builtin:"):
+        name, _, split = cfg.data.removeprefix("builtin:").partition(":")
+        examples = load_builtin(name).get(split or "test")
+        if examples is None:
+            raise ValueError(f"--data {cfg.data}: split {split!r} is not train, dev or test")
+    else:
+        read = read_labelled if task.name == "classify" else read_tagged
+        examples, _ = read(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+    metrics = evaluate_examples(task, model, examples, device=torch.device("cpu"))
+    if cfg.output:
+        write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **metrics, "definitions": DEFINITIONS})
+        if task.name == "classify":
+            plot_confusion(metrics["confusion_matrix"], metrics["labels"], Path(cfg.output).with_suffix(".png"))
+    return metrics
+
+
+@dataclass
+class PredictConfig:
+    """Predict with a fine-tuned run directory: JSONL out, one line per input text."""
+
+    model: str
+    """Run directory written by `lmforge finetune`."""
+    input: str
+    """Texts: .txt (one per line), .jsonl / .csv / .tsv with a 'text' field (and 'text_pair')."""
+    output: str
+    """JSONL: the input fields plus label, score, scores (classification) or entities (NER)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows instead of stopping at the first."""
+
+
+def predict_command(cfg: PredictConfig) -> int:
+    task, model = load_finetuned(cfg.model)
+    examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
+    predictions = task.predict(model, examples, device=torch.device("cpu"))
+    rows = (
+        {**{k: v for k, v in ex.items() if k != "source"}, **p} for ex, p in zip(examples, predictions, strict=True)
+    )
+    return write_jsonl(cfg.output, rows)

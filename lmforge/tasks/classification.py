@@ -1,0 +1,198 @@
+"""Text (and text-pair) classification: BERT fine-tuning as in Devlin et al. (2019), Section 4.1.
+
+Examples are ``{"text", "label"[, "text_pair"]}`` with string labels; the label set comes from the
+training data (sorted, so it does not depend on row order). A pair is encoded ``[CLS] a [SEP] b
+[SEP]`` with segment ids 0 / 1. Sequences longer than ``max_len`` are truncated (pairs: the
+longer side first) and counted, never silently. The head pools the hidden states (``cls`` /
+``pooler`` / ``mean``) into a linear classifier trained with cross-entropy. Batches are
+length-grouped and padded to their longest sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.batching import length_sorted_batches, pad
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.metrics import classification_metrics
+from lmforge.models.heads import EncoderWithHead, SequenceClassifier
+from lmforge.tasks.base import LossOutput, transformer_train_flops
+
+Encoded = tuple  # (ids int32 array, segment ids int8 array or None, label index or -1) of one example
+
+
+class ClassificationTask:
+    """Fine-tune an encoder to map a text (or text pair) to one of ``labels``."""
+
+    name = "classify"
+
+    def __init__(
+        self,
+        tokenizer: LMTokenizer,
+        labels: Sequence[str],
+        *,
+        max_len: int = 128,
+        pooling: str = "pooler",
+        dropout: float = 0.1,
+        selection: str = "accuracy",
+        train_examples: Sequence[dict] = (),
+        dev_examples: Sequence[dict] = (),
+        eval_batch_size: int = 64,
+    ) -> None:
+        if selection not in ("accuracy", "macro_f1"):
+            raise ValueError(f"selection metric {selection!r} must be 'accuracy' or 'macro_f1'")
+        ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad")}
+        if None in ids.values():
+            raise ValueError("classification needs a WordPiece (BERT) tokenizer with [CLS], [SEP] and [PAD]")
+        self.tokenizer, self.labels = tokenizer, list(labels)
+        self.label_index = {name: i for i, name in enumerate(self.labels)}
+        self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
+        self.max_len, self.pooling, self.dropout = max_len, pooling, dropout
+        self.selection = (selection, "max")
+        self.eval_batch_size = eval_batch_size
+        self.truncated: dict[str, int] = {}
+        self.train_items = self.encode(train_examples, split="train")
+        self.val_items = self.encode(dev_examples, split="dev")
+        self.train_lengths = [len(item[0]) for item in self.train_items]
+
+    def settings(self) -> dict:
+        """What task.json stores to rebuild this task for evaluation and prediction."""
+        return {"task": self.name, "labels": self.labels, "max_len": self.max_len, "pooling": self.pooling}
+
+    # --- data --------------------------------------------------------------------------------
+    def encode(self, examples: Sequence[dict], *, split: str, need_labels: bool = True) -> list[Encoded]:
+        """Token ids, segment ids and label index per example; counts truncation under ``split``."""
+        if not examples:
+            return []
+        budget = self.max_len - 2
+        texts = [ex["text"] for ex in examples]
+        pairs = [ex.get("text_pair") for ex in examples]
+        encode = self.tokenizer.tokenizer.encode_batch
+        firsts = encode(texts, add_special_tokens=False)
+        paired = [i for i, p in enumerate(pairs) if p]
+        seconds = dict(zip(paired, encode([pairs[i] for i in paired], add_special_tokens=False), strict=True))
+        out, truncated = [], 0
+        for i, ex in enumerate(examples):
+            a = firsts[i].ids
+            b = seconds[i].ids if i in seconds else None
+            if b is None:
+                truncated += len(a) > budget
+                ids, types = [self.cls_id, *a[:budget], self.sep_id], None
+            else:
+                budget_pair = budget - 1
+                truncated += len(a) + len(b) > budget_pair
+                while len(a) + len(b) > budget_pair:  # longest first, as BERT's reference code
+                    a, b = (a[:-1], b) if len(a) >= len(b) else (a, b[:-1])
+                ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
+                types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+            label = -1
+            if need_labels:
+                label = self.label_index.get(ex["label"], -1)
+                if label < 0:
+                    where = ex.get("source", f"{split} example {i + 1}")
+                    raise ValueError(
+                        f"{where}: label {ex['label']!r} never occurs in the training data; known labels: "
+                        f"{', '.join(self.labels)}"
+                    )
+            type_ids = None if types is None else np.asarray(types, dtype=np.int8)
+            out.append((np.asarray(ids, dtype=np.int32), type_ids, label))
+        self.truncated[split] = truncated
+        return out
+
+    def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        ids = pad([it[0] for it in items], self.pad_id)  # (B, T)
+        lengths = torch.tensor([len(it[0]) for it in items])
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (B, T) 1 at real tokens
+        types = None
+        if any(it[1] is not None for it in items):
+            types = pad([it[1] if it[1] is not None else np.zeros(len(it[0]), np.int8) for it in items], 0)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": types,
+            "labels": torch.tensor([it[2] for it in items]),
+            "n_targets": len(items),
+            "n_tokens": int(lengths.sum()),
+        }
+
+    # --- model -------------------------------------------------------------------------------
+    def build_model(self, encoder: nn.Module, *, pretrained_pooler: nn.Module | None = None) -> EncoderWithHead:
+        head = SequenceClassifier(encoder.cfg.d_model, len(self.labels), dropout=self.dropout, pooling=self.pooling)
+        if head.dense is not None and pretrained_pooler is not None:
+            head.dense.load_state_dict(pretrained_pooler.dense.state_dict())
+        return EncoderWithHead(encoder, head)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        logits = model(
+            batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+        )
+        loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return LossOutput(loss_sum, {"correct": float((logits.argmax(-1) == batch["labels"]).sum())})
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["n_targets"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / n}
+
+    def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
+        cfg = model.encoder.cfg
+        B, T = batch["input_ids"].shape
+        return transformer_train_flops(
+            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
+            head_rows=B, head_flops_per_row=2 * cfg.d_model * (cfg.d_model + len(self.labels)),
+        )  # fmt: skip
+
+    # --- inference ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, model: nn.Module, items: list[Encoded], device: torch.device) -> tuple[np.ndarray, float]:
+        """Class probabilities (N, C) in item order, and the summed loss over labelled items."""
+        was_training = model.training
+        model.eval()
+        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        loss_sum = 0.0
+        for index in length_sorted_batches([len(it[0]) for it in items], self.eval_batch_size):
+            batch = self.collate([items[i] for i in index])
+            types = None if batch["token_type_ids"] is None else batch["token_type_ids"].to(device)
+            logits = model(
+                batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), token_type_ids=types
+            ).float()
+            labels = batch["labels"].to(device)
+            if (labels >= 0).all():
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            probs[index] = logits.softmax(-1).cpu().numpy()
+        model.train(was_training)
+        return probs, loss_sum
+
+    def evaluate(self, model: nn.Module, *, device: torch.device, items: list[Encoded] | None = None) -> dict:
+        """Loss and classification metrics on ``items`` (default: the dev set)."""
+        items = self.val_items if items is None else items
+        probs, loss_sum = self._run(model, items, device)
+        gold = [it[2] for it in items]
+        out = classification_metrics(gold, probs.argmax(-1).tolist(), self.labels)
+        return {"loss": loss_sum / max(len(items), 1), **out}
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]:
+        """Label, its probability and every label's probability, per example."""
+        items = self.encode(examples, split="predict", need_labels=False)
+        probs, _ = self._run(model, items, device)
+        return [
+            {
+                "label": self.labels[int(p.argmax())],
+                "score": float(p.max()),
+                "scores": {name: round(float(v), 6) for name, v in zip(self.labels, p, strict=True)},
+            }
+            for p in probs
+        ]
+
+
+def label_set(examples: Sequence[dict]) -> list[str]:
+    """The sorted set of labels of training examples."""
+    labels = sorted({ex["label"] for ex in examples})
+    if len(labels) < 2:
+        raise ValueError(f"classification needs at least 2 labels in the training data; found {labels}")
+    return labels

@@ -1,0 +1,305 @@
+"""Named-entity recognition as token classification with BIO or BIOES tags (Devlin et al., 2019, §5.3).
+
+Examples are ``{"tokens": [...], "tags": [...]}`` (CoNLL: characters for Chinese). Each token is
+split into sub-tokens; the tag goes on its first sub-token and the rest are ignored (-100). The
+head is a softmax over tags per token, or a linear-chain CRF over the first-sub-token scores
+(log-likelihood training, Viterbi decoding, transitions such as ``O -> I-PER`` forbidden; Lample
+et al., 2016). Sentences longer than the model window are cut into overlapping windows of whole
+tokens; each token's prediction comes from the window where it sits farthest from an edge, so
+every token is predicted with context on both sides. Predictions on raw text map entities back
+to character offsets through the tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.batching import length_sorted_batches, pad
+from lmforge.data.readers import tags_problem
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.metrics import entity_metrics, entity_spans, scheme_of
+from lmforge.models.heads import CRF, EncoderWithHead, TokenClassifier, bio_transitions
+from lmforge.tasks.base import IGNORE, LossOutput, transformer_train_flops
+
+
+def tag_set(examples: Sequence[dict]) -> list[str]:
+    """'O' then the entity tags of the training data (by type, then prefix); malformed ones name their sentence."""
+    for n, ex in enumerate(examples):
+        problem = tags_problem(ex["tokens"], ex["tags"])
+        if problem:
+            raise ValueError(f"{ex.get('source', f'train sentence {n + 1}')}: {problem}")
+    entity = sorted({t for ex in examples for t in ex["tags"]} - {"O"}, key=lambda t: (t[2:], t[0]))
+    if not entity:
+        raise ValueError("the NER training data has no entity tags (only 'O')")
+    return ["O", *entity]
+
+
+Window = tuple  # (ids int32 (T,), first-sub-token positions int32 (W,), tag indices int16 (W,), (sentence, s, e))
+
+
+class NERTask:
+    """Fine-tune an encoder to tag tokens with entity tags."""
+
+    name = "ner"
+
+    def __init__(
+        self,
+        tokenizer: LMTokenizer,
+        tags: Sequence[str],
+        *,
+        max_len: int = 128,
+        overlap: int = 32,
+        head: str = "crf",
+        dropout: float = 0.1,
+        train_examples: Sequence[dict] = (),
+        dev_examples: Sequence[dict] = (),
+        eval_batch_size: int = 64,
+    ) -> None:
+        if head not in ("softmax", "crf"):
+            raise ValueError(f"ner head={head!r} must be 'softmax' or 'crf'")
+        if not 0 <= overlap < max_len - 2:
+            raise ValueError(f"overlap={overlap} must be in [0, max_len - 2 = {max_len - 2})")
+        ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad", "unk")}
+        if None in ids.values():
+            raise ValueError("NER needs a WordPiece (BERT) tokenizer with [CLS], [SEP], [PAD] and [UNK]")
+        self.tokenizer, self.tags = tokenizer, list(tags)
+        self.tag_index = {t: i for i, t in enumerate(self.tags)}
+        self.scheme = scheme_of(self.tags)
+        self.cls_id, self.sep_id, self.pad_id, self.unk_id = (ids[r] for r in ("cls", "sep", "pad", "unk"))
+        self.max_len, self.overlap, self.head, self.dropout = max_len, overlap, head, dropout
+        self.selection = ("f1", "max")
+        self.eval_batch_size = eval_batch_size
+        self.truncated: dict[str, int] = {}
+        self.train_items = self.windows(train_examples, split="train")
+        self.val_examples = list(dev_examples)
+        self.val_items = self.windows(self.val_examples, split="dev")
+        self.train_lengths = [len(w[0]) for w in self.train_items]
+
+    def settings(self) -> dict:
+        return {
+            "task": self.name,
+            "tags": self.tags,
+            "max_len": self.max_len,
+            "overlap": self.overlap,
+            "head": self.head,
+        }
+
+    # --- data --------------------------------------------------------------------------------
+    def _subtokens(self, sentences: list[list[str]]) -> list[list[list[int]]]:
+        """Sub-token ids of every token of every sentence; a token with none becomes [UNK]."""
+        out = []
+        for words, enc in zip(
+            sentences,
+            self.tokenizer.tokenizer.encode_batch(sentences, is_pretokenized=True, add_special_tokens=False),
+            strict=True,
+        ):
+            pieces: list[list[int]] = [[] for _ in words]
+            for token_id, word in zip(enc.ids, enc.word_ids, strict=True):
+                if word is not None:
+                    pieces[word].append(token_id)
+            out.append([p or [self.unk_id] for p in pieces])
+        return out
+
+    def windows(self, examples: Sequence[dict], *, split: str, need_tags: bool = True) -> list[Window]:
+        """Overlapping windows of whole tokens, each at most ``max_len`` sub-tokens with [CLS] and [SEP]."""
+        if not examples:
+            return []
+        budget = self.max_len - 2
+        out: list[Window] = []
+        split_count = 0
+        for n, (ex, pieces) in enumerate(
+            zip(examples, self._subtokens([ex["tokens"] for ex in examples]), strict=True)
+        ):
+            if not ex["tokens"]:
+                raise ValueError(f"{ex.get('source', f'{split} sentence {n + 1}')}: empty sentence")
+            tags = self._tag_ids(ex, split, n) if need_tags else np.full(len(pieces), IGNORE, dtype=np.int16)
+            pieces = [p[:budget] for p in pieces]  # a single token longer than the window keeps its start
+            lengths = np.array([len(p) for p in pieces])
+            ends = np.cumsum(lengths)  # sub-token end of each token
+            starts = ends - lengths
+            s, spans = 0, []
+            while True:
+                e = int(np.searchsorted(ends, starts[s] + budget, side="right"))  # tokens [s, e) fit
+                spans.append((s, e))
+                if e >= len(pieces):
+                    break
+                s = max(s + 1, int(np.searchsorted(starts, ends[e - 1] - self.overlap)))
+            split_count += len(spans) > 1
+            for s, e in spans:
+                ids = [self.cls_id, *(i for p in pieces[s:e] for i in p), self.sep_id]
+                positions = starts[s:e] - starts[s] + 1
+                out.append(
+                    (np.asarray(ids, np.int32), positions.astype(np.int32), tags[s:e].astype(np.int16), (n, s, e))
+                )
+        self.truncated[split] = split_count
+        return out
+
+    def _tag_ids(self, ex: dict, split: str, n: int) -> np.ndarray:
+        if len(ex["tags"]) != len(ex["tokens"]):
+            raise ValueError(f"{ex.get('source', f'{split} sentence {n + 1}')}: {len(ex['tokens'])} tokens but "
+                             f"{len(ex['tags'])} tags")  # fmt: skip
+        unknown = [t for t in ex["tags"] if t not in self.tag_index]
+        if unknown:
+            raise ValueError(
+                f"{ex.get('source', f'{split} sentence {n + 1}')}: tag {unknown[0]!r} never occurs in the "
+                f"training data; known tags: {', '.join(self.tags)}"
+            )
+        return np.array([self.tag_index[t] for t in ex["tags"]], dtype=np.int16)
+
+    def collate(self, items: list[Window], *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        ids = pad([w[0] for w in items], self.pad_id)  # (B, T)
+        lengths = torch.tensor([len(w[0]) for w in items])
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (B, T)
+        word_pos = pad([w[1] for w in items], 0)  # (B, W) first sub-token of each token
+        tags = pad([w[2] for w in items], IGNORE)  # (B, W)
+        word_mask = torch.arange(word_pos.shape[1])[None, :] < torch.tensor([len(w[1]) for w in items])[:, None]
+        labels = torch.full(ids.shape, IGNORE, dtype=torch.long)  # (B, T): tag on first sub-tokens, -100 elsewhere
+        labels.scatter_(1, word_pos, torch.where(word_mask, tags, IGNORE))
+        labels[:, 0] = IGNORE  # padded word slots point at position 0 ([CLS]); it carries no tag
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "word_pos": word_pos,
+            "word_mask": word_mask,
+            "tags": tags,
+            "n_targets": int((tags != IGNORE).sum()),
+            "n_tokens": int(lengths.sum()),
+        }
+
+    # --- model -------------------------------------------------------------------------------
+    def build_model(self, encoder: nn.Module, **_: Any) -> EncoderWithHead:
+        head = TokenClassifier(encoder.cfg.d_model, len(self.tags), dropout=self.dropout)
+        crf = None
+        if self.head == "crf":
+            allowed, start = bio_transitions(self.tags)
+            crf = CRF(len(self.tags), allowed=allowed, allowed_start=start)
+        return EncoderWithHead(encoder, head, crf=crf)
+
+    def _scores(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, T, C)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        scores = self._scores(model, batch)
+        if model.crf is None:
+            loss_sum = F.cross_entropy(scores.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+        else:
+            emissions = scores.gather(1, batch["word_pos"][:, :, None].expand(-1, -1, scores.shape[-1]))  # (B, W, C)
+            loss_sum = -model.crf.log_likelihood(emissions, batch["tags"], batch["word_mask"]).sum()
+        return LossOutput(loss_sum)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": sums["loss_sum"] / max(sums["n_targets"], 1.0)}
+
+    def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
+        cfg = model.encoder.cfg
+        B, T = batch["input_ids"].shape
+        return transformer_train_flops(
+            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
+            head_rows=B * T, head_flops_per_row=2 * cfg.d_model * len(self.tags),
+        )  # fmt: skip
+
+    # --- inference ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _tag_windows(self, model: nn.Module, items: list[Window], device: torch.device):
+        """Per window: predicted tag indices and their probabilities (W,), and the summed loss."""
+        was_training = model.training
+        model.eval()
+        results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(items)  # type: ignore[list-item]
+        loss_sum = 0.0
+        for index in length_sorted_batches([len(w[0]) for w in items], self.eval_batch_size):
+            batch = {
+                k: v.to(device) if torch.is_tensor(v) else v for k, v in self.collate([items[i] for i in index]).items()
+            }
+            scores = self._scores(model, batch)
+            emissions = scores.gather(1, batch["word_pos"][:, :, None].expand(-1, -1, scores.shape[-1]))  # (B, W, C)
+            probs = emissions.softmax(-1)
+            if batch["n_targets"]:
+                loss_sum += float(self.loss(model, batch).loss_sum)
+            if model.crf is None:
+                paths = [p[: int(m.sum())] for p, m in zip(probs.argmax(-1).tolist(), batch["word_mask"], strict=True)]
+            else:
+                paths = model.crf.decode(emissions, batch["word_mask"])
+            chosen = probs.cpu().numpy()
+            for b, (k, path) in enumerate(zip(index, paths, strict=True)):
+                row = np.asarray(path, dtype=np.int64)
+                results[k] = (row, chosen[b, np.arange(len(row)), row])
+        model.train(was_training)
+        return results, loss_sum
+
+    def _merge(self, items: list[Window], results, n_sentences: list[int]) -> list[tuple[list[str], np.ndarray]]:
+        """Tags and scores per sentence, each token from the window where it is farthest from an edge."""
+        tags = [np.zeros(n, dtype=np.int64) for n in n_sentences]
+        scores = [np.zeros(n, dtype=np.float32) for n in n_sentences]
+        depth = [np.full(n, -1) for n in n_sentences]
+        for (_, _, _, (sent, s, e)), (row, prob) in zip(items, results, strict=True):
+            j = np.arange(s, e)
+            centrality = np.minimum(j - s, e - 1 - j)
+            better = centrality > depth[sent][s:e]
+            tags[sent][s:e][better], scores[sent][s:e][better] = row[better], prob[better]
+            depth[sent][s:e][better] = centrality[better]
+        return [([self.tags[i] for i in t], p) for t, p in zip(tags, scores, strict=True)]
+
+    def evaluate(
+        self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None
+    ) -> dict[str, Any]:
+        """Loss per token and strict entity-level metrics on ``examples`` (default: the dev set)."""
+        examples = self.val_examples if examples is None else examples
+        items = self.val_items if examples is self.val_examples else self.windows(examples, split="test")
+        results, loss_sum = self._tag_windows(model, items, device)
+        predicted = self._merge(items, results, [len(ex["tokens"]) for ex in examples])
+        gold = [list(ex["tags"]) for ex in examples]
+        out = entity_metrics(gold, [tags for tags, _ in predicted], self.scheme)
+        n_tokens = sum(len(ex["tokens"]) for ex in examples)
+        return {"loss": loss_sum / max(n_tokens, 1), **out}
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]:
+        """Entities with character offsets for ``{"text"}`` examples (or ``{"tokens"}``: offsets into
+        the tokens joined without spaces when every token is one character, else with single spaces)."""
+        sentences, offsets = [], []
+        for ex in examples:
+            words, spans = words_with_offsets(self.tokenizer, ex)
+            sentences.append({"tokens": words or ["[UNK]"]})
+            offsets.append((ex.get("text") or _joined(ex["tokens"]), spans))
+        items = self.windows(sentences, split="predict", need_tags=False)
+        results, _ = self._tag_windows(model, items, device)
+        predicted = self._merge(items, results, [len(s["tokens"]) for s in sentences])
+        out = []
+        for (text, spans), (tags, scores) in zip(offsets, predicted, strict=True):
+            entities = []
+            for kind, s, e in entity_spans(tags, self.scheme) if spans else []:
+                start, end = spans[s][0], spans[e - 1][1]
+                score = round(float(np.mean(scores[s:e])), 6)
+                entities.append({"type": kind, "start": start, "end": end, "text": text[start:end], "score": score})
+            out.append({"entities": entities, "tags": tags if spans else []})
+        return out
+
+
+def _joined(tokens: Sequence[str]) -> str:
+    return "".join(tokens) if all(len(t) == 1 for t in tokens) else " ".join(tokens)
+
+
+def words_with_offsets(tokenizer: LMTokenizer, example: dict) -> tuple[list[str], list[tuple[int, int]]]:
+    """The tokens of an example and their (start, end) character offsets in its text."""
+    if "tokens" in example:
+        tokens, spans, pos = list(example["tokens"]), [], 0
+        sep = 0 if all(len(t) == 1 for t in tokens) else 1
+        for t in tokens:
+            spans.append((pos, pos + len(t)))
+            pos += len(t) + sep
+        return tokens, spans
+    text = example["text"]
+    enc = tokenizer.tokenizer.encode(text, add_special_tokens=False)
+    bounds: dict[int, list[int]] = {}
+    for word, (start, end) in zip(enc.word_ids, enc.offsets, strict=True):
+        if word is not None:
+            b = bounds.setdefault(word, [start, end])
+            b[0], b[1] = min(b[0], start), max(b[1], end)
+    spans = [tuple(bounds[w]) for w in sorted(bounds)]
+    return [text[s:e] for s, e in spans], spans

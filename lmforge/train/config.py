@@ -1,0 +1,69 @@
+"""TrainConfig: how ``train.loop.fit`` trains (steps, batches, optimizer, precision, evaluation,
+early stopping, adversarial training, checkpoints). Its field docstrings are the ``--help`` text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.train.optim import OptimConfig
+
+
+@dataclass
+class TrainConfig:
+    """How to train: steps, batch, optimizer, precision, evaluation, checkpoints."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much wall time; 0 = no limit."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, over all processes and accumulation."""
+    micro_batch_size: int = 32
+    """Sequences per forward pass; global = micro x accumulation x processes."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA)."""
+    compile: bool = False
+    """torch.compile every transformer block."""
+    deterministic: bool = False
+    """Deterministic kernels (exact repeatability, slower on GPU)."""
+    seed: int = 1234
+    """Seed for initialisation, data order, masking and dropout."""
+    eval_every: int = 200
+    """Evaluate every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 50
+    """Validation micro-batches per evaluation (tasks with their own evaluate() use the whole dev set)."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations without a better dev metric; 0 = never."""
+    adversarial: Literal["none", "fgm", "pgd"] = "none"
+    """Adversarial training on the word embeddings (FGM or PGD)."""
+    adv_epsilon: float = 1.0
+    """FGM/PGD: L2 size of the embedding perturbation."""
+    adv_alpha: float = 0.3
+    """PGD: size of each ascent step."""
+    adv_steps: int = 3
+    """PGD: ascent steps per batch."""
+    log_every: int = 10
+    """Log training metrics every N steps."""
+    save_every: int = 500
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive non-finite losses or gradients."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Strategy under torchrun."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar."""
+    peak_tflops: float = 0.0
+    """Device peak for MFU in TFLOP/s; 0 = measure once and cache."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be positive")
