@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format clean demo demo-quick
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The whole pipeline on built-in Chinese data with baselines side by side (about 15 minutes on 2 cores).
+demo: $(STAMP)
+	$(VENV)/bin/lmforge demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/lmforge demo --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -112,6 +112,12 @@ def _pretrain_config() -> type:
     return PretrainConfig
 
 
+def _demo_config() -> type:
+    from lmforge.demo import DemoConfig
+
+    return DemoConfig
+
+
 def _finetune(kind: str) -> Callable[[Any], None]:
     def run(cfg: Any) -> None:
         from lmforge.finetune import finetune
@@ -148,6 +154,24 @@ def _evaluate(cfg: Any) -> None:
         console.print(f"[green]wrote[/green] {cfg.output}")
 
 
+def _demo(cfg: Any) -> None:
+    from lmforge.demo import run_demo
+
+    summary = run_demo(cfg)
+    table = Table(title=f"lmforge demo: test scores ({cfg.out}/results.json, {cfg.out}/report.md)")
+    for col in ("task", "metric", "pretrained", "scratch", "baseline"):
+        table.add_column(col, justify="left" if col in ("task", "metric", "baseline") else "right")
+    for data, systems in summary["tasks"].items():
+        baseline = next(s for s in systems if s not in ("pretrained", "scratch"))
+        for key in (
+            ("accuracy", "macro_f1") if "accuracy" in systems["pretrained"]["test"] else ("f1", "precision", "recall")
+        ):
+            values = [systems[s]["test"][key] for s in ("pretrained", "scratch", baseline)]
+            table.add_row(data, key, f"{values[0]:.4f}", f"{values[1]:.4f}", f"{values[2]:.4f} ({baseline})")
+    console.print(table)
+    console.print(f"total wall time {summary['wall_seconds']['total'] / 60:.1f} min")
+
+
 def _predict(cfg: Any) -> None:
     from lmforge.finetune import predict_command
 
@@ -163,6 +187,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "finetune ner": (NERConfig, _finetune("ner")),
     "evaluate": (EvaluateConfig, _evaluate),
     "predict": (PredictConfig, _predict),
+    "demo": (_demo_config(), _demo),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),

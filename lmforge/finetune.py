@@ -75,8 +75,8 @@ class FinetuneConfig:
     """Skip malformed rows / sentences (reported with file:line) instead of stopping at the first."""
     init: Literal["pretrained", "scratch"] = "pretrained"
     """pretrained weights, or random initialisation of the same architecture (what pretraining buys)."""
-    max_len: int = 128
-    """Longest input in sub-tokens, with [CLS] and [SEP]."""
+    max_len: int | None = None
+    """Longest input in sub-tokens, with [CLS] and [SEP]; None = min(128, the model's max_seq_len)."""
     epochs: float = 3.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
     dropout: float | None = None
@@ -102,8 +102,8 @@ class NERConfig(FinetuneConfig):
 
     head: Literal["crf", "softmax"] = "crf"
     """Tag decoder: linear-chain CRF (Viterbi) or independent softmax per token."""
-    overlap: int = 32
-    """Sub-tokens shared by consecutive windows of sentences longer than max_len."""
+    overlap: int | None = None
+    """Sub-tokens shared by consecutive windows of sentences longer than max_len; None = max_len // 4."""
 
 
 def _split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -155,16 +155,11 @@ def build_task(kind: str, tok: LMTokenizer, settings: dict, splits: dict | None 
     )  # fmt: skip
 
 
-def _encoder(cfg: FinetuneConfig) -> tuple[Bert, Pooler | None]:
+def _encoder(cfg: FinetuneConfig, base: BertConfig) -> tuple[Bert, Pooler | None]:
     """The encoder to fine-tune (no MLM head, no pooler) and the pretrained pooler, if any."""
-    base = read_config(cfg.model)
-    if not isinstance(base, BertConfig):
-        raise ValueError(f"{cfg.model}: fine-tuning for classification / NER needs a BERT-family model")
     changes: dict = {"mlm_head": False, "pooler": False}
     if cfg.dropout is not None:
         changes.update(dropout=cfg.dropout, attn_dropout=cfg.dropout)
-    if cfg.max_len > base.max_seq_len:
-        raise ValueError(f"max_len={cfg.max_len} exceeds the model's max_seq_len={base.max_seq_len}")
     torch.manual_seed(cfg.training.seed)
     encoder = Bert(dataclasses.replace(base, **changes))
     if cfg.init == "scratch":
@@ -190,12 +185,19 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
         raise ValueError(f"{run_dir} already holds checkpoints: continue with --resume {run_dir}, or pick a new --out")
     splits, reports = load_splits(cfg, kind)
     tok = load_tokenizer(cfg.model)
-    encoder, pooler = _encoder(cfg)
+    base = read_config(cfg.model)
+    if not isinstance(base, BertConfig):
+        raise ValueError(f"{cfg.model}: fine-tuning for classification / NER needs a BERT-family model")
+    max_len = cfg.max_len or min(128, base.max_seq_len)
+    if max_len > base.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={base.max_seq_len}")
+    encoder, pooler = _encoder(cfg, base)
     if kind == "classify":
         settings = {"labels": label_set(splits["train"]), "pooling": cfg.pooling, "selection": cfg.selection}
     else:
-        settings = {"tags": tag_set(splits["train"]), "overlap": cfg.overlap, "head": cfg.head}
-    settings["max_len"] = cfg.max_len
+        overlap = max_len // 4 if cfg.overlap is None else cfg.overlap
+        settings = {"tags": tag_set(splits["train"]), "overlap": overlap, "head": cfg.head}
+    settings["max_len"] = max_len
     dropout = encoder.cfg.dropout
     task = build_task(kind, tok, settings, splits, dropout=dropout)
     model = task.build_model(encoder, pretrained_pooler=pooler)

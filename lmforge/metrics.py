@@ -107,8 +107,11 @@ def entity_metrics(gold: list[list[str]], pred: list[list[str]], scheme: str) ->
 def error_table(gold: list[list[str]], pred: list[list[str]], scheme: str) -> dict[str, dict[str, int]]:
     """Per entity type: counts of correct, wrong_type, wrong_span, missed and spurious entities."""
     table: dict[str, Counter] = {}
-    for g_tags, p_tags in zip(gold, pred, strict=True):
-        g_spans, p_spans = entity_spans(g_tags, scheme), entity_spans(p_tags, scheme)
+    gold_all = Entities([list(t) for t in gold], _scheme(scheme)).entities
+    pred_all = Entities([list(t) for t in pred], _scheme(scheme)).entities
+    for g_found, p_found in zip(gold_all, pred_all, strict=True):
+        g_spans = [(e.tag, e.start, e.end) for e in g_found]
+        p_spans = [(e.tag, e.start, e.end) for e in p_found]
         exact = {(s, e): t for t, s, e in p_spans}
         for t, s, e in g_spans:
             row = table.setdefault(t, Counter())

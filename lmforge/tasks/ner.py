@@ -54,7 +54,7 @@ class NERTask:
         tags: Sequence[str],
         *,
         max_len: int = 128,
-        overlap: int = 32,
+        overlap: int | None = None,
         head: str = "crf",
         dropout: float = 0.1,
         train_examples: Sequence[dict] = (),
@@ -63,6 +63,7 @@ class NERTask:
     ) -> None:
         if head not in ("softmax", "crf"):
             raise ValueError(f"ner head={head!r} must be 'softmax' or 'crf'")
+        overlap = max_len // 4 if overlap is None else overlap
         if not 0 <= overlap < max_len - 2:
             raise ValueError(f"overlap={overlap} must be in [0, max_len - 2 = {max_len - 2})")
         ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad", "unk")}
@@ -186,13 +187,17 @@ class NERTask:
         return model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, T, C)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        scores = self._scores(model, batch)
+        return LossOutput(self._loss_from_scores(model, self._scores(model, batch), batch))
+
+    @staticmethod
+    def _emissions(scores: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, T, C) scores -> (B, W, C) at each token's first sub-token."""
+        return scores.gather(1, batch["word_pos"][:, :, None].expand(-1, -1, scores.shape[-1]))
+
+    def _loss_from_scores(self, model: nn.Module, scores: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if model.crf is None:
-            loss_sum = F.cross_entropy(scores.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-        else:
-            emissions = scores.gather(1, batch["word_pos"][:, :, None].expand(-1, -1, scores.shape[-1]))  # (B, W, C)
-            loss_sum = -model.crf.log_likelihood(emissions, batch["tags"], batch["word_mask"]).sum()
-        return LossOutput(loss_sum)
+            return F.cross_entropy(scores.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+        return -model.crf.log_likelihood(self._emissions(scores, batch), batch["tags"], batch["word_mask"]).sum()
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": sums["loss_sum"] / max(sums["n_targets"], 1.0)}
@@ -218,10 +223,10 @@ class NERTask:
                 k: v.to(device) if torch.is_tensor(v) else v for k, v in self.collate([items[i] for i in index]).items()
             }
             scores = self._scores(model, batch)
-            emissions = scores.gather(1, batch["word_pos"][:, :, None].expand(-1, -1, scores.shape[-1]))  # (B, W, C)
+            emissions = self._emissions(scores, batch)  # (B, W, C)
             probs = emissions.softmax(-1)
             if batch["n_targets"]:
-                loss_sum += float(self.loss(model, batch).loss_sum)
+                loss_sum += float(self._loss_from_scores(model, scores, batch))
             if model.crf is None:
                 paths = [p[: int(m.sum())] for p, m in zip(probs.argmax(-1).tolist(), batch["word_mask"], strict=True)]
             else:

@@ -60,3 +60,31 @@ def test_skip_bad_rows_keeps_the_rest_and_counts(tmp_path: Path) -> None:
 def test_unknown_extension_says_what_is_supported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=".csv, .tsv or .jsonl"):
         read_labelled(_write(tmp_path, "d.xlsx", "x"))
+
+
+def test_read_tagged_conll_and_jsonl(tmp_path: Path) -> None:
+    from lmforge.data.readers import read_tagged
+
+    conll = _write(tmp_path, "a.conll", "北 B-LOC\n京 I-LOC\n\n\n是 O\n好 O\n")
+    examples, _ = read_tagged(conll)
+    assert [ex["tokens"] for ex in examples] == [["北", "京"], ["是", "好"]]
+    assert [ex["source"] for ex in examples] == [f"{conll}:1", f"{conll}:5"]
+    jsonl = _write(tmp_path, "a.jsonl", '{"tokens": ["北", "京"], "tags": ["B-LOC", "I-LOC"]}\n')
+    assert read_tagged(jsonl)[0][0]["tags"] == ["B-LOC", "I-LOC"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("北 B-LOC\n京\n", r"a\.conll:1: line 2: expected 'TOKEN TAG'"),
+        ("北 B-LOC\n\n京 LOC\n", r"a\.conll:3: tag 'LOC' is not 'O' or B-/I-/E-/S-"),
+    ],
+)
+def test_read_tagged_errors_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    from lmforge.data.readers import read_tagged
+
+    path = _write(tmp_path, "a.conll", content)
+    with pytest.raises(ValueError, match=message):
+        read_tagged(path)
+    examples, report = read_tagged(path, skip_bad_rows=True)
+    assert len(report.skipped) == 1 and report.kept == len(examples)

@@ -1,0 +1,112 @@
+"""`lmforge finetune / evaluate / predict / demo` end to end on tiny models and files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.builtin import load_builtin
+from lmforge.data.readers import write_conll, write_jsonl
+from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.registry import save_model
+
+FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -> Path:
+    """A randomly initialised tiny BERT model directory with the review tokenizer (stands in for a pretrained one)."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = load_tokenizer(review_wordpiece).vocab_size
+    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
+                     attn_dropout=0.0)  # fmt: skip
+    save_model(Bert(cfg), directory)
+    copy_tokenizer_files(review_wordpiece, directory)
+    return directory
+
+
+def test_classify_finetune_evaluate_predict(tmp_path: Path, tiny_bert: Path) -> None:
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:200])
+    write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:60])
+    (tmp_path / "test.tsv").write_text(
+        "text\tlabel\n" + "".join(f"{ex['text']}\t{ex['label']}\n" for ex in reviews["test"][:60]), encoding="utf-8"
+    )
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
+            "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.tsv"), "--out", str(out),
+            "--epochs", "2", "--max-len", "48", "--training.eval-every", "5", "--training.optim.lr", "1e-3",
+            "--training.adversarial", "fgm", *FAST]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["examples"] == {"train": 200, "dev": 60, "test": 60}
+    assert results["data"]["truncated"]["train"] > 0  # reviews longer than 48 tokens are counted
+    assert set(results["test"]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
+    assert "accuracy" in results["definitions"] and results["training"]["steps"] == 13
+    for name in ("config.json", "model.safetensors", "head.safetensors", "task.json", "confusion.png", "report.md"):
+        assert (out / name).is_file(), name
+    # evaluate reproduces the test score; predict writes one line per input with probabilities
+    assert main(["evaluate", "--model", str(out), "--data", str(tmp_path / "test.tsv"),
+                 "--output", str(tmp_path / "eval.json")]) == 0  # fmt: skip
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    (tmp_path / "in.txt").write_text("质量很好，很满意\n\n太差了，退货\n", encoding="utf-8")
+    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["质量很好，很满意", "太差了，退货"]
+    assert all(r["label"] in ("neg", "pos") and abs(sum(r["scores"].values()) - 1) < 1e-4 for r in rows)
+    # the fine-tuned encoder is a normal model directory: export works on it
+    assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+
+
+def test_finetune_names_the_bad_row(tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "train.csv").write_text("text,label\n好,pos\n差,neg\n,pos\n", encoding="utf-8")
+    (tmp_path / "dev.csv").write_text("text,label\n好,pos\n还行,meh\n", encoding="utf-8")
+    base = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.csv"),
+            "--dev", str(tmp_path / "dev.csv"), "--epochs", "1", *FAST]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "train.csv:4: empty text" in " ".join(capsys.readouterr().out.split())
+    assert main([*base, "--out", str(tmp_path / "b"), "--skip-bad-rows"]) == 2
+    assert "dev.csv:3: label 'meh' never occurs in the training data" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ner_finetune_with_crf_and_predict_spans(tmp_path: Path, tiny_bert: Path) -> None:
+    ner = load_builtin("peoples-daily-ner")
+    write_conll(tmp_path / "train.conll", ner["train"][:80])
+    write_conll(tmp_path / "dev.conll", ner["dev"][:30])
+    out = tmp_path / "run"
+    assert main(["finetune", "ner", "--model", str(tiny_bert), "--train", str(tmp_path / "train.conll"),
+                 "--dev", str(tmp_path / "dev.conll"), "--out", str(out), "--epochs", "1", "--max-len", "32",
+                 "--training.optim.lr", "1e-3", *FAST]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["dev"]) >= {"f1", "precision", "recall", "per_type", "errors"}
+    assert results["data"]["truncated"]["train"] > 0  # sentences over 30 characters were windowed
+    assert "| type | precision |" in (out / "report.md").read_text()
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "江泽民在北京会见克林顿。"}])
+    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0  # fmt: skip
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(row["tags"]) == len("江泽民在北京会见克林顿。")
+    for entity in row["entities"]:
+        assert row["text"][entity["start"] : entity["end"]] == entity["text"]
+
+
+def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--limit", "60", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    sentiment, ner = results["tasks"]["reviews-sentiment"], results["tasks"]["peoples-daily-ner"]
+    assert set(sentiment) == {"pretrained", "scratch", "tfidf-svm"}
+    assert set(ner) == {"pretrained", "scratch", "dictionary"}
+    for system in sentiment.values():
+        assert 0.0 <= system["test"]["accuracy"] <= 1.0 and "macro_f1" in system["test"]
+    for system in ner.values():
+        assert {"f1", "precision", "recall", "per_type"} <= set(system["test"])
+    assert results["wall_seconds"]["total"] > 0 and results["tokens_per_s"]["pretrain"] > 0
+    report = (out / "report.md").read_text()
+    assert "| reviews-sentiment | accuracy |" in report and "(dictionary)" in report
