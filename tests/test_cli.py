@@ -16,7 +16,12 @@ from lmforge.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Which command each folder of configs/ feeds.
-STAGES = {"tokenizer": "tokenizer train", "pretrain": "pretrain"}
+STAGES = {
+    "tokenizer": "tokenizer train",
+    "pretrain": "pretrain",
+    "classify": "finetune classify",
+    "ner": "finetune ner",
+}
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
@@ -54,6 +59,8 @@ def test_every_recipe_validates(recipe: Path, tmp_path: Path) -> None:
     assert text.startswith("#"), f"{recipe}: the header comment says what the recipe reached"
     data = yaml.safe_load(text)
     data.setdefault("out", "unused")  # recipes leave the output directory to the command line
+    if stage in ("classify", "ner"):
+        data.setdefault("model", "unused")  # ... and fine-tuning recipes the pretrained model
     path = tmp_path / recipe.name
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     load_yaml(cls, path)

@@ -4,6 +4,7 @@ A task owns its data (``train_items`` / ``val_items``: sequences the loop sample
 list of items into a batch (``collate``, which records the batch's number of prediction targets
 as ``n_targets`` so the loop can normalise accumulated gradients), computes the summed loss
 (``loss``), turns summed counts into metrics (``metrics``) and counts its FLOPs (``flops``).
+Fine-tuning tasks (``FinetuneTask``) also build their head, evaluate and predict.
 
 Also here: the fused linear + cross-entropy used by every language-model head. It never holds
 the whole (N, V) logits matrix: it walks the rows in chunks, computing the loss and both
@@ -46,6 +47,27 @@ class Task(Protocol):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float: ...
+
+
+class FinetuneTask(Task, Protocol):
+    """A task that puts a head on a pretrained encoder (classification, NER, ...).
+
+    ``selection`` is the dev metric and direction (``("f1", "max")``) that early stopping and
+    best-checkpoint selection follow; ``train_lengths`` makes the loop group batches by length;
+    ``evaluate`` scores the whole dev set (or given data) from the model's predictions, the very
+    code ``lmforge evaluate`` runs; ``settings`` is what ``task.json`` stores to rebuild the task.
+    """
+
+    selection: tuple[str, str]
+    train_lengths: Sequence[int]
+
+    def build_model(self, encoder: nn.Module, **kwargs: Any) -> nn.Module: ...
+
+    def evaluate(self, model: nn.Module, *, device: torch.device) -> dict[str, Any]: ...
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]: ...
+
+    def settings(self) -> dict: ...
 
 
 def lm_metrics(sums: dict[str, float]) -> dict[str, float]:

@@ -128,10 +128,20 @@ class ClassificationTask:
             head.dense.load_state_dict(pretrained_pooler.dense.state_dict())
         return EncoderWithHead(encoder, head)
 
+    @staticmethod
+    def logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, C) class logits. First-token pooling needs the last layer at [CLS] only: it computes just
+        that row (its keys and values still see every token), ~1/n_layers of the encoder's cost saved."""
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        if model.head.pooling == "mean":
+            return model(ids, attention_mask=mask, token_type_ids=types)
+        B, T = ids.shape
+        first = model.encoder(ids, attention_mask=mask, token_type_ids=types,
+                              select=torch.arange(B, device=ids.device) * T)  # fmt: skip
+        return model.head(first[:, None, :])  # (B, 1, D) -> (B, C)
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        logits = model(
-            batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
-        )
+        logits = self.logits(model, batch)
         loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
         return LossOutput(loss_sum, {"correct": float((logits.argmax(-1) == batch["labels"]).sum())})
 
@@ -140,12 +150,17 @@ class ClassificationTask:
         return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / n}
 
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
+        """Training FLOPs spent: with first-token pooling the last layer runs its keys and values over
+        every token but the rest at [CLS] only (as ``mlm_train_flops``)."""
         cfg = model.encoder.cfg
         B, T = batch["input_ids"].shape
-        return transformer_train_flops(
-            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
-            head_rows=B, head_flops_per_row=2 * cfg.d_model * (cfg.d_model + len(self.labels)),
-        )  # fmt: skip
+        d, head = cfg.d_model, 2 * cfg.d_model * (cfg.d_model + len(self.labels))
+        if model.head.pooling == "mean":
+            return transformer_train_flops(n_layers=cfg.n_layers, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T,
+                                           seq_len=T, head_rows=B, head_flops_per_row=head)  # fmt: skip
+        dense = transformer_train_flops(n_layers=cfg.n_layers - 1, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T,
+                                        seq_len=T, head_rows=B, head_flops_per_row=head)  # fmt: skip
+        return dense + 3.0 * (B * T * 4 * d * d + B * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
 
     # --- inference ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -157,11 +172,9 @@ class ClassificationTask:
         loss_sum = 0.0
         for index in length_sorted_batches([len(it[0]) for it in items], self.eval_batch_size):
             batch = self.collate([items[i] for i in index])
-            types = None if batch["token_type_ids"] is None else batch["token_type_ids"].to(device)
-            logits = model(
-                batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), token_type_ids=types
-            ).float()
-            labels = batch["labels"].to(device)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logits = self.logits(model, batch).float()
+            labels = batch["labels"]
             if (labels >= 0).all():
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             probs[index] = logits.softmax(-1).cpu().numpy()

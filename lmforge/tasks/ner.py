@@ -179,8 +179,9 @@ class NERTask:
         head = TokenClassifier(encoder.cfg.d_model, len(self.tags), dropout=self.dropout)
         crf = None
         if self.head == "crf":
-            allowed, start = bio_transitions(self.tags)
-            crf = CRF(len(self.tags), allowed=allowed, allowed_start=start)
+            # no constraint on the first tag: a window of a long sentence may begin inside an entity
+            allowed, _ = bio_transitions(self.tags)
+            crf = CRF(len(self.tags), allowed=allowed)
         return EncoderWithHead(encoder, head, crf=crf)
 
     def _scores(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

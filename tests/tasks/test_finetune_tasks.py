@@ -96,6 +96,16 @@ def test_classification_encodes_pairs_with_segments_and_counts_truncation(tok: L
     assert task.truncated["train"] == 1
 
 
+@pytest.mark.parametrize("pooling", ["cls", "pooler", "mean"])
+def test_first_token_shortcut_equals_the_full_forward(tok: LMTokenizer, pooling: str) -> None:
+    examples = [{"text": "很好", "label": "pos"}, {"text": "北京北京书", "text_pair": "差", "label": "neg"}]
+    task = ClassificationTask(tok, ["neg", "pos"], pooling=pooling, dropout=0.0, train_examples=examples)
+    model = task.build_model(_encoder(tok.vocab_size)).eval()
+    batch = task.collate(task.train_items)
+    full = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    torch.testing.assert_close(task.logits(model, batch), full, rtol=1e-5, atol=1e-6)
+
+
 def test_a_label_unseen_in_training_names_its_source(tok: LMTokenizer) -> None:
     task = ClassificationTask(tok, ["neg", "pos"])
     with pytest.raises(ValueError, match=r"dev\.csv:7: label 'meh' never occurs in the training data"):
