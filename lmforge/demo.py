@@ -50,7 +50,7 @@ class Budget:
 # bert-tiny (2 x 128): on 2 cores it trains ~5x faster than bert-mini (54k vs 11k tokens/s in MLM), and
 # within minutes more epochs beat more capacity (shared/FINDINGS.md, "Fine-tuning on 2 cores").
 BUDGETS = {
-    "default": Budget("bert-tiny", 1200, 4.0, 3.0, 1.5, 3.0, 3.0),
+    "default": Budget("bert-tiny", 1200, 4.0, 3.0, 1.5, 5.0, 3.5),
     "quick": Budget("bert-tiny", 150, 0.5, 0.3, 0.25, 0.15, 0.3, seq_len=64),
 }
 

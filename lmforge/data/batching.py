@@ -6,10 +6,12 @@ epoch). Nothing about the data position needs saving: a resumed run, on any numb
 processes, reads exactly the batches the uninterrupted run would have.
 
 Length grouping (given ``lengths``): each epoch's permutation is cut into pools of ``pool``
-global batches, each pool is sorted by length and cut into global batches, and the batches of
-the whole epoch are shuffled. Sequences of similar length then share a batch (and, sliced in
-order, a micro-batch), so dynamic padding wastes little compute, while the batch order stays
-random (the "bucketing" of Sennrich et al.'s Nematus and transformers' ``group_by_length``).
+global batches, each pool is sorted by length and cut into global batches (the last one
+overlapping its neighbour when the items do not divide evenly, so every batch is full and no
+batch straddles two groups), and the batches of the whole epoch are shuffled. Sequences of
+similar length then share a batch (and, sliced in order, a micro-batch), so dynamic padding
+wastes little compute, while the batch order stays random (the bucketing of Nematus and
+transformers' ``group_by_length``).
 """
 
 from __future__ import annotations
@@ -57,10 +59,19 @@ class GlobalBatches:
         # longest first inside a pool: a batch's longest item sets its padded width
         pools = [p[np.argsort(-self.lengths[p], kind="stable")] for p in pools]
         flat = np.concatenate(pools)
-        batches = [flat[i : i + self.size] for i in range(0, self.n, self.size)]
+        if len(flat) < self.size:
+            flat = np.resize(flat, self.size)
+        starts = list(range(0, len(flat) - self.size + 1, self.size))
+        if len(flat) % self.size:  # the last batch overlaps the one before: full batches, similar lengths
+            starts.append(len(flat) - self.size)
+        batches = [flat[i : i + self.size] for i in starts]
         return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
     def at(self, step: int) -> np.ndarray:
+        if self.lengths is not None:  # whole batches per epoch, so no batch straddles two length groups
+            per_epoch = -(-max(self.n, self.size) // self.size)
+            epoch, k = divmod(step, per_epoch)
+            return self._order_of(epoch)[k * self.size : (k + 1) * self.size].astype(np.int64)
         flat = np.arange(step * self.size, (step + 1) * self.size)
         out = np.empty(self.size, dtype=np.int64)
         for epoch in np.unique(flat // self.n):

@@ -109,15 +109,13 @@ class CRF(nn.Module):
         mask = self._check(emissions, mask)
         emissions = emissions.float()
         trans, start = self._scores()
-        B, T, _ = emissions.shape
+        B = emissions.shape[0]
         tags = tags.clamp(min=0) * mask  # padded labels (e.g. -100) -> 0, masked out below
         batch = torch.arange(B, device=emissions.device)
-        score = start[tags[:, 0]] + emissions[batch, 0, tags[:, 0]]
-        for t in range(1, T):
-            step = trans[tags[:, t - 1], tags[:, t]] + emissions[batch, t, tags[:, t]]
-            score = score + step * mask[:, t]
+        emitted = emissions.gather(2, tags[:, :, None]).squeeze(2) * mask  # (B, T)
+        moved = trans[tags[:, :-1], tags[:, 1:]] * mask[:, 1:]  # (B, T-1): mask is a prefix, so both ends real
         last = tags[batch, mask.sum(1) - 1]
-        score = score + self.end[last]
+        score = start[tags[:, 0]] + emitted.sum(1) + moved.sum(1) + self.end[last]
         return score - self._log_partition(emissions, mask, trans, start)
 
     def _log_partition(self, emissions: Tensor, mask: Tensor, trans: Tensor, start: Tensor) -> Tensor:

@@ -213,6 +213,13 @@ def test_length_grouped_batches_are_deterministic_complete_and_pad_less() -> Non
     plain = GlobalBatches(1000, 20, seed=3)
     epoch = np.concatenate([grouped.at(s) for s in range(50)])
     assert sorted(epoch.tolist()) == list(range(1000))  # every item once per epoch
+    # items that do not fill the last batch: it overlaps its neighbour, and the next epochs stay aligned
+    odd = GlobalBatches(1010, 20, seed=3, lengths=np.concatenate([lengths, lengths[:10]]))
+    for e in range(3):
+        epoch = np.concatenate([odd.at(s) for s in range(51 * e, 51 * (e + 1))])
+        assert set(epoch.tolist()) == set(range(1010)) and len(epoch) == 1020
+        spread = [np.ptp(odd.lengths[odd.at(s)]) for s in range(51 * e, 51 * (e + 1))]
+        assert np.median(spread) < 5  # batches drawn from one sorted run of lengths
     again = GlobalBatches(1000, 20, seed=3, lengths=lengths)
     assert all(np.array_equal(grouped.at(s), again.at(s)) for s in (0, 17, 49, 50, 123))
 
