@@ -189,8 +189,9 @@ def report(summary: dict) -> str:
         row = [ner[s]["test"]["per_type"].get(kind, {}).get("f1", 0.0) for s in ("pretrained", "scratch", "dictionary")]
         lines.append(f"| peoples-daily-ner | {kind} F1 | " + " | ".join(f"{v:.4f}" for v in row) + " (dictionary) |")
     p = summary["pretraining"]
+    loss = "-" if p["best_val_loss"] is None else f"{p['best_val_loss']:.4f}"
     lines += ["", f"Pretraining: {p['steps']} steps, {p['tokens']:,} tokens at {p['tokens_per_s']:,.0f} tokens/s, "
-              f"best validation MLM loss {p['best_val_loss']}.", ""]  # fmt: skip
+              f"best validation MLM loss {loss} (see pretrain/report.md).", ""]  # fmt: skip
     lines += ["| stage | wall seconds | tokens/s |", "|---|---|---|"]
     speed = summary["tokens_per_s"]
     for stage, seconds in summary["wall_seconds"].items():

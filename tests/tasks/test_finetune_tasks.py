@@ -198,7 +198,7 @@ def test_pgd_keeps_its_perturbation_inside_the_epsilon_ball(tok: LMTokenizer) ->
     seen = []
 
     def loss():
-        seen.append(float((model.encoder.embed.word.weight - original).norm()))
+        seen.append(float((model.encoder.embed.word.weight.detach() - original).norm()))
         return task.loss(model, batch).loss_sum
 
     EmbeddingAttack(model, kind="pgd", epsilon=0.3, alpha=0.2, steps=4).backward(loss)
