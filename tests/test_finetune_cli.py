@@ -98,7 +98,7 @@ def test_ner_finetune_with_crf_and_predict_spans(tmp_path: Path, tiny_bert: Path
 
 def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--limit", "60", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--limit", "60", "--pretrain-steps", "60", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     sentiment, ner = results["tasks"]["reviews-sentiment"], results["tasks"]["peoples-daily-ner"]
     assert set(sentiment) == {"pretrained", "scratch", "tfidf-svm"}
@@ -108,5 +108,6 @@ def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
     for system in ner.values():
         assert {"f1", "precision", "recall", "per_type"} <= set(system["test"])
     assert results["wall_seconds"]["total"] > 0 and results["tokens_per_s"]["pretrain"] > 0
+    assert results["pretraining"]["steps"] == 60
     report = (out / "report.md").read_text()
     assert "| reviews-sentiment | accuracy |" in report and "(dictionary)" in report
