@@ -111,3 +111,20 @@ def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
     assert results["pretraining"]["steps"] == 60
     report = (out / "report.md").read_text()
     assert "| reviews-sentiment | accuracy |" in report and "(dictionary)" in report
+
+
+def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path) -> None:
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:64])
+    write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
+    out = tmp_path / "run"
+    common = ["--epochs", "0", "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]
+    assert main(["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
+                 "--dev", str(tmp_path / "dev.jsonl"), "--out", str(out), "--training.max-steps", "4",
+                 "--training.optim.schedule", "constant", *common]) == 0  # fmt: skip
+    assert main(["finetune", "classify", "--resume", str(out), "--training.max-steps", "8", *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["steps"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]  # fmt: skip
+    assert steps == list(range(1, 9))  # the second run continued at step 5
