@@ -153,6 +153,13 @@ class ReadReport:
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
 
+    def reject(self, lineno: int, problem: str, *, skip: bool, unit: str = "rows") -> None:
+        """Record a bad row with --skip-bad-rows, else raise naming file:line."""
+        message = f"{self.path}:{lineno}: {problem}"
+        if not skip:
+            raise ValueError(f"{message} (pass --skip-bad-rows to skip such {unit})")
+        self.skipped.append(message)
+
 
 def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[tuple[int, str]]:
     try:
@@ -201,10 +208,7 @@ def read_labelled(
     for lineno, row, problem in rows:
         problem = problem or _row_problem(row, need_label)
         if problem:
-            message = f"{path}:{lineno}: {problem}"
-            if not skip_bad_rows:
-                raise ValueError(message + " (pass --skip-bad-rows to skip such rows)")
-            report.skipped.append(message)
+            report.reject(lineno, problem, skip=skip_bad_rows)
             continue
         example = {"text": row["text"], "source": f"{path}:{lineno}"}
         if row.get("label") not in (None, ""):
@@ -266,10 +270,7 @@ def read_tagged(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tupl
     def keep(lineno: int, tokens: list, tags: list, problem: str | None) -> None:
         problem = problem or tags_problem(tokens, tags)
         if problem:
-            message = f"{path}:{lineno}: {problem}"
-            if not skip_bad_rows:
-                raise ValueError(message + " (pass --skip-bad-rows to skip such sentences)")
-            report.skipped.append(message)
+            report.reject(lineno, problem, skip=skip_bad_rows, unit="sentences")
         elif tokens:
             examples.append({"tokens": tokens, "tags": tags, "source": f"{path}:{lineno}"})
 
