@@ -303,8 +303,13 @@ def write_report(run_dir: Path, results: dict) -> None:
             lines.append(f"| {split} | {key} | {results[split][key]:.4f} |")
     t = results["training"]
     speed = f"{t['tokens']:,} real tokens in {t['seconds'] / 60:.1f} min ({t['tokens_per_s']:,.0f} tokens/s)"
-    lines += ["", f"Training: {t['steps']} steps, {speed}; best dev {t['best_dev']} at step {t['best_step']}.", ""]
-    lines += [f"Data: {json.dumps(results['data'], ensure_ascii=False)}", "", "![loss](loss.png)", ""]
+    best = ", ".join(f"{k} {v:.4f}" for k, v in (t["best_dev"] or {}).items()) or "-"
+    lines += ["", f"Training: {t['steps']} steps, {speed}; best dev {best} at step {t['best_step']}.", ""]
+    data = results["data"]
+    cut = "split into overlapping windows" if results["task"] == "ner" else "truncated to max_len"
+    lines += [f"Data: {data['source']}; examples {data['examples']}; longer than the window ({cut}): "
+              f"{data['truncated']}; skipped bad rows: {sum(len(v) for v in data['skipped_rows'].values())}.",
+              "", "![loss](loss.png)", ""]  # fmt: skip
     final = results.get("test") or results.get("dev")
     if results["task"] == "classify" and final:
         plot_confusion(final["confusion_matrix"], final["labels"], run_dir / "confusion.png",
