@@ -128,3 +128,19 @@ def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]  # fmt: skip
     assert steps == list(range(1, 9))  # the second run continued at step 5
+
+
+def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert: Path) -> None:
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:64])
+    write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
+    out = tmp_path / "run"
+    # a learning rate too small to change the dev accuracy: the second evaluation is no better -> stop
+    assert main(["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
+                 "--dev", str(tmp_path / "dev.jsonl"), "--out", str(out), "--epochs", "0", "--training.max-steps",
+                 "50", "--training.eval-every", "2", "--training.patience", "1", "--training.optim.lr", "1e-12",
+                 "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["steps"] == 4 and results["training"]["best_step"] == 2
+    assert results["weights"] == "trainer_state/step-0000002"
+    assert results["dev"]["accuracy"] == pytest.approx(results["training"]["best_dev"]["accuracy"])

@@ -72,10 +72,7 @@ def _tokens(batch: dict[str, Any]) -> int:
 
 
 def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dist) -> dict[str, float]:
-    """Task metrics: the task's own ``evaluate`` on its whole dev set if it has one, else summed over
-    the first ``eval_batches`` validation micro-batches (fixed masks)."""
-    if hasattr(task, "evaluate"):  # every process evaluates the whole dev set (FSDP needs them all in step)
-        return task.evaluate(module.model, device=d.device)
+    """Task metrics summed over the first ``eval_batches`` validation micro-batches (fixed masks)."""
     n = min(len(task.val_items), cfg.eval_batches * cfg.micro_batch_size)
     if n == 0:
         return {}
@@ -159,7 +156,9 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
 
     def run_eval() -> None:
         # scalars only: task evaluations also return tables (per-class scores, confusion matrices)
-        metrics = {k: v for k, v in evaluate(wrapped, task, cfg, d).items() if isinstance(v, (int, float))}
+        # fine-tuning tasks score the whole dev set from predictions; every process does (FSDP needs all in step)
+        found = task.evaluate(model, device=d.device) if hasattr(task, "evaluate") else evaluate(wrapped, task, cfg, d)
+        metrics = {k: v for k, v in found.items() if isinstance(v, (int, float))}
         if not metrics:
             return
         logger.record("eval", state.step, metrics)
@@ -244,7 +243,8 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
                 window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 run_eval()
-            if cfg.save_every and state.step % cfg.save_every == 0:
+            # a new best is always saved, so the best checkpoint exists whatever save_every is
+            if (cfg.save_every and state.step % cfg.save_every == 0) or state.best_step == state.step:
                 save()
     except KeyboardInterrupt:
         logger.info(f"interrupted: saving a checkpoint at step {state.step}; continue with --resume")

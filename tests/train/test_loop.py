@@ -99,7 +99,9 @@ def test_summary_accounts_tokens_flops_and_writes_the_run_files(task: MLMTask, t
     for name in ("results.json", "loss.png", "lr.png"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tb").iterdir()), "TensorBoard event file"
-    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000003"]
+    # save_every=0: the last step and every new best evaluation are saved
+    expected = sorted({"step-0000003", f"step-{summary['best_step']:07d}"})
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == expected
 
 
 class _Poisoned:
