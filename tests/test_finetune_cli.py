@@ -144,3 +144,38 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert:
     assert results["training"]["steps"] == 4 and results["training"]["best_step"] == 2
     assert results["weights"] == "trainer_state/step-0000002"
     assert results["dev"]["accuracy"] == pytest.approx(results["training"]["best_dev"]["accuracy"])
+
+
+@pytest.mark.parametrize("kind", ["classify", "ner"])
+def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if kind == "classify":
+        reviews = load_builtin("reviews-sentiment")
+        write_jsonl(tmp_path / "train.jsonl", reviews["train"][:32])
+        write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
+        files = ["--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
+    else:
+        ner = load_builtin("peoples-daily-ner")
+        write_conll(tmp_path / "train.conll", ner["train"][:32])
+        write_conll(tmp_path / "dev.conll", ner["dev"][:16])
+        files = ["--train", str(tmp_path / "train.conll"), "--dev", str(tmp_path / "dev.conll"), "--max-len", "32"]
+    args = ["-m", "lmforge", "finetune", kind, "--model", str(tiny_bert), *files, "--epochs", "0",
+            "--training.max-steps", "4", "--training.eval-every", "2", "--training.global-batch-size", "8",
+            "--training.micro-batch-size", "4", "--training.deterministic", *FAST]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for cmd, out in (([sys.executable, *args], "one"), ([*torchrun, *args], "two")):
+        done = subprocess.run([*cmd, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    records = [
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")
+    ]
+    losses = [[r["loss"] for r in rs if r["kind"] == "train"] for rs in records]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    key = "accuracy" if kind == "classify" else "f1"
+    assert one["dev"][key] == pytest.approx(two["dev"][key], abs=1e-6)
