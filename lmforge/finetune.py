@@ -227,9 +227,7 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
 
 
 def _load_best(model: nn.Module, run_dir: Path, summary: dict) -> str:
-    found = checkpoint.checkpoint_dirs(run_dir)
-    best = summary.get("best_step")
-    chosen = next((p for p in found if best is not None and p.name == f"step-{best:07d}"), found[-1])
+    chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
     model.load_state_dict(read_safetensors(chosen / WEIGHTS_FILE))
     return chosen.name
 

@@ -170,9 +170,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _write_model_dir(run_dir: Path, model_cfg, summary: dict, tok_dir: Path) -> None:
     """Copy the best (else last) checkpoint's weights into the run directory as a model directory."""
-    found = checkpoint.checkpoint_dirs(run_dir)
-    best = summary.get("best_step")
-    chosen = next((p for p in found if best is not None and p.name == f"step-{best:07d}"), found[-1])
+    chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
     shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
     (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
     write_json(run_dir / "config.json", config_json(model_cfg))

@@ -29,6 +29,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) 
     return directory
 
 
+def _review_files(directory: Path, n_train: int, n_dev: int) -> list[str]:
+    """The first reviews of the built-in train / dev splits as JSONL files; returns the --train/--dev flags."""
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(directory / "train.jsonl", reviews["train"][:n_train])
+    write_jsonl(directory / "dev.jsonl", reviews["dev"][:n_dev])
+    return ["--train", str(directory / "train.jsonl"), "--dev", str(directory / "dev.jsonl")]
+
+
 def test_classify_finetune_evaluate_predict(tmp_path: Path, tiny_bert: Path) -> None:
     reviews = load_builtin("reviews-sentiment")
     write_jsonl(tmp_path / "train.jsonl", reviews["train"][:200])
@@ -114,14 +122,11 @@ def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
 
 
 def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path) -> None:
-    reviews = load_builtin("reviews-sentiment")
-    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:64])
-    write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
+    files = _review_files(tmp_path, 64, 16)
     out = tmp_path / "run"
     common = ["--epochs", "0", "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]
-    assert main(["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
-                 "--dev", str(tmp_path / "dev.jsonl"), "--out", str(out), "--training.max-steps", "4",
-                 "--training.optim.schedule", "constant", *common]) == 0  # fmt: skip
+    assert main(["finetune", "classify", "--model", str(tiny_bert), *files, "--out", str(out),
+                 "--training.max-steps", "4", "--training.optim.schedule", "constant", *common]) == 0  # fmt: skip
     assert main(["finetune", "classify", "--resume", str(out), "--training.max-steps", "8", *common]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 8
@@ -131,15 +136,13 @@ def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path
 
 
 def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert: Path) -> None:
-    reviews = load_builtin("reviews-sentiment")
-    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:64])
-    write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
+    files = _review_files(tmp_path, 64, 16)
     out = tmp_path / "run"
     # a learning rate too small to change the dev accuracy: the second evaluation is no better -> stop
-    assert main(["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
-                 "--dev", str(tmp_path / "dev.jsonl"), "--out", str(out), "--epochs", "0", "--training.max-steps",
-                 "50", "--training.eval-every", "2", "--training.patience", "1", "--training.optim.lr", "1e-12",
-                 "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]) == 0  # fmt: skip
+    assert main(["finetune", "classify", "--model", str(tiny_bert), *files, "--out", str(out), "--epochs", "0",
+                 "--training.max-steps", "50", "--training.eval-every", "2", "--training.patience", "1",
+                 "--training.optim.lr", "1e-12", "--training.global-batch-size", "8", "--training.micro-batch-size",
+                 "8", *FAST]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 4 and results["training"]["best_step"] == 2
     assert results["weights"] == "trainer_state/step-0000002"
@@ -153,10 +156,7 @@ def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind
     import sys
 
     if kind == "classify":
-        reviews = load_builtin("reviews-sentiment")
-        write_jsonl(tmp_path / "train.jsonl", reviews["train"][:32])
-        write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:16])
-        files = ["--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
+        files = _review_files(tmp_path, 32, 16)
     else:
         ner = load_builtin("peoples-daily-ner")
         write_conll(tmp_path / "train.conll", ner["train"][:32])

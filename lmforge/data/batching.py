@@ -92,6 +92,16 @@ def pad(sequences: Sequence[Sequence[int]], value: int, *, width: int | None = N
     return out
 
 
+def padding_mask(lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(B, width) long mask, 1 at the first ``lengths[b]`` positions of each row (the real tokens)."""
+    return (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch's tensors to ``device``; other values (counts) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (longest first), for inference with little padding."""
     order = np.argsort(-np.asarray(lengths), kind="stable")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.batching import length_sorted_batches, pad
+from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_device
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.metrics import classification_metrics
 from lmforge.models.heads import EncoderWithHead, SequenceClassifier
@@ -108,7 +108,7 @@ class ClassificationTask:
     def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
         ids = pad([it[0] for it in items], self.pad_id)  # (B, T)
         lengths = torch.tensor([len(it[0]) for it in items])
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (B, T) 1 at real tokens
+        mask = padding_mask(lengths, ids.shape[1])  # (B, T) 1 at real tokens
         types = None
         if any(it[1] is not None for it in items):
             types = pad([it[1] if it[1] is not None else np.zeros(len(it[0]), np.int8) for it in items], 0)
@@ -172,7 +172,7 @@ class ClassificationTask:
         loss_sum = 0.0
         for index in length_sorted_batches([len(it[0]) for it in items], self.eval_batch_size):
             batch = self.collate([items[i] for i in index])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             logits = self.logits(model, batch).float()
             labels = batch["labels"]
             if (labels >= 0).all():

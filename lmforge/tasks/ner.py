@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.batching import length_sorted_batches, pad
+from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_device
 from lmforge.data.readers import tags_problem
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.metrics import entity_metrics, entity_spans, scheme_of
@@ -156,10 +156,10 @@ class NERTask:
     def collate(self, items: list[Window], *, generator: torch.Generator | None = None) -> dict[str, Any]:
         ids = pad([w[0] for w in items], self.pad_id)  # (B, T)
         lengths = torch.tensor([len(w[0]) for w in items])
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (B, T)
+        mask = padding_mask(lengths, ids.shape[1])  # (B, T)
         word_pos = pad([w[1] for w in items], 0)  # (B, W) first sub-token of each token
         tags = pad([w[2] for w in items], IGNORE)  # (B, W)
-        word_mask = torch.arange(word_pos.shape[1])[None, :] < torch.tensor([len(w[1]) for w in items])[:, None]
+        word_mask = padding_mask([len(w[1]) for w in items], word_pos.shape[1]).bool()  # (B, W)
         labels = torch.full(ids.shape, IGNORE, dtype=torch.long)  # (B, T): tag on first sub-tokens, -100 elsewhere
         labels.scatter_(1, word_pos, torch.where(word_mask, tags, IGNORE))
         labels[:, 0] = IGNORE  # padded word slots point at position 0 ([CLS]); it carries no tag
@@ -220,9 +220,7 @@ class NERTask:
         results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(items)  # type: ignore[list-item]
         loss_sum = 0.0
         for index in length_sorted_batches([len(w[0]) for w in items], self.eval_batch_size):
-            batch = {
-                k: v.to(device) if torch.is_tensor(v) else v for k, v in self.collate([items[i] for i in index]).items()
-            }
+            batch = to_device(self.collate([items[i] for i in index]), device)
             scores = self._scores(model, batch)
             emissions = self._emissions(scores, batch)  # (B, W, C)
             probs = emissions.softmax(-1)

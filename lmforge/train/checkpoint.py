@@ -120,6 +120,14 @@ def _prune(root: Path, *, keep_last: int, best_step: int | None) -> None:
             shutil.rmtree(p)
 
 
+def best_or_last(run_dir: str | os.PathLike, best_step: int | None) -> Path:
+    """The checkpoint of ``best_step`` if it was kept, else the last one: the weights a finished run hands on."""
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise ValueError(f"{run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
+    return next((p for p in found if best_step is not None and p.name == f"step-{best_step:07d}"), found[-1])
+
+
 def load_model_state(model: nn.Module, checkpoint: Path) -> None:
     tensors = read_safetensors(checkpoint / "model.safetensors")
     check_state(model, tensors, source=str(checkpoint / "model.safetensors"))

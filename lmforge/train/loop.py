@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.config import write_json
-from lmforge.data.batching import GlobalBatches
+from lmforge.data.batching import GlobalBatches, to_device
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
@@ -43,10 +43,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         return self.task.loss(self.model, batch)
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _collate(task: Task, indices, generator: torch.Generator) -> dict[str, Any]:
@@ -83,7 +79,7 @@ def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dis
         for start in range(d.rank * cfg.micro_batch_size, n, d.world_size * cfg.micro_batch_size):
             items = [task.val_items[i] for i in range(start, min(start + cfg.micro_batch_size, n))]
             batch = task.collate(items, generator=_generator(cfg.seed, -1, start))
-            out = module(_to(batch, d.device))
+            out = module(to_device(batch, d.device))
             sums["loss_sum"] += float(out.loss_sum)
             sums["n_targets"] += batch["n_targets"]
             for key, v in out.counts.items():
@@ -191,7 +187,7 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
                     else contextlib.nullcontext()
                 )
                 with sync:
-                    on_device, scale = _to(batch, d.device), d.world_size / max(n_total, 1.0)
+                    on_device, scale = to_device(batch, d.device), d.world_size / max(n_total, 1.0)
 
                     def scaled_loss(on_device=on_device, scale=scale):
                         with _autocast(cfg, d.device):
