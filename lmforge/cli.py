@@ -21,12 +21,14 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
+from lmforge.chat import ChatConfig, ChatTrainConfig, GenerateConfig
 from lmforge.config import from_dict, read_yaml
 from lmforge.data import builtin
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
 from lmforge.finetune import ClassifyConfig, EvaluateConfig, NERConfig, PredictConfig
 from lmforge.interop import ConvertConfig, ExportConfig, convert_from_hf, export_to_hf
+from lmforge.translate import TranslateConfig, TranslateTrainConfig
 
 console = Console()
 
@@ -172,6 +174,76 @@ def _demo(cfg: Any) -> None:
     console.print(f"total wall time {summary['wall_seconds']['total'] / 60:.1f} min")
 
 
+def _finetune_translate(cfg: Any) -> None:
+    from lmforge.translate import finetune_translate
+
+    results = finetune_translate(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    table = Table(title=f"translate {cfg.src} -> {cfg.tgt}: {cfg.out}")
+    for col in ("split", "BLEU", "chrF", "decoding"):
+        table.add_column(col, justify="left" if col in ("split", "decoding") else "right")
+    table.add_row("dev", f"{results['dev']['bleu']:.2f}", f"{results['dev']['chrf']:.2f}", "greedy")
+    if "test" in results:
+        dec = results["test"]["decoding"]
+        table.add_row("test", f"{results['test']['bleu']:.2f}", f"{results['test']['chrf']:.2f}",
+                      f"beam {dec['num_beams']} ({dec['seconds']:.1f} s)")  # fmt: skip
+    console.print(table)
+    console.print(f"[green]done[/green] in {results['wall_seconds'] / 60:.1f} min; run directory {cfg.out}")
+
+
+def _translate(cfg: Any) -> None:
+    from lmforge.translate import translate_command
+
+    s = translate_command(cfg)
+    text = f"[green]wrote[/green] {s['sentences']} translations to {cfg.output} in {s['seconds']:.1f} s"
+    if "bleu" in s:
+        text += f"; BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} against the references ({s['bleu_signature']})"
+    console.print(text)
+
+
+def _finetune_chat(cfg: Any) -> None:
+    from lmforge.chat import finetune_chat
+
+    r = finetune_chat(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    table = Table(title=f"chat fine-tuning: {cfg.out}")
+    for col in ("split", "perplexity", "distinct-1", "distinct-2"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    rows = [("dev (before)", r["before_finetuning"]["dev"]), ("dev", r["dev"])]
+    rows += [("test", r["test"])] if "test" in r else []
+    for name, m in rows:
+        table.add_row(name, f"{m['perplexity']:.2f}", f"{m['distinct_1']:.3f}", f"{m['distinct_2']:.3f}")
+    console.print(table)
+    console.print(f"[green]done[/green] in {r['wall_seconds'] / 60:.1f} min; chat with: lmforge chat --model {cfg.out}")
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate(cfg: Any) -> None:
+    from lmforge.chat import generate_command
+
+    generate_command(cfg, _write_stdout)
+    _write_stdout("\n")
+
+
+def _chat(cfg: Any) -> None:
+    from lmforge.chat import chat_loop
+
+    def read() -> str:
+        _write_stdout("you: ")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    chat_loop(cfg, read, _write_stdout)
+
+
 def _predict(cfg: Any) -> None:
     from lmforge.finetune import predict_command
 
@@ -185,8 +257,13 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "pretrain": (_pretrain_config(), _pretrain),
     "finetune classify": (ClassifyConfig, _finetune("classify")),
     "finetune ner": (NERConfig, _finetune("ner")),
+    "finetune translate": (TranslateTrainConfig, _finetune_translate),
+    "finetune chat": (ChatTrainConfig, _finetune_chat),
     "evaluate": (EvaluateConfig, _evaluate),
     "predict": (PredictConfig, _predict),
+    "translate": (TranslateConfig, _translate),
+    "generate": (GenerateConfig, _generate),
+    "chat": (ChatConfig, _chat),
     "demo": (_demo_config(), _demo),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),

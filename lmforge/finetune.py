@@ -106,7 +106,7 @@ class NERConfig(FinetuneConfig):
     """Sub-tokens shared by consecutive windows of sentences longer than max_len; None = max_len // 4."""
 
 
-def _split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+def split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     cut = max(1, len(train) // 10)
@@ -136,7 +136,7 @@ def load_splits(cfg: FinetuneConfig, kind: str) -> tuple[dict[str, list[dict]], 
             if not splits[split]:
                 raise ValueError(f"{path}: no usable examples")
     if "dev" not in splits:
-        splits["train"], splits["dev"] = _split_off_dev(splits["train"], cfg.training.seed)
+        splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
     return splits, reports
 
 

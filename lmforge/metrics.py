@@ -1,4 +1,4 @@
-"""Evaluation metrics as thin wrappers over scikit-learn and seqeval, each with its exact definition.
+"""Evaluation metrics as thin wrappers over scikit-learn, seqeval and sacreBLEU, each with its definition.
 
 Classification: accuracy, macro and per-class precision / recall / F1 (scikit-learn's
 ``precision_recall_fscore_support``; a class never predicted has precision 0), and the confusion
@@ -6,7 +6,9 @@ matrix (rows = gold, columns = predicted). NER: entity-level scores with strict 
 (seqeval ``mode="strict"`` with the IOB2 or IOBES scheme, as in the CoNLL-2003 evaluation: an
 entity counts only when its type, start and end all match; ill-formed spans such as an ``I-`` tag
 without its ``B-`` are not entities), overall (micro-averaged) and per type, plus an error table
-that sorts every gold and predicted entity into exactly one outcome.
+that sorts every gold and predicted entity into exactly one outcome. Translation: sacreBLEU's corpus
+BLEU (Papineni et al., 2002; Post, 2018) and chrF (Popović, 2015) on detokenized text, with their
+signatures, so a score can be reproduced exactly. Generation: distinct-n (Li et al., 2016).
 
 ``DEFINITIONS`` is written into every ``results.json`` so the numbers can be read without the code.
 """
@@ -17,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
 from seqeval.metrics import classification_report
 from seqeval.scheme import IOB2, IOBES, Entities
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
@@ -38,6 +41,12 @@ DEFINITIONS = {
     "errors": "each gold entity is 'correct', 'wrong_type' (same span, other type), 'wrong_span' (overlaps a "
     "predicted entity of the same type with other boundaries) or 'missed'; each predicted entity that "
     "overlaps no gold entity is 'spurious' (counted under its predicted type)",
+    "bleu": "sacreBLEU corpus BLEU (0-100) of detokenized hypotheses against one reference each; the "
+    "tokenizer is '13a' for English-like targets and 'zh' for Chinese targets (see bleu_signature)",
+    "chrf": "sacreBLEU chrF (character n-grams up to 6, beta 2), 0-100 (see chrf_signature)",
+    "perplexity": "exp(mean cross-entropy in nats per predicted token); for chat, over assistant tokens only",
+    "distinct_1": "distinct unigrams / all unigrams over the sampled replies (tokens of the model's tokenizer)",
+    "distinct_2": "distinct bigrams / all bigrams over the sampled replies",
     "truncated": "examples longer than the model window: classification keeps the first max_len tokens; NER "
     "splits them into overlapping windows so every token still gets a prediction",
 }
@@ -156,3 +165,27 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def translation_metrics(hypotheses: list[str], references: list[str], *, target_lang: str) -> dict:
+    """sacreBLEU BLEU and chrF of detokenized ``hypotheses`` against one reference each."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    bleu = BLEU(tokenize="zh" if target_lang.lower().startswith("zh") else "13a")
+    chrf = CHRF()
+    b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
+    return {
+        "bleu": float(b.score),
+        "chrf": float(c.score),
+        "bleu_precisions": [float(p) for p in b.precisions],
+        "bleu_brevity_penalty": float(b.bp),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "sentences": len(hypotheses),
+    }
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Distinct n-grams / all n-grams over every sequence (Li et al., 2016); 0 when there are none."""
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -310,3 +310,83 @@ def tags_problem(tokens: list, tags: list) -> str | None:
     if any(not isinstance(x, str) or not x.strip() for x in tokens):
         return "empty token"
     return None
+
+
+def read_pairs(
+    path: str | os.PathLike, *, src: str, tgt: str, skip_bad_rows: bool = False, need_target: bool = True
+) -> tuple[list[dict], ReadReport]:
+    """Translation pairs ``{"src", "tgt", "source"}``.
+
+    .tsv / .txt with tabs: source TAB target on each line (further columns, e.g. attribution, are
+    ignored); .jsonl: objects with the language codes as keys (``{"zh": ..., "en": ...}``) or
+    ``src`` / ``tgt``. With ``need_target=False`` (translating) a .txt file is one source per line.
+    """
+    path = Path(path)
+    report = ReadReport(str(path))
+    lines = _decoded_lines(path, report, skip_bad_rows)
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".jsonl", ".txt"):
+        raise ValueError(f"{path}: unknown format {suffix!r}; use .tsv (source TAB target), .jsonl or .txt")
+    examples = []
+    rows = _jsonl_objects(lines) if suffix == ".jsonl" else ((n, line, None) for n, line in lines)
+    for lineno, row, problem in rows:
+        if problem is None and suffix == ".jsonl":
+            s, t = row.get(src, row.get("src")), row.get(tgt, row.get("tgt"))
+            if not isinstance(s, str) or not s.strip():
+                problem = f"missing or empty source field {src!r} (or 'src')"
+            elif need_target and (not isinstance(t, str) or not t.strip()):
+                problem = f"missing or empty target field {tgt!r} (or 'tgt')"
+        elif problem is None:
+            if not row.strip():
+                continue
+            cols = row.split("\t")
+            s, t = cols[0], cols[1] if len(cols) > 1 else None
+            if not s.strip():
+                problem = "empty source (expected source TAB target)"
+            elif need_target and (t is None or not t.strip()):
+                problem = "no target after a tab (expected source TAB target)"
+        if problem:
+            report.reject(lineno, problem, skip=skip_bad_rows)
+            continue
+        example = {"src": s.strip(), "source": f"{path}:{lineno}"}
+        if isinstance(t, str) and t.strip():
+            example["tgt"] = t.strip()
+        examples.append(example)
+    report.kept = len(examples)
+    return examples, report
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def conversation_problem(obj: object) -> str | None:
+    """Why ``obj`` is not a ``{"messages": [{"role", "content"}, ...]}`` conversation with an assistant turn."""
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "expected {'messages': [{'role': ..., 'content': ...}, ...]}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            return f"messages[{i}]: role must be one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}]: content must be a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to learn from"
+    return None
+
+
+def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
+    """Chat conversations from JSONL, one ``{"messages": [{"role", "content"}, ...]}`` per line
+    (the format of OpenAI's and transformers' chat data); roles system / user / assistant."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise ValueError(f"{path}: conversations are read from .jsonl (one {{'messages': [...]}} per line)")
+    report = ReadReport(str(path))
+    examples = []
+    for lineno, obj, problem in _jsonl_objects(_decoded_lines(path, report, skip_bad_rows)):
+        problem = problem or conversation_problem(obj)
+        if problem:
+            report.reject(lineno, problem, skip=skip_bad_rows)
+            continue
+        examples.append({"messages": obj["messages"], "source": f"{path}:{lineno}"})
+    report.kept = len(examples)
+    return examples, report

@@ -227,21 +227,27 @@ class Attention(nn.Module):
         is_causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         memory: Tensor | None = None,
+        memory_kv: tuple[Tensor, Tensor] | None = None,
         queries: Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
         """Attend from ``x`` (B, T, D) to itself, or to ``memory`` (cross-attention).
 
+        ``memory_kv``: cross-attention keys and values already projected by ``project_memory`` (a
+        decoder computes them once per source and reuses them at every step).
         ``queries`` (B, T', D), self-attention only: the queries come from these rows instead of all of
         ``x`` (keys and values still from all of ``x``): for outputs needed at a few positions only.
         """
         if self.cross:
-            if memory is None:
-                raise ValueError("cross-attention needs the encoder output as memory")
-            q = self.q(x)
-            k, v = self.kv(memory).split(self.split[1:], dim=-1)
-        elif queries is not None:
+            if memory_kv is None:
+                if memory is None:
+                    raise ValueError("cross-attention needs the encoder output as memory")
+                memory_kv = self.project_memory(memory)
+            B, T, _ = x.shape
+            q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+            return self._attend(q, *memory_kv, mask=mask, is_causal=False)
+        if queries is not None:
             q_dim = self.split[0]
             bias = self.qkv.bias
             q = F.linear(queries, self.qkv.weight[:q_dim], None if bias is None else bias[:q_dim])
@@ -258,6 +264,18 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)
+        return self._attend(q, k, v, mask=mask, is_causal=is_causal)
+
+    def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, Hkv, S, Hd) of the encoder output ``memory`` (B, S, D)."""
+        B = memory.shape[0]
+        k, v = self.kv(memory).split(self.split[1:], dim=-1)
+        k = k.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
+        v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
+        return k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, is_causal: bool) -> Tensor:
+        B, _, T, _ = q.shape
         y = F.scaled_dot_product_attention(
             q,
             k,

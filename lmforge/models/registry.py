@@ -21,10 +21,12 @@ from torch import Tensor, nn
 from lmforge.config import from_dict, write_json
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "bert": (BertConfig, Bert),
     "gpt": (GPTConfig, GPT),
+    "seq2seq": (Seq2SeqConfig, Seq2Seq),
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,12 +42,12 @@ def model_type_of(model_or_cfg: nn.Module | object) -> str:
     raise ValueError(f"{type(model_or_cfg).__name__} is not a lmforge model; known: {', '.join(MODEL_TYPES)}")
 
 
-def build_model(cfg: BertConfig | GPTConfig) -> nn.Module:
+def build_model(cfg: BertConfig | GPTConfig | Seq2SeqConfig) -> nn.Module:
     """A freshly initialised model for ``cfg``."""
     return MODEL_TYPES[model_type_of(cfg)][1](cfg)
 
 
-def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig:
+def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig | Seq2SeqConfig:
     """The model config stored in ``directory/config.json``."""
     if not Path(directory).is_dir():
         raise ValueError(f"{directory}: model directory not found")
@@ -71,7 +73,7 @@ def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig:
     return from_dict(MODEL_TYPES[kind][0], data, where=str(path))
 
 
-def config_json(cfg: BertConfig | GPTConfig) -> dict:
+def config_json(cfg: BertConfig | GPTConfig | Seq2SeqConfig) -> dict:
     return {TYPE_KEY: model_type_of(cfg), **dataclasses.asdict(cfg)}
 
 

@@ -135,11 +135,21 @@ def plot_curves(run_dir: Path) -> list[Path]:
     if train:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
+        with_loss = [r for r in evals if "loss" in r]
+        if with_loss:
+            ax.plot([r["step"] for r in with_loss], [r["loss"] for r in with_loss], "o-", label="validation")
         ax.set(xlabel="step", ylabel="loss (nats per target)", title=f"loss — {run_dir.name}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        # a task scored by another dev metric (BLEU, F1, accuracy) gets it on a second axis
+        other = next((k for k in ("bleu", "f1", "accuracy", "perplexity") if evals and k in evals[-1]), None)
+        if other:
+            twin = ax.twinx()
+            points = [r for r in evals if other in r]
+            twin.plot([r["step"] for r in points], [r[other] for r in points], "s--", color="tab:green",
+                      label=f"validation {other}")  # fmt: skip
+            twin.set_ylabel(f"validation {other}")
+            twin.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(run_dir / "loss.png", dpi=110)
         plt.close(fig)

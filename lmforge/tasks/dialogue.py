@@ -1,0 +1,202 @@
+"""Dialogue: supervised fine-tuning of a GPT on multi-turn conversations, and chat prompts.
+
+Conversations are ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}]}``,
+the format of OpenAI's chat data and of transformers' ``apply_chat_template``. They are rendered
+with the ChatML template stored with the tokenizer (``data/tokenizer.py``: ``<|im_start|>role\\n
+content<|im_end|>\\n``, as Qwen does), so transformers renders exactly the same text, and the
+whole rendering is tokenized at once (pieces tokenized separately can differ at the joins). The
+loss covers only what the assistant says (its content and the ``<|im_end|>`` that ends it, so
+the model learns to stop), found through the tokenizer's character offsets: the InstructGPT /
+Alpaca recipe of masking the prompt (Ouyang et al., 2022).
+
+Evaluation: perplexity over the assistant tokens of held-out conversations, and distinct-1/2 (Li
+et al., 2016) of replies sampled for their prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.batching import length_sorted_batches, pad, to_device
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.generate import GenerationConfig, Generator
+from lmforge.metrics import distinct_n
+from lmforge.models.gpt import GPT
+from lmforge.tasks.base import IGNORE, LossOutput, linear_cross_entropy, lm_metrics
+from lmforge.tasks.clm import clm_train_flops
+
+Encoded = tuple  # (token ids int32 array, is-assistant-target bool array) of one conversation
+
+
+def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
+    """The ChatML text of ``messages`` (identical to the tokenizer's Jinja chat template)."""
+    start, end = _chat_tokens(tok)
+    text = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)
+    return text + (f"{start}assistant\n" if add_generation_prompt else "")
+
+
+def _chat_tokens(tok: LMTokenizer) -> tuple[str, str]:
+    start, end = tok.specials.get("im_start"), tok.specials.get("im_end")
+    if start is None or end is None or tok.token_id("im_start") is None or tok.token_id("im_end") is None:
+        raise ValueError(
+            "chat needs a tokenizer with <|im_start|> and <|im_end|> (the byte-level BPE that "
+            "`lmforge tokenizer train --kind bpe` and `lmforge pretrain --task clm` write)"
+        )
+    return start, end
+
+
+class DialogueTask:
+    """Fine-tune a GPT to answer as the assistant of multi-turn conversations."""
+
+    name = "chat"
+
+    def __init__(
+        self,
+        tokenizer: LMTokenizer,
+        *,
+        max_len: int = 256,
+        train_examples: Sequence[dict] = (),
+        dev_examples: Sequence[dict] = (),
+        eval_batch_size: int = 16,
+        eval_replies: int = 40,
+        eval_generation: GenerationConfig | None = None,
+    ) -> None:
+        _chat_tokens(tokenizer)
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.im_end = tokenizer.token_id("im_end")
+        pad_id = tokenizer.token_id("pad")
+        self.pad_id = tokenizer.token_id("eos") if pad_id is None else pad_id
+        self.selection = ("perplexity", "min")
+        self.eval_batch_size, self.eval_replies = eval_batch_size, eval_replies
+        self.eval_generation = eval_generation or GenerationConfig(
+            max_new_tokens=48, do_sample=True, top_p=0.9, temperature=0.8, seed=0, stop_token_ids=[self.im_end]
+        )
+        self.truncated: dict[str, int] = {}
+        self.dev_examples = list(dev_examples)
+        self.train_items = self.encode(train_examples, split="train")
+        self.val_items = self.encode(dev_examples, split="dev")
+        self.train_lengths = [len(ids) for ids, _ in self.train_items]
+
+    def settings(self) -> dict:
+        return {"task": self.name, "max_len": self.max_len}
+
+    # --- data --------------------------------------------------------------------------------
+    def encode(self, examples: Sequence[dict], *, split: str) -> list[Encoded]:
+        """Token ids and assistant-target flags per conversation; truncated ones are counted, and
+        those left with no assistant token are dropped (counted too)."""
+        texts, spans = [], []
+        for ex in examples:
+            text, targets = "", []
+            start, end = _chat_tokens(self.tokenizer)
+            for m in ex["messages"]:
+                head = f"{start}{m['role']}\n"
+                if m["role"] == "assistant":  # its content and the closing <|im_end|>
+                    targets.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + len(end)))
+                text += f"{head}{m['content']}{end}\n"
+            texts.append(text)
+            spans.append(targets)
+        out, truncated, dropped = [], 0, 0
+        for enc, targets in zip(
+            self.tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False), spans, strict=True
+        ):
+            ids = enc.ids[: self.max_len]
+            truncated += len(enc.ids) > self.max_len
+            flags = np.zeros(len(ids), dtype=bool)
+            for i, (a, b) in enumerate(enc.offsets[: len(ids)]):
+                flags[i] = any(lo <= a and b <= hi for lo, hi in targets) and b > a
+            if not flags[1:].any():  # the first token is never a target (nothing precedes it)
+                dropped += 1
+                continue
+            out.append((np.asarray(ids, dtype=np.int32), flags))
+        self.truncated[split] = truncated
+        self.truncated[f"{split}_dropped_no_assistant_tokens"] = dropped
+        return out
+
+    def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        ids = pad([it[0] for it in items], self.pad_id)  # (B, T), right padding
+        labels = torch.full_like(ids, IGNORE)
+        for row, (seq, flags) in enumerate(items):
+            targets = torch.from_numpy(seq.astype(np.int64))
+            labels[row, : len(seq)] = torch.where(torch.from_numpy(flags), targets, IGNORE)
+        labels = torch.cat((labels[:, 1:], torch.full((len(items), 1), IGNORE)), dim=1)  # next-token targets
+        return {
+            "input_ids": ids, "labels": labels, "n_targets": int((labels != IGNORE).sum()),
+            "n_tokens": sum(len(it[0]) for it in items),
+        }  # fmt: skip
+
+    # --- loss, metrics ----------------------------------------------------------------------------
+    def loss(self, model: GPT, batch: dict[str, Any]) -> LossOutput:
+        # Right padding under a causal mask: real positions never see the padding after them.
+        hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
+        weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+        labels = batch["labels"].reshape(-1)
+        loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels)
+        return LossOutput(loss_sum, {"correct": float(correct)})
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return lm_metrics(sums)
+
+    def flops(self, model: GPT, batch: dict[str, Any]) -> float:
+        return clm_train_flops(model.cfg, batch)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None) -> dict:
+        """Perplexity on the assistant tokens, and distinct-1/2 of sampled replies."""
+        items = self.val_items if examples is None else self.encode(examples, split="eval")
+        examples = self.dev_examples if examples is None else list(examples)
+        if not items:
+            return {}
+        was_training = model.training
+        model.eval()
+        sums = {"loss_sum": 0.0, "n_targets": 0.0, "correct": 0.0}
+        with torch.no_grad():
+            for idx in length_sorted_batches([len(it[0]) for it in items], self.eval_batch_size):
+                batch = to_device(self.collate([items[i] for i in idx]), device)
+                out = self.loss(model, batch)
+                sums["loss_sum"] += float(out.loss_sum)
+                sums["n_targets"] += batch["n_targets"]
+                sums["correct"] += out.counts["correct"]
+        result: dict[str, Any] = dict(self.metrics(sums))
+        replies = self.sample_replies(model, examples[: self.eval_replies])
+        tokens = [r["token_ids"] for r in replies]
+        result.update(distinct_1=distinct_n(tokens, 1), distinct_2=distinct_n(tokens, 2), replies=len(replies))
+        result["samples"] = [{k: r[k] for k in ("prompt", "reply", "reference")} for r in replies[:5]]
+        model.train(was_training)
+        return result
+
+    def sample_replies(self, model: GPT, examples: Sequence[dict]) -> list[dict]:
+        """For each conversation: a reply sampled for the history before its last assistant turn
+        (all prompts decoded together, left-padded, from one seeded generator)."""
+        limit = model.cfg.max_seq_len - self.eval_generation.max_new_tokens
+        chosen = []
+        for ex in examples:
+            messages = ex["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = self.prompt_ids(messages[:last], limit=limit)
+            if prompt is not None:
+                chosen.append((messages[last - 1]["content"] if last else "", messages[last]["content"], prompt))
+        if not chosen:
+            return []
+        replies = Generator(model, self.tokenizer).generate([p for _, _, p in chosen], self.eval_generation)
+        return [
+            {"prompt": prompt, "reply": r.text, "reference": reference, "token_ids": r.token_ids}
+            for (prompt, reference, _), r in zip(chosen, replies, strict=True)
+        ]
+
+    def prompt_ids(self, history: Sequence[dict], *, limit: int) -> list[int] | None:
+        """Token ids of ``history`` plus the assistant prompt, dropping the oldest turns (a system
+        message stays) until at most ``limit`` tokens remain; None if even the last turn is too long."""
+        history = list(history)
+        system = history[:1] if history and history[0]["role"] == "system" else []
+        turns = history[len(system) :]
+        while True:
+            ids = self.tokenizer.encode(render_chat(self.tokenizer, system + turns, add_generation_prompt=True),
+                                        special_tokens=False)  # fmt: skip
+            if len(ids) <= limit or not turns:
+                return ids if len(ids) <= limit else None
+            turns = turns[1:]

@@ -1,0 +1,186 @@
+"""Machine translation with the encoder-decoder of ``models/seq2seq.py`` (Vaswani et al., 2017).
+
+Examples are ``{"src": ..., "tgt": ...}``. A source is its tokens then the end token (or, with a
+BERT encoder's WordPiece tokenizer, ``[CLS] ... [SEP]``); the decoder reads the end token then the
+target tokens and predicts the target tokens then the end token. Sequences longer than
+``max_len`` are truncated and counted. The loss is label-smoothed cross-entropy (Szegedy et al.,
+2016; ``label_smoothing`` = 0.1 in the Transformer paper), summed over target tokens. Validation
+decodes the whole dev set (greedy, batched by length) and scores it with sacreBLEU; BLEU picks
+the best checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.batching import length_sorted_batches, pad, padding_mask
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.generate import GenerationConfig, Generator
+from lmforge.metrics import translation_metrics
+from lmforge.models.seq2seq import Seq2Seq
+from lmforge.tasks.base import IGNORE, LossOutput, transformer_train_flops
+
+Encoded = tuple  # (source ids int32 array, target ids int32 array) of one example
+
+
+class TranslationTask:
+    """Train an encoder-decoder to translate ``src`` into ``tgt`` texts."""
+
+    name = "translate"
+
+    def __init__(
+        self,
+        src_tokenizer: LMTokenizer,
+        tgt_tokenizer: LMTokenizer,
+        *,
+        src_lang: str,
+        tgt_lang: str,
+        max_len: int = 128,
+        label_smoothing: float = 0.1,
+        source_special_tokens: bool = False,
+        train_examples: Sequence[dict] = (),
+        dev_examples: Sequence[dict] = (),
+        eval_batch_size: int = 64,
+        eval_generation: GenerationConfig | None = None,
+    ) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.src_tok, self.tgt_tok = src_tokenizer, tgt_tokenizer
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        eos = tgt_tokenizer.token_id("eos")
+        if eos is None:
+            raise ValueError("the target tokenizer needs an end token (a byte-level BPE tokenizer has <|endoftext|>)")
+        self.eos_id = eos
+        pad_id = tgt_tokenizer.token_id("pad")
+        self.tgt_pad = eos if pad_id is None else pad_id
+        src_pad = src_tokenizer.token_id("pad")
+        self.src_pad = self.tgt_pad if src_pad is None else src_pad
+        self.max_len, self.label_smoothing = max_len, label_smoothing
+        self.source_special_tokens = source_special_tokens
+        self.selection = ("bleu", "max")
+        self.eval_batch_size = eval_batch_size
+        self.eval_generation = eval_generation or GenerationConfig(max_new_tokens=max_len)
+        self.truncated: dict[str, int] = {}
+        self.dev_examples = list(dev_examples)
+        self.train_items = self.encode(train_examples, split="train")
+        self.val_items = self.encode(dev_examples, split="dev")
+        self.train_lengths = [len(s) + len(t) for s, t in self.train_items]
+
+    def settings(self) -> dict:
+        return {
+            "task": self.name, "src": self.src_lang, "tgt": self.tgt_lang, "max_len": self.max_len,
+            "label_smoothing": self.label_smoothing, "source_special_tokens": self.source_special_tokens,
+        }  # fmt: skip
+
+    # --- data --------------------------------------------------------------------------------
+    def encode_sources(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Source token ids (with the end token, or [CLS]/[SEP]) and how many were truncated."""
+        encoded = self.src_tok.tokenizer.encode_batch(list(texts), add_special_tokens=self.source_special_tokens)
+        out, truncated = [], 0
+        for e in encoded:
+            ids = e.ids if self.source_special_tokens else [*e.ids, self.eos_id]
+            if len(ids) > self.max_len:
+                truncated += 1
+                ids = [*ids[: self.max_len - 1], ids[-1]]  # keep the closing token
+            out.append(ids)
+        return out, truncated
+
+    def encode(self, examples: Sequence[dict], *, split: str) -> list[Encoded]:
+        if not examples:
+            return []
+        sources, cut = self.encode_sources([ex["src"] for ex in examples])
+        targets = self.tgt_tok.tokenizer.encode_batch([ex["tgt"] for ex in examples], add_special_tokens=False)
+        out = []
+        for src, tgt in zip(sources, targets, strict=True):
+            ids = tgt.ids[: self.max_len - 1]
+            cut += len(tgt.ids) > self.max_len - 1
+            out.append((np.asarray(src, dtype=np.int32), np.asarray(ids, dtype=np.int32)))
+        self.truncated[split] = cut
+        return out
+
+    def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        src = pad([s for s, _ in items], self.src_pad)  # (B, S)
+        src_mask = padding_mask([len(s) for s, _ in items], src.shape[1])
+        decoder_in = pad([np.concatenate(([self.eos_id], t)) for _, t in items], self.tgt_pad)  # (B, T)
+        labels = pad([np.concatenate((t, [self.eos_id])) for _, t in items], IGNORE)  # (B, T)
+        n_targets = int((labels != IGNORE).sum())
+        return {
+            "input_ids": src, "src_mask": src_mask, "decoder_input_ids": decoder_in, "labels": labels,
+            "n_targets": n_targets, "n_tokens": int(src_mask.sum()) + n_targets,
+        }  # fmt: skip
+
+    # --- model, loss -------------------------------------------------------------------------
+    def loss(self, model: Seq2Seq, batch: dict[str, Any]) -> LossOutput:
+        logits = model(batch["input_ids"], batch["decoder_input_ids"], src_mask=batch["src_mask"])  # (B, T, V)
+        logits, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        loss = F.cross_entropy(
+            logits.float(), labels.long(), ignore_index=IGNORE, label_smoothing=self.label_smoothing, reduction="sum"
+        )
+        counts = {}
+        if not torch.is_grad_enabled():
+            valid = labels != IGNORE
+            counts["correct"] = float(((logits.argmax(-1) == labels) & valid).sum())
+        return LossOutput(loss, counts)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["n_targets"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / n}
+
+    def flops(self, model: Seq2Seq, batch: dict[str, Any]) -> float:
+        cfg = model.cfg
+        B, S = batch["input_ids"].shape
+        T = batch["decoder_input_ids"].shape[1]
+        enc = transformer_train_flops(
+            n_layers=cfg.encoder.n_layers, d_model=cfg.d_model, d_ff=cfg.encoder.d_ff, n_tokens=B * S, seq_len=S,
+            head_rows=0, head_flops_per_row=0,
+        )  # fmt: skip
+        # decoder layers: self-attention + cross-attention projections (8 D^2 more per token) + FFN + head
+        dec = transformer_train_flops(
+            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T + S,
+            head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.target_vocab,
+        )  # fmt: skip
+        return enc + dec + 3.0 * cfg.n_layers * 8 * cfg.d_model * cfg.d_model * B * T
+
+    # --- decoding and evaluation -------------------------------------------------------------
+    def generator(self, model: Seq2Seq) -> Generator:
+        return Generator(
+            model, self.tgt_tok, source_tokenizer=self.src_tok, source_special_tokens=self.source_special_tokens
+        )
+
+    def translate(
+        self, model: Seq2Seq, texts: Sequence[str], *, device: torch.device, generation: GenerationConfig | None = None
+    ) -> list[str]:
+        """Translations of ``texts``, decoded in length-sorted batches (output in input order)."""
+        cfg = generation or self.eval_generation
+        was_training = model.training
+        model.eval()
+        gen = self.generator(model)
+        sources, _ = self.encode_sources(texts)
+        out: list[str] = [""] * len(texts)
+        per_batch = max(1, self.eval_batch_size // cfg.num_beams)
+        for idx in length_sorted_batches([len(s) for s in sources], per_batch):
+            hyps = gen.generate([sources[i] for i in idx], cfg)
+            for i, h in zip(idx, hyps[:: cfg.num_return_sequences], strict=True):
+                out[i] = h.text.strip()
+        model.train(was_training)
+        return out
+
+    def evaluate(
+        self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """sacreBLEU BLEU and chrF of the translations of ``examples`` (default: the dev set)."""
+        examples = self.dev_examples if examples is None else list(examples)
+        if not examples:
+            return {}
+        hyps = self.translate(model, [ex["src"] for ex in examples], device=device, generation=generation)
+        return translation_metrics(hyps, [ex["tgt"] for ex in examples], target_lang=self.tgt_lang)
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]:
+        return [{"translation": t} for t in self.translate(model, [ex["src"] for ex in examples], device=device)]
