@@ -8,15 +8,18 @@
 - ``stream`` yields text deltas and holds back a delta while it ends in an incomplete UTF-8
   sequence (a byte-level BPE token can carry half of a Chinese character).
 
-Speed at batch 1 on a CPU is bound by per-step overhead and by reading the weights, not by FLOPs
-(FINDINGS). So decoding keeps the model's preallocated ``KVCache`` (no per-step concatenation),
-projects the encoder's cross-attention keys/values once, computes logits only at the last
-position, and multiplies by a pre-transposed (D, V) copy of the output projection: stored as
-(V, D), ``x @ W.T`` ran at a quarter of the memory bandwidth here.
+Speed at small batch on a CPU is bound by reading the weights and by per-step overhead, not by
+FLOPs (FINDINGS). So decoding keeps the model's preallocated ``KVCache`` (no per-step
+concatenation), projects the encoder's cross-attention keys/values once, computes logits only at
+the last position, and stores every weight matrix in the layout the CPU reads fastest for a
+matrix-vector product: with its longer side contiguous (a layout change only: the values, and so
+the outputs, are exactly those of the model). The output projection is kept both ways: (D, V) for
+one row, (V, D) for several (measured here: 0.8 vs 2.5 ms and 1.4 vs 2.5 ms at 8 rows).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,8 @@ class GenerationConfig:
     """Token ids that end a sequence, besides the tokenizer's end token."""
     seed: int | None = None
     """Sampling seed; None = torch's global generator."""
+    output_scores: bool = False
+    """Greedy / sampling: also sum each sequence's log-probabilities (an extra pass over the logits)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -97,26 +102,64 @@ class GenerationConfig:
 @dataclass
 class Generation:
     """One generated sequence: its text, token ids (without the prompt), why it ended and its score
-    (beam search: the length-penalised log-probability; otherwise the summed log-probability)."""
+    (beam search: the length-penalised log-probability; greedy / sampling with ``output_scores``: the
+    summed log-probability; otherwise None)."""
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
-    score: float
+    score: float | None
+
+
+class _OutputProjection:
+    """Vocabulary logits ``h @ W.T`` for (N, D) hidden states, in the faster layout for N."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight.detach()  # (V, D) as the model stores it: faster for several rows
+        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if h.shape[0] == 1:
+            return h @ self.weight_t  # (1, V)
+        return (self.weight @ h.t()).t()  # (N, V)
+
+
+def decoding_layout(model: nn.Module) -> nn.Module:
+    """Store each linear layer's weight with its longer side contiguous (in place; values unchanged).
+
+    ``F.linear`` computes the same numbers from either layout, but a matrix-vector product
+    streams long contiguous rows much faster: from main memory, a (256 -> 1024) projection took
+    74 us stored (in, out) and 147 us stored (out, in) on the benchmark CPU.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.in_features < module.out_features:
+            if module.weight.stride(0) == 1:  # already (in, out) in memory
+                continue
+            transposed = module.weight.detach().t().contiguous()  # (in, out) in memory
+            module.weight = nn.Parameter(transposed.t(), requires_grad=module.weight.requires_grad)
+    return model
 
 
 class _Steps:
     """Incremental logits of a model: ``first()`` for the prompts, ``next(tokens)`` per step, ``reorder``."""
 
-    def __init__(self, model: nn.Module, head: Tensor) -> None:
-        self.model, self.head = model, head  # head: (D, V), contiguous
+    def __init__(self, model: nn.Module, head: _OutputProjection) -> None:
+        self.model, self.head = model, head
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        return hidden[:, -1] @ self.head  # (N, V)
+        return self.head(hidden[:, -1])  # (N, V)
 
 
 class _GPTSteps(_Steps):
-    def __init__(self, model: GPT, head: Tensor, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int):
+    def __init__(self, model: GPT, head: _OutputProjection, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int):
         super().__init__(model, head)
         device = head.device
         n, longest = len(prompts) * copies, max(len(p) for p in prompts)
@@ -155,7 +198,7 @@ class _GPTSteps(_Steps):
 
 
 class _Seq2SeqSteps(_Steps):
-    def __init__(self, model: Seq2Seq, head: Tensor, sources: list[list[int]], *, pad_id: int, start_id: int,
+    def __init__(self, model: Seq2Seq, head: _OutputProjection, sources: list[list[int]], *, pad_id: int, start_id: int,
                  copies: int, max_new: int):  # fmt: skip
         super().__init__(model, head)
         device = head.device
@@ -248,6 +291,9 @@ def _banned_ngram_tokens(history: list[int], n: int) -> list[int]:
 class Generator:
     """Decoding with one model and its tokenizer(s). Build once, call many times.
 
+    The generator decodes with a copy of the model whose weights are stored in the decoding
+    layout (``decoding_layout``); ``copy_weights=False`` relayouts the model itself instead (for a
+    model used only for inference), and ``refresh()`` re-reads the weights after training steps.
     ``tokenizer`` decodes the output (and, for a GPT, encodes the prompts); ``source_tokenizer``
     encodes the sources of an encoder-decoder (default: ``tokenizer``). ``start_id`` is the token a
     decoder starts from (encoder-decoder; default: the end token, as in Marian and BART).
@@ -261,10 +307,11 @@ class Generator:
         source_tokenizer: LMTokenizer | None = None,
         start_id: int | None = None,
         source_special_tokens: bool = False,
+        copy_weights: bool = True,
     ) -> None:
         if not isinstance(model, (GPT, Seq2Seq)):
             raise ValueError(f"generation needs a GPT or an encoder-decoder model, not {type(model).__name__}")
-        self.model, self.tokenizer = model, tokenizer
+        self.source_model, self.copy_weights, self.tokenizer = model, copy_weights, tokenizer
         self.source_tokenizer = source_tokenizer or tokenizer
         self.source_special_tokens = source_special_tokens
         eos = tokenizer.token_id("eos") if tokenizer.token_id("eos") is not None else tokenizer.token_id("sep")
@@ -277,9 +324,11 @@ class Generator:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the output projection (call after the weights change, e.g. between training steps)."""
+        """Re-read the model's weights (call after they change, e.g. between training steps)."""
+        model = copy.deepcopy(self.source_model) if self.copy_weights else self.source_model
+        self.model = decoding_layout(model.eval())
         weight = self.model.target_embedding if isinstance(self.model, Seq2Seq) else _gpt_head(self.model)
-        self.head = weight.detach().t().contiguous()  # (D, V)
+        self.head = _OutputProjection(weight)
 
     # --- public entry points ---------------------------------------------------------------------
 
@@ -381,7 +430,7 @@ class Generator:
         max_new = self._max_new(ids, cfg)
         steps = self._steps(ids, copies, max_new)
         n = len(ids) * copies
-        processor = _LogitsProcessor(cfg, self._histories(ids, copies), self.head.shape[1], self.head.device)
+        processor = _LogitsProcessor(cfg, self._histories(ids, copies), self.head.vocab_size, self.head.device)
         generator = None
         if cfg.do_sample and cfg.seed is not None:
             generator = torch.Generator(device=self.head.device).manual_seed(cfg.seed)
@@ -406,7 +455,7 @@ class Generator:
 
     def _run_sampling(self, ids: list[list[int]], cfg: GenerationConfig):
         n = len(ids) * cfg.num_return_sequences
-        scores = torch.zeros(n, device=self.head.device)
+        scores = torch.zeros(n, device=self.head.device) if cfg.output_scores else None
         stop_ids = self._stop_ids(cfg)
         tokens: list[list[int]] = [[] for _ in range(n)]
         reasons: list[FinishReason] = ["length"] * n
@@ -425,21 +474,21 @@ class Generator:
                         done[row], reasons[row] = True, "stop"
                 if all(done):
                     break
-        return tokens, reasons, scores.tolist()
+        return tokens, reasons, scores.tolist() if scores is not None else [None] * n
 
-    def _finish(self, tokens: list[int], reason: FinishReason, score: float, stop_strings=()) -> Generation:
+    def _finish(self, tokens: list[int], reason: FinishReason, score: float | None, stop_strings=()) -> Generation:
         text = self.tokenizer.decode(tokens)
         cut = _stop_cut(text, stop_strings)
         if cut is not None:
             text, reason = text[:cut], "stop"
-        return Generation(text=text, token_ids=tokens, finish_reason=reason, score=float(score))
+        return Generation(text=text, token_ids=tokens, finish_reason=reason, score=score)
 
     def _beam_search(self, ids: list[list[int]], cfg: GenerationConfig) -> list[list[tuple[float, list[int], str]]]:
         """Per input, the n-best (score, tokens, finish reason), best first."""
         B, K = len(ids), cfg.num_beams
         max_new = self._max_new(ids, cfg)
         steps = self._steps(ids, K, max_new)
-        processor = _LogitsProcessor(cfg, self._histories(ids, K), self.head.shape[1], self.head.device)
+        processor = _LogitsProcessor(cfg, self._histories(ids, K), self.head.vocab_size, self.head.device)
         stop_ids = self._stop_ids(cfg)
         device = self.head.device
         beam_scores = torch.full((B, K), float("-inf"), device=device)
