@@ -207,7 +207,7 @@ class ChatSession:
         settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
         self.is_chat_model = settings.get("task") == "chat"
         self.task = DialogueTask(self.tokenizer, max_len=model.cfg.max_seq_len)
-        self.model, self.generator = model, Generator(model, self.tokenizer)
+        self.model, self.generator = model, Generator(model, self.tokenizer, copy_weights=False)
         self.system = system
         self.history: list[dict] = []
 

@@ -159,7 +159,9 @@ class _Steps:
 
 
 class _GPTSteps(_Steps):
-    def __init__(self, model: GPT, head: _OutputProjection, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int):
+    def __init__(
+        self, model: GPT, head: _OutputProjection, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int
+    ) -> None:
         super().__init__(model, head)
         device = head.device
         n, longest = len(prompts) * copies, max(len(p) for p in prompts)

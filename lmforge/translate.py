@@ -105,6 +105,9 @@ class TranslateTrainConfig:
     """Longest source or target in tokens (longer ones are truncated and counted)."""
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy."""
+    batch_tokens: int = 0
+    """Token-budget batches: each training item is a bucket of similar-length pairs with at most this many
+    padded tokens, and training.global_batch_size / micro_batch_size count buckets; 0 = batches of sentences."""
     epochs: float = 0.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps (and training.max_minutes)."""
     average_last: int = 0
@@ -216,7 +219,7 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
     task = TranslationTask(
         src_tok, tgt_tok, src_lang=cfg.src, tgt_lang=cfg.tgt, max_len=cfg.max_len,
         label_smoothing=cfg.label_smoothing, source_special_tokens=bool(cfg.encoder),
-        train_examples=splits["train"], dev_examples=splits["dev"],
+        train_examples=splits["train"], dev_examples=splits["dev"], batch_tokens=cfg.batch_tokens,
     )  # fmt: skip
     training = cfg.training
     if cfg.epochs > 0:

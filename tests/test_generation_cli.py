@@ -57,7 +57,38 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path, tatoeba_path: 
     assert main(["translate", "--model", str(out), "--input", str(sources), "--output", str(tmp_path / "o.jsonl"),
                  "--num-beams", "1"]) == 0  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["src"] for r in rows] == ["我会游泳。", "你好吗？"] and all(isinstance(r["translation"], str) for r in rows)
+    assert [r["src"] for r in rows] == ["我会游泳。", "你好吗？"] and all(
+        isinstance(r["translation"], str) for r in rows
+    )
+
+
+def test_translate_with_encoder_warm_started_from_a_pretrained_bert(
+    tmp_path: Path, tatoeba_path: Path, review_wordpiece: Path
+) -> None:
+    """The encoder keeps the BERT's WordPiece vocabulary and weights; the target side gets its own BPE."""
+    from lmforge.data.tokenizer import copy_tokenizer_files
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.models.registry import read_safetensors
+    from lmforge.translate import load_translation
+
+    bert_dir = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=load_tokenizer(review_wordpiece).vocab_size, d_model=32, n_layers=1, n_heads=2,
+                     d_ff=64, max_seq_len=64)  # fmt: skip
+    save_model(Bert(cfg), bert_dir)
+    copy_tokenizer_files(review_wordpiece, bert_dir)
+    train = _pairs(tmp_path / "train.tsv", tatoeba_path, 0, 64)
+    out = tmp_path / "run"
+    args = ["finetune", "translate", "--out", str(out), "--train", str(train), "--encoder", str(bert_dir),
+            "--model.n-decoder-layers", "1", "--model.n-heads", "2", "--model.d-ff", "64", "--vocab-size", "400",
+            "--max-len", "24", "--training.max-steps", "1", "--training.eval-every", "0", "--num-beams", "1",
+            "--training.optim.lr", "1e-12", *FAST]  # fmt: skip
+    assert main(args) == 0
+    task, model = load_translation(out)
+    assert model.cfg.tgt_vocab_size == load_tokenizer(out).vocab_size != model.cfg.encoder.vocab_size
+    assert (out / "source_tokenizer" / "tokenizer.json").is_file() and task.source_special_tokens
+    pretrained = read_safetensors(bert_dir / "model.safetensors")["layers.0.ffn.up.weight"]
+    assert torch.allclose(model.encoder.layers[0].ffn.up.weight, pretrained, atol=1e-6)
+    assert task.translate(model, ["我会游泳。"], device=torch.device("cpu"))[0] is not None
 
 
 def test_translation_collate_aligns_decoder_inputs_and_labels(bpe_dir: Path) -> None:
@@ -79,7 +110,9 @@ def test_translation_collate_aligns_decoder_inputs_and_labels(bpe_dir: Path) -> 
 
 
 def test_read_pairs_formats_and_errors(tmp_path: Path) -> None:
-    (tmp_path / "a.jsonl").write_text('{"zh": "你好", "en": "Hello"}\n{"src": "再见", "tgt": "Bye"}\n', encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        '{"zh": "你好", "en": "Hello"}\n{"src": "再见", "tgt": "Bye"}\n', encoding="utf-8"
+    )
     pairs, _ = read_pairs(tmp_path / "a.jsonl", src="zh", tgt="en")
     assert [(p["src"], p["tgt"]) for p in pairs] == [("你好", "Hello"), ("再见", "Bye")]
     (tmp_path / "b.tsv").write_text("你好\tHello\n只有一列\n", encoding="utf-8")
@@ -183,3 +216,21 @@ def test_chat_finetune_rejects_a_tokenizer_without_chat_tokens(tmp_path: Path, w
     code = main(["finetune", "chat", "--model", str(tmp_path), "--data", "builtin:chatterbot-zh", "--out",
                  str(tmp_path / "run"), *FAST])  # fmt: skip
     assert code == 2
+
+
+def test_token_budget_buckets_hold_similar_lengths_within_the_budget(bpe_dir: Path) -> None:
+    from lmforge.data.batching import token_buckets
+
+    lengths = [5, 1, 9, 3, 3, 7, 2, 30]
+    buckets = token_buckets(lengths, 12)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for b in buckets:
+        assert len(b) * max(lengths[i] for i in b) <= 12 or len(b) == 1
+    assert [7] in buckets  # longer than the budget: alone
+    tok = load_tokenizer(bpe_dir)
+    examples = [{"src": "我爱北京" * k, "tgt": "I love Beijing " * k} for k in range(1, 7)]
+    task = TranslationTask(tok, tok, src_lang="zh", tgt_lang="en", max_len=64, train_examples=examples,
+                           batch_tokens=60)  # fmt: skip
+    assert task.train_lengths is None and sum(len(b) for b in task.train_items) == 6
+    batch = task.collate(task.train_items[:2])
+    assert batch["input_ids"].shape[0] == len(task.train_items[0]) + len(task.train_items[1])

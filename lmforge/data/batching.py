@@ -107,3 +107,23 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = np.argsort(-np.asarray(lengths), kind="stable")
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size].tolist()
+
+
+def token_buckets(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into buckets of similar length holding at most ``max_tokens`` padded tokens
+    (rows x the longest row), fairseq's ``--max-tokens`` batching; an item longer than the budget
+    gets a bucket of its own."""
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens={max_tokens} must be positive")
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for i in order.tolist():
+        # sorted ascending: the newest item is the longest in its bucket
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            buckets.append(current)
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return buckets

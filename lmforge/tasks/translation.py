@@ -6,7 +6,9 @@ target tokens and predicts the target tokens then the end token. Sequences longe
 ``max_len`` are truncated and counted. The loss is label-smoothed cross-entropy (Szegedy et al.,
 2016; ``label_smoothing`` = 0.1 in the Transformer paper), summed over target tokens. Validation
 decodes the whole dev set (greedy, batched by length) and scores it with sacreBLEU; BLEU picks
-the best checkpoint.
+the best checkpoint. With ``batch_tokens`` each training item is a bucket of similar-length pairs
+holding at most that many padded tokens (fairseq's ``--max-tokens``), so the loop's batch sizes
+count buckets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.batching import length_sorted_batches, pad, padding_mask
+from lmforge.data.batching import length_sorted_batches, pad, padding_mask, token_buckets
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.generate import GenerationConfig, Generator
 from lmforge.metrics import translation_metrics
@@ -48,6 +50,7 @@ class TranslationTask:
         dev_examples: Sequence[dict] = (),
         eval_batch_size: int = 64,
         eval_generation: GenerationConfig | None = None,
+        batch_tokens: int = 0,
     ) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
@@ -68,9 +71,14 @@ class TranslationTask:
         self.eval_generation = eval_generation or GenerationConfig(max_new_tokens=max_len)
         self.truncated: dict[str, int] = {}
         self.dev_examples = list(dev_examples)
-        self.train_items = self.encode(train_examples, split="train")
+        pairs = self.encode(train_examples, split="train")
         self.val_items = self.encode(dev_examples, split="dev")
-        self.train_lengths = [len(s) + len(t) for s, t in self.train_items]
+        lengths = [len(s) + len(t) + 1 for s, t in pairs]
+        self.train_items: list = pairs
+        self.train_lengths: list[int] | None = lengths
+        if batch_tokens:  # items become whole buckets; their order is shuffled, their contents fixed
+            self.train_items = [[pairs[i] for i in b] for b in token_buckets(lengths, batch_tokens)]
+            self.train_lengths = None
 
     def settings(self) -> dict:
         return {
@@ -104,7 +112,9 @@ class TranslationTask:
         self.truncated[split] = cut
         return out
 
-    def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
+    def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        if items and isinstance(items[0], list):  # token-budget buckets
+            items = [pair for bucket in items for pair in bucket]
         src = pad([s for s, _ in items], self.src_pad)  # (B, S)
         src_mask = padding_mask([len(s) for s, _ in items], src.shape[1])
         decoder_in = pad([np.concatenate(([self.eos_id], t)) for _, t in items], self.tgt_pad)  # (B, T)
