@@ -95,7 +95,7 @@ class TranslateTrainConfig:
     skip_bad_rows: bool = False
     """Skip malformed lines (listed in results.json) instead of stopping at the first."""
     tokenizer: str | None = None
-    """Shared tokenizer directory; None = train a byte-level BPE on both sides into OUT/tokenizer."""
+    """Shared tokenizer directory; None = train a byte-level BPE on both sides of --train into the run directory."""
     vocab_size: int = 8000
     """Vocabulary size of a tokenizer trained here."""
     encoder: str | None = None
@@ -106,8 +106,7 @@ class TranslateTrainConfig:
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy."""
     batch_tokens: int = 0
-    """Token-budget batches: each training item is a bucket of similar-length pairs with at most this many
-    padded tokens, and training.global_batch_size / micro_batch_size count buckets; 0 = batches of sentences."""
+    """Token-budget batching: each item is a bucket of similar pairs, <= N padded tokens; batch sizes count buckets."""
     epochs: float = 0.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps (and training.max_minutes)."""
     average_last: int = 0

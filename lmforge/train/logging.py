@@ -149,7 +149,7 @@ def plot_curves(run_dir: Path) -> list[Path]:
             twin.plot([r["step"] for r in points], [r[other] for r in points], "s--", color="tab:green",
                       label=f"validation {other}")  # fmt: skip
             twin.set_ylabel(f"validation {other}")
-            twin.legend(loc="upper right")
+            twin.legend(loc="center right")
         fig.tight_layout()
         fig.savefig(run_dir / "loss.png", dpi=110)
         plt.close(fig)
