@@ -223,6 +223,8 @@ class ChatSession:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": text})
         cfg = self._config(cfg)
+        if cfg.seed is not None:  # reproducible, but not the same draws at every turn
+            cfg = dataclasses.replace(cfg, seed=cfg.seed + len(self.history) // 2)
         ids = self.task.prompt_ids(messages, limit=self.model.cfg.max_seq_len - cfg.max_new_tokens)
         if ids is None:
             raise ValueError(

@@ -9,6 +9,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich wraps console output at the terminal width (80 without a terminal), which splits long paths in
+# the messages the tests look for; a wide console keeps each message on one line.
+os.environ["COLUMNS"] = "400"
 
 import pytest
 import torch
