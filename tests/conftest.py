@@ -9,9 +9,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# rich wraps console output at the terminal width (80 without a terminal), which splits long paths in
-# the messages the tests look for; a wide console keeps each message on one line.
-os.environ["COLUMNS"] = "400"
 
 import pytest
 import torch
@@ -23,6 +20,11 @@ TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba-cmn
 def pytest_configure(config: pytest.Config) -> None:
     # Two torch threads on a 2-core machine shared with the test runner oversubscribe; one is steadier.
     torch.set_num_threads(1)
+    # The CLI's rich console wraps at the terminal width (80 without a terminal), which splits the long
+    # temporary paths in the messages the tests look for; a wide console keeps each message on one line.
+    from lmforge import cli
+
+    cli.console.width = 400
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

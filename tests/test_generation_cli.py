@@ -29,15 +29,19 @@ TINY_MT = ["--model.d-model", "32", "--model.d-ff", "64", "--model.n-heads", "2"
            "--model.n-decoder-layers", "1", "--vocab-size", "400", "--max-len", "24"]  # fmt: skip
 
 
-def _pairs(path: Path, tatoeba: Path, start: int, n: int) -> Path:
-    lines = tatoeba.read_text(encoding="utf-8").splitlines()[start : start + n]
+SAMPLE = Path(__file__).parent / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
+
+
+def _pairs(path: Path, start: int, n: int) -> Path:
+    """Pairs start..start+n of the Tatoeba sample as a zh TAB en TSV with an extra column (ignored)."""
+    lines = SAMPLE.read_text(encoding="utf-8-sig").splitlines()[start : start + n]
     path.write_text("".join(f"{ln.split(chr(9))[1]}\t{ln.split(chr(9))[0]}\textra\n" for ln in lines), encoding="utf-8")
     return path
 
 
-def test_translate_finetune_then_translate_a_file(tmp_path: Path, tatoeba_path: Path) -> None:
-    train = _pairs(tmp_path / "train.tsv", tatoeba_path, 0, 120)
-    dev = _pairs(tmp_path / "dev.tsv", tatoeba_path, 120, 16)
+def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
+    train = _pairs(tmp_path / "train.tsv", 0, 120)
+    dev = _pairs(tmp_path / "dev.tsv", 120, 16)
     out = tmp_path / "run"
     args = ["finetune", "translate", "--out", str(out), "--train", str(train), "--dev", str(dev), "--test", str(dev),
             *TINY_MT, "--training.max-steps", "12", "--training.eval-every", "6", "--training.save-every", "4",
@@ -62,9 +66,7 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path, tatoeba_path: 
     )
 
 
-def test_translate_with_encoder_warm_started_from_a_pretrained_bert(
-    tmp_path: Path, tatoeba_path: Path, review_wordpiece: Path
-) -> None:
+def test_translate_with_encoder_warm_started_from_a_pretrained_bert(tmp_path: Path, review_wordpiece: Path) -> None:
     """The encoder keeps the BERT's WordPiece vocabulary and weights; the target side gets its own BPE."""
     from lmforge.data.tokenizer import copy_tokenizer_files
     from lmforge.models.bert import Bert, BertConfig
@@ -76,7 +78,7 @@ def test_translate_with_encoder_warm_started_from_a_pretrained_bert(
                      d_ff=64, max_seq_len=64)  # fmt: skip
     save_model(Bert(cfg), bert_dir)
     copy_tokenizer_files(review_wordpiece, bert_dir)
-    train = _pairs(tmp_path / "train.tsv", tatoeba_path, 0, 64)
+    train = _pairs(tmp_path / "train.tsv", 0, 64)
     out = tmp_path / "run"
     args = ["finetune", "translate", "--out", str(out), "--train", str(train), "--encoder", str(bert_dir),
             "--model.n-decoder-layers", "1", "--model.n-heads", "2", "--model.d-ff", "64", "--vocab-size", "400",
