@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import write_json, write_yaml
-from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import read_conversations
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer
-from lmforge.finetune import TASK_FILE, split_off_dev
+from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
 from lmforge.generate import GenerationConfig, Generator
 from lmforge.metrics import DEFINITIONS
 from lmforge.models.gpt import GPT
@@ -67,40 +66,12 @@ class ChatTrainConfig:
     """Continue the run in this directory from its last checkpoint."""
 
 
-def _splits(cfg: ChatTrainConfig) -> tuple[dict[str, list[dict]], dict]:
-    if cfg.data:
-        name = cfg.data.removeprefix("builtin:")
-        if not cfg.data.startswith("builtin:") or BUILTINS.get(name) is None or BUILTINS[name].task != "dialogue":
-            names = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == "dialogue"]
-            raise ValueError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
-        if cfg.train or cfg.dev or cfg.test:
-            raise ValueError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        return load_builtin(name), {}
-    if not cfg.train:
-        raise ValueError("no training data: pass --train FILE.jsonl (and --dev, --test) or --data builtin:NAME")
-    splits, skipped = {}, {}
-    for split in ("train", "dev", "test"):
-        path = getattr(cfg, split)
-        if path:
-            splits[split], report = read_conversations(path, skip_bad_rows=cfg.skip_bad_rows)
-            if not splits[split]:
-                raise ValueError(f"{path}: no usable conversations")
-            if report.skipped:
-                skipped[path] = report.skipped
-    if "dev" not in splits:
-        splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
-    return splits, skipped
-
-
 def finetune_chat(cfg: ChatTrainConfig) -> dict:
     """Fine-tune, keep the lowest dev perplexity, evaluate dev and test; returns results.json's content."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
-    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: continue with --resume {run_dir}, or pick a new --out")
-    splits, skipped = _splits(cfg)
+    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
+    splits, reports = load_splits(cfg, "dialogue", read_conversations)
     model = load_model(cfg.model)
     if not isinstance(model, GPT):
         raise ValueError(f"--model {cfg.model}: chat fine-tuning needs a GPT model directory")
@@ -135,7 +106,7 @@ def finetune_chat(cfg: ChatTrainConfig) -> dict:
             task="chat", model=cfg.model, weights=f"{checkpoint.STATE_DIR}/{chosen.name}",
             data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
                   "conversations": {s: len(v) for s, v in splits.items()}, "training_items": len(task.train_items),
-                  "truncated": dict(task.truncated), "skipped_rows": skipped},
+                  "truncated": dict(task.truncated), "skipped_rows": skipped_rows(reports)},
             generation=dataclasses.asdict(task.eval_generation), training=summary, definitions=DEFINITIONS,
             wall_seconds=round(time.perf_counter() - started, 2),
         )  # fmt: skip

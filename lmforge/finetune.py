@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -114,8 +115,16 @@ def split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]
     return [ex for i, ex in enumerate(train) if i not in dev], [train[i] for i in sorted(dev)]
 
 
-def load_splits(cfg: FinetuneConfig, kind: str) -> tuple[dict[str, list[dict]], list[ReadReport]]:
-    """train / dev / test examples from --data builtin:NAME or the files, and what reading skipped."""
+def load_splits(
+    cfg, kind: str, read: Callable[..., tuple[list[dict], ReadReport]] | None = None, *, builtin_path: str | None = None
+) -> tuple[dict[str, list[dict]], list[ReadReport]]:
+    """train / dev / test examples from --data builtin:NAME or the files, and what reading skipped.
+
+    ``cfg`` needs ``data``, ``train``, ``dev``, ``test``, ``skip_bad_rows`` and ``training.seed``;
+    ``kind`` is the built-in corpora's task (classify, ner, dialogue, translate); ``read(path,
+    skip_bad_rows=...)`` reads one file (default: the classify / ner readers). Without a dev file,
+    10% of train (fixed seed) is held out.
+    """
     if cfg.data:
         name = cfg.data.removeprefix("builtin:")
         if not cfg.data.startswith("builtin:") or name not in BUILTINS or BUILTINS[name].task != kind:
@@ -123,10 +132,10 @@ def load_splits(cfg: FinetuneConfig, kind: str) -> tuple[dict[str, list[dict]], 
             raise ValueError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
         if cfg.train or cfg.dev or cfg.test:
             raise ValueError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        return load_builtin(name), []
+        return load_builtin(name, path=builtin_path), []
     if not cfg.train:
         raise ValueError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
-    read = read_labelled if kind == "classify" else read_tagged
+    read = read or (read_labelled if kind == "classify" else read_tagged)
     splits, reports = {}, []
     for split in ("train", "dev", "test"):
         path = getattr(cfg, split)
@@ -138,6 +147,11 @@ def load_splits(cfg: FinetuneConfig, kind: str) -> tuple[dict[str, list[dict]], 
     if "dev" not in splits:
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
     return splits, reports
+
+
+def skipped_rows(reports: list[ReadReport]) -> dict[str, list[str]]:
+    """The rows --skip-bad-rows skipped, by file, for results.json."""
+    return {r.path: r.skipped for r in reports if r.skipped}
 
 
 def build_task(kind: str, tok: LMTokenizer, settings: dict, splits: dict | None = None, dropout: float = 0.1):
@@ -179,10 +193,7 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
     """Fine-tune, then evaluate the best checkpoint on dev and test; returns results.json's content."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
-    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: continue with --resume {run_dir}, or pick a new --out")
+    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
     splits, reports = load_splits(cfg, kind)
     tok = load_tokenizer(cfg.model)
     base = read_config(cfg.model)
@@ -261,7 +272,7 @@ def _data_report(cfg: FinetuneConfig, splits: dict, reports: list[ReadReport], t
         "source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
         "examples": {s: len(v) for s, v in splits.items()},
         "training_items": len(task.train_items),
-        "skipped_rows": {r.path: r.skipped for r in reports if r.skipped},
+        "skipped_rows": skipped_rows(reports),
         "truncated": dict(task.truncated),
     }
 

@@ -123,12 +123,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise ValueError(
             f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
         )
-    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
-    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(
-            f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out"
-        )
+    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
     d = distributed.setup(cfg.train.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:

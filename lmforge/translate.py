@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 from lmforge.config import write_json, write_yaml
-from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import read_pairs, write_jsonl
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.finetune import TASK_FILE, split_off_dev
+from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
 from lmforge.generate import GenerationConfig
 from lmforge.metrics import DEFINITIONS
 from lmforge.models.bert import BertConfig
@@ -120,33 +119,19 @@ class TranslateTrainConfig:
     """Continue the run in this directory from its last checkpoint."""
 
 
-def _splits(cfg: TranslateTrainConfig) -> tuple[dict[str, list[dict]], dict]:
-    if cfg.data:
-        name = cfg.data.removeprefix("builtin:")
-        if not cfg.data.startswith("builtin:") or BUILTINS.get(name) is None or BUILTINS[name].task != "translate":
-            names = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == "translate"]
-            raise ValueError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
-        if cfg.train or cfg.dev or cfg.test:
-            raise ValueError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        splits = load_builtin(name, path=cfg.data_path)
-        for lang in (cfg.src, cfg.tgt):
-            if lang not in splits["train"][0]:
-                raise ValueError(f"--src/--tgt {lang!r}: {cfg.data} has {', '.join(sorted(splits['train'][0]))}")
-        return {s: [{"src": ex[cfg.src], "tgt": ex[cfg.tgt]} for ex in v] for s, v in splits.items()}, {}
-    if not cfg.train:
-        raise ValueError("no training data: pass --train FILE (and --dev, --test) or --data builtin:tatoeba-cmn-en")
-    splits, skipped = {}, {}
-    for split in ("train", "dev", "test"):
-        path = getattr(cfg, split)
-        if path:
-            splits[split], report = read_pairs(path, src=cfg.src, tgt=cfg.tgt, skip_bad_rows=cfg.skip_bad_rows)
-            if not splits[split]:
-                raise ValueError(f"{path}: no usable pairs")
-            if report.skipped:
-                skipped[path] = report.skipped
-    if "dev" not in splits:
-        splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
-    return splits, skipped
+def _splits(cfg: TranslateTrainConfig) -> tuple[dict[str, list[dict]], list]:
+    """{"src", "tgt"} pairs per split: from the files, or the built-in corpus's cfg.src / cfg.tgt sides."""
+
+    def read(path: str, *, skip_bad_rows: bool):
+        return read_pairs(path, src=cfg.src, tgt=cfg.tgt, skip_bad_rows=skip_bad_rows)
+
+    splits, reports = load_splits(cfg, "translate", read, builtin_path=cfg.data_path)
+    if not cfg.data:
+        return splits, reports
+    for lang in (cfg.src, cfg.tgt):
+        if lang not in splits["train"][0]:
+            raise ValueError(f"--src/--tgt {lang!r}: {cfg.data} has {', '.join(sorted(splits['train'][0]))}")
+    return {s: [{"src": ex[cfg.src], "tgt": ex[cfg.tgt]} for ex in v] for s, v in splits.items()}, reports
 
 
 def _tokenizers(cfg: TranslateTrainConfig, run_dir: Path, train: list[dict]) -> tuple[LMTokenizer, LMTokenizer]:
@@ -202,13 +187,10 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
     """Train, pick or average checkpoints, evaluate dev (greedy) and test (beam); returns results.json."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    if cfg.resume and not checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"--resume {run_dir}: no checkpoint under {run_dir / checkpoint.STATE_DIR}")
-    if not cfg.resume and checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: continue with --resume {run_dir}, or pick a new --out")
+    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
     if cfg.average_last > cfg.training.keep_last:
         raise ValueError(f"average_last={cfg.average_last} needs training.keep_last >= {cfg.average_last}")
-    splits, skipped = _splits(cfg)
+    splits, reports = _splits(cfg)
     d = distributed.setup(cfg.training.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:
@@ -241,7 +223,7 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
             task="translate", src=cfg.src, tgt=cfg.tgt, weights=chosen,
             data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
                   "pairs": {s: len(v) for s, v in splits.items()}, "truncated": dict(task.truncated),
-                  "skipped_rows": skipped},
+                  "skipped_rows": skipped_rows(reports)},
             model={"parameters": sum(p.numel() for p in model.parameters()), **dataclasses.asdict(model.cfg)},
             training=summary, definitions=DEFINITIONS, wall_seconds=round(time.perf_counter() - started, 2),
         )  # fmt: skip

@@ -65,6 +65,17 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
+def check_run_dir(run_dir: str | os.PathLike, *, resume: bool) -> None:
+    """A new run must not overwrite checkpoints; a resumed one needs them. Raises ValueError saying which."""
+    found = checkpoint_dirs(run_dir)
+    if resume and not found:
+        raise ValueError(f"--resume {run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
+    if not resume and found:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out"
+        )
+
+
 def latest(run_dir: str | os.PathLike) -> Path:
     found = checkpoint_dirs(run_dir)
     if not found:
