@@ -174,22 +174,29 @@ def _demo(cfg: Any) -> None:
     console.print(f"total wall time {summary['wall_seconds']['total'] / 60:.1f} min")
 
 
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table: the first column and a 'decoding' column left-aligned, the numbers right-aligned."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 or col == "decoding" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def _finetune_translate(cfg: Any) -> None:
     from lmforge.translate import finetune_translate
 
-    results = finetune_translate(cfg)
+    r = finetune_translate(cfg)
     if os.environ.get("RANK", "0") != "0":
         return
-    table = Table(title=f"translate {cfg.src} -> {cfg.tgt}: {cfg.out}")
-    for col in ("split", "BLEU", "chrF", "decoding"):
-        table.add_column(col, justify="left" if col in ("split", "decoding") else "right")
-    table.add_row("dev", f"{results['dev']['bleu']:.2f}", f"{results['dev']['chrf']:.2f}", "greedy")
-    if "test" in results:
-        dec = results["test"]["decoding"]
-        table.add_row("test", f"{results['test']['bleu']:.2f}", f"{results['test']['chrf']:.2f}",
-                      f"beam {dec['num_beams']} ({dec['seconds']:.1f} s)")  # fmt: skip
-    console.print(table)
-    console.print(f"[green]done[/green] in {results['wall_seconds'] / 60:.1f} min; run directory {cfg.out}")
+    rows = [("dev", f"{r['dev']['bleu']:.2f}", f"{r['dev']['chrf']:.2f}", "greedy")]
+    if "test" in r:
+        dec = r["test"]["decoding"]
+        rows.append(("test", f"{r['test']['bleu']:.2f}", f"{r['test']['chrf']:.2f}",
+                     f"beam {dec['num_beams']} ({dec['seconds']:.1f} s)"))  # fmt: skip
+    _print_table(f"translate {cfg.src} -> {cfg.tgt}: {cfg.out}", ("split", "BLEU", "chrF", "decoding"), rows)
+    console.print(f"[green]done[/green] in {r['wall_seconds'] / 60:.1f} min; run directory {cfg.out}")
 
 
 def _translate(cfg: Any) -> None:
@@ -208,14 +215,10 @@ def _finetune_chat(cfg: Any) -> None:
     r = finetune_chat(cfg)
     if os.environ.get("RANK", "0") != "0":
         return
-    table = Table(title=f"chat fine-tuning: {cfg.out}")
-    for col in ("split", "perplexity", "distinct-1", "distinct-2"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    rows = [("dev (before)", r["before_finetuning"]["dev"]), ("dev", r["dev"])]
-    rows += [("test", r["test"])] if "test" in r else []
-    for name, m in rows:
-        table.add_row(name, f"{m['perplexity']:.2f}", f"{m['distinct_1']:.3f}", f"{m['distinct_2']:.3f}")
-    console.print(table)
+    splits = [("dev (before)", r["before_finetuning"]["dev"]), ("dev", r["dev"])]
+    splits += [("test", r["test"])] if "test" in r else []
+    rows = [(name, f"{m['perplexity']:.2f}", f"{m['distinct_1']:.3f}", f"{m['distinct_2']:.3f}") for name, m in splits]
+    _print_table(f"chat fine-tuning: {cfg.out}", ("split", "perplexity", "distinct-1", "distinct-2"), rows)
     console.print(f"[green]done[/green] in {r['wall_seconds'] / 60:.1f} min; chat with: lmforge chat --model {cfg.out}")
 
 
