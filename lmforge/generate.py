@@ -9,12 +9,11 @@
   sequence (a byte-level BPE token can carry half of a Chinese character).
 
 Speed at small batch on a CPU is bound by reading the weights and by per-step overhead, not by
-FLOPs (FINDINGS). So decoding keeps the model's preallocated ``KVCache`` (no per-step
-concatenation), projects the encoder's cross-attention keys/values once, computes logits only at
-the last position, and stores every weight matrix in the layout the CPU reads fastest for a
-matrix-vector product: with its longer side contiguous (a layout change only: the values, and so
-the outputs, are exactly those of the model). The output projection is kept both ways: (D, V) for
-one row, (V, D) for several (measured here: 0.8 vs 2.5 ms and 1.4 vs 2.5 ms at 8 rows).
+FLOPs (FINDINGS). The per-model stepping lives in ``models/decoding.py``: the preallocated
+``KVCache`` (no per-step concatenation), cross-attention keys/values projected once, logits only
+at the last position, and every weight in the layout a matrix-vector product reads fastest (a
+layout change only: the outputs are exactly the model's). The ``Generator`` decodes a copy of the
+model so stored that way.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.tokenizer import LMTokenizer
+from lmforge.models.decoding import GPTSteps, OutputProjection, Seq2SeqSteps, Steps, decoding_layout, output_weight
 from lmforge.models.gpt import GPT
 from lmforge.models.seq2seq import Seq2Seq
 
@@ -109,126 +109,6 @@ class Generation:
     token_ids: list[int]
     finish_reason: FinishReason
     score: float | None
-
-
-class _OutputProjection:
-    """Vocabulary logits ``h @ W.T`` for (N, D) hidden states, in the faster layout for N."""
-
-    def __init__(self, weight: Tensor) -> None:
-        self.weight = weight.detach()  # (V, D) as the model stores it: faster for several rows
-        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def __call__(self, h: Tensor) -> Tensor:
-        if h.shape[0] == 1:
-            return h @ self.weight_t  # (1, V)
-        return (self.weight @ h.t()).t()  # (N, V)
-
-
-def decoding_layout(model: nn.Module) -> nn.Module:
-    """Store each linear layer's weight (in, out) unless its input is the longer side (in place; values unchanged).
-
-    ``F.linear`` computes the same numbers from either layout, but a matrix-vector product
-    streams long contiguous rows much faster: from main memory, a (256 -> 1024) projection took
-    74 us stored (in, out) and 147 us stored (out, in) on the benchmark CPU.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.in_features <= module.out_features:
-            if module.weight.stride(0) == 1:  # already (in, out) in memory
-                continue
-            transposed = module.weight.detach().t().contiguous()  # (in, out) in memory
-            module.weight = nn.Parameter(transposed.t(), requires_grad=module.weight.requires_grad)
-    return model
-
-
-class _Steps:
-    """Incremental logits of a model: ``first()`` for the prompts, ``next(tokens)`` per step, ``reorder``."""
-
-    def __init__(self, model: nn.Module, head: _OutputProjection) -> None:
-        self.model, self.head = model, head
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        return self.head(hidden[:, -1])  # (N, V)
-
-
-class _GPTSteps(_Steps):
-    def __init__(
-        self, model: GPT, head: _OutputProjection, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int
-    ) -> None:
-        super().__init__(model, head)
-        device = head.device
-        n, longest = len(prompts) * copies, max(len(p) for p in prompts)
-        self.ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
-        self.padded = any(len(p) != longest for p in prompts)
-        self.mask = torch.ones((n, longest + max_new), dtype=torch.long, device=device) if self.padded else None
-        for i, p in enumerate(prompts):
-            rows = slice(i * copies, (i + 1) * copies)
-            self.ids[rows, longest - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)  # left padding
-            if self.mask is not None:
-                self.mask[rows, : longest - len(p)] = 0
-        self.cache = model.new_cache(n, longest + max_new)
-        self.position = torch.full((n, 1), longest, dtype=torch.long, device=device)
-        if self.mask is not None:
-            self.position = self.mask[:, :longest].sum(-1, keepdim=True)  # (N, 1): real tokens so far
-
-    def first(self) -> Tensor:
-        mask = None if self.mask is None else self.mask[:, : self.ids.shape[1]]
-        return self._logits(self.model.hidden_states(self.ids, attention_mask=mask, cache=self.cache))
-
-    def next(self, tokens: Tensor) -> Tensor:
-        length = self.cache.length + 1
-        mask = None if self.mask is None else self.mask[:, :length]
-        hidden = self.model.hidden_states(
-            tokens[:, None], attention_mask=mask, position_ids=self.position, cache=self.cache
-        )
-        self.position += 1
-        return self._logits(hidden)
-
-    def reorder(self, index: Tensor) -> None:
-        self.cache.keys = self.cache.keys.index_select(1, index)
-        self.cache.values = self.cache.values.index_select(1, index)
-        self.position = self.position.index_select(0, index)
-        if self.mask is not None:
-            self.mask = self.mask.index_select(0, index)
-
-
-class _Seq2SeqSteps(_Steps):
-    def __init__(self, model: Seq2Seq, head: _OutputProjection, sources: list[list[int]], *, pad_id: int, start_id: int,
-                 copies: int, max_new: int):  # fmt: skip
-        super().__init__(model, head)
-        device = head.device
-        longest = max(len(s) for s in sources)
-        src = torch.full((len(sources), longest), pad_id, dtype=torch.long, device=device)
-        for i, s in enumerate(sources):
-            src[i, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-        src_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor([len(s) for s in sources],
-                    device=device)[:, None]).long()  # fmt: skip
-        memory = model.encode(src, src_mask).repeat_interleave(copies, dim=0)  # (N, S, D)
-        self.src_mask = src_mask.repeat_interleave(copies, dim=0)
-        self.memory_kv = model.memory_kv(memory)
-        n = len(sources) * copies
-        self.cache = model.new_cache(n, max_new)
-        self.start = torch.full((n,), start_id, dtype=torch.long, device=device)
-
-    def first(self) -> Tensor:
-        return self.next(self.start)
-
-    def next(self, tokens: Tensor) -> Tensor:
-        hidden = self.model.decode(tokens[:, None], memory_kv=self.memory_kv, src_mask=self.src_mask, cache=self.cache)
-        return self._logits(hidden)
-
-    def reorder(self, index: Tensor) -> None:
-        # Beams are reordered within their own source, whose memory is the same in every row: only
-        # the self-attention cache moves.
-        self.cache.keys = self.cache.keys.index_select(1, index)
-        self.cache.values = self.cache.values.index_select(1, index)
 
 
 class _LogitsProcessor:
@@ -329,8 +209,7 @@ class Generator:
         """Re-read the model's weights (call after they change, e.g. between training steps)."""
         model = copy.deepcopy(self.source_model) if self.copy_weights else self.source_model
         self.model = decoding_layout(model.eval())
-        weight = self.model.target_embedding if isinstance(self.model, Seq2Seq) else _gpt_head(self.model)
-        self.head = _OutputProjection(weight)
+        self.head = OutputProjection(output_weight(self.model))
 
     # --- public entry points ---------------------------------------------------------------------
 
@@ -404,12 +283,12 @@ class Generator:
     def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
         return {self.eos_id, *cfg.stop_token_ids}
 
-    def _steps(self, ids: list[list[int]], copies: int, max_new: int) -> _Steps:
+    def _steps(self, ids: list[list[int]], copies: int, max_new: int) -> Steps:
         if isinstance(self.model, Seq2Seq):
             max_new = min(max_new, self.model.cfg.max_seq_len)
-            return _Seq2SeqSteps(self.model, self.head, ids, pad_id=self.pad_id, start_id=self.start_id,
+            return Seq2SeqSteps(self.model, self.head, ids, pad_id=self.pad_id, start_id=self.start_id,
                                  copies=copies, max_new=max_new)  # fmt: skip
-        return _GPTSteps(self.model, self.head, ids, pad_id=self.pad_id, copies=copies, max_new=max_new)
+        return GPTSteps(self.model, self.head, ids, pad_id=self.pad_id, copies=copies, max_new=max_new)
 
     def _max_new(self, ids: list[list[int]], cfg: GenerationConfig) -> int:
         if isinstance(self.model, Seq2Seq):
@@ -586,7 +465,3 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
                 partial = max(partial, n)
                 break
     return len(text) - len(complete) + partial
-
-
-def _gpt_head(model: GPT) -> Tensor:
-    return model.embed.word.weight if model.lm_head is None else model.lm_head.weight

@@ -13,9 +13,10 @@ import torch
 import transformers
 
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.generate import GenerationConfig, Generator, _banned_ngram_tokens, _GPTSteps, _LogitsProcessor
+from lmforge.generate import GenerationConfig, Generator, _banned_ngram_tokens, _LogitsProcessor
 from lmforge.models.bert import BertConfig
 from lmforge.models.convert import to_hf
+from lmforge.models.decoding import GPTSteps
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -210,8 +211,8 @@ def test_stream_holds_back_split_utf8_characters(bpe_dir, monkeypatch) -> None:
         calls["n"] += 1
         return one_hot(calls["n"] - 1)
 
-    monkeypatch.setattr(_GPTSteps, "first", first)
-    monkeypatch.setattr(_GPTSteps, "next", next_)
+    monkeypatch.setattr(GPTSteps, "first", first)
+    monkeypatch.setattr(GPTSteps, "next", next_)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=1, n_heads=2, d_model=16, d_ff=32, max_seq_len=64))
     gen = Generator(model.eval(), tok)
     pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=40)))

@@ -1,0 +1,147 @@
+"""Incremental decoding of lmforge's decoders: the prompt pass, one step at a time, beam reordering.
+
+``GPTSteps`` and ``Seq2SeqSteps`` give ``generate.py`` the same three calls for both model kinds:
+``first()`` (logits after the prompt, or after the decoder start token), ``next(tokens)`` and
+``reorder(index)`` (beam search). They keep the model's preallocated ``KVCache``; the
+encoder-decoder projects its cross-attention keys/values once per source.
+
+Speed at small batch on a CPU is bound by reading the weights, not by FLOPs (FINDINGS):
+``decoding_layout`` stores each projection in the layout a matrix-vector product reads fastest,
+and ``OutputProjection`` keeps the vocabulary matrix both ways. Only the memory layout changes:
+the outputs are exactly the model's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.models.gpt import GPT
+from lmforge.models.seq2seq import Seq2Seq
+
+
+class OutputProjection:
+    """Vocabulary logits ``h @ W.T`` for (N, D) hidden states, in the faster layout for N."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight.detach()  # (V, D) as the model stores it: faster for several rows
+        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if h.shape[0] == 1:
+            return h @ self.weight_t  # (1, V)
+        return (self.weight @ h.t()).t()  # (N, V)
+
+
+def decoding_layout(model: nn.Module) -> nn.Module:
+    """Store each linear layer's weight (in, out) unless its input is the longer side (in place; values unchanged).
+
+    ``F.linear`` computes the same numbers from either layout, but a matrix-vector product
+    streams long contiguous rows much faster: from main memory, a (256 -> 1024) projection took
+    74 us stored (in, out) and 147 us stored (out, in) on the benchmark CPU.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.in_features <= module.out_features:
+            if module.weight.stride(0) == 1:  # already (in, out) in memory
+                continue
+            transposed = module.weight.detach().t().contiguous()  # (in, out) in memory
+            module.weight = nn.Parameter(transposed.t(), requires_grad=module.weight.requires_grad)
+    return model
+
+
+class Steps:
+    """Incremental logits of a model: ``first()`` for the prompts, ``next(tokens)`` per step, ``reorder``."""
+
+    def __init__(self, model: nn.Module, head: OutputProjection) -> None:
+        self.model, self.head = model, head
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden[:, -1])  # (N, V)
+
+
+class GPTSteps(Steps):
+    def __init__(
+        self, model: GPT, head: OutputProjection, prompts: list[list[int]], *, pad_id: int, copies: int, max_new: int
+    ) -> None:
+        super().__init__(model, head)
+        device = head.device
+        n, longest = len(prompts) * copies, max(len(p) for p in prompts)
+        self.ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
+        self.padded = any(len(p) != longest for p in prompts)
+        self.mask = torch.ones((n, longest + max_new), dtype=torch.long, device=device) if self.padded else None
+        for i, p in enumerate(prompts):
+            rows = slice(i * copies, (i + 1) * copies)
+            self.ids[rows, longest - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)  # left padding
+            if self.mask is not None:
+                self.mask[rows, : longest - len(p)] = 0
+        self.cache = model.new_cache(n, longest + max_new)
+        self.position = torch.full((n, 1), longest, dtype=torch.long, device=device)
+        if self.mask is not None:
+            self.position = self.mask[:, :longest].sum(-1, keepdim=True)  # (N, 1): real tokens so far
+
+    def first(self) -> Tensor:
+        mask = None if self.mask is None else self.mask[:, : self.ids.shape[1]]
+        return self._logits(self.model.hidden_states(self.ids, attention_mask=mask, cache=self.cache))
+
+    def next(self, tokens: Tensor) -> Tensor:
+        length = self.cache.length + 1
+        mask = None if self.mask is None else self.mask[:, :length]
+        hidden = self.model.hidden_states(
+            tokens[:, None], attention_mask=mask, position_ids=self.position, cache=self.cache
+        )
+        self.position += 1
+        return self._logits(hidden)
+
+    def reorder(self, index: Tensor) -> None:
+        self.cache.keys = self.cache.keys.index_select(1, index)
+        self.cache.values = self.cache.values.index_select(1, index)
+        self.position = self.position.index_select(0, index)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+
+class Seq2SeqSteps(Steps):
+    def __init__(self, model: Seq2Seq, head: OutputProjection, sources: list[list[int]], *, pad_id: int, start_id: int,
+                 copies: int, max_new: int):  # fmt: skip
+        super().__init__(model, head)
+        device = head.device
+        longest = max(len(s) for s in sources)
+        src = torch.full((len(sources), longest), pad_id, dtype=torch.long, device=device)
+        for i, s in enumerate(sources):
+            src[i, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+        src_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor([len(s) for s in sources],
+                    device=device)[:, None]).long()  # fmt: skip
+        memory = model.encode(src, src_mask).repeat_interleave(copies, dim=0)  # (N, S, D)
+        self.src_mask = src_mask.repeat_interleave(copies, dim=0)
+        self.memory_kv = model.memory_kv(memory)
+        n = len(sources) * copies
+        self.cache = model.new_cache(n, max_new)
+        self.start = torch.full((n,), start_id, dtype=torch.long, device=device)
+
+    def first(self) -> Tensor:
+        return self.next(self.start)
+
+    def next(self, tokens: Tensor) -> Tensor:
+        hidden = self.model.decode(tokens[:, None], memory_kv=self.memory_kv, src_mask=self.src_mask, cache=self.cache)
+        return self._logits(hidden)
+
+    def reorder(self, index: Tensor) -> None:
+        # Beams are reordered within their own source, whose memory is the same in every row: only
+        # the self-attention cache moves.
+        self.cache.keys = self.cache.keys.index_select(1, index)
+        self.cache.values = self.cache.values.index_select(1, index)
+
+
+def output_weight(model: GPT | Seq2Seq) -> Tensor:
+    """The (V, D) matrix that maps hidden states to vocabulary logits."""
+    if isinstance(model, Seq2Seq):
+        return model.target_embedding
+    return model.embed.word.weight if model.lm_head is None else model.lm_head.weight
