@@ -1,5 +1,8 @@
 """The ``lmforge prepare`` and ``lmforge pretrain`` commands: tokenizer, shards, model, fit, model directory.
 
+Objectives: ``mlm`` / ``wwm-mlm`` (BERT), ``clm`` (GPT) and ``electra`` (a BERT discriminator trained
+with a small generator, ``tasks/electra.py``; the discriminator is what the model directory holds).
+
 ``pretrain`` runs the whole pretraining pipeline into one run directory: it trains a tokenizer
 when none is given (WordPiece for BERT objectives, byte-level BPE for GPT), prepares or reuses the
 token shards, builds the model from a named size plus overrides, calls ``train.loop.fit`` and
@@ -21,9 +24,10 @@ from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.models.bert import BertConfig
-from lmforge.models.registry import build_model, config_json
+from lmforge.models.registry import build_model, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
 from lmforge.tasks.clm import CLMTask
+from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
@@ -83,17 +87,18 @@ class PretrainData:
 
 @dataclass
 class PretrainConfig:
-    """Pretrain a BERT (mlm, wwm-mlm) or GPT (clm) on a corpus."""
+    """Pretrain a BERT (mlm, wwm-mlm, electra) or GPT (clm) on a corpus."""
 
     out: str
     """Run directory."""
-    task: Literal["mlm", "wwm-mlm", "clm"] = "mlm"
-    """mlm / wwm-mlm (BERT sizes) or clm (GPT sizes)."""
+    task: Literal["mlm", "wwm-mlm", "electra", "clm"] = "mlm"
+    """mlm / wwm-mlm / electra (BERT sizes) or clm (GPT sizes)."""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: PretrainData = field(default_factory=PretrainData)
     train: TrainConfig = field(default_factory=TrainConfig)
     mask_prob: float = 0.15
-    """Share of tokens (words, for wwm-mlm) selected for MLM prediction."""
+    """Share of tokens (words, for wwm-mlm) selected for MLM prediction (electra: for replacement)."""
+    electra: ElectraSpec = field(default_factory=ElectraSpec)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint (its config.yaml gives the defaults)."""
 
@@ -144,13 +149,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if model_cfg.max_seq_len < cfg.data.seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(model_cfg)
+    model = Electra(model_cfg, cfg.electra) if cfg.task == "electra" else build_model(model_cfg)
     if getattr(model, "pooler", None) is not None:
         # MLM without next-sentence prediction never uses the pooler: freeze it so DDP does not wait for
         # gradients that never come (it stays at its initialisation, as in RoBERTa-style pretraining).
         model.pooler.requires_grad_(False)
     if cfg.task == "clm":
         task = CLMTask(shards=str(shards), seq_len=cfg.data.seq_len)
+    elif cfg.task == "electra":
+        task = ElectraTask(shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob)
     else:
         task = MLMTask(
             shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob,
@@ -158,17 +165,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
         )  # fmt: skip
     summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
     if d.is_main:
-        _write_model_dir(run_dir, model_cfg, summary, tok_dir)
+        _write_model_dir(run_dir, model, summary, tok_dir)
     distributed.teardown(d)
     return summary
 
 
-def _write_model_dir(run_dir: Path, model_cfg, summary: dict, tok_dir: Path) -> None:
-    """Copy the best (else last) checkpoint's weights into the run directory as a model directory."""
+def _write_model_dir(run_dir: Path, model, summary: dict, tok_dir: Path) -> None:
+    """The best (else last) checkpoint's weights as the run directory's model directory (for ELECTRA:
+    the discriminator, a normal BERT that `lmforge finetune` loads)."""
     chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-    shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
-    (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
-    write_json(run_dir / "config.json", config_json(model_cfg))
+    if isinstance(model, Electra):
+        state = read_safetensors(chosen / "model.safetensors")
+        model.load_state_dict(state)
+        save_model(model.discriminator, run_dir)
+    else:
+        shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
+        (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
+        write_json(run_dir / "config.json", config_json(model.cfg))
     copy_tokenizer_files(tok_dir, run_dir)
     summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
     write_json(run_dir / "results.json", summary)
