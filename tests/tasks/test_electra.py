@@ -92,9 +92,9 @@ def test_electra_loss_falls_on_a_tiny_corpus(objective: str, mlm_shards: Path, r
         (out.loss_sum / batch["n_targets"]).backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(out.loss_sum) / batch["n_targets"])
+        losses.append(float(out.loss_sum.detach()) / batch["n_targets"])
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
-    metrics = task.metrics({"loss_sum": float(out.loss_sum), "n_targets": batch["n_targets"], **out.counts})
+    metrics = task.metrics({"loss_sum": float(out.loss_sum.detach()), "n_targets": batch["n_targets"], **out.counts})
     assert 0.0 <= metrics["discriminator_accuracy"] <= 1.0 and 0.0 <= metrics["replaced_fraction"] <= 1.0
 
 
@@ -119,3 +119,11 @@ def test_pretrained_discriminator_finetunes_for_classification(
             "--training.no-progress", "--training.peak-tflops", "1"]  # fmt: skip
     assert main(args) == 0
     assert "accuracy" in json.loads((out / "results.json").read_text())["test"]
+
+
+def test_inverse_cdf_sampling_follows_the_distribution() -> None:
+    model = _tiny(5)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]]).clamp(min=1e-12)).expand(20000, 5)
+    torch.manual_seed(0)
+    counts = torch.bincount(model.sample(logits), minlength=5).float() / 20000
+    assert counts.tolist() == pytest.approx([0.5, 0.3, 0.2, 0.0, 0.0], abs=0.015)
