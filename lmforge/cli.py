@@ -26,6 +26,7 @@ from lmforge.config import from_dict, read_yaml
 from lmforge.data import builtin
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import TokenizerTrainConfig, train_command
+from lmforge.embed import EmbedConfig, EmbedTrainConfig
 from lmforge.finetune import ClassifyConfig, EvaluateConfig, NERConfig, PredictConfig
 from lmforge.interop import ConvertConfig, ExportConfig, convert_from_hf, export_to_hf
 from lmforge.translate import TranslateConfig, TranslateTrainConfig
@@ -222,6 +223,29 @@ def _finetune_chat(cfg: Any) -> None:
     console.print(f"[green]done[/green] in {r['wall_seconds'] / 60:.1f} min; chat with: lmforge chat --model {cfg.out}")
 
 
+def _finetune_embed(cfg: Any) -> None:
+    from lmforge.embed import finetune_embed
+
+    r = finetune_embed(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    keys = [k for k in ("knn_accuracy", "spearman", "alignment", "uniformity") if k in r.get("dev", {})]
+    rows = []
+    for split in ("dev", "test"):
+        for label, m in ((f"{split} (before)", r["before_finetuning"].get(split)), (split, r.get(split))):
+            if m:
+                rows.append((label, *(f"{m[k]:.4f}" for k in keys)))
+    _print_table(f"SimCSE: {cfg.out}", ("split", *keys), rows)
+    console.print(f"[green]done[/green] in {r['wall_seconds'] / 60:.1f} min; run directory {cfg.out}")
+
+
+def _embed(cfg: Any) -> None:
+    from lmforge.embed import embed_command
+
+    path, n = embed_command(cfg)
+    console.print(f"[green]wrote[/green] {n} vectors to {path} (ids in {cfg.output}.ids.txt)")
+
+
 def _write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -262,11 +286,13 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "finetune ner": (NERConfig, _finetune("ner")),
     "finetune translate": (TranslateTrainConfig, _finetune_translate),
     "finetune chat": (ChatTrainConfig, _finetune_chat),
+    "finetune embed": (EmbedTrainConfig, _finetune_embed),
     "evaluate": (EvaluateConfig, _evaluate),
     "predict": (PredictConfig, _predict),
     "translate": (TranslateConfig, _translate),
     "generate": (GenerateConfig, _generate),
     "chat": (ChatConfig, _chat),
+    "embed": (EmbedConfig, _embed),
     "demo": (_demo_config(), _demo),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),

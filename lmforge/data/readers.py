@@ -183,7 +183,8 @@ def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[
 def read_labelled(
     path: str | os.PathLike, *, skip_bad_rows: bool = False, need_label: bool = True
 ) -> tuple[list[dict], ReadReport]:
-    """Classification examples ``{"text", "label"[, "text_pair"], "source"}`` from a .csv, .tsv or .jsonl file.
+    """Labelled examples ``{"text", "label"[, "text_pair", "negative", "score", "id"], "source"}`` from a .csv,
+    .tsv or .jsonl file (classification; pairs with scores or hard negatives for sentence embeddings).
 
     CSV and TSV need a header naming ``text`` and ``label`` (``text_pair`` optional); JSONL objects
     need the same fields. Every bad row (malformed, missing field, empty text) raises a ValueError
@@ -215,6 +216,15 @@ def read_labelled(
             example["label"] = str(row["label"]).strip()
         if row.get("text_pair") not in (None, ""):
             example["text_pair"] = row["text_pair"]
+        for key in ("negative", "id"):  # sentence-embedding data: a hard negative; any file: the row's id
+            if row.get(key) not in (None, ""):
+                example[key] = str(row[key])
+        if row.get("score") not in (None, ""):
+            try:
+                example["score"] = float(row["score"])
+            except (TypeError, ValueError):
+                report.reject(lineno, f"score {row['score']!r} is not a number", skip=skip_bad_rows)
+                continue
         examples.append(example)
     report.kept = len(examples)
     return examples, report

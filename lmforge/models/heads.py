@@ -43,15 +43,21 @@ class SequenceClassifier(nn.Module):
         self.out = nn.Linear(d_model, n_classes)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        if self.pooling == "mean":
-            weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
-            weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
-        else:
-            pooled = hidden[:, 0]  # (B, D)
-            if self.dense is not None:
-                pooled = torch.tanh(self.dense(pooled))
+        pooled = pool(hidden, attention_mask, "mean" if self.pooling == "mean" else "cls")  # (B, D)
+        if self.dense is not None:
+            pooled = torch.tanh(self.dense(pooled))
         return self.out(self.dropout(pooled))
+
+
+def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Literal["cls", "mean"]) -> Tensor:
+    """(B, D) sentence vectors from (B, T, D) hidden states: the first token, or the mean of real tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling={pooling!r} must be 'cls' or 'mean'")
+    weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+    weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class TokenClassifier(nn.Module):
