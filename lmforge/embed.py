@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from lmforge.config import write_json, write_yaml
-from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import read_labelled
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
@@ -94,19 +93,11 @@ def _read(path: str, *, skip_bad_rows: bool):
 
 
 def _splits(cfg: EmbedTrainConfig) -> tuple[dict[str, list[dict]], list, list[dict]]:
-    """(splits, read reports, k-NN index examples)."""
-    if cfg.data:
-        name = cfg.data.removeprefix("builtin:")
-        if not cfg.data.startswith("builtin:") or name not in BUILTINS or BUILTINS[name].task != "classify":
-            names = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == "classify"]
-            raise ValueError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train files)")
-        if cfg.train or cfg.dev or cfg.test:
-            raise ValueError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        splits = load_builtin(name)
-        train = [{"text": ex["text"]} for ex in splits["train"]]  # unlabelled: SimCSE never sees the labels
-        return {"train": train, "dev": splits["dev"], "test": splits["test"]}, [], splits["train"][:INDEX_SIZE]
+    """(splits, read reports, k-NN index examples: labelled training texts)."""
     splits, reports = load_splits(cfg, "classify", _read)
     index = [ex for ex in splits["train"] if "label" in ex][:INDEX_SIZE]
+    if cfg.data:  # a built-in labelled corpus: SimCSE trains on its texts, never on their labels
+        splits = {**splits, "train": [{"text": ex["text"]} for ex in splits["train"]]}
     return splits, reports, index
 
 
