@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from pathlib import Path
 from lmforge.config import write_json, write_yaml
 from lmforge.data.readers import read_conversations
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer
-from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
+from lmforge.finetune import TASK_FILE, load_splits, skipped_rows, training_for_epochs
 from lmforge.generate import GenerationConfig, Generator
 from lmforge.metrics import DEFINITIONS
 from lmforge.models.gpt import GPT
-from lmforge.models.registry import WEIGHTS_FILE, load_model, read_safetensors, save_model
+from lmforge.models.registry import load_model, save_model
 from lmforge.tasks.dialogue import DialogueTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
@@ -82,10 +81,7 @@ def finetune_chat(cfg: ChatTrainConfig) -> dict:
     task = DialogueTask(tok, max_len=max_len, train_examples=splits["train"], dev_examples=splits["dev"])
     if not task.train_items:
         raise ValueError("no training conversation has an assistant token within max_len")
-    training = cfg.training
-    if cfg.epochs > 0:
-        steps = max(1, math.ceil(cfg.epochs * len(task.train_items) / training.global_batch_size))
-        training = dataclasses.replace(training, max_steps=steps)
+    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
     d = distributed.setup(training.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:
@@ -94,8 +90,7 @@ def finetune_chat(cfg: ChatTrainConfig) -> dict:
     summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
     results: dict = {}
     if d.is_main:
-        chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-        model.load_state_dict(read_safetensors(chosen / WEIGHTS_FILE))
+        chosen = checkpoint.load_best(model, run_dir, summary.get("best_step"))
         save_model(model, run_dir)
         copy_tokenizer_files(cfg.model, run_dir)
         write_json(run_dir / TASK_FILE, task.settings())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,10 @@ import torch
 from lmforge.config import write_json, write_yaml
 from lmforge.data.readers import read_labelled
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
-from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
+from lmforge.finetune import TASK_FILE, load_encoder_weights, load_splits, skipped_rows, training_for_epochs
 from lmforge.metrics import DEFINITIONS
 from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.registry import WEIGHTS_FILE, check_state, load_model, read_config, read_safetensors, save_model
+from lmforge.models.registry import load_model, read_config, save_model
 from lmforge.tasks.embedding import EmbeddingTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
@@ -114,18 +113,12 @@ def finetune_embed(cfg: EmbedTrainConfig) -> dict:
         raise ValueError(f"max_len={cfg.max_len} exceeds the model's max_seq_len={base.max_seq_len}")
     encoder = Bert(dataclasses.replace(base, mlm_head=False, pooler=False, dropout=cfg.dropout,
                                        attn_dropout=cfg.dropout))  # fmt: skip
-    tensors = read_safetensors(Path(cfg.model) / WEIGHTS_FILE)
-    kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
-    check_state(encoder, kept, source=str(Path(cfg.model) / WEIGHTS_FILE))
-    encoder.load_state_dict(kept)
+    load_encoder_weights(encoder, cfg.model)
     task = EmbeddingTask(
         load_tokenizer(cfg.model), mode=cfg.mode, pooling=cfg.pooling, temperature=cfg.temperature,
         max_len=cfg.max_len, train_examples=splits["train"], dev_examples=splits["dev"], index_examples=index,
     )  # fmt: skip
-    training = cfg.training
-    if cfg.epochs > 0:
-        steps = max(1, math.ceil(cfg.epochs * len(task.train_items) / training.global_batch_size))
-        training = dataclasses.replace(training, max_steps=steps)
+    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
     d = distributed.setup(training.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:
@@ -134,8 +127,7 @@ def finetune_embed(cfg: EmbedTrainConfig) -> dict:
     summary = fit(encoder, task, training, run_dir=run_dir, resume=bool(cfg.resume))
     results: dict = {}
     if d.is_main:
-        chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-        encoder.load_state_dict(read_safetensors(chosen / WEIGHTS_FILE))
+        chosen = checkpoint.load_best(encoder, run_dir, summary.get("best_step"))
         save_model(encoder, run_dir)
         copy_tokenizer_files(cfg.model, run_dir)
         write_json(run_dir / TASK_FILE, task.settings())

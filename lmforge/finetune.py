@@ -107,6 +107,13 @@ class NERConfig(FinetuneConfig):
     """Sub-tokens shared by consecutive windows of sentences longer than max_len; None = max_len // 4."""
 
 
+def training_for_epochs(training: TrainConfig, epochs: float, n_items: int) -> TrainConfig:
+    """``training`` with max_steps set to cover ``epochs`` passes over ``n_items``; unchanged when epochs is 0."""
+    if epochs <= 0:
+        return training
+    return dataclasses.replace(training, max_steps=max(1, math.ceil(epochs * n_items / training.global_batch_size)))
+
+
 def split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
@@ -178,15 +185,23 @@ def _encoder(cfg: FinetuneConfig, base: BertConfig) -> tuple[Bert, Pooler | None
     encoder = Bert(dataclasses.replace(base, **changes))
     if cfg.init == "scratch":
         return encoder, None
-    tensors = read_safetensors(Path(cfg.model) / WEIGHTS_FILE)
+    tensors = load_encoder_weights(encoder, cfg.model)
     pooler = None
     if base.pooler and "pooler.dense.weight" in tensors:
         pooler = Pooler(base.d_model)
         pooler.load_state_dict({k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")})
-    kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
-    check_state(encoder, kept, source=str(Path(cfg.model) / WEIGHTS_FILE))
-    encoder.load_state_dict(kept)
     return encoder, pooler
+
+
+def load_encoder_weights(encoder: Bert, model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Load a pretrained BERT directory's weights into ``encoder``, leaving out its MLM head and pooler
+    (the ELECTRA discriminator has neither); returns all the file's tensors."""
+    path = Path(model_dir) / WEIGHTS_FILE
+    tensors = read_safetensors(path)
+    kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
+    check_state(encoder, kept, source=str(path))
+    encoder.load_state_dict(kept)
+    return tensors
 
 
 def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
@@ -212,10 +227,7 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
     dropout = encoder.cfg.dropout
     task = build_task(kind, tok, settings, splits, dropout=dropout)
     model = task.build_model(encoder, pretrained_pooler=pooler)
-    training = cfg.training
-    if cfg.epochs > 0:
-        steps = max(1, math.ceil(cfg.epochs * len(task.train_items) / training.global_batch_size))
-        training = dataclasses.replace(training, max_steps=steps)
+    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
     d = distributed.setup(training.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:
@@ -238,9 +250,7 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
 
 
 def _load_best(model: nn.Module, run_dir: Path, summary: dict) -> str:
-    chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-    model.load_state_dict(read_safetensors(chosen / WEIGHTS_FILE))
-    return chosen.name
+    return checkpoint.load_best(model, run_dir, summary.get("best_step")).name
 
 
 def _write_run(run_dir: Path, model: nn.Module, task, source: str) -> None:

@@ -13,7 +13,6 @@ finally writes the chosen weights (best validation loss) as a normal lmforge mod
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.models.bert import BertConfig
-from lmforge.models.registry import build_model, config_json, read_safetensors, save_model
+from lmforge.models.registry import build_model, save_model
 from lmforge.models.sizes import model_size
 from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask
@@ -173,15 +172,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _write_model_dir(run_dir: Path, model, summary: dict, tok_dir: Path) -> None:
     """The best (else last) checkpoint's weights as the run directory's model directory (for ELECTRA:
     the discriminator, a normal BERT that `lmforge finetune` loads)."""
-    chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-    if isinstance(model, Electra):
-        state = read_safetensors(chosen / "model.safetensors")
-        model.load_state_dict(state)
-        save_model(model.discriminator, run_dir)
-    else:
-        shutil.copyfile(chosen / "model.safetensors", run_dir / "model.safetensors.tmp")
-        (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
-        write_json(run_dir / "config.json", config_json(model.cfg))
+    chosen = checkpoint.load_best(model, run_dir, summary.get("best_step"))
+    save_model(model.discriminator if isinstance(model, Electra) else model, run_dir)
     copy_tokenizer_files(tok_dir, run_dir)
     summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
     write_json(run_dir / "results.json", summary)

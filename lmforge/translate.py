@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,11 @@ import torch
 from lmforge.config import write_json, write_yaml
 from lmforge.data.readers import read_pairs, write_jsonl
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.finetune import TASK_FILE, load_splits, skipped_rows
+from lmforge.finetune import TASK_FILE, load_encoder_weights, load_splits, skipped_rows, training_for_epochs
 from lmforge.generate import GenerationConfig
 from lmforge.metrics import DEFINITIONS
 from lmforge.models.bert import BertConfig
-from lmforge.models.registry import WEIGHTS_FILE, check_state, load_model, read_config, read_safetensors, save_model
+from lmforge.models.registry import WEIGHTS_FILE, load_model, read_config, read_safetensors, save_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.tasks.translation import TranslationTask
 from lmforge.train import checkpoint, distributed
@@ -176,10 +175,7 @@ def _build_model(cfg: TranslateTrainConfig, src_tok: LMTokenizer, tgt_tok: LMTok
     torch.manual_seed(cfg.training.seed)
     model = Seq2Seq(model_cfg)
     if cfg.encoder:
-        tensors = read_safetensors(Path(cfg.encoder) / WEIGHTS_FILE)
-        kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
-        check_state(model.encoder, kept, source=str(Path(cfg.encoder) / WEIGHTS_FILE))
-        model.encoder.load_state_dict(kept)
+        load_encoder_weights(model.encoder, cfg.encoder)
     return model
 
 
@@ -202,10 +198,7 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
         label_smoothing=cfg.label_smoothing, source_special_tokens=bool(cfg.encoder),
         train_examples=splits["train"], dev_examples=splits["dev"], batch_tokens=cfg.batch_tokens,
     )  # fmt: skip
-    training = cfg.training
-    if cfg.epochs > 0:
-        steps = max(1, math.ceil(cfg.epochs * len(task.train_items) / training.global_batch_size))
-        training = dataclasses.replace(training, max_steps=steps)
+    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
     summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
     results: dict = {}
     if d.is_main:
@@ -235,8 +228,7 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
 
 def _choose_weights(model, task, run_dir: Path, summary: dict, average_last: int, device) -> tuple[str, dict]:
     """Load the best checkpoint, or the average of the last N when its dev BLEU is at least as good."""
-    best = checkpoint.best_or_last(run_dir, summary.get("best_step"))
-    model.load_state_dict(read_safetensors(best / WEIGHTS_FILE))
+    best = checkpoint.load_best(model, run_dir, summary.get("best_step"))
     dev = task.evaluate(model, device=device)
     if average_last < 2:
         return f"{checkpoint.STATE_DIR}/{best.name}", dev

@@ -139,6 +139,13 @@ def best_or_last(run_dir: str | os.PathLike, best_step: int | None) -> Path:
     return next((p for p in found if best_step is not None and p.name == f"step-{best_step:07d}"), found[-1])
 
 
+def load_best(model: nn.Module, run_dir: str | os.PathLike, best_step: int | None) -> Path:
+    """Load the ``best_or_last`` checkpoint's weights into ``model``; returns that checkpoint."""
+    chosen = best_or_last(run_dir, best_step)
+    load_model_state(model, chosen)
+    return chosen
+
+
 def load_model_state(model: nn.Module, checkpoint: Path) -> None:
     tensors = read_safetensors(checkpoint / "model.safetensors")
     check_state(model, tensors, source=str(checkpoint / "model.safetensors"))
