@@ -13,6 +13,7 @@ finally writes the chosen weights (best validation loss) as a normal lmforge mod
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,8 +23,8 @@ import torch
 from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.models.bert import BertConfig
-from lmforge.models.registry import build_model, save_model
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
 from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask
@@ -172,8 +173,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _write_model_dir(run_dir: Path, model, summary: dict, tok_dir: Path) -> None:
     """The best (else last) checkpoint's weights as the run directory's model directory (for ELECTRA:
     the discriminator, a normal BERT that `lmforge finetune` loads)."""
-    chosen = checkpoint.load_best(model, run_dir, summary.get("best_step"))
-    save_model(model.discriminator if isinstance(model, Electra) else model, run_dir)
+    # From the checkpoint file, not the live model: under FSDP its parameters are sharded DTensors.
+    chosen = checkpoint.best_or_last(run_dir, summary.get("best_step"))
+    if isinstance(model, Electra):
+        tensors = read_safetensors(chosen / WEIGHTS_FILE)
+        discriminator = Bert(model.cfg)
+        prefix = "discriminator."
+        discriminator.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+        save_model(discriminator, run_dir)
+    else:
+        shutil.copyfile(chosen / WEIGHTS_FILE, run_dir / (WEIGHTS_FILE + ".tmp"))
+        (run_dir / (WEIGHTS_FILE + ".tmp")).replace(run_dir / WEIGHTS_FILE)
+        write_json(run_dir / "config.json", config_json(model.cfg))
     copy_tokenizer_files(tok_dir, run_dir)
     summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
     write_json(run_dir / "results.json", summary)
