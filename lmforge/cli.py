@@ -175,6 +175,29 @@ def _demo(cfg: Any) -> None:
     console.print(f"total wall time {summary['wall_seconds']['total'] / 60:.1f} min")
 
 
+def _compare_config() -> type:
+    from lmforge.compare import CompareConfig
+
+    return CompareConfig
+
+
+def _compare(cfg: Any) -> None:
+    from lmforge.compare import run_compare
+
+    summary = run_compare(cfg)
+    rows = []
+    for name, s in summary["summary"].items():
+        cells = [f"{s[data]['mean']:.4f} ± {s[data]['std']:.4f}" for data in ("reviews-sentiment", "peoples-daily-ner")]
+        minutes = s.get("pretraining_minutes")
+        rows.append((name, *cells, "-" if minutes is None else f"{minutes['mean']:.1f}"))
+    b = summary["budget"]
+    title = f"equal compute ({b['budget_flops'] / 1e15:.2f} PFLOPs each, {len(cfg.seeds)} seeds): {cfg.out}/report.md"
+    _print_table(title, ("objective", "sentiment accuracy", "NER entity F1", "pretraining min"), rows)
+    c = summary["claim"]
+    if c:
+        console.print(f"ELECTRA >= MLM on both tasks: {'holds' if c['electra_at_least_mlm'] else 'does not hold'}")
+
+
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """A rich table: the first column and a 'decoding' column left-aligned, the numbers right-aligned."""
     table = Table(title=title)
@@ -294,6 +317,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "chat": (ChatConfig, _chat),
     "embed": (EmbedConfig, _embed),
     "demo": (_demo_config(), _demo),
+    "compare": (_compare_config(), _compare),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),

@@ -77,9 +77,10 @@ class DemoConfig:
     """Show progress bars."""
 
 
-def _training(budget: Budget, cfg: DemoConfig, *, minutes: float, lr: float, batch: int) -> TrainConfig:
+def training(*, minutes: float, lr: float, batch: int, seed: int, progress: bool) -> TrainConfig:
+    """The demo's training settings for a stage (linear schedule, 30 warm-up steps, no mid-run checkpoints)."""
     return TrainConfig(
-        global_batch_size=batch, micro_batch_size=batch, max_minutes=minutes, seed=cfg.seed, progress=cfg.progress,
+        global_batch_size=batch, micro_batch_size=batch, max_minutes=minutes, seed=seed, progress=progress,
         eval_every=0, save_every=0, log_every=10, keep_last=1,
         optim=OptimConfig(lr=lr, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
     )  # fmt: skip
@@ -139,12 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _pretrain_config(cfg: DemoConfig, budget: Budget, out: Path) -> PretrainConfig:
-    inputs = ["builtin:pretrain-zh"]
-    if cfg.limit:  # smoke tests: a small text file instead of the whole corpus
-        texts = [ex["text"] for ex in load_builtin("pretrain-zh")["train"][: cfg.limit * 10]]
-        (out / "pretrain-sample.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-        inputs = [str(out / "pretrain-sample.txt")]
-    train = _training(budget, cfg, minutes=budget.pretrain_minutes, lr=2e-3, batch=64)
+    inputs = pretrain_inputs(out, cfg.limit)
+    train = training(minutes=budget.pretrain_minutes, lr=2e-3, batch=64, seed=cfg.seed, progress=cfg.progress)
     optim = OptimConfig(lr=2e-3, warmup_steps=min(100, budget.pretrain_steps // 5), schedule="cosine", min_lr_ratio=0.1)
     train = dataclasses.replace(
         train, max_steps=budget.pretrain_steps, micro_batch_size=32, eval_every=200, optim=optim
@@ -155,17 +152,39 @@ def _pretrain_config(cfg: DemoConfig, budget: Budget, out: Path) -> PretrainConf
     )  # fmt: skip
 
 
-def _finetune_config(cfg, budget: Budget, out: Path, data: str, kind: str, init: str, splits: dict):
-    minutes = budget.classify_minutes if kind == "classify" else budget.ner_minutes
-    epochs = budget.classify_epochs if kind == "classify" else budget.ner_epochs
-    training = _training(budget, cfg, minutes=minutes, lr=1e-3 if kind == "classify" else 2e-3, batch=32)
-    common = dict(
-        out=str(out / data / init), model=str(out / "pretrain"), init=init, epochs=epochs, dropout=0.0,
-        training=training, max_len=budget.seq_len,
+def pretrain_inputs(out: Path, limit: int) -> list[str]:
+    """The pretraining corpus: ``pretrain-zh``, or for smoke tests (``limit``) a small sample file in ``out``."""
+    if not limit:
+        return ["builtin:pretrain-zh"]
+    texts = [ex["text"] for ex in load_builtin("pretrain-zh")["train"][: limit * 10]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain-sample.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return [str(out / "pretrain-sample.txt")]
+
+
+def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind: str, init: str, splits: dict):
+    classify = kind == "classify"
+    return finetune_config(
+        out=out / data / init, model=str(out / "pretrain"), data=data, kind=kind, init=init,
+        epochs=budget.classify_epochs if classify else budget.ner_epochs,
+        minutes=budget.classify_minutes if classify else budget.ner_minutes,
+        max_len=budget.seq_len, seed=cfg.seed, progress=cfg.progress, splits=splits if cfg.limit else None,
     )  # fmt: skip
-    if cfg.limit:  # smoke tests: the limited splits go through files, as a user's data would
-        files = _write_splits(out / data / "data", splits, kind)
-        common.update(files)
+
+
+def finetune_config(
+    *, out: Path, model: str, data: str, kind: str, init: str, epochs: float, minutes: float, max_len: int,
+    seed: int, progress: bool, splits: dict | None = None,
+):  # fmt: skip
+    """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3;
+    batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
+    lr = 1e-3 if kind == "classify" else 2e-3
+    common = dict(
+        out=str(out), model=model, init=init, epochs=epochs, dropout=0.0, max_len=max_len,
+        training=training(minutes=minutes, lr=lr, batch=32, seed=seed, progress=progress),
+    )  # fmt: skip
+    if splits is not None:
+        common.update(_write_splits(out.parent / "data", splits, kind))
     else:
         common["data"] = f"builtin:{data}"
     return ClassifyConfig(**common) if kind == "classify" else NERConfig(**common)

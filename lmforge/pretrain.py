@@ -121,20 +121,9 @@ def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> P
     return target
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    run_dir = Path(cfg.out)
-    is_gpt = not isinstance(model_size(cfg.model.size), BertConfig)
-    if (cfg.task == "clm") != is_gpt:
-        raise ValueError(
-            f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
-        )
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    d = distributed.setup(cfg.train.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
+def prepare_corpus(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> tuple[Path, Path]:
+    """The tokenizer directory and the token shards of ``cfg`` (trained / prepared when missing)."""
     tok_dir = _tokenizer_dir(cfg, run_dir, d)
-    tok = load_tokenizer(tok_dir)
     shards = Path(cfg.data.shards or run_dir / "data")
     if d.is_main:
         prepare(
@@ -145,6 +134,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
             progress=cfg.train.progress,
         )  # fmt: skip
     distributed.barrier(d)
+    return tok_dir, shards
+
+
+def build_objective(cfg: PretrainConfig, tok, shards: Path):
+    """The freshly initialised model (seeded by ``train.seed``) and the task of ``cfg``'s objective."""
     model_cfg = cfg.model.build(tok.vocab_size)
     if model_cfg.max_seq_len < cfg.data.seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
@@ -163,6 +157,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
             shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob,
             whole_word=cfg.task == "wwm-mlm",
         )  # fmt: skip
+    return model, task
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    run_dir = Path(cfg.out)
+    is_gpt = not isinstance(model_size(cfg.model.size), BertConfig)
+    if (cfg.task == "clm") != is_gpt:
+        raise ValueError(
+            f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
+        )
+    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
+    d = distributed.setup(cfg.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        write_yaml(run_dir / "config.yaml", cfg)
+    tok_dir, shards = prepare_corpus(cfg, run_dir, d)
+    model, task = build_objective(cfg, load_tokenizer(tok_dir), shards)
     summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
     if d.is_main:
         _write_model_dir(run_dir, model, summary, tok_dir)

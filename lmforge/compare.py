@@ -1,0 +1,354 @@
+"""``lmforge compare``: pretraining objectives at equal compute, judged by what they give fine-tuning.
+
+The experiment of ELECTRA's paper (Clark et al., 2020, Table 1 and Appendix F) on our data: masked
+LM, ELECTRA (a maximum-likelihood generator) and adversarial ELECTRA (a generator trained with
+REINFORCE to fool the discriminator) each pretrain the same BERT on ``pretrain-zh`` for the same
+*counted training FLOPs* (``Task.flops``, the count every run reports), then each resulting encoder is
+fine-tuned identically (the demo's recipe) on ``reviews-sentiment`` and ``peoples-daily-ner``; every
+objective runs with several seeds, and the test scores are reported as mean, sample standard deviation
+and the per-seed values.
+
+The budget is given as a number of masked-LM steps (``budget_mlm_steps``) at the shared batch shape;
+every other objective gets as many steps as fit in the same FLOPs, computed from the mean counted
+FLOPs of real collated batches of each objective. Each objective keeps the learning rate found for it
+(``OBJECTIVES``); schedules are cosine over each run's own step count. Fine-tuning has no wall-time cap,
+so the scores do not depend on the machine's load; pretraining wall time is reported beside the FLOPs.
+
+The comparison is resumable: every finished stage (a pretraining or a fine-tuning run directory with
+its results.json) is kept, and running the same command again continues where it stopped. Output:
+``OUT/results.json``, ``OUT/report.md``, ``OUT/compare.png`` and each stage's run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmforge.config import read_yaml, write_json, write_yaml
+from lmforge.data.builtin import load_builtin
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.demo import finetune_config, pretrain_inputs
+from lmforge.finetune import finetune
+from lmforge.pretrain import ModelSpec, PretrainConfig, PretrainData, build_objective, prepare_corpus, pretrain
+from lmforge.tasks.electra import ElectraSpec
+from lmforge.train import distributed
+from lmforge.train.config import TrainConfig
+from lmforge.train.optim import OptimConfig
+
+ObjectiveName = Literal["mlm", "electra", "electra-adversarial", "electra-mixed"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pretraining objective as the comparison runs it."""
+
+    task: str
+    lr: float
+    electra: ElectraSpec = field(default_factory=ElectraSpec)
+
+
+# Learning rates: the masked LM's is the demo's; the ELECTRA discriminator did not learn at all at 2e-3 and
+# learns at 5e-4 (shared/FINDINGS.md "ELECTRA on 2 cores"); the adversarial variants keep ELECTRA's.
+OBJECTIVES: dict[str, Objective] = {
+    "mlm": Objective("mlm", 2e-3),
+    "electra": Objective("electra", 5e-4),
+    "electra-adversarial": Objective("electra", 5e-4, ElectraSpec(generator_objective="adversarial")),
+    "electra-mixed": Objective("electra", 5e-4, ElectraSpec(generator_objective="mixed")),
+}
+TASKS = {"reviews-sentiment": ("classify", "accuracy"), "peoples-daily-ner": ("ner", "f1")}
+SCRATCH = "scratch"  # the same fine-tuning from random initialisation: what any pretraining buys
+
+
+@dataclass
+class CompareConfig:
+    """Pretraining objectives (MLM, ELECTRA, adversarial ELECTRA) at equal FLOPs, fine-tuned on built-in tasks."""
+
+    out: str = "runs/compare"
+    """Output directory; finished stages found there are kept and the comparison continues."""
+    objectives: list[ObjectiveName] = field(default_factory=lambda: ["mlm", "electra", "electra-adversarial"])
+    """Pretraining objectives to compare."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One pretraining + fine-tuning per objective and seed."""
+    budget_mlm_steps: int = 1000
+    """The FLOP budget, as this many masked-LM steps of batch_size x seq_len tokens."""
+    size: str = "bert-tiny"
+    """BERT size of every encoder."""
+    batch_size: int = 64
+    """Pretraining sequences per step (every objective)."""
+    seq_len: int = 128
+    """Pretraining and fine-tuning sequence length."""
+    classify_epochs: float = 3.0
+    """Fine-tuning epochs on reviews-sentiment (the demo's)."""
+    ner_epochs: float = 3.0
+    """Fine-tuning epochs on peoples-daily-ner (the demo's)."""
+    scratch: bool = True
+    """Also fine-tune from random initialisation with each seed (the floor pretraining must beat)."""
+    limit: int = 0
+    """Use only the first N examples of each split (0 = all): for smoke tests."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise ValueError(f"objectives={self.objectives}: choose from {sorted(OBJECTIVES)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds}: give at least one seed, each once")
+        if self.budget_mlm_steps <= 0:
+            raise ValueError(f"budget_mlm_steps={self.budget_mlm_steps} must be positive")
+
+
+def pretrain_config(cfg: CompareConfig, name: str, seed: int, steps: int, corpus: Path) -> PretrainConfig:
+    """The pretraining run of objective ``name`` with ``seed`` for ``steps`` steps (shared tokenizer and shards)."""
+    objective = OBJECTIVES[name]
+    optim = OptimConfig(lr=objective.lr, warmup_steps=min(100, steps // 5), schedule="cosine", min_lr_ratio=0.1)
+    train = TrainConfig(
+        max_steps=steps, global_batch_size=cfg.batch_size, micro_batch_size=min(32, cfg.batch_size), seed=seed,
+        optim=optim, eval_every=0, eval_batches=20, save_every=0, keep_last=1, log_every=10, progress=cfg.progress,
+    )  # fmt: skip
+    data = PretrainData(
+        input=pretrain_inputs(Path(cfg.out), cfg.limit), tokenizer=str(corpus / "tokenizer"),
+        shards=str(corpus / "data"), seq_len=cfg.seq_len, vocab_size=21128,
+    )  # fmt: skip
+    return PretrainConfig(
+        out=str(Path(cfg.out) / "pretrain" / f"{name}-seed{seed}"), task=objective.task,  # type: ignore[arg-type]
+        model=ModelSpec(size=cfg.size, dropout=0.0), data=data, train=train, electra=objective.electra,
+    )  # fmt: skip
+
+
+def flops_per_step(pcfg: PretrainConfig, n_batches: int = 8) -> float:
+    """Mean counted training FLOPs of one optimizer step of ``pcfg``'s objective over real collated batches
+    (the masking draws vary the number of predicted tokens, and with it the count)."""
+    tok = load_tokenizer(pcfg.data.tokenizer)
+    model, task = build_objective(pcfg, tok, Path(pcfg.data.shards))
+    generator = torch.Generator().manual_seed(0)
+    B, n = pcfg.train.global_batch_size, len(task.train_items)
+    total = 0.0
+    for k in range(n_batches):
+        items = [task.train_items[(k * B + i) % n] for i in range(B)]
+        total += task.flops(model, task.collate(items, generator=generator))
+    return total / n_batches
+
+
+def plan(cfg: CompareConfig) -> dict[str, dict]:
+    """Steps per objective for the budget: {name: {"steps", "flops_per_step", "lr"}} plus the budget."""
+    corpus = Path(cfg.out) / "corpus"
+    per_step = {name: flops_per_step(pretrain_config(cfg, name, cfg.seeds[0], 1, corpus)) for name in OBJECTIVES}
+    budget = cfg.budget_mlm_steps * per_step["mlm"]
+    steps = {name: {"steps": max(1, round(budget / per_step[name])), "flops_per_step": per_step[name],
+                    "lr": OBJECTIVES[name].lr} for name in cfg.objectives}  # fmt: skip
+    return {"budget_flops": budget, "objectives": steps}
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Every pretraining and fine-tuning (skipping finished ones); returns (and writes) results.json's content."""
+    out = Path(cfg.out)
+    _check_same_settings(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "config.yaml", cfg)
+    corpus = out / "corpus"
+    first = pretrain_config(cfg, cfg.objectives[0], cfg.seeds[0], 1, corpus)
+    corpus_cfg = dataclasses.replace(first, data=dataclasses.replace(first.data, tokenizer=None, shards=None))
+    prepare_corpus(corpus_cfg, corpus, distributed.Dist())
+    budget = plan(cfg)
+    runs = []
+    for seed in cfg.seeds:  # seed-major: machine-load drifts spread over the objectives alike
+        for name in cfg.objectives:
+            steps = budget["objectives"][name]["steps"]
+            pcfg = pretrain_config(cfg, name, seed, steps, corpus)
+            pre = _stage(Path(pcfg.out), lambda pcfg=pcfg: pretrain(pcfg), finished="model_weights")
+            runs.append({"objective": name, "seed": seed, "pretraining": _pretraining_summary(pre),
+                         **_finetune_all(cfg, name, seed, "pretrained")})  # fmt: skip
+        if cfg.scratch:
+            runs.append({"objective": SCRATCH, "seed": seed, **_finetune_all(cfg, cfg.objectives[0], seed, SCRATCH)})
+    summary = {
+        "budget": {
+            **budget,
+            "mlm_steps": cfg.budget_mlm_steps,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "size": cfg.size,
+        },
+        "runs": runs,
+        "summary": aggregate(runs),
+        "settings": dataclasses.asdict(cfg),
+    }
+    summary["claim"] = claim(summary["summary"])
+    write_json(out / "results.json", summary)
+    plot(summary, out / "compare.png")
+    (out / "report.md").write_text(report(summary), encoding="utf-8")
+    return summary
+
+
+def _check_same_settings(cfg: CompareConfig, out: Path) -> None:
+    """Finished stages are reused only for the same experiment: other settings need another directory."""
+    if not (out / "config.yaml").is_file():
+        return
+    before = read_yaml(out / "config.yaml")
+    now = dataclasses.asdict(cfg)
+    keep_free = ("objectives", "seeds", "scratch", "progress", "out")  # adding runs does not change old ones
+    changed = sorted(k for k in now if k not in keep_free and before.get(k) != now[k])
+    if changed:
+        raise ValueError(
+            f"{out / 'config.yaml'}: this directory holds a comparison with other {', '.join(changed)} "
+            f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); use another --out or delete it"
+        )
+
+
+def _stage(run_dir: Path, run: Callable[[], dict], *, finished: str) -> dict:
+    """``run()``'s results, or those of an earlier run in ``run_dir`` whose results.json has the key
+    ``finished`` (written last, so only a completed run has it); an unfinished one starts over."""
+    done = run_dir / "results.json"
+    if done.is_file():
+        earlier = json.loads(done.read_text(encoding="utf-8"))
+        if finished in earlier:
+            return earlier
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run()
+
+
+def _pretraining_summary(s: dict) -> dict:
+    keep = ("steps", "tokens", "train_flops", "seconds", "tokens_per_s", "mfu", "best_val_loss")
+    return {k: s.get(k) for k in keep}
+
+
+def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
+    """Fine-tune the encoder of (``name``, ``seed``) on every task (or from scratch): {task: test metrics}."""
+    out = Path(cfg.out)
+    model = str(out / "pretrain" / f"{name}-seed{seed}")  # scratch runs read only its config and tokenizer
+    found = {}
+    for data, (kind, _) in TASKS.items():
+        splits = {k: v[: cfg.limit] for k, v in load_builtin(data).items()} if cfg.limit else None
+        run_dir = out / "finetune" / (SCRATCH if init == SCRATCH else name) / f"seed{seed}" / data
+        ft = finetune_config(
+            out=run_dir, model=model, data=data, kind=kind, init=init, epochs=cfg.classify_epochs
+            if kind == "classify" else cfg.ner_epochs, minutes=0.0, max_len=cfg.seq_len, seed=seed,
+            progress=cfg.progress, splits=splits,
+        )  # fmt: skip
+        r = _stage(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind), finished="test")
+        found[data] = {"test": _scalars(r["test"]), "dev": _scalars(r["dev"]), "steps": r["training"]["steps"],
+                       "seconds": r["training"]["seconds"]}  # fmt: skip
+    return found
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{objective: {task: {mean, std, values} of its test metric, "pretraining_minutes", "pretraining_pflops"}}."""
+    found: dict[str, dict] = {}
+    for name in dict.fromkeys(r["objective"] for r in runs):
+        mine = [r for r in runs if r["objective"] == name]
+        found[name] = {data: _spread([r[data]["test"][metric] for r in mine]) for data, (_, metric) in TASKS.items()}
+        if "pretraining" in mine[0]:
+            found[name]["pretraining_minutes"] = _spread([r["pretraining"]["seconds"] / 60 for r in mine])
+            found[name]["pretraining_pflops"] = _spread([r["pretraining"]["train_flops"] / 1e15 for r in mine])
+            found[name]["pretraining_steps"] = mine[0]["pretraining"]["steps"]
+    return found
+
+
+def claim(summary: dict) -> dict:
+    """ELECTRA >= MLM at equal compute on both tasks (by the mean over seeds), with the gap in units of the
+    larger of the two standard deviations (|gap| < 1 is within the seed-to-seed spread)."""
+    if "mlm" not in summary or "electra" not in summary:
+        return {}
+    found = {}
+    for data in TASKS:
+        e, m = summary["electra"][data], summary["mlm"][data]
+        gap = e["mean"] - m["mean"]
+        spread = max(e["std"], m["std"])
+        found[data] = {"electra_minus_mlm": gap, "in_spreads": gap / spread if spread > 0 else None}
+    return {"tasks": found, "electra_at_least_mlm": all(v["electra_minus_mlm"] >= 0 for v in found.values())}
+
+
+def _fmt(s: dict, digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def report(summary: dict) -> str:
+    """report.md: the equal-compute table, the per-seed scores, the claim and the plot."""
+    b, by = summary["budget"], summary["summary"]
+    lines = [
+        "# Pretraining objectives at equal compute",
+        "",
+        f"Every encoder is a {b['size']} pretrained on pretrain-zh for {b['budget_flops'] / 1e15:.3g} PFLOPs of",
+        f"counted training compute (= {b['mlm_steps']:,} masked-LM steps of {b['batch_size']} x {b['seq_len']}",
+        "tokens),",
+        "then fine-tuned with the same recipe on each task. Test scores: mean ± sample standard deviation over seeds.",
+        "",
+        "| objective | lr | steps | PFLOPs | pretraining min | reviews-sentiment accuracy | peoples-daily-ner F1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in by.items():
+        plan_row = b["objectives"].get(name)
+        lr = f"{plan_row['lr']:g}" if plan_row else "-"
+        steps = f"{s['pretraining_steps']:,}" if "pretraining_steps" in s else "-"
+        pf = _fmt(s["pretraining_pflops"], 4) if "pretraining_pflops" in s else "-"
+        minutes = _fmt(s["pretraining_minutes"], 1) if "pretraining_minutes" in s else "-"
+        label = "none (random init)" if name == SCRATCH else name
+        lines.append(f"| {label} | {lr} | {steps} | {pf} | {minutes} | {_fmt(s['reviews-sentiment'])} "
+                     f"| {_fmt(s['peoples-daily-ner'])} |")  # fmt: skip
+    lines += ["", "Per seed (test):", "", "| objective | seed | sentiment accuracy | NER F1 |", "|---|---|---|---|"]
+    for r in summary["runs"]:
+        lines.append(f"| {r['objective']} | {r['seed']} | {r['reviews-sentiment']['test']['accuracy']:.4f} | "
+                     f"{r['peoples-daily-ner']['test']['f1']:.4f} |")  # fmt: skip
+    c = summary.get("claim")
+    if c:
+        verdict = "holds" if c["electra_at_least_mlm"] else "does not hold"
+        lines += ["", f"**ELECTRA >= MLM on both tasks at equal compute: {verdict}.**", ""]
+        for data, v in c["tasks"].items():
+            k = v["in_spreads"]
+            spreads = "" if k is None else f" ({k:+.1f} x the larger seed standard deviation)"
+            lines.append(f"- {data}: ELECTRA - MLM = {v['electra_minus_mlm']:+.4f}{spreads}")
+    lines += ["", "![comparison](compare.png)", "",
+              "Stage run directories: pretrain/OBJECTIVE-seedN/, finetune/OBJECTIVE/seedN/TASK/."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Bars (mean) with each seed as a dot: sentiment accuracy, NER F1 and pretraining wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = summary["summary"]
+    names = list(by)
+    panels = [("reviews-sentiment", "test accuracy"), ("peoples-daily-ner", "test entity F1"),
+              ("pretraining_minutes", "pretraining wall minutes")]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        shown = [n for n in names if key in by[n]]
+        for i, n in enumerate(shown):
+            s = by[n][key]
+            ax.bar(i, s["mean"], yerr=s["std"], color=f"C{names.index(n)}", alpha=0.6, capsize=4)
+            ax.scatter([i] * len(s["values"]), s["values"], color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(shown)), shown, rotation=15)
+        ax.set_title(title)
+        if key != "pretraining_minutes":
+            low = min(min(by[n][key]["values"]) for n in shown)
+            high = max(max(by[n][key]["values"]) for n in shown)
+            ax.set_ylim(max(0.0, low - 0.05 * (1 + high - low)), min(1.0, high + 0.02))
+    b = summary["budget"]
+    flops = f"{b['budget_flops'] / 1e15:.3g} PFLOPs"
+    fig.suptitle(f"{b['size']}, {flops} of pretraining each; bars = mean ± std, dots = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
