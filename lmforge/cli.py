@@ -198,6 +198,37 @@ def _compare(cfg: Any) -> None:
         console.print(f"ELECTRA >= MLM on both tasks: {'holds' if c['electra_at_least_mlm'] else 'does not hold'}")
 
 
+def _nas_config() -> type:
+    from lmforge.nas.command import NASConfig
+
+    return NASConfig
+
+
+def _nas(cfg: Any) -> None:
+    from lmforge.nas.command import run_nas
+
+    found = run_nas(cfg)
+    metric = found["metric"]
+    if "supernet" in found:
+        rows = [
+            (r["arch"], f"{r['dev']:.4f}", f"{r['measured_ms']:.2f}", f"{r['predicted_ms']:.2f}", f"{r['params']:,}")
+            for r in found["supernet"]["pareto"]
+        ]
+        _print_table(f"Pareto front ({cfg.out}/report.md, {cfg.out}/pareto.png)",
+                     ("architecture", f"dev {metric}", "measured ms", "predicted ms", "params"), rows)  # fmt: skip
+    if "retrained" in found:
+        rows = []
+        for label, r in found["retrained"].items():
+            test = "-" if metric not in r["test"] else f"{r['test'][metric]:.4f}"
+            rows.append((label, r["arch"], f"{r['measured_ms']:.2f}", f"{r['dev'][metric]:.4f}", test))
+        _print_table(
+            "retrained from scratch", ("pick", "architecture", "measured ms", f"dev {metric}", f"test {metric}"), rows
+        )
+    lat = found["latency_model"]
+    console.print(f"latency model: median relative error {100 * lat['held_out_median_relative_error']:.1f}% on "
+                  f"{len(lat['held_out'])} held-out architectures")  # fmt: skip
+
+
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """A rich table: the first column and a 'decoding' column left-aligned, the numbers right-aligned."""
     table = Table(title=title)
@@ -318,6 +349,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "embed": (EmbedConfig, _embed),
     "demo": (_demo_config(), _demo),
     "compare": (_compare_config(), _compare),
+    "nas": (_nas_config(), _nas),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),

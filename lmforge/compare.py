@@ -22,10 +22,7 @@ its results.json) is kept, and running the same command again continues where it
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,7 +36,7 @@ from lmforge.demo import finetune_config, pretrain_inputs
 from lmforge.finetune import finetune
 from lmforge.pretrain import ModelSpec, PretrainConfig, PretrainData, build_objective, prepare_corpus, pretrain
 from lmforge.tasks.electra import ElectraSpec
-from lmforge.train import distributed
+from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import OptimConfig
 
@@ -164,7 +161,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         for name in cfg.objectives:
             steps = budget["objectives"][name]["steps"]
             pcfg = pretrain_config(cfg, name, seed, steps, corpus)
-            pre = _stage(Path(pcfg.out), lambda pcfg=pcfg: pretrain(pcfg), finished="model_weights")
+            pre = checkpoint.finished_or_run(Path(pcfg.out), lambda pcfg=pcfg: pretrain(pcfg), finished="model_weights")
             runs.append({"objective": name, "seed": seed, "pretraining": _pretraining_summary(pre),
                          **_finetune_all(cfg, name, seed, "pretrained")})  # fmt: skip
         if cfg.scratch:
@@ -203,18 +200,6 @@ def _check_same_settings(cfg: CompareConfig, out: Path) -> None:
         )
 
 
-def _stage(run_dir: Path, run: Callable[[], dict], *, finished: str) -> dict:
-    """``run()``'s results, or those of an earlier run in ``run_dir`` whose results.json has the key
-    ``finished`` (written last, so only a completed run has it); an unfinished one starts over."""
-    done = run_dir / "results.json"
-    if done.is_file():
-        earlier = json.loads(done.read_text(encoding="utf-8"))
-        if finished in earlier:
-            return earlier
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return run()
-
-
 def _pretraining_summary(s: dict) -> dict:
     keep = ("steps", "tokens", "train_flops", "seconds", "tokens_per_s", "mfu", "best_val_loss")
     return {k: s.get(k) for k in keep}
@@ -233,7 +218,7 @@ def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
             if kind == "classify" else cfg.ner_epochs, minutes=0.0, max_len=cfg.seq_len, seed=seed,
             progress=cfg.progress, splits=splits,
         )  # fmt: skip
-        r = _stage(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind), finished="test")
+        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind), finished="test")
         found[data] = {"test": _scalars(r["test"]), "dev": _scalars(r["dev"]), "steps": r["training"]["steps"],
                        "seconds": r["training"]["seconds"]}  # fmt: skip
     return found

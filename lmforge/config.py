@@ -86,8 +86,8 @@ def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass as plain data, ready for YAML or JSON."""
-    return dataclasses.asdict(cfg)
+    """A dataclass (or a dict) as plain data, ready for YAML or JSON."""
+    return cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -99,7 +99,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_yaml(path: str | os.PathLike, cfg: Any) -> None:
-    """Write the resolved config of a run as YAML, atomically."""
+    """Write the resolved config of a run (a dataclass or a dict) as YAML, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")

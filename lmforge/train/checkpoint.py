@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,3 +170,17 @@ def restore_rng(checkpoint: Path) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def finished_or_run(run_dir: str | os.PathLike, run: Callable[[], dict], *, finished: str) -> dict:
+    """A multi-stage command's stage: the results of an earlier run in ``run_dir`` whose results.json has
+    the key ``finished`` (written last, so only a completed run has it), else ``run()``'s (an unfinished
+    run directory is removed first: the stage starts over)."""
+    run_dir = Path(run_dir)
+    done = run_dir / "results.json"
+    if done.is_file():
+        earlier = json.loads(done.read_text(encoding="utf-8"))
+        if finished in earlier:
+            return earlier
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run()

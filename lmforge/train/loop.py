@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,20 @@ def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dis
     return task.metrics(totals)
 
 
-def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train ``model`` on ``task``; returns the summary also written to ``run_dir/results.json``."""
+def fit(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_eval: Callable[[int, dict[str, float], float], None] | None = None,
+) -> dict:
+    """Train ``model`` on ``task``; returns the summary also written to ``run_dir/results.json``.
+
+    ``on_eval(step, metrics, train_flops)`` is called after each evaluation (NAS trials report to their
+    pruner there; an exception it raises ends the run without a final checkpoint).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     d = distributed.setup(cfg.device)
@@ -159,6 +172,8 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
             return
         logger.record("eval", state.step, metrics)
         logger.info(f"step {state.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
+        if on_eval is not None:
+            on_eval(state.step, metrics, state.flops)
         value = metrics[selection] * sign
         if state.best_metric is None or value < state.best_metric:
             state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
@@ -245,6 +260,9 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, *, run_dir: str | Path, 
     except KeyboardInterrupt:
         logger.info(f"interrupted: saving a checkpoint at step {state.step}; continue with --resume")
         save()
+        logger.close()
+        raise
+    except Exception:
         logger.close()
         raise
     if not (cfg.eval_every and state.step % cfg.eval_every == 0):
