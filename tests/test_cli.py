@@ -23,6 +23,8 @@ STAGES = {
     "ner": "finetune ner",
     "translate": "finetune translate",
     "chat": "finetune chat",
+    "nas": "nas",
+    "compare": "compare",
 }
 
 
