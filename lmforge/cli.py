@@ -229,6 +229,18 @@ def _nas(cfg: Any) -> None:
                   f"{len(lat['held_out'])} held-out architectures")  # fmt: skip
 
 
+def _serve_config() -> type:
+    from lmforge.serve.command import ServeConfig
+
+    return ServeConfig
+
+
+def _serve(cfg: Any) -> None:
+    from lmforge.serve.command import serve
+
+    serve(cfg)
+
+
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """A rich table: the first column and a 'decoding' column left-aligned, the numbers right-aligned."""
     table = Table(title=title)
@@ -350,6 +362,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "demo": (_demo_config(), _demo),
     "compare": (_compare_config(), _compare),
     "nas": (_nas_config(), _nas),
+    "serve": (_serve_config(), _serve),
     "convert": (ConvertConfig, _convert),
     "export": (ExportConfig, _export),
     "data list": (DataListConfig, _data_list),

@@ -176,18 +176,25 @@ class EmbedConfig:
     """Skip malformed rows instead of stopping at the first."""
 
 
-def embed_command(cfg: EmbedConfig) -> tuple[Path, int]:
-    """Write the vectors and ids; returns the .npy path and the number of rows."""
-    model = load_model(cfg.model)
+def load_embedder(model_dir: str | Path, *, batch_size: int = 64) -> tuple[EmbeddingTask, Bert]:
+    """(task, model) that embed texts: a SimCSE run directory (its pooling and max_len) or any lmforge BERT
+    (first-token vectors); the model in eval mode on the CPU."""
+    model = load_model(model_dir)
     if not isinstance(model, Bert):
-        raise ValueError(f"{cfg.model}: embeddings come from a BERT-family model directory")
-    settings_path = Path(cfg.model) / TASK_FILE
+        raise ValueError(f"{model_dir}: embeddings come from a BERT-family model directory")
+    settings_path = Path(model_dir) / TASK_FILE
     settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
     if settings and settings.get("task") != "embed":
         raise ValueError(f"{settings_path}: task {settings.get('task')!r} is not 'embed'")
-    task = EmbeddingTask(load_tokenizer(cfg.model), pooling=settings.get("pooling", "cls"),
+    task = EmbeddingTask(load_tokenizer(model_dir), pooling=settings.get("pooling", "cls"),
                          max_len=settings.get("max_len", min(128, model.cfg.max_seq_len)),
-                         eval_batch_size=cfg.batch_size)  # fmt: skip
+                         eval_batch_size=batch_size)  # fmt: skip
+    return task, model.eval()
+
+
+def embed_command(cfg: EmbedConfig) -> tuple[Path, int]:
+    """Write the vectors and ids; returns the .npy path and the number of rows."""
+    task, model = load_embedder(cfg.model, batch_size=cfg.batch_size)
     examples, _ = _read(cfg.input, skip_bad_rows=cfg.skip_bad_rows)
     vectors = task.vectors(model, [ex["text"] for ex in examples], device=torch.device("cpu"))
     out = Path(cfg.output)

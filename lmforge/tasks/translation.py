@@ -164,13 +164,15 @@ class TranslationTask:
         )
 
     def translate(
-        self, model: Seq2Seq, texts: Sequence[str], *, device: torch.device, generation: GenerationConfig | None = None
-    ) -> list[str]:
-        """Translations of ``texts``, decoded in length-sorted batches (output in input order)."""
+        self, model: Seq2Seq, texts: Sequence[str], *, device: torch.device, generation: GenerationConfig | None = None,
+        generator: Generator | None = None,
+    ) -> list[str]:  # fmt: skip
+        """Translations of ``texts``, decoded in length-sorted batches (output in input order). A server
+        passes its ``generator`` (built once) instead of a copy of the model's weights per call."""
         cfg = generation or self.eval_generation
         was_training = model.training
         model.eval()
-        gen = self.generator(model)
+        gen = generator or self.generator(model)
         sources, _ = self.encode_sources(texts)
         out: list[str] = [""] * len(texts)
         per_batch = max(1, self.eval_batch_size // cfg.num_beams)

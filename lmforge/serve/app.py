@@ -1,0 +1,396 @@
+"""The HTTP API (FastAPI) and the web page: handlers over the served models, no model code.
+
+Endpoints: ``POST /v1/classify``, ``/v1/ner``, ``/v1/translate`` (``{"model", "input": [...]}`` ->
+``{"model", "data": [...]}``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
+response shapes (``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
+``/healthz``, ``/metrics`` (Prometheus text) and the page at ``/``. The OpenAPI schema is at
+``/openapi.json`` (``/docs`` renders it).
+
+Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the field at
+fault in ``param``: 413 for a body, text or input list over its limit, 422 for invalid values (e.g.
+``max_tokens`` above the server's limit), 404 for an unknown model, 401 without the API key, 503 with
+Retry-After when the model's queue is full, 504 past the per-request timeout. An exception while
+answering is a 500 for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.generate import GenerationConfig
+from lmforge.serve.batching import MicroBatcher, QueueFull
+from lmforge.serve.models import Served
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, and how requests are batched and timed out."""
+
+    max_body_bytes: int = 1_000_000
+    max_text_chars: int = 2000
+    max_inputs: int = 64
+    max_tokens: int = 256
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 64
+    timeout_s: float = 30.0
+    api_key: str | None = None
+
+
+class APIError(Exception):
+    """An error answered as JSON: status, message, the field at fault."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# --- request shapes -------------------------------------------------------------------------------------
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+
+class InputRequest(_Lenient):
+    model: str
+    input: str | list[str | list[str]] = Field(description="texts, or [text, text_pair] pairs (classify)")
+
+
+class TranslateRequest(InputRequest):
+    num_beams: int = Field(4, ge=1, le=8)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(_Lenient):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    """base64: the float32 little-endian bytes of each vector, base64-encoded (what OpenAI's client asks for)."""
+
+
+class Message(_Lenient):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Lenient):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("lmforge_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("lmforge_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
+        self.queue = Gauge("lmforge_queue_depth", "Requests waiting per model", ["model"], registry=self.registry)
+        self.batch = Histogram("lmforge_batch_size", "Items per model call", ["model"], registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+        self.tokens = Counter("lmforge_generated_tokens", "Generated tokens", ["model"], registry=self.registry)
+        self.tokens_per_s = Gauge("lmforge_tokens_per_second", "Generation speed of the last reply", ["model"],
+                                  registry=self.registry)  # fmt: skip
+
+
+def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastAPI:
+    """The API over ``models`` (name -> loaded model) with ``limits``."""
+    limits = limits or Limits()
+    metrics = _Metrics()
+    batchers: dict[str, MicroBatcher] = {}
+    for name, served in models.items():
+        batchers[name] = MicroBatcher(
+            _batch_fn(served), max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms,
+            queue_size=limits.queue_size, on_batch=metrics.batch.labels(name).observe,
+        )  # fmt: skip
+        metrics.queue.labels(name).set_function(lambda b=batchers[name]: b.depth)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        for b in batchers.values():  # graceful shutdown: finish what is queued
+            await b.stop()
+
+    about = "Classification, NER, translation, embeddings and chat over lmforge run directories."
+    app = FastAPI(title="lmforge", version="1", lifespan=lifespan, description=about)
+    app.state.models, app.state.limits = models, limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError) -> JSONResponse:
+        return _error(e.status, e.message, param=e.param, kind=e.kind, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        return _error(422, f"{param}: {first['msg']}", param=param or None)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path
+        endpoint = path if path.startswith("/v1/") or path in ("/healthz", "/metrics") else "page"
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            response = _error(413, f"request body of {length} bytes exceeds {limits.max_body_bytes}", param="body")
+        elif limits.api_key and path.startswith("/v1/") and not _authorised(request, limits.api_key):
+            response = _error(
+                401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
+            )
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # never take the server down
+                response = _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def served(name: str, task: str) -> Served:
+        if name not in models:
+            raise APIError(404, f"model {name!r} is not served; served: {', '.join(models)}", param="model",
+                           kind="not_found_error")  # fmt: skip
+        if models[name].task != task:
+            raise APIError(400, f"model {name!r} serves {models[name].task}, not {task}", param="model")
+        return models[name]
+
+    async def submit(name: str, items: list, key: Any = None) -> list:
+        try:
+            return await asyncio.wait_for(batchers[name].submit(items, key), limits.timeout_s)
+        except QueueFull:
+            raise APIError(503, f"model {name!r} is busy: its queue is full", kind="overloaded_error",
+                           headers={"Retry-After": "1"}) from None  # fmt: skip
+        except TimeoutError:
+            raise APIError(504, f"no answer within {limits.timeout_s:g} s", kind="timeout_error") from None
+        except ValueError as e:
+            raise APIError(422, str(e)) from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "models": len(models)}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [m.info() for m in models.values()]}
+
+    @app.post("/v1/classify")
+    async def classify(req: InputRequest) -> dict:
+        m = served(req.model, "classify")
+        examples = [_example(x, i, pairs=True) for i, x in enumerate(_inputs(req.input, limits))]
+        return {"model": m.name, "data": await submit(m.name, examples)}
+
+    @app.post("/v1/ner")
+    async def ner(req: InputRequest) -> dict:
+        m = served(req.model, "ner")
+        examples = [_example(x, i, pairs=False) for i, x in enumerate(_inputs(req.input, limits))]
+        return {"model": m.name, "data": await submit(m.name, examples)}
+
+    @app.post("/v1/translate")
+    async def translate(req: TranslateRequest) -> dict:
+        m = served(req.model, "translate")
+        texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
+        cap = _max_tokens(req.max_tokens, limits, default=m.handler.max_len)
+        translations = await submit(m.name, texts, key=(req.num_beams, cap))
+        return {"model": m.name, "data": [{"translation": t} for t in translations]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        m = served(req.model, "embed")
+        texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
+        vectors = await submit(m.name, texts)
+        n = m.count_tokens(texts)
+        if req.encoding_format == "base64":
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return {"object": "list", "model": m.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest) -> dict | StreamingResponse:
+        m = served(req.model, "chat")
+        for i, message in enumerate(req.messages):
+            if len(message.content) > limits.max_text_chars:
+                raise APIError(413, f"messages[{i}].content has {len(message.content)} characters; the limit is "
+                                    f"{limits.max_text_chars}", param=f"messages.{i}.content")  # fmt: skip
+        cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=min(128, limits.max_tokens))
+        cfg = _sampling(req, cap)
+        try:
+            prompt = m.chat_prompt([msg.model_dump() for msg in req.messages], cap)
+        except ValueError as e:
+            raise APIError(413, str(e), param="messages") from None
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_stream_chat(m, batchers[m.name], prompt, cfg, reply_id, created, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+        started = time.perf_counter()
+        (reply,) = await submit(m.name, [prompt], key=("chat", _key(cfg)))
+        seconds = time.perf_counter() - started
+        metrics.tokens.labels(m.name).inc(len(reply.token_ids))
+        metrics.tokens_per_s.labels(m.name).set(len(reply.token_ids) / max(seconds, 1e-9))
+        return {
+            "id": reply_id, "object": "chat.completion", "created": created, "model": m.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
+                         "finish_reason": "length" if reply.finish_reason == "length" else "stop"}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(reply.token_ids),
+                      "total_tokens": len(prompt) + len(reply.token_ids)},
+        }  # fmt: skip
+
+    page = resources.files("lmforge.serve") / "static"
+    app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
+    return app
+
+
+def _authorised(request: Request, key: str) -> bool:
+    return request.headers.get("authorization", "") == f"Bearer {key}"
+
+
+def _inputs(raw: Any, limits: Limits) -> list:
+    items = [raw] if isinstance(raw, str) else list(raw)
+    if not items:
+        raise APIError(422, "input is empty: give at least one text", param="input")
+    if len(items) > limits.max_inputs:
+        raise APIError(413, f"input has {len(items)} items; the limit is {limits.max_inputs}", param="input")
+    for i, item in enumerate(items):
+        texts = [item] if isinstance(item, str) else item
+        for text in texts:
+            if len(text) > limits.max_text_chars:
+                raise APIError(413, f"input[{i}] has {len(text)} characters; the limit is {limits.max_text_chars}",
+                               param=f"input[{i}]")  # fmt: skip
+    return items
+
+
+def _example(item: Any, i: int, *, pairs: bool) -> dict:
+    if isinstance(item, str):
+        if not item.strip():
+            raise APIError(422, f"input[{i}] is empty", param=f"input[{i}]")
+        return {"text": item}
+    if pairs and len(item) == 2 and all(isinstance(t, str) and t.strip() for t in item):
+        return {"text": item[0], "text_pair": item[1]}
+    allowed = "a text or a [text, text_pair] pair" if pairs else "a text"
+    raise APIError(422, f"input[{i}] must be {allowed}", param=f"input[{i}]")
+
+
+def _max_tokens(asked: int | None, limits: Limits, *, default: int) -> int:
+    if asked is not None and asked > limits.max_tokens:
+        raise APIError(422, f"max_tokens={asked} exceeds the server's limit of {limits.max_tokens}", param="max_tokens")
+    return asked or min(default, limits.max_tokens)
+
+
+def _sampling(req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if req.temperature == 0:  # OpenAI's convention: temperature 0 is greedy
+        return GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=stops)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
+                            top_p=req.top_p, stop_strings=stops, seed=req.seed)  # fmt: skip
+
+
+def _key(cfg: GenerationConfig) -> tuple:
+    """Requests decode together only with identical settings."""
+    return (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, tuple(cfg.stop_strings), cfg.seed)
+
+
+def _batch_fn(served: Served):
+    """The function a model's micro-batcher calls with the gathered items and the batch key."""
+    if served.task == "classify":
+        return lambda items, _key: served.classify(items)
+    if served.task == "ner":
+        return lambda items, _key: served.ner(items)
+    if served.task == "embed":
+        return lambda items, _key: served.embed(items)
+    if served.task == "translate":
+        return lambda items, key: served.translate(items, GenerationConfig(num_beams=key[0], max_new_tokens=key[1]))
+    return lambda items, key: served.complete(items, _config_of(key[1]))
+
+
+def _config_of(key: tuple) -> GenerationConfig:
+    max_new, do_sample, temperature, top_p, stops, seed = key
+    if not do_sample:
+        return GenerationConfig(max_new_tokens=max_new, stop_strings=list(stops))
+    return GenerationConfig(max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
+                            stop_strings=list(stops), seed=seed)  # fmt: skip
+
+
+async def _stream_chat(m: Served, batcher: MicroBatcher, prompt: list[int], cfg: GenerationConfig, reply_id: str,
+                       created: int, metrics: _Metrics) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events of OpenAI's chunk shape; the decoding runs in the model's thread."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()  # set when the client goes away: the decoding thread stops early
+    done = object()
+
+    def produce() -> None:
+        try:
+            for piece in m.stream(prompt, cfg):
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+                if stop.is_set():
+                    break
+        except Exception as e:  # reported in the stream, the server goes on
+            loop.call_soon_threadsafe(pieces.put_nowait, e)
+        loop.call_soon_threadsafe(pieces.put_nowait, done)
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": m.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    started = time.perf_counter()
+    work = asyncio.ensure_future(batcher.run(produce))
+    text = []
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await pieces.get()
+            if item is done:
+                break
+            if isinstance(item, Exception):
+                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                break
+            text.append(item)
+            yield chunk({"content": item})
+        n = m.count_tokens(["".join(text)])
+        metrics.tokens.labels(m.name).inc(n)
+        metrics.tokens_per_s.labels(m.name).set(n / max(time.perf_counter() - started, 1e-9))
+        yield chunk({}, "length" if n >= cfg.max_new_tokens else "stop")
+        yield "data: [DONE]\n\n"
+    finally:
+        stop.set()
+        await work

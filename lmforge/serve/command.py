@@ -1,0 +1,87 @@
+"""``lmforge serve``: load the named run directories and serve them with uvicorn.
+
+Security defaults: the server binds to loopback; any other address needs ``--api-key`` (clients send
+``Authorization: Bearer KEY``). Models load only from the directories named at start-up, through
+safetensors and JSON (nothing is unpickled). On SIGINT / SIGTERM uvicorn stops accepting connections,
+lets in-flight requests finish (up to ``graceful_s``) and the app drains its queues.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Annotated
+
+import tyro
+
+from lmforge.serve.app import Limits, create_app
+from lmforge.serve.models import Served, load_served
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    """Serve run directories over HTTP: JSON API (OpenAI-compatible chat and embeddings) and a web page."""
+
+    model: Annotated[list[str], tyro.conf.UseAppendAction]
+    """NAME=RUN_DIR, repeatable (--model sent=runs/cls --model chat=runs/chat); the task comes from the run."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback requires --api-key."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on /v1/ (default: $LMFORGE_API_KEY when set)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body (413 beyond)."""
+    max_text_chars: int = 2000
+    """Longest text or message (413 beyond)."""
+    max_inputs: int = 64
+    """Most texts in one request (413 beyond)."""
+    max_tokens: int = 256
+    """Largest max_tokens a request may ask for (422 beyond)."""
+    max_batch: int = 32
+    """Most texts per model call when batching requests."""
+    max_wait_ms: float = 5.0
+    """How long the first request of a batch waits for others."""
+    queue_size: int = 64
+    """Requests waiting per model before new ones get 503 + Retry-After."""
+    timeout_s: float = 30.0
+    """Per-request timeout (504 beyond)."""
+    graceful_s: float = 30.0
+    """On shutdown, how long in-flight requests may take to finish."""
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """NAME=RUN_DIR pairs as a dict; errors name the bad spec."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model {spec!r}: expected NAME=RUN_DIR, e.g. --model sentiment=runs/cls")
+        if name in found:
+            raise ValueError(f"--model {spec!r}: the name {name!r} is given twice")
+        found[name] = path
+    if not found:
+        raise ValueError("give at least one --model NAME=RUN_DIR")
+    return found
+
+
+def limits_of(cfg: ServeConfig) -> Limits:
+    names = {f.name for f in fields(Limits)}
+    return Limits(**{k: getattr(cfg, k) for k in names if k != "api_key"}, api_key=cfg.api_key)
+
+
+def load_models(cfg: ServeConfig) -> dict[str, Served]:
+    return {name: load_served(name, path) for name, path in parse_models(cfg.model).items()}
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Check the settings, load every model, then serve until interrupted."""
+    import uvicorn
+
+    cfg.api_key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if cfg.host not in LOOPBACK and not cfg.api_key:
+        raise ValueError(f"--host {cfg.host}: binding beyond loopback needs --api-key (or $LMFORGE_API_KEY)")
+    app = create_app(load_models(cfg), limits_of(cfg))
+    uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=int(cfg.graceful_s), log_level="info")

@@ -1,0 +1,93 @@
+"""Tiny run directories of every servable task, the app over them, and a live uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from lmforge.cli import main
+from lmforge.data.builtin import load_builtin
+from lmforge.data.readers import write_conll, write_jsonl
+from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.registry import save_model
+from lmforge.serve.app import Limits, create_app
+from lmforge.serve.models import load_served
+
+GENERATION = Path(__file__).resolve().parents[1] / "fixtures" / "generation"
+FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1", "--epochs", "0",
+        "--training.max-steps", "6", "--training.eval-every", "0", "--max-len", "48"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def run_dirs(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -> dict[str, Path]:
+    """name -> run directory: classify, ner (tiny BERTs fine-tuned a few steps), translate (the zh->en
+    fixture), embed (a plain BERT: first-token vectors), chat (the GPT fixture)."""
+    root = tmp_path_factory.mktemp("serve")
+    vocab = load_tokenizer(review_wordpiece).vocab_size
+    bert = root / "bert"
+    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
+                     attn_dropout=0.0)  # fmt: skip
+    save_model(Bert(cfg), bert)
+    copy_tokenizer_files(review_wordpiece, bert)
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(root / "cls-train.jsonl", reviews["train"][:64])
+    write_jsonl(root / "cls-dev.jsonl", reviews["dev"][:16])
+    assert main(["finetune", "classify", "--model", str(bert), "--train", str(root / "cls-train.jsonl"),
+                 "--dev", str(root / "cls-dev.jsonl"), "--out", str(root / "classify"), *FAST]) == 0  # fmt: skip
+    sentences = load_builtin("peoples-daily-ner")
+    write_conll(root / "ner-train.conll", sentences["train"][:64])
+    write_conll(root / "ner-dev.conll", sentences["dev"][:16])
+    assert main(["finetune", "ner", "--model", str(bert), "--train", str(root / "ner-train.conll"),
+                 "--dev", str(root / "ner-dev.conll"), "--out", str(root / "ner"), *FAST]) == 0  # fmt: skip
+    mt = root / "translate"
+    shutil.copytree(GENERATION / "seq2seq", mt)
+    (mt / "task.json").write_text(json.dumps({"task": "translate", "src": "zh", "tgt": "en", "max_len": 24,
+                                              "label_smoothing": 0.1, "source_special_tokens": False}))  # fmt: skip
+    return {"classify": root / "classify", "ner": root / "ner", "translate": mt, "embed": bert,
+            "chat": GENERATION / "gpt"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def served(run_dirs: dict[str, Path]) -> dict:
+    return {name: load_served(name, path) for name, path in run_dirs.items()}
+
+
+@pytest.fixture()
+def make_app(served: dict):
+    def make(**limits):
+        return create_app(served, Limits(**limits))
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(served: dict) -> Iterator[str]:
+    """The app under a real uvicorn on a free loopback port (in a thread); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(served, Limits()), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
