@@ -4,7 +4,7 @@ Endpoints: ``POST /v1/classify``, ``/v1/ner``, ``/v1/translate`` (``{"model", "i
 ``{"model", "data": [...]}``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
 response shapes (``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
 ``/healthz``, ``/metrics`` (Prometheus text) and the page at ``/``. The OpenAPI schema is at
-``/openapi.json`` (``/docs`` renders it).
+``/openapi.json``.
 
 Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the field at
 fault in ``param``: 413 for a body, text or input list over its limit, 422 for invalid values (e.g.
@@ -144,7 +144,8 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             await b.stop()
 
     about = "Classification, NER, translation, embeddings and chat over lmforge run directories."
-    app = FastAPI(title="lmforge", version="1", lifespan=lifespan, description=about)
+    # no /docs or /redoc: their pages load scripts from a CDN, and everything here works offline
+    app = FastAPI(title="lmforge", version="1", lifespan=lifespan, description=about, docs_url=None, redoc_url=None)
     app.state.models, app.state.limits = models, limits
 
     @app.exception_handler(APIError)
@@ -251,7 +252,8 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             if len(message.content) > limits.max_text_chars:
                 raise APIError(413, f"messages[{i}].content has {len(message.content)} characters; the limit is "
                                     f"{limits.max_text_chars}", param=f"messages.{i}.content")  # fmt: skip
-        cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=min(128, limits.max_tokens))
+        default = min(128, m.model.cfg.max_seq_len // 2)  # leaves room for the conversation
+        cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=default)
         cfg = _sampling(req, cap)
         try:
             prompt = m.chat_prompt([msg.model_dump() for msg in req.messages], cap)

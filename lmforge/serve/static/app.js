@@ -77,7 +77,7 @@ function bubble(role, text) {
 async function streamChat(model, el) {
   const response = await fetch("v1/chat/completions", {
     method: "POST", headers: headers(),
-    body: JSON.stringify({ model, messages: history, stream: true, temperature: 0.8, top_p: 0.9, max_tokens: 96 }),
+    body: JSON.stringify({ model, messages: history, stream: true, temperature: 0.8, top_p: 0.9 }),
   });
   if (!response.ok) {
     const data = await response.json().catch(() => ({}));

@@ -1,0 +1,74 @@
+"""The web page in a real browser: headless Chromium (the Debian package) driven by Playwright.
+
+CI installs ``chromium`` with apt-get before ``make test`` (.ci/run), so there this test always runs;
+elsewhere it is skipped when no Chromium is installed (Playwright never downloads a browser here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM and os.environ.get("CI"):
+    raise RuntimeError("CI must run the browser test: install Debian's chromium (see .ci/run)")
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium installed (apt-get install chromium)")
+
+# What the NER tab shows is decided by the model; to check the highlighting itself, the page is given a known
+# answer (the real /v1/ner endpoint is covered in test_api.py).
+KNOWN_ENTITIES = {"model": "ner", "data": [{"entities": [
+    {"type": "PER", "start": 5, "end": 7, "text": "李鹏", "score": 0.97},
+    {"type": "LOC", "start": 10, "end": 12, "text": "北京", "score": 0.93},
+]}]}  # fmt: skip
+
+
+def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/")
+        expect(page.locator("#chat .model option")).to_have_count(1)  # the models were listed
+
+        # chat: type, send, the reply streams in and the status names the model and its latency
+        page.fill("#chat-input", "我爱北京")
+        page.click("#chat-send")
+        reply = page.locator("#chat-log .msg.assistant")
+        expect(reply).to_have_attribute("data-done", "true", timeout=20_000)
+        assert reply.inner_text().strip(), page.locator("#chat .status").inner_text()
+        expect(page.locator("#chat .status")).to_contain_text("answered by chat in")
+        page.fill("#chat-input", "天安门")  # a second turn keeps the history
+        page.keyboard.press("Enter")
+        expect(page.locator("#chat-log .msg.assistant")).to_have_count(2)
+        expect(page.locator("#chat-log .msg.assistant").nth(1)).to_have_attribute("data-done", "true", timeout=20_000)
+
+        # classification: a label with a probability bar per label
+        page.click("nav button[data-tab=classify]")
+        page.fill("#classify-input", "房间干净，服务周到")
+        page.click("#classify-send")
+        expect(page.locator("#classify-out .label-row")).to_have_count(2)
+        expect(page.locator("#classify .status")).to_contain_text("answered by classify")
+
+        # NER: entities highlighted by type, at their character offsets
+        page.route("**/v1/ner", lambda route: route.fulfill(json=KNOWN_ENTITIES))
+        page.click("nav button[data-tab=ner]")
+        page.fill("#ner-input", "国务院总理李鹏今天在北京会见了日本客人。")
+        page.click("#ner-send")
+        marks = page.locator("#ner-out mark.ent")
+        expect(marks).to_have_count(2)
+        assert [marks.nth(i).inner_text() for i in range(2)] == ["李鹏", "北京"]
+        assert [marks.nth(i).get_attribute("data-type") for i in range(2)] == ["PER", "LOC"]
+        assert page.locator("#ner-out").inner_text().startswith("国务院总理李鹏")
+        page.screenshot(path=str(tmp_path / "ner.png"), full_page=True)
+
+        page.click("nav button[data-tab=chat]")
+        page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert (tmp_path / "chat.png").stat().st_size > 10_000
