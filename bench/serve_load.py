@@ -1,0 +1,179 @@
+"""Load and fault test of `lmforge serve`: concurrent clients on loopback against classify and chat.
+
+Starts the server as a subprocess (its memory is read from /proc), then for each phase runs N
+concurrent clients for T seconds, each sending its next request as soon as the last one answered:
+
+- ``classify``: one review per request, micro-batched by the server;
+- ``chat``: non-streaming chat completions (greedy, max_tokens 32), decoded in batches when they share settings;
+- ``overload``: a second server with a tiny queue (``--overload-queue``) and many clients: every answer must
+  be 200 or 503 (with Retry-After), never a 500 or a dropped connection.
+
+Reports requests/s, p50 / p99 latency, status counts and the server's resident memory over each phase
+(first sample after warm-up, maximum, last) into bench/results/serve_load.json.
+
+    .venv/bin/python bench/serve_load.py --classify runs/demo/reviews-sentiment/pretrained --chat runs/chat-zh
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REVIEWS = [
+    "房间很干净，服务也热情，下次还来。",
+    "太差了，空调坏了也没人修。",
+    "位置不错，早餐一般。",
+    "性价比很高，推荐！",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(models: dict[str, str], *, queue_size: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    lmforge = Path(sys.executable).with_name("lmforge")
+    args = [str(lmforge), "serve", "--port", str(port), "--queue-size", str(queue_size), "--max-batch", str(max_batch)]
+    for name, path in models.items():
+        args += ["--model", f"{name}={path}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start within 120 s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_phase(url: str, make_request, *, clients: int, seconds: float, pid: int) -> dict:
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    memory: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        k = 0
+        while time.monotonic() < stop_at:
+            path, body = make_request(i, k)
+            k += 1
+            started = time.perf_counter()
+            try:
+                r = await http.post(url + path, json=body)
+                key = str(r.status_code)
+                if r.status_code == 503 and r.headers.get("retry-after") is None:
+                    key = "503-without-retry-after"
+                if r.status_code == 503:
+                    await asyncio.sleep(0.05)  # a polite client backs off a little
+            except httpx.TransportError as e:
+                key = f"transport-error:{type(e).__name__}"
+            latencies.append(time.perf_counter() - started)
+            statuses[key] = statuses.get(key, 0) + 1
+
+    async def sample_memory() -> None:
+        while time.monotonic() < stop_at:
+            memory.append(rss_mb(pid))
+            await asyncio.sleep(0.5)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        started = time.monotonic()
+        await asyncio.gather(sample_memory(), *(client(i, http) for i in range(clients)))
+        elapsed = time.monotonic() - started
+    ok = statuses.get("200", 0)
+    ms = sorted(1000 * x for x in latencies)
+    return {
+        "clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies), "statuses": statuses,
+        "ok_per_s": round(ok / elapsed, 1), "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
+        "rss_mb": {"first": round(memory[0], 1), "max": round(max(memory), 1), "last": round(memory[-1], 1)},
+    }  # fmt: skip
+
+
+def classify_request(i: int, k: int) -> tuple[str, dict]:
+    return "/v1/classify", {"model": "classify", "input": [REVIEWS[(i + k) % len(REVIEWS)]]}
+
+
+def chat_request(i: int, k: int) -> tuple[str, dict]:
+    return "/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": REVIEWS[k % 4]}],
+                                    "temperature": 0, "max_tokens": 32}  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classify", required=True, help="a classification run directory (lmforge finetune classify)")
+    parser.add_argument("--chat", required=True, help="a chat run directory or GPT model directory")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--chat-clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--overload-clients", type=int, default=64)
+    parser.add_argument("--overload-queue", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    args = parser.parse_args()
+    models = {"classify": args.classify, "chat": args.chat}
+    results: dict = {"threads": os.cpu_count(), "settings": vars(args)}
+    proc, url = start_server(models, queue_size=64, max_batch=32)
+    try:
+        asyncio.run(run_phase(url, classify_request, clients=4, seconds=2, pid=proc.pid))  # warm-up
+        results["classify"] = asyncio.run(run_phase(url, classify_request, clients=args.clients,
+                                                    seconds=args.seconds, pid=proc.pid))  # fmt: skip
+        results["chat"] = asyncio.run(run_phase(url, chat_request, clients=args.chat_clients, seconds=args.seconds,
+                                                pid=proc.pid))  # fmt: skip
+        wanted = ("lmforge_batch_size_count", "lmforge_batch_size_sum")
+        exposed = httpx.get(f"{url}/metrics").text.splitlines()
+        results["metrics_excerpt"] = [line for line in exposed if line.startswith(wanted)]
+    finally:
+        stop(proc)
+    proc, url = start_server(models, queue_size=args.overload_queue, max_batch=4)
+    try:
+        results["overload"] = asyncio.run(run_phase(url, classify_request, clients=args.overload_clients,
+                                                    seconds=args.seconds, pid=proc.pid))  # fmt: skip
+        results["overload"]["alive_after"] = httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        stop(proc)
+    bad = {k: v for k, v in results["overload"]["statuses"].items() if k not in ("200", "503")}
+    results["overload"]["only_200_and_503"] = not bad
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for phase in ("classify", "chat", "overload"):
+        r = results[phase]
+        print(f"{phase:9s} {r['clients']:3d} clients: {r['ok_per_s']:7.1f} ok/s  p50 {r['p50_ms']:7.1f} ms  "
+              f"p99 {r['p99_ms']:7.1f} ms  {r['statuses']}  RSS {r['rss_mb']}")  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
