@@ -283,9 +283,11 @@ def _supernet(cfg: NASConfig, task, build, latency, base, out: Path, dev_lengths
     summary = checkpoint.finished_or_run(run_dir, train, finished="best_dev")
     checkpoint.load_best(supernet, run_dir, summary.get("best_step"))
     candidates_path = run_dir / "candidates.json"
-    if candidates_path.is_file():
+    if candidates_path.is_file():  # dev scores do not depend on latency: predictions come from today's model
         saved = json.loads(candidates_path.read_text(encoding="utf-8"))
         rows, scoring_flops = saved["rows"], saved["scoring_flops"]
+        for r in rows:
+            r["predicted_ms"] = latency.predict(Arch(r["n_layers"], r["d_model"], r["n_heads"], r["d_ff"]))
     else:
         rows, scoring_flops = score_with_supernet(
             lambda arch: _score(supernet, task, arch), space=space, latency=latency, base=base,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -246,3 +247,37 @@ def test_serve_command_refuses_an_open_host_without_a_key(capsys, run_dirs) -> N
     with pytest.raises(ValueError, match="given twice"):
         parse_models(["a=x", "a=y"])
     assert main(["serve", "--model", "c=/does/not/exist"]) == 2
+
+
+def test_shutdown_finishes_the_request_in_flight(served, monkeypatch) -> None:
+    import threading
+
+    import uvicorn
+
+    from lmforge.serve.app import Limits, create_app
+
+    real = served["classify"].classify
+    monkeypatch.setattr(served["classify"], "classify", lambda examples: time.sleep(0.8) or real(examples))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(served, Limits()), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "classify", "input": ["好"]},
+                                 timeout=30)  # fmt: skip
+
+    client = threading.Thread(target=ask)
+    client.start()
+    time.sleep(0.3)  # the request is being answered
+    server.should_exit = True  # what SIGINT / SIGTERM do
+    client.join(timeout=30)
+    thread.join(timeout=30)
+    assert answer["r"].status_code == 200 and answer["r"].json()["data"][0]["label"] in ("neg", "pos")
+    assert not thread.is_alive()
