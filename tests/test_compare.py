@@ -23,7 +23,8 @@ def _run(objective: str, seed: int, accuracy: float, f1: float, minutes: float |
         "peoples-daily-ner": {"test": {"f1": f1}},
     }
     if minutes is not None:
-        run["pretraining"] = {"seconds": 60 * minutes, "train_flops": 2e15, "steps": 10}
+        run["pretraining"] = {"seconds": 60 * minutes, "seconds_at_median_speed": 50 * minutes, "train_flops": 2e15,
+                              "steps": 10}  # fmt: skip
     return run
 
 
@@ -36,6 +37,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds() -> None:
     assert found["mlm"]["peoples-daily-ner"]["values"] == [0.50, 0.54, 0.58]
     assert found["mlm"]["peoples-daily-ner"]["std"] == pytest.approx(statistics.stdev([0.50, 0.54, 0.58]))
     assert found["mlm"]["pretraining_pflops"]["mean"] == pytest.approx(2.0)
+    assert found["mlm"]["pretraining_minutes_at_median_speed"]["mean"] == pytest.approx(50 / 60)
     assert found["scratch"]["reviews-sentiment"]["std"] == 0.0 and "pretraining_minutes" not in found["scratch"]
 
 
