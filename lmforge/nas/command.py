@@ -148,6 +148,11 @@ class NASConfig:
     def __post_init__(self) -> None:
         if not self.strategies:
             raise ValueError("strategies: choose at least one of supernet, multi-trial")
+        if self.space.family != "bert":
+            raise ValueError(
+                f"space.family={self.space.family!r}: `lmforge nas` searches encoders for classify / ner; GPT spaces "
+                "are measured and modelled by lmforge.nas.latency but not yet searched"
+            )
         if self.init != "scratch" and not (Path(self.init) / "config.json").is_file():
             raise ValueError(f"init={self.init!r}: expected 'scratch' or an lmforge BERT directory with config.json")
 
