@@ -8,8 +8,9 @@ lets in-flight requests finish (up to ``graceful_s``) and the app drains its que
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import tyro
@@ -30,24 +31,7 @@ class ServeConfig:
     """Address to bind; anything but loopback requires --api-key."""
     port: int = 8000
     """Port to listen on."""
-    api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/ (default: $LMFORGE_API_KEY when set)."""
-    max_body_bytes: int = 1_000_000
-    """Largest request body (413 beyond)."""
-    max_text_chars: int = 2000
-    """Longest text or message (413 beyond)."""
-    max_inputs: int = 64
-    """Most texts in one request (413 beyond)."""
-    max_tokens: int = 256
-    """Largest max_tokens a request may ask for (422 beyond)."""
-    max_batch: int = 32
-    """Most texts per model call when batching requests."""
-    max_wait_ms: float = 5.0
-    """How long the first request of a batch waits for others."""
-    queue_size: int = 64
-    """Requests waiting per model before new ones get 503 + Retry-After."""
-    timeout_s: float = 30.0
-    """Per-request timeout (504 beyond)."""
+    limits: tyro.conf.OmitArgPrefixes[Limits] = field(default_factory=Limits)
     graceful_s: float = 30.0
     """On shutdown, how long in-flight requests may take to finish."""
 
@@ -67,11 +51,6 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return found
 
 
-def limits_of(cfg: ServeConfig) -> Limits:
-    names = {f.name for f in fields(Limits)}
-    return Limits(**{k: getattr(cfg, k) for k in names if k != "api_key"}, api_key=cfg.api_key)
-
-
 def load_models(cfg: ServeConfig) -> dict[str, Served]:
     return {name: load_served(name, path) for name, path in parse_models(cfg.model).items()}
 
@@ -80,8 +59,8 @@ def serve(cfg: ServeConfig) -> None:
     """Check the settings, load every model, then serve until interrupted."""
     import uvicorn
 
-    cfg.api_key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    if cfg.host not in LOOPBACK and not cfg.api_key:
+    limits = dataclasses.replace(cfg.limits, api_key=cfg.limits.api_key or os.environ.get("LMFORGE_API_KEY") or None)
+    if cfg.host not in LOOPBACK and not limits.api_key:
         raise ValueError(f"--host {cfg.host}: binding beyond loopback needs --api-key (or $LMFORGE_API_KEY)")
-    app = create_app(load_models(cfg), limits_of(cfg))
+    app = create_app(load_models(cfg), limits)
     uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=int(cfg.graceful_s), log_level="info")
