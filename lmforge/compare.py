@@ -274,6 +274,8 @@ def claim(summary: dict) -> dict:
 
 
 def _fmt(s: dict, digits: int = 4) -> str:
+    if len(s["values"]) == 1:  # no spread to show
+        return f"{s['mean']:.{digits}f} (1 seed)"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
@@ -283,10 +285,10 @@ def report(summary: dict) -> str:
     lines = [
         "# Pretraining objectives at equal compute",
         "",
-        f"Every encoder is a {b['size']} pretrained on pretrain-zh for {b['budget_flops'] / 1e15:.3g} PFLOPs of",
-        f"counted training compute (= {b['mlm_steps']:,} masked-LM steps of {b['batch_size']} x {b['seq_len']}",
-        "tokens),",
-        "then fine-tuned with the same recipe on each task. Test scores: mean ± sample standard deviation over seeds.",
+        f"Every encoder is a {b['size']} pretrained on pretrain-zh for {b['budget_flops'] / 1e15:.3g} PFLOPs",
+        f"of counted training compute (the FLOPs of {b['mlm_steps']:,} masked-LM steps of {b['batch_size']} x "
+        f"{b['seq_len']} tokens), then",
+        "fine-tuned with the same recipe on each task. Test scores: mean ± sample standard deviation over seeds.",
         "",
         "| objective | lr | steps | PFLOPs | pretraining min (at median speed) | reviews-sentiment accuracy "
         "| peoples-daily-ner F1 |",
