@@ -61,6 +61,7 @@ GATHER_SCRIPT = textwrap.dedent(
     loss.backward()
     json.dump({"loss": float(loss), "candidates": candidates.shape[0], "grad_a": a.grad.tolist(),
                "grad_p": p.grad.tolist()}, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+    dist.barrier()  # both ranks done before teardown: gloo aborts a process torn down mid-exchange
     dist.destroy_process_group()
     """
 )
