@@ -240,7 +240,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         m = served(req.model, "translate")
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
         cap = _max_tokens(req.max_tokens, limits, default=m.handler.max_len)
-        translations = await submit(m.name, texts, key=(req.num_beams, cap))
+        translations = await submit(m.name, texts, key=GenerationConfig(num_beams=req.num_beams, max_new_tokens=cap))
         return {"model": m.name, "data": [{"translation": t} for t in translations]}
 
     @app.post("/v1/embeddings")
@@ -273,7 +273,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             return StreamingResponse(_stream_chat(m, batchers[m.name], prompt, cfg, reply_id, created, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
         started = time.perf_counter()
-        (reply,) = await submit(m.name, [prompt], key=("chat", _key(cfg)))
+        (reply,) = await submit(m.name, [prompt], key=cfg)  # equal settings decode together
         seconds = time.perf_counter() - started
         metrics.tokens.labels(m.name).inc(len(reply.token_ids))
         metrics.tokens_per_s.labels(m.name).set(len(reply.token_ids) / max(seconds, 1e-9))
@@ -334,30 +334,16 @@ def _sampling(req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
                             top_p=req.top_p, stop_strings=stops, seed=req.seed)  # fmt: skip
 
 
-def _key(cfg: GenerationConfig) -> tuple:
-    """Requests decode together only with identical settings."""
-    return (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, tuple(cfg.stop_strings), cfg.seed)
-
-
 def _batch_fn(served: Served):
-    """The function a model's micro-batcher calls with the gathered items and the batch key."""
+    """The function a model's micro-batcher calls with the gathered items and the batch key (for decoders: the
+    GenerationConfig, so that only requests with equal settings share a batch)."""
     if served.task == "classify":
         return lambda items, _key: served.classify(items)
     if served.task == "ner":
         return lambda items, _key: served.ner(items)
     if served.task == "embed":
         return lambda items, _key: served.embed(items)
-    if served.task == "translate":
-        return lambda items, key: served.translate(items, GenerationConfig(num_beams=key[0], max_new_tokens=key[1]))
-    return lambda items, key: served.complete(items, _config_of(key[1]))
-
-
-def _config_of(key: tuple) -> GenerationConfig:
-    max_new, do_sample, temperature, top_p, stops, seed = key
-    if not do_sample:
-        return GenerationConfig(max_new_tokens=max_new, stop_strings=list(stops))
-    return GenerationConfig(max_new_tokens=max_new, do_sample=True, temperature=temperature, top_p=top_p,
-                            stop_strings=list(stops), seed=seed)  # fmt: skip
+    return served.translate if served.task == "translate" else served.complete
 
 
 async def _stream_chat(m: Served, batcher: MicroBatcher, prompt: list[int], cfg: GenerationConfig, reply_id: str,

@@ -75,6 +75,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def live_server(served: dict) -> Iterator[str]:
     """The app under a real uvicorn on a free loopback port (in a thread); yields its base URL."""

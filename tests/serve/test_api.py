@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -249,7 +248,7 @@ def test_serve_command_refuses_an_open_host_without_a_key(capsys, run_dirs) -> N
     assert main(["serve", "--model", "c=/does/not/exist"]) == 2
 
 
-def test_shutdown_finishes_the_request_in_flight(served, monkeypatch) -> None:
+def test_shutdown_finishes_the_request_in_flight(served, monkeypatch, unused_port: int) -> None:
     import threading
 
     import uvicorn
@@ -258,9 +257,7 @@ def test_shutdown_finishes_the_request_in_flight(served, monkeypatch) -> None:
 
     real = served["classify"].classify
     monkeypatch.setattr(served["classify"], "classify", lambda examples: time.sleep(0.8) or real(examples))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port
     server = uvicorn.Server(uvicorn.Config(create_app(served, Limits()), host="127.0.0.1", port=port,
                                            log_level="warning", timeout_graceful_shutdown=10))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
