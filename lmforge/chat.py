@@ -25,10 +25,11 @@ from lmforge.metrics import DEFINITIONS
 from lmforge.models.gpt import GPT
 from lmforge.models.registry import load_model, save_model
 from lmforge.tasks.dialogue import DialogueTask
-from lmforge.train import checkpoint, distributed
+from lmforge.train import checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import run_session
 
 
 def _chat_training() -> TrainConfig:
@@ -69,45 +70,42 @@ def finetune_chat(cfg: ChatTrainConfig) -> dict:
     """Fine-tune, keep the lowest dev perplexity, evaluate dev and test; returns results.json's content."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    splits, reports = load_splits(cfg, "dialogue", read_conversations)
-    model = load_model(cfg.model)
-    if not isinstance(model, GPT):
-        raise ValueError(f"--model {cfg.model}: chat fine-tuning needs a GPT model directory")
-    tok = load_tokenizer(cfg.model)
-    max_len = cfg.max_len or model.cfg.max_seq_len
-    if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    task = DialogueTask(tok, max_len=max_len, train_examples=splits["train"], dev_examples=splits["dev"])
-    if not task.train_items:
-        raise ValueError("no training conversation has an assistant token within max_len")
-    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
-    d = distributed.setup(training.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
-    before = task.evaluate(model, device=d.device) if d.is_main else {}
-    summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
-    results: dict = {}
-    if d.is_main:
-        chosen = checkpoint.load_best(model, run_dir, summary.get("best_step"))
-        save_model(model, run_dir)
-        copy_tokenizer_files(cfg.model, run_dir)
-        write_json(run_dir / TASK_FILE, task.settings())
-        results = {"before_finetuning": {"dev": before}, "dev": task.evaluate(model, device=d.device)}
-        if splits.get("test"):
-            results["test"] = task.evaluate(model, device=d.device, examples=splits["test"])
-        results.update(
-            task="chat", model=cfg.model, weights=f"{checkpoint.STATE_DIR}/{chosen.name}",
-            data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
-                  "conversations": {s: len(v) for s, v in splits.items()}, "training_items": len(task.train_items),
-                  "truncated": dict(task.truncated), "skipped_rows": skipped_rows(reports)},
-            generation=dataclasses.asdict(task.eval_generation), training=summary, definitions=DEFINITIONS,
-            wall_seconds=round(time.perf_counter() - started, 2),
-        )  # fmt: skip
-        write_json(run_dir / "results.json", results)
-        _write_report(run_dir, results)
-    distributed.teardown(d)
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
+        splits, reports = load_splits(cfg, "dialogue", read_conversations)
+        model = load_model(cfg.model)
+        if not isinstance(model, GPT):
+            raise ValueError(f"--model {cfg.model}: chat fine-tuning needs a GPT model directory")
+        tok = load_tokenizer(cfg.model)
+        max_len = cfg.max_len or model.cfg.max_seq_len
+        if max_len > model.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+        task = DialogueTask(tok, max_len=max_len, train_examples=splits["train"], dev_examples=splits["dev"])
+        if not task.train_items:
+            raise ValueError("no training conversation has an assistant token within max_len")
+        training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
+        if d.is_main:
+            write_yaml(run_dir / "config.yaml", cfg)
+        before = task.evaluate(model, device=d.device) if d.is_main else {}
+        summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+        results: dict = {}
+        if d.is_main:
+            chosen = checkpoint.load_best(model, run_dir, summary.get("best_step"))
+            save_model(model, run_dir)
+            copy_tokenizer_files(cfg.model, run_dir)
+            write_json(run_dir / TASK_FILE, task.settings())
+            results = {"before_finetuning": {"dev": before}, "dev": task.evaluate(model, device=d.device)}
+            if splits.get("test"):
+                results["test"] = task.evaluate(model, device=d.device, examples=splits["test"])
+            results.update(
+                task="chat", model=cfg.model, weights=f"{checkpoint.STATE_DIR}/{chosen.name}",
+                data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
+                      "conversations": {s: len(v) for s, v in splits.items()}, "training_items": len(task.train_items),
+                      "truncated": dict(task.truncated), "skipped_rows": skipped_rows(reports)},
+                generation=dataclasses.asdict(task.eval_generation), training=summary, definitions=DEFINITIONS,
+                wall_seconds=round(time.perf_counter() - started, 2),
+            )  # fmt: skip
+            write_json(run_dir / "results.json", results)
+            _write_report(run_dir, results)
     return results
 
 

@@ -37,10 +37,11 @@ from lmforge.metrics import DEFINITIONS
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.registry import load_model, read_config, save_model
 from lmforge.tasks.embedding import EmbeddingTask
-from lmforge.train import checkpoint, distributed
+from lmforge.train import checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import run_session
 
 INDEX_SIZE = 2000  # labelled training texts that k-NN evaluation searches
 
@@ -104,45 +105,44 @@ def finetune_embed(cfg: EmbedTrainConfig) -> dict:
     """Evaluate, fine-tune with SimCSE, keep the best dev checkpoint, evaluate again; returns results.json."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    splits, reports, index = _splits(cfg)
-    base = read_config(cfg.model)
-    if not isinstance(base, BertConfig):
-        raise ValueError(f"--model {cfg.model}: sentence embeddings need a BERT-family model")
-    if cfg.max_len > base.max_seq_len:
-        raise ValueError(f"max_len={cfg.max_len} exceeds the model's max_seq_len={base.max_seq_len}")
-    encoder = Bert(dataclasses.replace(base, mlm_head=False, pooler=False, dropout=cfg.dropout,
-                                       attn_dropout=cfg.dropout))  # fmt: skip
-    load_encoder_weights(encoder, cfg.model)
-    task = EmbeddingTask(
-        load_tokenizer(cfg.model), mode=cfg.mode, pooling=cfg.pooling, temperature=cfg.temperature,
-        max_len=cfg.max_len, train_examples=splits["train"], dev_examples=splits["dev"], index_examples=index,
-    )  # fmt: skip
-    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
-    d = distributed.setup(training.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
-    before = {s: task.evaluate(encoder, device=d.device, examples=splits[s]) for s in ("dev", "test") if splits.get(s)}
-    summary = fit(encoder, task, training, run_dir=run_dir, resume=bool(cfg.resume))
-    results: dict = {}
-    if d.is_main:
-        chosen = checkpoint.load_best(encoder, run_dir, summary.get("best_step"))
-        save_model(encoder, run_dir)
-        copy_tokenizer_files(cfg.model, run_dir)
-        write_json(run_dir / TASK_FILE, task.settings())
-        results = {s: task.evaluate(encoder, device=d.device, examples=splits[s]) for s in before}
-        results.update(
-            task="embed", model=cfg.model, before_finetuning=before, selection=task.selection[0],
-            weights=f"{checkpoint.STATE_DIR}/{chosen.name}",
-            data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
-                  "examples": {s: len(v) for s, v in splits.items()}, "knn_index": len(index),
-                  "truncated": dict(task.truncated), "skipped_rows": skipped_rows(reports)},
-            training=summary, definitions=DEFINITIONS, wall_seconds=round(time.perf_counter() - started, 2),
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
+        splits, reports, index = _splits(cfg)
+        base = read_config(cfg.model)
+        if not isinstance(base, BertConfig):
+            raise ValueError(f"--model {cfg.model}: sentence embeddings need a BERT-family model")
+        if cfg.max_len > base.max_seq_len:
+            raise ValueError(f"max_len={cfg.max_len} exceeds the model's max_seq_len={base.max_seq_len}")
+        encoder = Bert(dataclasses.replace(base, mlm_head=False, pooler=False, dropout=cfg.dropout,
+                                           attn_dropout=cfg.dropout))  # fmt: skip
+        load_encoder_weights(encoder, cfg.model)
+        task = EmbeddingTask(
+            load_tokenizer(cfg.model), mode=cfg.mode, pooling=cfg.pooling, temperature=cfg.temperature,
+            max_len=cfg.max_len, train_examples=splits["train"], dev_examples=splits["dev"], index_examples=index,
         )  # fmt: skip
-        write_json(run_dir / "results.json", results)
-        _write_report(run_dir, results)
-    distributed.teardown(d)
+        training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
+        if d.is_main:
+            write_yaml(run_dir / "config.yaml", cfg)
+        before = {
+            s: task.evaluate(encoder, device=d.device, examples=splits[s]) for s in ("dev", "test") if splits.get(s)
+        }
+        summary = fit(encoder, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+        results: dict = {}
+        if d.is_main:
+            chosen = checkpoint.load_best(encoder, run_dir, summary.get("best_step"))
+            save_model(encoder, run_dir)
+            copy_tokenizer_files(cfg.model, run_dir)
+            write_json(run_dir / TASK_FILE, task.settings())
+            results = {s: task.evaluate(encoder, device=d.device, examples=splits[s]) for s in before}
+            results.update(
+                task="embed", model=cfg.model, before_finetuning=before, selection=task.selection[0],
+                weights=f"{checkpoint.STATE_DIR}/{chosen.name}",
+                data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
+                      "examples": {s: len(v) for s, v in splits.items()}, "knn_index": len(index),
+                      "truncated": dict(task.truncated), "skipped_rows": skipped_rows(reports)},
+                training=summary, definitions=DEFINITIONS, wall_seconds=round(time.perf_counter() - started, 2),
+            )  # fmt: skip
+            write_json(run_dir / "results.json", results)
+            _write_report(run_dir, results)
     return results
 
 

@@ -41,10 +41,11 @@ from lmforge.models.bert import Bert, BertConfig, Pooler
 from lmforge.models.registry import WEIGHTS_FILE, check_state, read_config, read_safetensors, save_model
 from lmforge.tasks.classification import ClassificationTask, label_set
 from lmforge.tasks.ner import NERTask, tag_set
-from lmforge.train import checkpoint, distributed
+from lmforge.train import checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import run_session
 
 HEAD_FILE, TASK_FILE = "head.safetensors", "task.json"
 
@@ -208,44 +209,41 @@ def finetune(cfg: FinetuneConfig, kind: Literal["classify", "ner"]) -> dict:
     """Fine-tune, then evaluate the best checkpoint on dev and test; returns results.json's content."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    splits, reports = load_splits(cfg, kind)
-    tok = load_tokenizer(cfg.model)
-    base = read_config(cfg.model)
-    if not isinstance(base, BertConfig):
-        raise ValueError(f"{cfg.model}: fine-tuning for classification / NER needs a BERT-family model")
-    max_len = cfg.max_len or min(128, base.max_seq_len)
-    if max_len > base.max_seq_len:
-        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={base.max_seq_len}")
-    encoder, pooler = _encoder(cfg, base)
-    if kind == "classify":
-        settings = {"labels": label_set(splits["train"]), "pooling": cfg.pooling, "selection": cfg.selection}
-    else:
-        overlap = max_len // 4 if cfg.overlap is None else cfg.overlap
-        settings = {"tags": tag_set(splits["train"]), "overlap": overlap, "head": cfg.head}
-    settings["max_len"] = max_len
-    dropout = encoder.cfg.dropout
-    task = build_task(kind, tok, settings, splits, dropout=dropout)
-    model = task.build_model(encoder, pretrained_pooler=pooler)
-    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
-    d = distributed.setup(training.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
-    summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
-    results = {}
-    if d.is_main:
-        chosen = _load_best(model, run_dir, summary)
-        _write_run(run_dir, model, task, cfg.model)
-        results = _evaluate_splits(task, model, splits, d.device)
-        results.update(
-            task=kind, model=cfg.model, init=cfg.init, weights=f"{checkpoint.STATE_DIR}/{chosen}",
-            data=_data_report(cfg, splits, reports, task), training=summary, definitions=DEFINITIONS,
-            wall_seconds=round(time.perf_counter() - started, 2),
-        )  # fmt: skip
-        write_json(run_dir / "results.json", results)
-        write_report(run_dir, results)
-    distributed.teardown(d)
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
+        splits, reports = load_splits(cfg, kind)
+        tok = load_tokenizer(cfg.model)
+        base = read_config(cfg.model)
+        if not isinstance(base, BertConfig):
+            raise ValueError(f"{cfg.model}: fine-tuning for classification / NER needs a BERT-family model")
+        max_len = cfg.max_len or min(128, base.max_seq_len)
+        if max_len > base.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={base.max_seq_len}")
+        encoder, pooler = _encoder(cfg, base)
+        if kind == "classify":
+            settings = {"labels": label_set(splits["train"]), "pooling": cfg.pooling, "selection": cfg.selection}
+        else:
+            overlap = max_len // 4 if cfg.overlap is None else cfg.overlap
+            settings = {"tags": tag_set(splits["train"]), "overlap": overlap, "head": cfg.head}
+        settings["max_len"] = max_len
+        dropout = encoder.cfg.dropout
+        task = build_task(kind, tok, settings, splits, dropout=dropout)
+        model = task.build_model(encoder, pretrained_pooler=pooler)
+        training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
+        if d.is_main:
+            write_yaml(run_dir / "config.yaml", cfg)
+        summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+        results = {}
+        if d.is_main:
+            chosen = _load_best(model, run_dir, summary)
+            _write_run(run_dir, model, task, cfg.model)
+            results = _evaluate_splits(task, model, splits, d.device)
+            results.update(
+                task=kind, model=cfg.model, init=cfg.init, weights=f"{checkpoint.STATE_DIR}/{chosen}",
+                data=_data_report(cfg, splits, reports, task), training=summary, definitions=DEFINITIONS,
+                wall_seconds=round(time.perf_counter() - started, 2),
+            )  # fmt: skip
+            write_json(run_dir / "results.json", results)
+            write_report(run_dir, results)
     return results
 
 

@@ -32,6 +32,7 @@ from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
 from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.rundir import run_session
 
 
 @dataclass
@@ -167,17 +168,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise ValueError(
             f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
         )
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    d = distributed.setup(cfg.train.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
-    tok_dir, shards = prepare_corpus(cfg, run_dir, d)
-    model, task = build_objective(cfg, load_tokenizer(tok_dir), shards)
-    summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
-    if d.is_main:
-        _write_model_dir(run_dir, model, summary, tok_dir)
-    distributed.teardown(d)
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.train.device) as d:
+        if d.is_main:
+            write_yaml(run_dir / "config.yaml", cfg)
+        tok_dir, shards = prepare_corpus(cfg, run_dir, d)
+        model, task = build_objective(cfg, load_tokenizer(tok_dir), shards)
+        summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
+        if d.is_main:
+            _write_model_dir(run_dir, model, summary, tok_dir)
     return summary
 
 

@@ -36,10 +36,11 @@ from lmforge.models.bert import BertConfig
 from lmforge.models.registry import WEIGHTS_FILE, load_model, read_config, read_safetensors, save_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.tasks.translation import TranslationTask
-from lmforge.train import checkpoint, distributed
+from lmforge.train import checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import run_session
 
 SOURCE_TOKENIZER_DIR = "source_tokenizer"
 
@@ -183,46 +184,46 @@ def finetune_translate(cfg: TranslateTrainConfig) -> dict:
     """Train, pick or average checkpoints, evaluate dev (greedy) and test (beam); returns results.json."""
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    checkpoint.check_run_dir(run_dir, resume=bool(cfg.resume))
-    if cfg.average_last > cfg.training.keep_last:
-        raise ValueError(f"average_last={cfg.average_last} needs training.keep_last >= {cfg.average_last}")
-    splits, reports = _splits(cfg)
-    d = distributed.setup(cfg.training.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        write_yaml(run_dir / "config.yaml", cfg)
-    src_tok, tgt_tok = _tokenizers(cfg, run_dir, splits["train"])
-    model = _build_model(cfg, src_tok, tgt_tok)
-    task = TranslationTask(
-        src_tok, tgt_tok, src_lang=cfg.src, tgt_lang=cfg.tgt, max_len=cfg.max_len,
-        label_smoothing=cfg.label_smoothing, source_special_tokens=bool(cfg.encoder),
-        train_examples=splits["train"], dev_examples=splits["dev"], batch_tokens=cfg.batch_tokens,
-    )  # fmt: skip
-    training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
-    summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
-    results: dict = {}
-    if d.is_main:
-        chosen, dev = _choose_weights(model, task, run_dir, summary, cfg.average_last, d.device)
-        save_model(model, run_dir)
-        write_json(run_dir / TASK_FILE, task.settings())
-        results = {"dev": dev}
-        if splits.get("test"):
-            beam = GenerationConfig(max_new_tokens=cfg.max_len, num_beams=cfg.num_beams,
-                                    length_penalty=cfg.length_penalty)  # fmt: skip
-            t0 = time.perf_counter()
-            results["test"] = task.evaluate(model, device=d.device, examples=splits["test"], generation=beam)
-            results["test"]["decoding"] = {**dataclasses.asdict(beam), "seconds": round(time.perf_counter() - t0, 2)}
-        results.update(
-            task="translate", src=cfg.src, tgt=cfg.tgt, weights=chosen,
-            data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
-                  "pairs": {s: len(v) for s, v in splits.items()}, "truncated": dict(task.truncated),
-                  "skipped_rows": skipped_rows(reports)},
-            model={"parameters": sum(p.numel() for p in model.parameters()), **dataclasses.asdict(model.cfg)},
-            training=summary, definitions=DEFINITIONS, wall_seconds=round(time.perf_counter() - started, 2),
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
+        if cfg.average_last > cfg.training.keep_last:
+            raise ValueError(f"average_last={cfg.average_last} needs training.keep_last >= {cfg.average_last}")
+        splits, reports = _splits(cfg)
+        if d.is_main:
+            write_yaml(run_dir / "config.yaml", cfg)
+        src_tok, tgt_tok = _tokenizers(cfg, run_dir, splits["train"])
+        model = _build_model(cfg, src_tok, tgt_tok)
+        task = TranslationTask(
+            src_tok, tgt_tok, src_lang=cfg.src, tgt_lang=cfg.tgt, max_len=cfg.max_len,
+            label_smoothing=cfg.label_smoothing, source_special_tokens=bool(cfg.encoder),
+            train_examples=splits["train"], dev_examples=splits["dev"], batch_tokens=cfg.batch_tokens,
         )  # fmt: skip
-        write_json(run_dir / "results.json", results)
-        _write_report(run_dir, results)
-    distributed.teardown(d)
+        training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
+        summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+        results: dict = {}
+        if d.is_main:
+            chosen, dev = _choose_weights(model, task, run_dir, summary, cfg.average_last, d.device)
+            save_model(model, run_dir)
+            write_json(run_dir / TASK_FILE, task.settings())
+            results = {"dev": dev}
+            if splits.get("test"):
+                beam = GenerationConfig(max_new_tokens=cfg.max_len, num_beams=cfg.num_beams,
+                                        length_penalty=cfg.length_penalty)  # fmt: skip
+                t0 = time.perf_counter()
+                results["test"] = task.evaluate(model, device=d.device, examples=splits["test"], generation=beam)
+                results["test"]["decoding"] = {
+                    **dataclasses.asdict(beam),
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+            results.update(
+                task="translate", src=cfg.src, tgt=cfg.tgt, weights=chosen,
+                data={"source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
+                      "pairs": {s: len(v) for s, v in splits.items()}, "truncated": dict(task.truncated),
+                      "skipped_rows": skipped_rows(reports)},
+                model={"parameters": sum(p.numel() for p in model.parameters()), **dataclasses.asdict(model.cfg)},
+                training=summary, definitions=DEFINITIONS, wall_seconds=round(time.perf_counter() - started, 2),
+            )  # fmt: skip
+            write_json(run_dir / "results.json", results)
+            _write_report(run_dir, results)
     return results
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 # Offline by construction: transformers and huggingface_hub must never reach for the hub.
@@ -34,6 +37,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _run_process(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True) -> str:
+    """Run ``cmd`` (in its own process group) and return its output (stdout and stderr together).
+
+    A failure shows the command, its exit status and the tail of its output; a command that runs past
+    ``timeout`` has its whole process group killed (torchrun's workers too) and shows what it printed.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)}\nran past {timeout} s and was killed; its output:\n{out[-6000:]}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)}\nexited {proc.returncode}; its output:\n{out[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_process() -> Callable[..., str]:
+    """``run_process(cmd, timeout=300, env=None, check=True)``: a child process with its output in every failure."""
+    return _run_process
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,18 @@ Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the proce
 NCCL on CUDA and gloo on CPU. DDP replicates the model; FSDP shards it with torch's
 ``fully_shard`` (FSDP2), one unit per transformer layer plus the root. Only rank 0 logs and
 writes files. Without torchrun everything here is a no-op on one process.
+
+Every command that trains runs inside ``session()``: on success all processes meet at a barrier
+before the group is destroyed, so no process tears its connections down while another is still
+writing the run directory (gloo aborts a process whose peer disappears mid-exchange:
+"terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +83,29 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(d: Dist, *, wait: bool = True) -> None:
+    """Destroy the process group; with ``wait`` every process first meets the others at a barrier."""
+    if not (d.enabled and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[Dist]:
+    """``setup()`` for the length of a command; the group is torn down in one place when it ends.
+
+    On success every process waits for the others first. On an error the group is destroyed without
+    waiting (the peers may never arrive; torchrun stops them when this process exits non-zero).
+    """
+    d = setup(device)
+    try:
+        yield d
+    except BaseException:
+        teardown(d, wait=False)
+        raise
+    teardown(d)
 
 
 def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, strategy: str) -> tuple[dict, dict]:

@@ -69,31 +69,51 @@ def make_app(served: dict):
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_socket() -> socket.socket:
+    """A listening-ready socket bound to a free loopback port, handed to uvicorn as it is: no window in
+    which another process could take the port between choosing it and binding it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
-@pytest.fixture()
-def unused_port() -> int:
-    """A loopback port nothing listens on."""
-    return free_port()
-
-
-@pytest.fixture(scope="session")
-def live_server(served: dict) -> Iterator[str]:
-    """The app under a real uvicorn on a free loopback port (in a thread); yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served, Limits()), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
+def start_server(app, **config) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """``app`` under a real uvicorn in a thread on a free loopback port; returns (server, thread, base URL)
+    once it accepts connections."""
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def server_factory():
+    """``start(app, **uvicorn_config)`` -> (server, thread, base URL); every server is stopped afterwards."""
+    started: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(app, **config):
+        server, thread, url = start_server(app, **config)
+        started.append((server, thread))
+        return server, thread, url
+
+    yield start
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(served: dict) -> Iterator[str]:
+    """The app under a real uvicorn on a free loopback port (in a thread); yields its base URL."""
+    server, thread, url = start_server(create_app(served, Limits()))
+    yield url
     server.should_exit = True
     thread.join(timeout=30)

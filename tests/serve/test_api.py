@@ -248,31 +248,29 @@ def test_serve_command_refuses_an_open_host_without_a_key(capsys, run_dirs) -> N
     assert main(["serve", "--model", "c=/does/not/exist"]) == 2
 
 
-def test_shutdown_finishes_the_request_in_flight(served, monkeypatch, unused_port: int) -> None:
+def test_shutdown_finishes_the_request_in_flight(served, monkeypatch, server_factory) -> None:
     import threading
-
-    import uvicorn
 
     from lmforge.serve.app import Limits, create_app
 
     real = served["classify"].classify
-    monkeypatch.setattr(served["classify"], "classify", lambda examples: time.sleep(0.8) or real(examples))
-    port = unused_port
-    server = uvicorn.Server(uvicorn.Config(create_app(served, Limits()), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=10))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    in_model = threading.Event()
+
+    def slow(examples):
+        in_model.set()
+        time.sleep(0.8)
+        return real(examples)
+
+    monkeypatch.setattr(served["classify"], "classify", slow)
+    server, thread, url = server_factory(create_app(served, Limits()), timeout_graceful_shutdown=10)
     answer: dict = {}
 
     def ask() -> None:
-        answer["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "classify", "input": ["好"]},
-                                 timeout=30)  # fmt: skip
+        answer["r"] = httpx.post(f"{url}/v1/classify", json={"model": "classify", "input": ["好"]}, timeout=30)
 
     client = threading.Thread(target=ask)
     client.start()
-    time.sleep(0.3)  # the request is being answered
+    assert in_model.wait(timeout=30), "the request never reached the model"
     server.should_exit = True  # what SIGINT / SIGTERM do
     client.join(timeout=30)
     thread.join(timeout=30)

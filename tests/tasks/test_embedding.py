@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -61,20 +59,19 @@ GATHER_SCRIPT = textwrap.dedent(
     loss.backward()
     json.dump({"loss": float(loss), "candidates": candidates.shape[0], "grad_a": a.grad.tolist(),
                "grad_p": p.grad.tolist()}, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
-    dist.barrier()  # both ranks done before teardown: gloo aborts a process torn down mid-exchange
-    dist.destroy_process_group()
+    from lmforge.train.distributed import Dist, teardown
+    teardown(Dist(rank=rank, world_size=world))  # the one teardown: every process meets before the group goes
     """
 )
 
 
-def test_negatives_are_gathered_across_two_ddp_processes(tmp_path: Path) -> None:
+def test_negatives_are_gathered_across_two_ddp_processes(tmp_path: Path, run_process) -> None:
     """Two processes with 3 anchors each give the loss and gradients of one process with all 6."""
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
            str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_process(cmd, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["candidates"] == 6 for r in ranks)
     g = torch.Generator().manual_seed(0)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmforge.models.registry import load_model
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, shards: Path) -> Path:
@@ -30,12 +27,10 @@ train: {{max_steps: 6, global_batch_size: 8, micro_batch_size: 4, log_every: 1, 
     return recipe
 
 
-def _run(args: list[str], processes: int) -> None:
+def _pretrain(run_process: Callable[..., str], args: list[str], processes: int) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    cmd = [*launcher, "-m", "lmforge", "pretrain", *args] if processes > 1 else [sys.executable, "-m", "lmforge",
-                                                                                  "pretrain", *args]  # fmt: skip
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cmd = [*launcher, "-m", "lmforge"] if processes > 1 else [sys.executable, "-m", "lmforge"]
+    run_process([*cmd, "pretrain", *args], timeout=300)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -43,14 +38,16 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path) -> dict[str, Path]:
+def runs(
+    tmp_path_factory, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path, run_process
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
     recipe = _recipe(root, review_corpus, review_wordpiece, mlm_shards)
     out = {name: root / name for name in ("single", "ddp", "fsdp", "single9")}
-    _run(["-c", str(recipe), "--out", str(out["single"])], 1)
-    _run(["-c", str(recipe), "--out", str(out["ddp"])], 2)
-    _run(["-c", str(recipe), "--out", str(out["fsdp"]), "--train.distributed", "fsdp"], 2)
-    _run(["-c", str(recipe), "--out", str(out["single9"]), "--train.max-steps", "9"], 1)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["single"])], 1)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["ddp"])], 2)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["fsdp"]), "--train.distributed", "fsdp"], 2)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["single9"]), "--train.max-steps", "9"], 1)
     return out
 
 
@@ -69,8 +66,8 @@ def test_fsdp_checkpoint_loads_unsharded(runs: dict[str, Path]) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_a_two_process_checkpoint_resumes_on_one(runs: dict[str, Path]) -> None:
-    _run(["--resume", str(runs["ddp"]), "--train.max-steps", "9"], 1)
+def test_a_two_process_checkpoint_resumes_on_one(runs: dict[str, Path], run_process) -> None:
+    _pretrain(run_process, ["--resume", str(runs["ddp"]), "--train.max-steps", "9"], 1)
     resumed, reference = _records(runs["ddp"]), _records(runs["single9"])
     assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in reference]
     for a, b in zip(resumed, reference, strict=True):
