@@ -446,6 +446,20 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         console.print(f"[red]error:[/red] {e.filename}: not found")
         return 2
+    except IsADirectoryError as e:
+        console.print(f"[red]error:[/red] {e.filename}: is a directory; give a file")
+        return 2
+    except OSError as e:  # permissions, a full disk, a vanished mount: the path and the system's reason
+        console.print(f"[red]error:[/red] {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (the loop saved a checkpoint first)
+        from lmforge.train.loop import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            console.print(f"[yellow]stopped[/yellow] by {e}")
+            return e.exit_code
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
     return 0
 
 

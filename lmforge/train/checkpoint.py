@@ -1,17 +1,34 @@
-"""Atomic training checkpoints and exact resume.
+"""Atomic, verified training checkpoints and exact resume.
 
 A checkpoint is a directory ``trainer_state/step-NNNNNNN/`` holding the model
 (``model.safetensors``), the optimizer and scheduler (``optimizer.pt``, read back with
 ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only), the RNG
-states (``rng.pt``) and ``state.json`` (step, tokens and FLOPs so far, best metric, data
-position). It is written into a temporary directory, every file fsynced, then renamed into
-place, so a kill at any moment leaves either the whole checkpoint or none. The last ``keep_last``
-checkpoints are kept, plus the best one.
+states (``rng.pt``), ``state.json`` (step, tokens and FLOPs so far, best metric, data position) and
+``manifest.json``: the size and SHA-256 of every other file, taken from the bytes in memory before
+they were written.
+
+Writing: every file is serialised in memory first (so the bytes needed are known and checked
+against the free space before anything is written), written into ``.tmp-step-NNNNNNN/``, fsynced,
+read back and compared with the manifest, then renamed into place. A kill at any moment leaves the
+whole checkpoint or none; a full disk raises ``CheckpointWriteError`` (naming the directory and the
+bytes needed) after removing the partial directory, and the previous checkpoints stay as they were.
+The last ``keep_last`` checkpoints are kept, plus the best one, plus always the one just written and
+verified: the newest good checkpoint is never pruned before a newer one has verified on disk.
+
+Reading: ``latest`` (resume) and ``best_or_last`` / ``load_best`` (the weights a run hands on) verify
+the manifest first; a checkpoint that fails is skipped with a warning naming the file and the reason,
+and the newest one that verifies is used instead. Checkpoints written before manifests existed
+(no ``manifest.json``) are used unverified. The manifest guards against bit rot, truncation and
+half-copied directories, not against tampering (it sits beside what it describes).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,12 +38,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lmforge.models.registry import check_state, read_safetensors
 
 STATE_DIR = "trainer_state"
+MANIFEST = "manifest.json"
+WEIGHTS, OPTIMIZER, RNG, STATE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
+log = logging.getLogger("lmforge.checkpoint")
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, quota, permissions); the earlier ones are intact."""
 
 
 @dataclass
@@ -53,11 +77,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / STATE_DIR
@@ -77,11 +96,85 @@ def check_run_dir(run_dir: str | os.PathLike, *, resume: bool) -> None:
         )
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(checkpoint: Path) -> str | None:
+    """None when every file of ``checkpoint`` matches its manifest, else what is wrong (naming the file).
+
+    A checkpoint without a manifest (written by an older lmforge) passes unverified.
+    """
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        return None if (checkpoint / WEIGHTS).is_file() else f"{checkpoint / WEIGHTS}: missing"
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        expected = {str(name): (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest_path}: unreadable manifest ({e})"
+    for name, (size, digest) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size:,} bytes, the manifest says {size:,} (truncated or overwritten)"
+        if _file_sha256(path) != digest:
+            return f"{path}: SHA-256 differs from the manifest (the file is corrupted)"
+    return None
+
+
+def _verified(found: list[Path]) -> Path | None:
+    """The newest of ``found`` that verifies (each newer one that fails is named in a warning)."""
+    for p in reversed(found):
+        problem = verify(p)
+        if problem is None:
+            return p
+        log.warning("skipping checkpoint %s: %s", p.name, problem)
+    return None
+
+
 def latest(run_dir: str | os.PathLike) -> Path:
+    """The newest checkpoint that verifies; ValueError when there is none."""
     found = checkpoint_dirs(run_dir)
     if not found:
         raise ValueError(f"{run_dir}: no checkpoint under {STATE_DIR}/ to resume from")
-    return found[-1]
+    good = _verified(found)
+    if good is None:
+        raise ValueError(f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies (see the "
+                         "warnings above); start a new run")  # fmt: skip
+    return good
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": list(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save(
@@ -92,39 +185,58 @@ def save(
     state: TrainerState,
     keep_last: int,
 ) -> Path:
-    """Write a checkpoint atomically and prune old ones (never the best)."""
+    """Write a verified checkpoint atomically, then prune old ones (never the best, never this one)."""
     root = Path(run_dir) / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-step-{state.step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    rng = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": list(random.getstate()),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    payload = {
+        WEIGHTS: safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
+        OPTIMIZER: _torch_bytes(optim_state),
+        RNG: _torch_bytes(_rng_state()),
+        STATE: json.dumps(asdict(state), indent=2).encode(),
     }
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync_dir(tmp)
+    manifest = {"files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in payload.items()}}
+    payload[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    needed = sum(len(data) for data in payload.values())
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointWriteError(
+            f"{root}: the checkpoint of step {state.step} needs {needed:,} bytes, the disk has {free:,} free; "
+            f"free some space, then continue with --resume {run_dir}"
+        )
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name, data in payload.items():
+            _write_bytes(tmp / name, data)
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointWriteError(
+                f"{root}: no space left writing the checkpoint of step {state.step} ({needed:,} bytes needed); "
+                f"the partial checkpoint was removed and the earlier ones are intact. Free some space, then continue "
+                f"with --resume {run_dir}"
+            ) from None
+        raise CheckpointWriteError(f"{e.filename or tmp}: cannot write the checkpoint ({e.strerror})") from None
+    problem = verify(tmp)
+    if problem is not None:  # what was read back differs from what was written: keep everything that exists
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"the checkpoint of step {state.step} did not verify after writing: {problem}")
     if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    _prune(root, keep_last=keep_last, best_step=state.best_step)
+    _prune(root, keep_last=keep_last, best_step=state.best_step, newest=final)
     return final
 
 
-def _prune(root: Path, *, keep_last: int, best_step: int | None) -> None:
+def _prune(root: Path, *, keep_last: int, best_step: int | None, newest: Path) -> None:
     found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     keep = set(found[-keep_last:]) if keep_last > 0 else set()
+    keep.add(newest)
     if best_step is not None:
         keep.add(root / f"step-{best_step:07d}")
     for p in found:
@@ -133,11 +245,21 @@ def _prune(root: Path, *, keep_last: int, best_step: int | None) -> None:
 
 
 def best_or_last(run_dir: str | os.PathLike, best_step: int | None) -> Path:
-    """The checkpoint of ``best_step`` if it was kept, else the last one: the weights a finished run hands on."""
+    """The checkpoint of ``best_step`` if it was kept and verifies, else the newest that verifies: the
+    weights a finished run hands on."""
     found = checkpoint_dirs(run_dir)
     if not found:
         raise ValueError(f"{run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
-    return next((p for p in found if best_step is not None and p.name == f"step-{best_step:07d}"), found[-1])
+    best = next((p for p in found if best_step is not None and p.name == f"step-{best_step:07d}"), None)
+    if best is not None:
+        problem = verify(best)
+        if problem is None:
+            return best
+        log.warning("the best checkpoint %s does not verify (%s): using the newest one that does", best.name, problem)
+    good = _verified(found)
+    if good is None:
+        raise ValueError(f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies")
+    return good
 
 
 def load_best(model: nn.Module, run_dir: str | os.PathLike, best_step: int | None) -> Path:
@@ -148,21 +270,25 @@ def load_best(model: nn.Module, run_dir: str | os.PathLike, best_step: int | Non
 
 
 def load_model_state(model: nn.Module, checkpoint: Path) -> None:
-    tensors = read_safetensors(checkpoint / "model.safetensors")
-    check_state(model, tensors, source=str(checkpoint / "model.safetensors"))
+    tensors = read_safetensors(checkpoint / WEIGHTS)
+    check_state(model, tensors, source=str(checkpoint / WEIGHTS))
     model.load_state_dict(tensors)
 
 
 def load_state(checkpoint: Path) -> TrainerState:
-    return TrainerState(**json.loads((checkpoint / "state.json").read_text(encoding="utf-8")))
+    path = checkpoint / STATE
+    try:
+        return TrainerState(**json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid trainer state ({e})") from None
 
 
 def load_optim_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
+    return torch.load(checkpoint / OPTIMIZER, weights_only=True, map_location="cpu")
 
 
 def restore_rng(checkpoint: Path) -> None:
-    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
+    rng = torch.load(checkpoint / RNG, weights_only=True)
     torch.set_rng_state(rng["torch"])
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -6,12 +6,19 @@ targets across all of a step's micro-batches and processes (so accumulation and 
 gradients of the equivalent big batch), mixed precision, clipping, skipping of non-finite steps,
 periodic evaluation and best-model tracking, atomic checkpoints and exact resume, and the compute
 summary. Per-step seeds (masking, dropout) make a resumed run repeat the uninterrupted one.
+
+SIGTERM (what schedulers, ``docker stop`` and ``timeout`` send) and Ctrl-C stop a run at the end of
+the step in progress: every process agrees on the step (the request is summed across processes), a
+checkpoint is saved and ``TrainingInterrupted`` is raised (the CLI exits 128 + the signal number, no
+traceback). A second signal interrupts at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,6 +40,40 @@ from lmforge.train.optim import build_optimizer, build_scheduler
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run was stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, run_dir: Path) -> None:
+        super().__init__(f"{signal_name}: checkpoint of step {step} saved; continue with --resume {run_dir}")
+        self.signal_name, self.step, self.run_dir = signal_name, step, run_dir
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM / SIGINT into a request the loop honours at the next step; a second one
+    raises KeyboardInterrupt at once. Installed only on the main thread (signals are delivered there)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 class _LossModule(nn.Module):
@@ -180,8 +221,12 @@ def fit(
         else:
             state.evals_since_best += 1
 
-    try:
+    def _train_steps() -> str | None:
+        """Steps until the budget or a stop; the name of the signal that stopped it, else None."""
+        nonlocal window_start, window
         while state.step < cfg.max_steps:
+            if distributed.all_sum(stop.received is not None, d) > 0:  # every process stops at this step
+                return stop.received or "SIGTERM"
             if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
                 logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
                 break
@@ -257,6 +302,12 @@ def fit(
             # a new best is always saved, so the best checkpoint exists whatever save_every is
             if (cfg.save_every and state.step % cfg.save_every == 0) or state.best_step == state.step:
                 save()
+        return None
+
+    stop = _StopOnSignal()
+    try:
+        with stop:
+            stopped_by = _train_steps()
     except KeyboardInterrupt:
         logger.info(f"interrupted: saving a checkpoint at step {state.step}; continue with --resume")
         save()
@@ -265,6 +316,13 @@ def fit(
     except Exception:
         logger.close()
         raise
+    if stopped_by is not None:
+        logger.info(
+            f"{stopped_by} received: saving a checkpoint at step {state.step}; continue with --resume {run_dir}"
+        )
+        save()
+        logger.close()
+        raise TrainingInterrupted(stopped_by, state.step, run_dir)
     if not (cfg.eval_every and state.step % cfg.eval_every == 0):
         run_eval()
     save()

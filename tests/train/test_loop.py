@@ -199,26 +199,57 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", "pretrain", *args]
 
 
-def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
-    tmp_path: Path, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path
-) -> None:
-    recipe = _recipe(tmp_path, review_corpus, review_wordpiece, mlm_shards)
+@pytest.fixture(scope="module")
+def recipe_and_whole_run(tmp_path_factory, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path, run_process):
+    """The 30-step CLI recipe and the train losses of its uninterrupted run."""
+    root = tmp_path_factory.mktemp("cli-runs")
+    recipe = _recipe(root, review_corpus, review_wordpiece, mlm_shards)
+    run_process(_cli("-c", str(recipe), "--out", str(root / "whole")))
+    return recipe, _train_losses(root / "whole")
+
+
+def _start_and_wait_for(recipe: Path, run_dir: Path, step: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli("-c", str(recipe), "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cli("-c", str(recipe), "--out", str(run_dir)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / checkpoint.STATE_DIR / f"step-{step:07d}").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended or stalled before its step-{step} checkpoint:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.02)
+    return proc
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
+    tmp_path: Path, recipe_and_whole_run, run_process
+) -> None:
+    recipe, whole = recipe_and_whole_run
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("-c", str(recipe), "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (killed / checkpoint.STATE_DIR / "step-0000010").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.05)
+    proc = _start_and_wait_for(recipe, killed, 10)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert checkpoint.latest(killed).name < "step-0000030"  # really interrupted
-    subprocess.run(_cli("--resume", str(killed)), check=True, env=env, capture_output=True)
-    whole, resumed = _train_losses(tmp_path / "whole"), _train_losses(killed)
+    run_process(_cli("--resume", str(killed)))
+    resumed = _train_losses(killed)
     assert sorted(resumed) == list(range(1, 31))
     assert resumed == whole  # exact equality, step by step
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_without_a_traceback_and_resumes_exactly(
+    tmp_path: Path, recipe_and_whole_run, run_process
+) -> None:
+    recipe, whole = recipe_and_whole_run
+    run_dir = tmp_path / "terminated"
+    proc = _start_and_wait_for(recipe, run_dir, 5)
+    proc.send_signal(signal.SIGTERM)  # what schedulers, docker stop and timeout send
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "stopped by SIGTERM" in out and f"--resume {run_dir}" in out
+    saved = checkpoint.load_state(checkpoint.latest(run_dir)).step
+    assert 5 <= saved < 30 and (run_dir / checkpoint.STATE_DIR / f"step-{saved:07d}").is_dir()
+    run_process(_cli("--resume", str(run_dir)))
+    assert _train_losses(run_dir) == whole
 
 
 def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None:
