@@ -11,6 +11,13 @@ fault in ``param``: 413 for a body, text or input list over its limit, 422 for i
 ``max_tokens`` above the server's limit), 404 for an unknown model, 401 without the API key, 503 with
 Retry-After when the model's queue is full, 504 past the per-request timeout. An exception while
 answering is a 500 for that request only.
+
+Limits hold for every request: the body limit counts bytes as they arrive (``BodyLimit``: a chunked
+upload without Content-Length is cut at the limit, never buffered whole); every text field
+must be valid Unicode (a JSON lone surrogate such as ``"\\ud800"`` is a 422 naming the field); streamed
+replies take a queue slot like any other request (503 when the queue is full) and are cut at the
+per-request timeout with an error event; a sampled reply with a ``seed`` is decoded alone, so it is the
+same whatever else the server is answering.
 """
 
 from __future__ import annotations
@@ -25,15 +32,16 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.generate import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
@@ -75,18 +83,94 @@ class APIError(Exception):
 
 def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
            headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    # a message may quote the request: lone surrogates in it would make the JSON body itself unencodable
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _BodyCut(Exception):
+    """Raised into the app when its request body passed the limit (after the 413 was sent)."""
+
+
+class BodyLimit:
+    """ASGI middleware: the request body's bytes are counted as they arrive, and reading stops at the limit.
+
+    A declared Content-Length over the limit is answered 413 before the app runs. A body without one
+    (chunked) is counted message by message: the message that passes the limit makes this middleware
+    send the 413 itself and raise ``_BodyCut`` into the app's read; whatever the app then sends is
+    dropped and the exception is swallowed here. At most the limit plus one message is ever held.
+    Written here rather than FastAPI's ``max_body_size`` (0.16x), which answers a declared oversize
+    body in plain text, outside the app's JSON error shape.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, f"request body exceeds {self.max_bytes} bytes", param="body")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large()(scope, receive, send)
+        received, started, answered = 0, False, False
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            if answered:  # the 413 went out: the app's own answer to the cut body is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def counted_receive():
+            nonlocal received, answered
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    if not started:
+                        await self._too_large()(scope, receive, send)
+                        answered = True
+                    raise _BodyCut
+            return message
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not answered:
+                raise
+
+
 # --- request shapes -------------------------------------------------------------------------------------
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode: refuse them by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _param(loc: tuple) -> str:
+    """A validation error's field as ``input.1``: the body's field names and list indices, without the
+    names pydantic gives the branches of a union (``str``, ``list[...]``, ``function-after[...]``)."""
+    parts = [str(p) for p in loc if isinstance(p, int) or (p != "body" and "[" not in p and p not in ("str", "list"))]
+    return ".".join(parts)
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
 
 class InputRequest(_Lenient):
-    model: str
-    input: str | list[str | list[str]] = Field(description="texts, or [text, text_pair] pairs (classify)")
+    model: Text
+    input: Text | list[Text | list[Text]] = Field(description="texts, or [text, text_pair] pairs (classify)")
 
 
 class TranslateRequest(InputRequest):
@@ -95,26 +179,26 @@ class TranslateRequest(InputRequest):
 
 
 class EmbeddingRequest(_Lenient):
-    model: str
-    input: str | list[str]
+    model: Text
+    input: Text | list[Text]
     encoding_format: Literal["float", "base64"] = "float"
     """base64: the float32 little-endian bytes of each vector, base64-encoded (what OpenAI's client asks for)."""
 
 
 class Message(_Lenient):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Lenient):
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
@@ -161,14 +245,16 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     async def _api_error(_request: Request, e: APIError) -> JSONResponse:
         return _error(e.status, e.message, param=e.param, kind=e.kind, headers=e.headers)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (body limit, bad body, 404)
+    async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        errors = e.errors()
+        # a value that fails our own check says more than "not a valid string" from another branch of a union
+        first = next((x for x in errors if x["type"] == "value_error"), errors[0])
+        param = _param(first["loc"])
         return _error(422, f"{param}: {first['msg']}", param=param or None)
 
     @app.middleware("http")
@@ -176,10 +262,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         started = time.perf_counter()
         path = request.url.path
         endpoint = path if path.startswith("/v1/") or path in ("/healthz", "/metrics") else "page"
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            response = _error(413, f"request body of {length} bytes exceeds {limits.max_body_bytes}", param="body")
-        elif limits.api_key and path.startswith("/v1/") and not _authorised(request, limits.api_key):
+        if limits.api_key and path.startswith("/v1/") and not _authorised(request, limits.api_key):
             response = _error(
                 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
             )
@@ -200,16 +283,32 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             raise APIError(400, f"model {name!r} serves {models[name].task}, not {task}", param="model")
         return models[name]
 
+    def busy(name: str) -> APIError:
+        return APIError(503, f"model {name!r} is busy: its queue is full", kind="overloaded_error",
+                        headers={"Retry-After": "1"})  # fmt: skip
+
     async def submit(name: str, items: list, key: Any = None) -> list:
         try:
             return await asyncio.wait_for(batchers[name].submit(items, key), limits.timeout_s)
         except QueueFull:
-            raise APIError(503, f"model {name!r} is busy: its queue is full", kind="overloaded_error",
-                           headers={"Retry-After": "1"}) from None  # fmt: skip
+            raise busy(name) from None
         except TimeoutError:
             raise APIError(504, f"no answer within {limits.timeout_s:g} s", kind="timeout_error") from None
         except ValueError as e:
             raise APIError(422, str(e)) from None
+
+    def admit(name: str, fn) -> asyncio.Future:
+        """Queue ``fn`` to run alone in the model's thread (503 when the queue is full)."""
+        try:
+            return batchers[name].submit_call(fn)
+        except QueueFull:
+            raise busy(name) from None
+
+    async def call_alone(name: str, fn) -> Any:
+        try:
+            return await asyncio.wait_for(admit(name, fn), limits.timeout_s)
+        except TimeoutError:
+            raise APIError(504, f"no answer within {limits.timeout_s:g} s", kind="timeout_error") from None
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -270,10 +369,15 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             raise APIError(413, str(e), param="messages") from None
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_stream_chat(m, batchers[m.name], prompt, cfg, reply_id, created, metrics),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+            stream = _ChatStream(m, prompt, cfg, asyncio.get_running_loop())
+            stream.work = admit(m.name, stream.produce)  # a queue slot before the response starts: 503 is a status
+            events = stream.events(reply_id, created, metrics, deadline=time.monotonic() + limits.timeout_s)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         started = time.perf_counter()
-        (reply,) = await submit(m.name, [prompt], key=cfg)  # equal settings decode together
+        if cfg.do_sample and cfg.seed is not None:  # alone: its draws must not depend on what it is batched with
+            (reply,) = await call_alone(m.name, lambda: m.complete([prompt], cfg))
+        else:
+            (reply,) = await submit(m.name, [prompt], key=cfg)  # equal settings decode together
         seconds = time.perf_counter() - started
         metrics.tokens.labels(m.name).inc(len(reply.token_ids))
         metrics.tokens_per_s.labels(m.name).set(len(reply.token_ids) / max(seconds, 1e-9))
@@ -287,6 +391,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
 
     page = resources.files("lmforge.serve") / "static"
     app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # outermost of ours: before any byte is parsed
     return app
 
 
@@ -346,48 +451,64 @@ def _batch_fn(served: Served):
     return served.translate if served.task == "translate" else served.complete
 
 
-async def _stream_chat(m: Served, batcher: MicroBatcher, prompt: list[int], cfg: GenerationConfig, reply_id: str,
-                       created: int, metrics: _Metrics) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events of OpenAI's chunk shape; the decoding runs in the model's thread."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()  # set when the client goes away: the decoding thread stops early
-    done = object()
+class _ChatStream:
+    """One streamed reply: ``produce`` decodes in the model's thread (admitted through the model's queue), and
+    ``events`` turns the pieces into server-sent events of OpenAI's chunk shape until the reply ends, the
+    deadline passes (an error event of type timeout_error) or the client goes away."""
 
-    def produce() -> None:
+    def __init__(self, m: Served, prompt: list[int], cfg: GenerationConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.m, self.prompt, self.cfg, self.loop = m, prompt, cfg, loop
+        self.pieces: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()  # set when the stream ends early: the decoding thread stops
+        self.done = object()
+        self.work: asyncio.Future | None = None
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.pieces.put_nowait, item)
+
+    def produce(self) -> None:
         try:
-            for piece in m.stream(prompt, cfg):
-                loop.call_soon_threadsafe(pieces.put_nowait, piece)
-                if stop.is_set():
+            for piece in self.m.stream(self.prompt, self.cfg):
+                if self.stop.is_set():
                     break
+                self._put(piece)
         except Exception as e:  # reported in the stream, the server goes on
-            loop.call_soon_threadsafe(pieces.put_nowait, e)
-        loop.call_soon_threadsafe(pieces.put_nowait, done)
+            self._put(e)
+        self._put(self.done)
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": m.name,
+    def _chunk(self, reply_id: str, created: int, delta: dict, finish: str | None = None) -> str:
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.m.name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    started = time.perf_counter()
-    work = asyncio.ensure_future(batcher.run(produce))
-    text = []
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            item = await pieces.get()
-            if item is done:
-                break
-            if isinstance(item, Exception):
-                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
-                break
-            text.append(item)
-            yield chunk({"content": item})
-        n = m.count_tokens(["".join(text)])
-        metrics.tokens.labels(m.name).inc(n)
-        metrics.tokens_per_s.labels(m.name).set(n / max(time.perf_counter() - started, 1e-9))
-        yield chunk({}, "length" if n >= cfg.max_new_tokens else "stop")
-        yield "data: [DONE]\n\n"
-    finally:
-        stop.set()
-        await work
+    async def events(self, reply_id: str, created: int, metrics: _Metrics, *, deadline: float) -> AsyncIterator[str]:
+        started = time.perf_counter()
+        text = []
+        try:
+            yield self._chunk(reply_id, created, {"role": "assistant", "content": ""})
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.pieces.get(), max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    timeout = {
+                        "message": "the reply did not finish within the server's timeout",
+                        "type": "timeout_error",
+                    }
+                    yield f"data: {json.dumps({'error': timeout})}\n\n"
+                    return
+                if item is self.done:
+                    break
+                if isinstance(item, Exception):
+                    yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                    break
+                text.append(item)
+                yield self._chunk(reply_id, created, {"content": item})
+            n = self.m.count_tokens(["".join(text)])
+            metrics.tokens.labels(self.m.name).inc(n)
+            metrics.tokens_per_s.labels(self.m.name).set(n / max(time.perf_counter() - started, 1e-9))
+            yield self._chunk(reply_id, created, {}, "length" if n >= self.cfg.max_new_tokens else "stop")
+            yield "data: [DONE]\n\n"
+        finally:
+            self.stop.set()
+            if self.work is not None:
+                self.work.cancel()  # still queued: it never starts; running: the thread stops at the next piece

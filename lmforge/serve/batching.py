@@ -6,7 +6,11 @@ waiting request, then keeps taking requests until the batch holds ``max_batch`` 
 worker thread (so the event loop keeps serving and a model never runs two batches at once) and
 hands each request its slice of the results. The queue is bounded: a full queue refuses new requests
 at once (the server answers 503 with Retry-After) instead of letting latency grow without limit.
-The same thread also runs the model's streaming and chat work (``run``).
+
+Work that must not share a batch (a streamed reply, a seeded sampled reply, whose random draws must
+not depend on what else is decoded with it) is admitted through the same queue with ``submit_call``
+and runs alone in the same thread, in queue order: every request, streamed or not, takes a queue slot,
+gets 503 when there is none, and waits behind the same requests.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class _Request:
     items: list
     key: Any
     future: asyncio.Future
+    call: Callable[[], Any] | None = None  # run alone (not batched) when set
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -71,9 +76,16 @@ class MicroBatcher:
             raise QueueFull from None
         return await future
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in the model's thread (not batched: streaming, beam search)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+    def submit_call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Admit ``fn`` to run alone in the model's thread, in queue order; returns the future of its result
+        (cancel it to withdraw ``fn`` while it still waits). Raises ``QueueFull`` at once when the queue is full."""
+        self.start()
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Request([], None, future, call=fn))
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        return future
 
     async def _next(self, timeout: float | None) -> _Request | None:
         if self._held is not None:
@@ -90,6 +102,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next(None)
+            if first.call is not None:
+                await self._run_alone(first)
+                continue
             batch, size = [first], len(first.items)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
@@ -100,7 +115,7 @@ class MicroBatcher:
                     request = None if self.queue.empty() else self.queue.get_nowait()
                 if request is None:
                     break
-                if request.key != first.key or size + len(request.items) > self.max_batch:
+                if request.call is not None or request.key != first.key or size + len(request.items) > self.max_batch:
                     self._held = request
                     break
                 batch.append(request)
@@ -123,3 +138,15 @@ class MicroBatcher:
                 if not r.future.done():
                     r.future.set_result(results[start : start + len(r.items)])
                 start += len(r.items)
+
+    async def _run_alone(self, request: _Request) -> None:
+        if request.future.cancelled():  # withdrawn (timed out, client gone) while it waited
+            return
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, request.call)
+        except Exception as error:
+            if not request.future.done():
+                request.future.set_exception(error)
+            return
+        if not request.future.done():
+            request.future.set_result(result)
