@@ -12,6 +12,16 @@ Reports requests/s, p50 / p99 latency, status counts and the server's resident m
 (first sample after warm-up, maximum, last) into bench/results/serve_load.json.
 
     .venv/bin/python bench/serve_load.py --classify runs/demo/reviews-sentiment/pretrained --chat runs/chat-zh
+
+``--soak MINUTES`` (needs ``--ner`` too) runs one server for that long under mixed traffic instead:
+classify, NER, chat and streamed chat, plus a share of hostile requests (malformed JSON, lone
+surrogates, texts and input lists over the limits, an unknown model, a declared oversize body and a
+chunked oversize body without Content-Length). Every request is bounded (client timeout) and goes to
+loopback only. It reports status counts and p50 / p99 per kind, and the server's RSS sampled every
+5 s: the growth from the sample after the first minute (warm-up) to the last. Targets: no 500 and no
+transport error, RSS growth under 5%; into bench/results/serve_soak.json.
+
+    .venv/bin/python bench/serve_load.py --soak 20 --classify RUN --ner RUN --chat RUN
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ REVIEWS = [
     "位置不错，早餐一般。",
     "性价比很高，推荐！",
 ]
+
+
+DEFAULT_OUT = str(Path(__file__).parent / "results" / "serve_load.json")
 
 
 def free_port() -> int:
@@ -124,6 +137,123 @@ def chat_request(i: int, k: int) -> tuple[str, dict]:
                                     "temperature": 0, "max_tokens": 32}  # fmt: skip
 
 
+# --- soak ---------------------------------------------------------------------------------------------
+def _oversize_chunks():
+    for _ in range(40):  # 2.6 MB without Content-Length: the server must cut it at its 1 MB limit
+        yield b" " * 65536
+
+
+def soak_request(i: int, k: int) -> tuple[str, str, dict]:
+    """(kind, path, httpx keyword arguments) of client ``i``'s ``k``-th request: 80% valid, 20% hostile."""
+    text = REVIEWS[(i + k) % len(REVIEWS)]
+    chat = {"model": "chat", "messages": [{"role": "user", "content": text}], "max_tokens": 16, "temperature": 0}
+    slot = (7 * i + k) % 20
+    if slot < 6:
+        return "classify", "/v1/classify", {"json": {"model": "classify", "input": [text]}}
+    if slot < 11:
+        return "ner", "/v1/ner", {"json": {"model": "ner", "input": ["国务院总理李鹏今天在北京会见了日本客人。"]}}
+    if slot < 13:
+        return "chat", "/v1/chat/completions", {"json": chat}
+    if slot < 16:
+        return "chat-stream", "/v1/chat/completions", {"json": {**chat, "stream": True}}
+    headers = {"content-type": "application/json"}
+    hostile = [
+        ("bad-json", "/v1/classify", {"content": b'{"model": "classify", "input": [', "headers": headers}),
+        ("lone-surrogate", "/v1/ner", {"content": b'{"model": "ner", "input": ["\\ud800x"]}', "headers": headers}),
+        ("too-long", "/v1/classify", {"json": {"model": "classify", "input": ["长" * 5000]}}),
+        ("too-many", "/v1/classify", {"json": {"model": "classify", "input": ["好"] * 500}}),
+        ("unknown-model", "/v1/ner", {"json": {"model": "nope", "input": ["x"]}}),
+        ("oversize", "/v1/classify", {"content": b" " * 1_100_000, "headers": headers}),
+        ("chunked-oversize", "/v1/classify", {"content": _oversize_chunks(), "headers": headers}),
+    ]
+    return hostile[(i + k) % len(hostile)]
+
+
+async def run_soak(url: str, *, clients: int, seconds: float, pid: int) -> dict:
+    by_kind: dict[str, dict] = {}
+    memory: list[tuple[float, float]] = []
+    started = time.monotonic()
+    stop_at = started + seconds
+
+    async def one(http: httpx.AsyncClient, kind: str, path: str, kwargs: dict) -> str:
+        if kind == "chat-stream":
+            async with http.stream("POST", url + path, **kwargs) as r:
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                if r.status_code == 200 and lines[-1:] != ["data: [DONE]"]:
+                    return "200-stream-unfinished"
+                return str(r.status_code)
+        r = await http.post(url + path, **kwargs)
+        return str(r.status_code)
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        k = 0
+        while time.monotonic() < stop_at:
+            kind, path, kwargs = soak_request(i, k)
+            k += 1
+            t0 = time.perf_counter()
+            try:
+                key = await one(http, kind, path, kwargs)
+            except httpx.TransportError as e:
+                key = f"transport-error:{type(e).__name__}"
+            record = by_kind.setdefault(kind, {"statuses": {}, "latencies": []})
+            record["statuses"][key] = record["statuses"].get(key, 0) + 1
+            record["latencies"].append(time.perf_counter() - t0)
+            if key == "503":
+                await asyncio.sleep(0.05)
+
+    async def sample_memory() -> None:
+        while time.monotonic() < stop_at:
+            memory.append((time.monotonic() - started, rss_mb(pid)))
+            await asyncio.sleep(5.0)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(sample_memory(), *(client(i, http) for i in range(clients)))
+    kinds = {}
+    for kind, r in sorted(by_kind.items()):
+        ms = sorted(1000 * x for x in r["latencies"])
+        kinds[kind] = {"requests": len(ms), "statuses": r["statuses"], "p50_ms": round(statistics.median(ms), 1),
+                       "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)}  # fmt: skip
+    totals: dict[str, int] = {}
+    for r in kinds.values():
+        for key, n in r["statuses"].items():
+            totals[key] = totals.get(key, 0) + n
+    warm = next((m for t, m in memory if t >= 60), memory[0][1])
+    growth = (memory[-1][1] - warm) / warm
+    return {
+        "clients": clients, "seconds": round(time.monotonic() - started, 1), "kinds": kinds, "statuses": totals,
+        "server_errors": sum(n for key, n in totals.items() if key.startswith("5") and key not in ("503", "504")),
+        "transport_errors": sum(n for key, n in totals.items() if key.startswith("transport")),
+        "rss_mb": {"after_warmup": round(warm, 1), "max": round(max(m for _, m in memory), 1),
+                   "last": round(memory[-1][1], 1), "growth_after_warmup": round(growth, 4),
+                   "samples": [(round(t), round(m, 1)) for t, m in memory]},
+    }  # fmt: skip
+
+
+def soak(args) -> None:
+    if not args.ner:
+        raise SystemExit("--soak needs --ner RUN_DIR as well")
+    models = {"classify": args.classify, "ner": args.ner, "chat": args.chat}
+    proc, url = start_server(models, queue_size=64, max_batch=32)
+    try:
+        result = asyncio.run(run_soak(url, clients=args.clients, seconds=60 * args.soak, pid=proc.pid))
+        result["alive_after"] = httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        stop(proc)
+    result["threads"], result["settings"] = os.cpu_count(), vars(args)
+    out = Path(args.out if args.out != DEFAULT_OUT else Path(DEFAULT_OUT).with_name("serve_soak.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for kind, r in result["kinds"].items():
+        print(f"{kind:17s} {r['requests']:7d} requests  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+              f"{r['statuses']}")  # fmt: skip
+    rss = result["rss_mb"]
+    print(f"5xx other than 503/504: {result['server_errors']}; transport errors: {result['transport_errors']}; RSS "
+          f"{rss['after_warmup']} MiB after warm-up -> {rss['last']} MiB ({100 * rss['growth_after_warmup']:+.1f}%), "
+          f"max {rss['max']} MiB")  # fmt: skip
+    print(f"wrote {out}")
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -141,8 +271,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--overload-queue", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    parser.add_argument("--ner", help="an NER run directory (lmforge finetune ner); needed by --soak")
+    parser.add_argument("--soak", type=float, default=0.0, help="minutes of mixed traffic on one server")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
+    if args.soak:
+        soak(args)
+        return
     models = {"classify": args.classify, "chat": args.chat}
     results: dict = {"threads": os.cpu_count(), "settings": vars(args)}
     proc, url = start_server(models, queue_size=64, max_batch=32)

@@ -10,13 +10,12 @@ model.safetensors + the tokenizer with its chat template) plus ``task.json``, re
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config import write_json, write_yaml
+from lmforge.config import check_range, read_json_object, write_json, write_yaml
 from lmforge.data.readers import read_conversations
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer
 from lmforge.finetune import TASK_FILE, load_splits, skipped_rows, training_for_epochs
@@ -64,6 +63,10 @@ class ChatTrainConfig:
     training: TrainConfig = field(default_factory=_chat_training)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, at_least=0)
+        check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
 
 
 def finetune_chat(cfg: ChatTrainConfig) -> dict:
@@ -168,7 +171,7 @@ class ChatSession:
             raise ValueError(f"{model_dir}: chat needs a GPT model directory")
         self.tokenizer: LMTokenizer = load_tokenizer(model_dir)
         settings_path = Path(model_dir) / TASK_FILE
-        settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+        settings = read_json_object(settings_path, what="task file") if settings_path.is_file() else {}
         self.is_chat_model = settings.get("task") == "chat"
         self.task = DialogueTask(self.tokenizer, max_len=model.cfg.max_seq_len)
         self.model, self.generator = model, Generator(model, self.tokenizer, copy_weights=False)

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {e}")
         return 2
     except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e.filename}: not found")
+        console.print(f"[red]error:[/red] {e.filename}: not found" if e.filename else f"[red]error:[/red] {e}")
         return 2
     except IsADirectoryError as e:
         console.print(f"[red]error:[/red] {e.filename}: is a directory; give a file")

@@ -65,6 +65,16 @@ def from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
         raise ValueError(f"{where}: {e}") from None
 
 
+def check_range(key: str, value: float | None, *, at_least: float | None = None, below: float | None = None) -> None:
+    """ValueError naming ``key`` when ``value`` (None passes) is under ``at_least`` or not under ``below``."""
+    if value is None:
+        return
+    if (at_least is not None and value < at_least) or (below is not None and value >= below):
+        bounds = " and ".join(b for b in (f">= {at_least:g}" if at_least is not None else "",
+                                          f"< {below:g}" if below is not None else "") if b)  # fmt: skip
+        raise ValueError(f"{key}={value!r} must be {bounds}")
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping from ``path``; a missing file, bad YAML or a non-mapping raises ValueError naming it."""
     path = Path(path)
@@ -72,11 +82,43 @@ def read_yaml(path: str | os.PathLike) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give a YAML recipe file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise ValueError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """The JSON value in ``path``; a missing, unreadable or malformed file raises ValueError naming it (and the
+    line and column of a syntax error)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, expected a {what}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in this {what}") from None
+
+
+def read_json_object(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
+    """``read_json`` for a file that must hold a JSON object."""
+    data = read_json(path, what=what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: this {what} must hold a JSON object, not {type(data).__name__}")
     return data
 
 

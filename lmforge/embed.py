@@ -20,7 +20,6 @@ row's ``id`` field, else its file:line).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmforge.config import write_json, write_yaml
-from lmforge.data.readers import read_labelled
+from lmforge.config import check_range, read_json_object, write_json, write_yaml
+from lmforge.data.readers import check_output_file, read_labelled
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from lmforge.finetune import TASK_FILE, load_encoder_weights, load_splits, skipped_rows, training_for_epochs
 from lmforge.metrics import DEFINITIONS
@@ -86,6 +85,11 @@ class EmbedTrainConfig:
     training: TrainConfig = field(default_factory=_embed_training)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, at_least=0)
+        check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
+        check_range("dropout", self.dropout, at_least=0, below=1)
 
 
 def _read(path: str, *, skip_bad_rows: bool):
@@ -183,7 +187,7 @@ def load_embedder(model_dir: str | Path, *, batch_size: int = 64) -> tuple[Embed
     if not isinstance(model, Bert):
         raise ValueError(f"{model_dir}: embeddings come from a BERT-family model directory")
     settings_path = Path(model_dir) / TASK_FILE
-    settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+    settings = read_json_object(settings_path, what="task file") if settings_path.is_file() else {}
     if settings and settings.get("task") != "embed":
         raise ValueError(f"{settings_path}: task {settings.get('task')!r} is not 'embed'")
     task = EmbeddingTask(load_tokenizer(model_dir), pooling=settings.get("pooling", "cls"),
@@ -194,6 +198,8 @@ def load_embedder(model_dir: str | Path, *, batch_size: int = 64) -> tuple[Embed
 
 def embed_command(cfg: EmbedConfig) -> tuple[Path, int]:
     """Write the vectors and ids; returns the .npy path and the number of rows."""
+    for suffix in (".npy", ".ids.txt"):
+        check_output_file(cfg.output + suffix, inputs=[cfg.input])
     task, model = load_embedder(cfg.model, batch_size=cfg.batch_size)
     examples, _ = _read(cfg.input, skip_bad_rows=cfg.skip_bad_rows)
     vectors = task.vectors(model, [ex["text"] for ex in examples], device=torch.device("cpu"))

@@ -19,7 +19,6 @@ RUN_DIR/report.md, loss.png, confusion.png what a person reads
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -32,9 +31,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.config import write_json, write_yaml
+from lmforge.config import check_range, read_json_object, write_json, write_yaml
 from lmforge.data.builtin import BUILTINS, load_builtin
-from lmforge.data.readers import ReadReport, read_labelled, read_tagged, write_jsonl
+from lmforge.data.readers import ReadReport, check_output_file, read_labelled, read_tagged, write_jsonl
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer
 from lmforge.metrics import DEFINITIONS, plot_confusion
 from lmforge.models.bert import Bert, BertConfig, Pooler
@@ -86,6 +85,11 @@ class FinetuneConfig:
     training: TrainConfig = field(default_factory=_finetune_training)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, at_least=0)
+        check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
+        check_range("dropout", self.dropout, at_least=0, below=1)
 
 
 @dataclass
@@ -152,9 +156,30 @@ def load_splits(
             reports.append(report)
             if not splits[split]:
                 raise ValueError(f"{path}: no usable examples")
+    if kind in ("classify", "ner"):
+        _check_labels_seen_in_training(splits, cfg.train)
     if "dev" not in splits:
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
     return splits, reports
+
+
+def _check_labels_seen_in_training(splits: dict[str, list[dict]], train_path: str) -> None:
+    """A dev or test label (entity type, for NER) that the training file never has cannot be predicted:
+    refuse it before training, naming the row."""
+
+    def labels(ex: dict) -> set[str]:
+        return {ex["label"]} if "label" in ex else {t[2:] for t in ex.get("tags", ()) if t != "O"}
+
+    known = set().union(*(labels(ex) for ex in splits["train"]))
+    for split in ("dev", "test"):
+        for ex in splits.get(split, ()):
+            unseen = labels(ex) - known
+            if unseen:
+                what = "label" if "label" in ex else "entity type"
+                raise ValueError(
+                    f"{ex.get('source', split)}: {what} {sorted(unseen)[0]!r} never occurs in the training file "
+                    f"{train_path} (it has {', '.join(sorted(known))})"
+                )
 
 
 def skipped_rows(reports: list[ReadReport]) -> dict[str, list[str]]:
@@ -290,7 +315,7 @@ def load_finetuned(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / TASK_FILE).is_file():
         raise ValueError(f"{run_dir}: no {TASK_FILE}; pass a run directory written by `lmforge finetune`")
-    settings = json.loads((run_dir / TASK_FILE).read_text(encoding="utf-8"))
+    settings = read_json_object(run_dir / TASK_FILE, what="task file")
     if settings.get("task") not in ("classify", "ner"):
         raise ValueError(f"{run_dir / TASK_FILE}: task {settings.get('task')!r} is not 'classify' or 'ner'")
     tok = load_tokenizer(run_dir)
@@ -367,6 +392,8 @@ class EvaluateConfig:
 
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
+    if cfg.output:
+        check_output_file(cfg.output, inputs=[cfg.data])
     task, model = load_finetuned(cfg.model)
     if cfg.data.startswith("builtin:"):
         name, _, split = cfg.data.removeprefix("builtin:").partition(":")
@@ -399,6 +426,7 @@ class PredictConfig:
 
 
 def predict_command(cfg: PredictConfig) -> int:
+    check_output_file(cfg.output, inputs=[cfg.input])
     task, model = load_finetuned(cfg.model)
     examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
     predictions = task.predict(model, examples, device=torch.device("cpu"))

@@ -19,15 +19,14 @@ RUN_DIR/task.json, results.json, report.md, loss.png
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmforge.config import write_json, write_yaml
-from lmforge.data.readers import read_pairs, write_jsonl
+from lmforge.config import check_range, read_json_object, write_json, write_yaml
+from lmforge.data.readers import check_output_file, read_pairs, write_jsonl
 from lmforge.data.tokenizer import LMTokenizer, copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.finetune import TASK_FILE, load_encoder_weights, load_splits, skipped_rows, training_for_epochs
 from lmforge.generate import GenerationConfig
@@ -117,6 +116,10 @@ class TranslateTrainConfig:
     training: TrainConfig = field(default_factory=_translate_training)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, at_least=0)
+        check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
 
 
 def _splits(cfg: TranslateTrainConfig) -> tuple[dict[str, list[dict]], list]:
@@ -271,7 +274,7 @@ def load_translation(run_dir: str | Path) -> tuple[TranslationTask, Seq2Seq]:
     settings_path = run_dir / TASK_FILE
     if not settings_path.is_file():
         raise ValueError(f"{run_dir}: no {TASK_FILE}; pass a run directory written by `lmforge finetune translate`")
-    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    settings = read_json_object(settings_path, what="task file")
     if settings.get("task") != "translate":
         raise ValueError(f"{settings_path}: task {settings.get('task')!r} is not 'translate'")
     model = load_model(run_dir)
@@ -310,6 +313,7 @@ class TranslateConfig:
 
 def translate_command(cfg: TranslateConfig) -> dict:
     """Translate ``cfg.input`` into ``cfg.output``; returns counts, time and (with references) BLEU / chrF."""
+    check_output_file(cfg.output, inputs=[cfg.input])
     task, model = load_translation(cfg.model)
     examples, _ = read_pairs(
         cfg.input, src=task.src_lang, tgt=task.tgt_lang, skip_bad_rows=cfg.skip_bad_rows, need_target=False

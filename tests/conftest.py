@@ -141,3 +141,19 @@ def wwm_shards(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path, re
 @pytest.fixture(scope="session")
 def clm_shards(tmp_path_factory: pytest.TempPathFactory, review_corpus: Path, review_bpe: Path) -> Path:
     return _shards(tmp_path_factory, review_corpus, review_bpe)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -> Path:
+    """A randomly initialised tiny BERT model directory with the review tokenizer (stands in for a pretrained one)."""
+    from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.models.registry import save_model
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = load_tokenizer(review_wordpiece).vocab_size
+    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
+                     attn_dropout=0.0)  # fmt: skip
+    save_model(Bert(cfg), directory)
+    copy_tokenizer_files(review_wordpiece, directory)
+    return directory

@@ -10,23 +10,8 @@ import pytest
 from lmforge.cli import main
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import write_conll, write_jsonl
-from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
-from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.registry import save_model
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -> Path:
-    """A randomly initialised tiny BERT model directory with the review tokenizer (stands in for a pretrained one)."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = load_tokenizer(review_wordpiece).vocab_size
-    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
-                     attn_dropout=0.0)  # fmt: skip
-    save_model(Bert(cfg), directory)
-    copy_tokenizer_files(review_wordpiece, directory)
-    return directory
 
 
 def _review_files(directory: Path, n_train: int, n_dev: int) -> list[str]:

@@ -23,6 +23,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line.rstrip("\n").rstrip("\r")
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give a file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
 
@@ -127,6 +129,23 @@ def write_tsv(path: str | os.PathLike, rows: Iterable[tuple[str, ...]]) -> int:
     return _atomic_write(Path(path), lines())
 
 
+def check_output_file(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), flag: str = "--output"):
+    """Refuse, before any work, an output path that is a directory, is one of the inputs (it would be
+    overwritten), or lies under something that is not a directory."""
+    out = Path(output)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out}: is a directory; name a file to write (e.g. {out / 'out.jsonl'})")
+    for given in inputs:
+        if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
+            raise ValueError(f"{flag} {out}: is the input file {given}; writing there would overwrite it")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {out}: {parent} is not writable")
+    return out
+
+
 def corpus_texts(inputs: Iterable[str], *, jsonl_field: str = "text", split: str = "train") -> Iterator[str]:
     """Stream the texts of each input: ``builtin:NAME`` (its ``split``), a ``.jsonl`` file (its
     ``jsonl_field``) or a plain text file (one document per line)."""
@@ -166,6 +185,8 @@ def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give a file") from None
     out = []
     for lineno, chunk in enumerate(raw.split(b"\n"), 1):
         try:
@@ -234,7 +255,9 @@ def _row_problem(row: dict, need_label: bool = True) -> str | None:
     for key in ("text", "label") if need_label else ("text",):
         if key not in row or row[key] is None:
             return f"missing field {key!r}"
-    if not isinstance(row["text"], str) or not row["text"].strip():
+    if not isinstance(row["text"], str):
+        return f"text must be a string, not {type(row['text']).__name__} ({json.dumps(row['text'])[:40]})"
+    if not row["text"].strip():
         return "empty text"
     if need_label and (isinstance(row["label"], (dict, list)) or str(row["label"]).strip() == ""):
         return f"bad label {row['label']!r}"
@@ -246,15 +269,16 @@ def _row_problem(row: dict, need_label: bool = True) -> str | None:
 def _delimited_rows(
     path: Path, lines: list[tuple[int, str]], delimiter: str, *, need_label: bool = True
 ) -> Iterator[tuple[int, dict, str | None]]:
-    if not lines:
-        raise ValueError(f"{path}: empty file")
+    if not any(line.strip() for _, line in lines):
+        raise ValueError(f"{path}: empty file; expected a header line naming the columns, then one row per line")
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is a csv-module guard, not a property of the data
     numbers = [n for n, _ in lines]
     reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)), delimiter=delimiter)
-    header = next(reader)
+    header = _next_row(path, reader, numbers) or []
     if "text" not in header or (need_label and "label" not in header):
         needed = "'text' and 'label'" if need_label else "'text'"
         raise ValueError(f"{path}:1: header has columns {header}; it needs {needed} ('text_pair' optional)")
-    for values in reader:
+    while (values := _next_row(path, reader, numbers)) is not None:
         lineno = numbers[min(reader.line_num - 1, len(numbers) - 1)]
         if not values or all(not v.strip() for v in values):
             continue
@@ -262,6 +286,16 @@ def _delimited_rows(
             yield lineno, {}, f"{len(values)} columns where the header has {len(header)}"
             continue
         yield lineno, dict(zip(header, values, strict=True)), None
+
+
+def _next_row(path: Path, reader, numbers: list[int]) -> list[str] | None:
+    """The next CSV/TSV row, or None at the end; a csv-module error names file:line."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        raise ValueError(f"{path}:{numbers[min(reader.line_num, len(numbers)) - 1]}: malformed row ({e})") from None
 
 
 def read_tagged(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.config import write_json
+from lmforge.config import read_json_object, write_json
 from lmforge.data.readers import corpus_texts
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
 
@@ -162,7 +162,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> Path:
     fingerprint = _fingerprint(cfg)
     meta_path = out / META
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json_object(meta_path, what="shard metadata")
         if meta.get("fingerprint") == fingerprint:
             log.info("reusing token shards in %s (same inputs, tokenizer and options)", out)
             return out
@@ -238,7 +238,7 @@ class TokenWindows:
         meta_path = directory / META
         if not meta_path.is_file():
             raise ValueError(f"{directory}: no {META}; prepare shards with `lmforge prepare`")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta = read_json_object(meta_path, what="shard metadata")
         self.length, self.stride = length, stride or length
         self.tokens, self.word_starts, self.counts = [], [], []
         for i, shard in enumerate(self.meta["splits"][split]["shards"]):

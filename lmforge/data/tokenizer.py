@@ -15,7 +15,6 @@ A tokenizer directory holds ``tokenizer.json`` plus ``tokenizer_config.json`` an
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.config import write_json, write_yaml
+from lmforge.config import read_json_object, write_json, write_yaml
 
 TokenizerKind = Literal["wordpiece", "bpe"]
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -220,7 +219,7 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
     tok.no_padding()
     tok.no_truncation()
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg = read_json_object(cfg_path, what="tokenizer config") if cfg_path.is_file() else {}
     if "lmforge_kind" in cfg:
         return LMTokenizer(tok, cfg["lmforge_kind"], dict(cfg["lmforge_specials"]))
     # A tokenizer from elsewhere (e.g. an imported Hugging Face model): infer kind and specials.

@@ -10,7 +10,6 @@ Hugging Face directories are recognised and pointed to ``lmforge convert``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmforge.config import from_dict, write_json
+from lmforge.config import from_dict, read_json_object, write_json
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -56,10 +55,7 @@ def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig | Seq2Se
         raise ValueError(
             f"{directory}: no {CONFIG_FILE}; a lmforge model directory holds {CONFIG_FILE} + {WEIGHTS_FILE}"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_object(path, what="model config")
     kind = data.pop(TYPE_KEY, None)
     if kind is None:
         if "model_type" in data:

@@ -8,7 +8,6 @@ safetensors and tokenizer files from the directories given at start-up (nothing 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from lmforge.chat import ChatSession
+from lmforge.config import read_json_object
 from lmforge.embed import load_embedder
 from lmforge.finetune import TASK_FILE, load_finetuned
 from lmforge.generate import Generation, GenerationConfig, Generator
@@ -84,7 +84,7 @@ def task_of(run_dir: Path) -> str:
     """The task a run directory serves: task.json's, else embed for a BERT and chat for a GPT."""
     settings_path = run_dir / TASK_FILE
     if settings_path.is_file():
-        return json.loads(settings_path.read_text(encoding="utf-8")).get("task", "")
+        return read_json_object(settings_path, what="task file").get("task", "")
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"{run_dir}: not a model or run directory (no config.json)")
     cfg = read_config(run_dir)

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from lmforge.config import read_json_object
 from lmforge.models.registry import check_state, read_safetensors
 
 STATE_DIR = "trainer_state"
@@ -277,10 +278,11 @@ def load_model_state(model: nn.Module, checkpoint: Path) -> None:
 
 def load_state(checkpoint: Path) -> TrainerState:
     path = checkpoint / STATE
+    data = read_json_object(path, what="trainer state")
     try:
-        return TrainerState(**json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid trainer state ({e})") from None
+        return TrainerState(**data)
+    except TypeError as e:
+        raise ValueError(f"{path}: not a trainer state ({e})") from None
 
 
 def load_optim_state(checkpoint: Path) -> dict:

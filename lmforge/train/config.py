@@ -6,7 +6,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmforge.config import check_range
 from lmforge.train.optim import OptimConfig
+
+
+def check_device(device: str, *, key: str = "device") -> None:
+    """ValueError unless ``device`` is auto or a device torch knows and this machine has."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={device!r}: this machine has no CUDA device; use auto or cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}={device!r}: lmforge trains on cpu or cuda")
 
 
 @dataclass
@@ -64,6 +81,10 @@ class TrainConfig:
     """Device peak for MFU in TFLOP/s; 0 = measure once and cache."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be positive")
+        for key in ("max_minutes", "grad_clip", "eval_every", "patience", "save_every", "keep_last", "adv_steps"):
+            check_range(f"train.{key}", getattr(self, key), at_least=0)
+        check_range("train.max_bad_steps", self.max_bad_steps, at_least=1)
+        check_device(self.device, key="train.device")
