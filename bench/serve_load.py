@@ -138,7 +138,7 @@ def chat_request(i: int, k: int) -> tuple[str, dict]:
 
 
 # --- soak ---------------------------------------------------------------------------------------------
-def _oversize_chunks():
+async def _oversize_chunks():
     for _ in range(40):  # 2.6 MB without Content-Length: the server must cut it at its 1 MB limit
         yield b" " * 65536
 

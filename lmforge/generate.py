@@ -149,7 +149,12 @@ class _LogitsProcessor:
                     logits[row, banned] = float("-inf")
         if not cfg.do_sample:
             return logits
-        logits = logits / cfg.temperature
+        scaled = logits / cfg.temperature
+        if torch.isposinf(scaled).any() or torch.isnan(scaled).any():
+            # a temperature so small that logits / T overflows: its limit, all mass on the top logit(s)
+            top = logits.amax(-1, keepdim=True)
+            scaled = torch.zeros_like(logits).masked_fill(logits < top, float("-inf"))
+        logits = scaled
         if cfg.top_k and cfg.top_k < logits.shape[-1]:
             kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))

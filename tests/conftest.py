@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests draw the same examples on every run (derandomize): a failure always reproduces, so a
+# property test can never be a test that fails now and then; no example database is written either.
+settings.register_profile(
+    "lmforge", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+settings.load_profile("lmforge")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba-cmn-en.tsv"

@@ -151,6 +151,16 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy() -> None:
     ]
 
 
+def test_a_vanishing_temperature_samples_the_greedy_tokens() -> None:
+    """logits / 1e-300 overflowed to inf and NaN probabilities (a 500 from the server, found by Hypothesis)."""
+    gen = Generator(_gpt(), IdsTokenizer())
+    prompts = [[5, 9, 3], [4, 8]]
+    greedy = [o.token_ids for o in gen.generate(prompts, GenerationConfig(max_new_tokens=10))]
+    for temperature in (1e-300, 1e-40):
+        cold = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=temperature, seed=3)
+        assert [o.token_ids for o in gen.generate(prompts, cold)] == greedy
+
+
 def test_logits_processor_filters_and_penalties_by_hand() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
     probs = logits.softmax(-1)[0]  # 0.61, 0.22, 0.14, 0.03, 0.004

@@ -75,7 +75,17 @@ class LMTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str, pair: str | None = None, *, special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, pair, add_special_tokens=special_tokens).ids
+        try:
+            return self.tokenizer.encode(text, pair, add_special_tokens=special_tokens).ids
+        except TypeError:  # what tokenizers raises for a str it cannot encode: say why
+            for part in (text, pair):
+                if isinstance(part, str):
+                    try:
+                        part.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise ValueError(f"text {part[:20]!r}... is not valid Unicode: lone surrogate "
+                                         f"U+{ord(part[e.start]):04X} at character {e.start}") from None  # fmt: skip
+            raise
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

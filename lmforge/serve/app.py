@@ -199,7 +199,7 @@ class ChatRequest(_Lenient):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     stop: Text | list[Text] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64, description="sampling seed: the same reply for the same seed")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
 
