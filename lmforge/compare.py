@@ -40,6 +40,7 @@ from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.logging import read_metrics
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import holds_out_dir
 
 ObjectiveName = Literal["mlm", "electra", "electra-adversarial", "electra-mixed"]
 
@@ -146,6 +147,7 @@ def plan(cfg: CompareConfig) -> dict[str, dict]:
     return {"budget_flops": budget, "objectives": steps}
 
 
+@holds_out_dir
 def run_compare(cfg: CompareConfig) -> dict:
     """Every pretraining and fine-tuning (skipping finished ones); returns (and writes) results.json's content."""
     out = Path(cfg.out)

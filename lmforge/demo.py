@@ -28,6 +28,7 @@ from lmforge.metrics import DEFINITIONS
 from lmforge.pretrain import ModelSpec, PretrainConfig, PretrainData, pretrain
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import holds_out_dir
 
 TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
 STAGE_DIRS = ("pretrain", *TASKS)
@@ -90,6 +91,7 @@ def _limited(splits: dict, limit: int) -> dict:
     return {k: v[:limit] for k, v in splits.items()} if limit else splits
 
 
+@holds_out_dir
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns (and writes) results.json's content."""
     budget = BUDGETS["quick" if cfg.quick else "default"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,9 +48,8 @@ def test_every_command_has_help(name: str, capsys: pytest.CaptureFixture) -> Non
     assert f"lmforge {name}" in out and "--" in out
 
 
-def test_console_script_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "--from-hf" in done.stdout
+def test_console_script_runs(run_process) -> None:
+    assert "--from-hf" in run_process([sys.executable, "-m", "lmforge", "convert", "--help"], timeout=120)
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)

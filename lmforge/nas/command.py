@@ -56,6 +56,7 @@ from lmforge.train import checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 from lmforge.train.optim import OptimConfig
+from lmforge.train.rundir import holds_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class NASConfig:
             raise ValueError(f"init={self.init!r}: expected 'scratch' or an lmforge BERT directory with config.json")
 
 
+@holds_out_dir
 def run_nas(cfg: NASConfig) -> dict:
     """Every stage (finished ones are reused); returns (and writes) results.json's content."""
     out = Path(cfg.out)

@@ -9,6 +9,8 @@
 2. ``checkpoint.check_run_dir``: a new run must not overwrite checkpoints, a resumed one needs them;
 3. ``distributed.session``: the process group for the command's length (a no-op on one process).
 
+Multi-stage commands (demo, compare, nas) hold their ``--out`` with ``holds_out_dir``.
+
 flock, not a PID file: a PID file needs liveness checks that race with PID reuse; flock is released
 by the kernel. The lock is advisory and per host (as every lock on a network file system is).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -72,6 +75,18 @@ def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
         _held.discard(key)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def holds_out_dir(command):
+    """Decorator: ``command(cfg, ...)`` runs holding the lock of ``cfg.out`` (multi-stage commands: demo,
+    compare, nas; each stage's own run directory is locked again by its training command)."""
+
+    @functools.wraps(command)
+    def locked_command(cfg, *args, **kwargs):
+        with locked(cfg.out):
+            return command(cfg, *args, **kwargs)
+
+    return locked_command
 
 
 def _is_first_process() -> bool:

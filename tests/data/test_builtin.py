@@ -138,6 +138,7 @@ def test_splits_do_not_depend_on_the_hash_seed(tatoeba_path: Path) -> None:
             capture_output=True,
             text=True,
             check=True,
+            timeout=300,
         ).stdout
         for seed in ("1", "2")
     }

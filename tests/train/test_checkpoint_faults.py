@@ -187,3 +187,21 @@ def test_the_lock_of_a_killed_process_is_stale_and_taken_over(lock_holder) -> No
     holder.wait()
     with rundir.locked(run):  # the kernel dropped the dead process's lock
         assert json.loads((run / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["demo", "--quick"],
+        ["compare", "-c", "configs/compare/objectives-bert-tiny-zh.yaml"],
+        ["nas", "-c", "configs/nas/classify-zh.yaml"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_multi_stage_commands_hold_their_out_directory(lock_holder, capsys, command: list[str]) -> None:
+    run, holder = lock_holder
+    root = Path(__file__).resolve().parents[2]
+    args = [a if not a.startswith("configs/") else str(root / a) for a in command]
+    assert main([*args, "--out", str(run)]) == 2
+    assert f"is in use by another run (pid {holder.pid}" in " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK_FILE]
