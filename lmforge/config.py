@@ -75,17 +75,25 @@ def check_range(key: str, value: float | None, *, at_least: float | None = None,
         raise ValueError(f"{key}={value!r} must be {bounds}")
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """A YAML mapping from ``path``; a missing file, bad YAML or a non-mapping raises ValueError naming it."""
+def read_text_file(path: str | os.PathLike, *, what: str) -> str:
+    """The UTF-8 text of ``path``; missing, a directory or not UTF-8 raises ValueError naming it as ``what``."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
+        raise ValueError(f"{path}: {what} not found") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; give a YAML recipe file") from None
+        raise ValueError(f"{path}: is a directory, expected a {what}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from ``path``; a missing file, bad YAML (file:line:column) or a non-mapping raises ValueError
+    naming it."""
+    text = read_text_file(path, what="config file")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -101,15 +109,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
     """The JSON value in ``path``; a missing, unreadable or malformed file raises ValueError naming it (and the
     line and column of a syntax error)."""
-    path = Path(path)
+    text = read_text_file(path, what=what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, expected a {what}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in this {what}") from None
 
