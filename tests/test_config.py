@@ -45,5 +45,5 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="config file not found"):
         load_yaml(BertConfig, tmp_path / "none.yaml")
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
-    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ValueError, match=r"bad.yaml:2:1: not valid YAML: expected .,. or .\]."):
         load_yaml(BertConfig, tmp_path / "bad.yaml")
