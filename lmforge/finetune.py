@@ -147,6 +147,7 @@ def load_splits(
         return load_builtin(name, path=builtin_path), []
     if not cfg.train:
         raise ValueError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
+    default_reader = read is None
     read = read or (read_labelled if kind == "classify" else read_tagged)
     splits, reports = {}, []
     for split in ("train", "dev", "test"):
@@ -156,7 +157,7 @@ def load_splits(
             reports.append(report)
             if not splits[split]:
                 raise ValueError(f"{path}: no usable examples")
-    if kind in ("classify", "ner"):
+    if default_reader:  # classify / ner fine-tuning: the head predicts the training labels only
         _check_labels_seen_in_training(splits, cfg.train)
     if "dev" not in splits:
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
@@ -177,8 +178,8 @@ def _check_labels_seen_in_training(splits: dict[str, list[dict]], train_path: st
             if unseen:
                 what = "label" if "label" in ex else "entity type"
                 raise ValueError(
-                    f"{ex.get('source', split)}: {what} {sorted(unseen)[0]!r} never occurs in the training file "
-                    f"{train_path} (it has {', '.join(sorted(known))})"
+                    f"{ex.get('source', split)}: {what} {sorted(unseen)[0]!r} never occurs in the training data "
+                    f"({train_path} has {', '.join(sorted(known))})"
                 )
 
 
