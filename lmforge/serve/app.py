@@ -89,6 +89,9 @@ def _error(status: int, message: str, *, param: str | None = None, kind: str = "
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+BODY_CUT = "lmforge.body_cut"
+
+
 class _BodyCut(Exception):
     """Raised into the app when its request body passed the limit (after the 413 was sent)."""
 
@@ -134,6 +137,7 @@ class BodyLimit:
                     if not started:
                         await self._too_large()(scope, receive, send)
                         answered = True
+                        scope[BODY_CUT] = True  # what the client got, for the request metrics
                     raise _BodyCut
             return message
 
@@ -271,7 +275,8 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
                 response = await call_next(request)
             except Exception as e:  # never take the server down
                 response = _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        status = 413 if request.scope.get(BODY_CUT) else response.status_code  # BodyLimit answered, not the app
+        metrics.requests.labels(endpoint, str(status)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 

@@ -28,6 +28,8 @@ def test_a_chunked_body_over_the_limit_is_413(make_app) -> None:
         r = client.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
         assert r.json()["error"]["param"] == "body" and "1000000 bytes" in r.json()["error"]["message"]
+        metrics = client.get("/metrics").text
+        assert 'lmforge_requests_total{endpoint="/v1/classify",status="413"} 1.0' in metrics
         ok = client.post("/v1/classify", content=iter([b'{"model": "classify", ', b'"input": ["\xe5\xa5\xbd"]}']),
                          headers={"content-type": "application/json"})  # fmt: skip
         assert ok.status_code == 200, ok.text  # a chunked body under the limit is read as usual
