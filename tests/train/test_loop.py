@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -208,17 +207,30 @@ def recipe_and_whole_run(tmp_path_factory, review_corpus: Path, review_wordpiece
     return recipe, _train_losses(root / "whole")
 
 
-def _start_and_wait_for(recipe: Path, run_dir: Path, step: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli("-c", str(recipe), "--out", str(run_dir)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run_dir / checkpoint.STATE_DIR / f"step-{step:07d}").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the run ended or stalled before its step-{step} checkpoint:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.02)
-    return proc
+# `lmforge pretrain` in a child process that sends itself SIGNAL during its AT-th training loss call: the
+# signal lands at the same step on every machine, however fast (polling for a checkpoint and then signalling
+# raced the run's own end).
+SIGNAL_AT = """import os, signal, sys
+from lmforge.cli import main
+from lmforge.tasks.mlm import MLMTask
+sig, at, real, calls = getattr(signal, sys.argv[1]), int(sys.argv[2]), MLMTask.loss, [0]
+def loss(self, model, batch):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), sig)
+    return real(self, model, batch)
+MLMTask.loss = loss
+sys.exit(main(sys.argv[3:]))
+"""
+# 2 micro-batches a step, 2 evaluation batches at step 10: call 27 is the first of step 13
+IN_STEP_13 = 27
+
+
+def _signalled_run(recipe: Path, run_dir: Path, sig: str) -> tuple[int, str]:
+    """(exit status, output) of the recipe's run in ``run_dir`` with ``sig`` sent during step 13."""
+    cmd = [sys.executable, "-c", SIGNAL_AT, sig, str(IN_STEP_13), "pretrain", "-c", str(recipe), "--out", str(run_dir)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
 
 
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
@@ -226,10 +238,9 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(
 ) -> None:
     recipe, whole = recipe_and_whole_run
     killed = tmp_path / "killed"
-    proc = _start_and_wait_for(recipe, killed, 10)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert checkpoint.latest(killed).name < "step-0000030"  # really interrupted
+    code, out = _signalled_run(recipe, killed, "SIGKILL")
+    assert code == -signal.SIGKILL, out
+    assert checkpoint.latest(killed).name == "step-0000010"  # killed in step 13: the last save was step 10
     run_process(_cli("--resume", str(killed)))
     resumed = _train_losses(killed)
     assert sorted(resumed) == list(range(1, 31))
@@ -241,13 +252,12 @@ def test_sigterm_saves_a_checkpoint_exits_143_without_a_traceback_and_resumes_ex
 ) -> None:
     recipe, whole = recipe_and_whole_run
     run_dir = tmp_path / "terminated"
-    proc = _start_and_wait_for(recipe, run_dir, 5)
-    proc.send_signal(signal.SIGTERM)  # what schedulers, docker stop and timeout send
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    code, out = _signalled_run(recipe, run_dir, "SIGTERM")  # what schedulers, docker stop and timeout send
+    assert code == 128 + signal.SIGTERM, out
     assert "Traceback" not in out and "stopped by SIGTERM" in out and f"--resume {run_dir}" in out
-    saved = checkpoint.load_state(checkpoint.latest(run_dir)).step
-    assert 5 <= saved < 30 and (run_dir / checkpoint.STATE_DIR / f"step-{saved:07d}").is_dir()
+    # the signal came during step 13: that step is finished, saved, and nothing after it ran
+    assert checkpoint.latest(run_dir).name == "step-0000013"
+    assert max(_train_losses(run_dir)) == 13
     run_process(_cli("--resume", str(run_dir)))
     assert _train_losses(run_dir) == whole
 
