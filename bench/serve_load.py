@@ -22,12 +22,19 @@ loopback only. It reports status counts and p50 / p99 per kind, and the server's
 transport error, RSS growth under 5%; into bench/results/serve_soak.json.
 
     .venv/bin/python bench/serve_load.py --soak 20 --classify RUN --ner RUN --chat RUN
+
+``--upload-mb N`` offers one chunked upload of N MB (no Content-Length) over a raw socket to a server with
+the default 1 MB body limit, and reports the bytes the server took before answering (413 expected) and
+its RSS before and after; into bench/results/serve_upload.json.
+
+    .venv/bin/python bench/serve_load.py --upload-mb 300 --classify RUN --chat RUN
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -254,6 +261,42 @@ def soak(args) -> None:
     print(f"wrote {out}")
 
 
+def chunked_upload(url: str, megabytes: float, pid: int) -> dict:
+    """Offer ``megabytes`` of chunked body to /v1/classify; what the server took before it answered."""
+    host, port = url.removeprefix("http://").split(":")
+    chunk = b"10000\r\n" + b" " * 65536 + b"\r\n"
+    sent, reply, before = 0, b"", rss_mb(pid)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        sock.settimeout(0.0)
+        deadline = time.monotonic() + 120
+        while sent < megabytes * 1e6 and b"\r\n\r\n" not in reply and time.monotonic() < deadline:
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:  # the server stopped reading: wait for its answer
+                time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            with contextlib.suppress(BlockingIOError):
+                reply += sock.recv(65536)
+    status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
+    return {"offered_bytes": int(megabytes * 1e6), "sent_before_answer": sent, "status_line": status,
+            "rss_mb": {"before": round(before, 1), "after": round(rss_mb(pid), 1)}}  # fmt: skip
+
+
+def upload(args) -> None:
+    proc, url = start_server({"classify": args.classify}, queue_size=64, max_batch=32)
+    try:
+        result = chunked_upload(url, args.upload_mb, proc.pid)
+    finally:
+        stop(proc)
+    out = Path(args.out if args.out != DEFAULT_OUT else Path(DEFAULT_OUT).with_name("serve_upload.json"))
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"{result['status_line']} after {result['sent_before_answer']:,} of {result['offered_bytes']:,} bytes; "
+          f"RSS {result['rss_mb']['before']} -> {result['rss_mb']['after']} MiB; wrote {out}")  # fmt: skip
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -273,8 +316,12 @@ def main() -> None:
     parser.add_argument("--overload-queue", type=int, default=2)
     parser.add_argument("--ner", help="an NER run directory (lmforge finetune ner); needed by --soak")
     parser.add_argument("--soak", type=float, default=0.0, help="minutes of mixed traffic on one server")
+    parser.add_argument("--upload-mb", type=float, default=0.0, help="one chunked upload of this many MB")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
+    if args.upload_mb:
+        upload(args)
+        return
     if args.soak:
         soak(args)
         return
