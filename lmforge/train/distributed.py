@@ -7,14 +7,16 @@ writes files. Without torchrun everything here is a no-op on one process.
 
 Every command that trains runs inside ``session()``: on success all processes meet at a barrier
 before the group is destroyed, so no process tears its connections down while another is still
-writing the run directory (gloo aborts a process whose peer disappears mid-exchange:
-"terminate called without an active exception").
+writing the run directory, and meet again on the rendezvous store after destroying it, so none exits
+while a peer is still shutting its gloo threads down (gloo aborts a process whose peer disappears
+mid-exchange: "terminate called without an active exception").
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -84,12 +86,23 @@ def barrier(d: Dist) -> None:
 
 
 def teardown(d: Dist, *, wait: bool = True) -> None:
-    """Destroy the process group; with ``wait`` every process first meets the others at a barrier."""
+    """Destroy the process group; with ``wait`` every process meets the others at a barrier first, and after
+    destroying waits on the rendezvous store until all have destroyed theirs, so no process exits (closing its
+    sockets) while a peer's gloo threads are still being torn down."""
     if not (d.enabled and dist.is_initialized()):
         return
-    if wait:
-        dist.barrier()
+    if not wait:
+        dist.destroy_process_group()
+        return
+    dist.barrier()
+    # the rendezvous store outlives the group (torchrun's agent hosts it; else the first process, which waits)
+    store = dist.distributed_c10d._get_default_store()
     dist.destroy_process_group()
+    key = "lmforge/destroyed"
+    store.add(key, 1)
+    deadline = time.monotonic() + 300
+    while int(store.add(key, 0)) < d.world_size and time.monotonic() < deadline:  # a peer that died: torchrun
+        time.sleep(0.01)  # ends the job anyway; do not hang past that
 
 
 @contextlib.contextmanager
