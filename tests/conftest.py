@@ -163,6 +163,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) 
     vocab = load_tokenizer(review_wordpiece).vocab_size
     cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
                      attn_dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)  # the same weights whichever test creates the fixture first
     save_model(Bert(cfg), directory)
     copy_tokenizer_files(review_wordpiece, directory)
     return directory
