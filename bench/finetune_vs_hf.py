@@ -124,8 +124,10 @@ def finetune_case(task, ours, hf, hf_tok, train: list[dict], *, rounds: int, ste
     optimizer = build_optimizer(ours, OptimConfig(lr=LR))
     index = {name: i for i, name in enumerate(task.labels)}
     encoded = hf_tok([ex["text"] for ex in train], truncation=True, max_length=MAX_LEN)
-    dataset = [{"input_ids": ids, "attention_mask": m, "labels": index[ex["label"]]}
-               for ids, m, ex in zip(encoded["input_ids"], encoded["attention_mask"], train, strict=True)]  # fmt: skip
+    dataset = [
+        {"input_ids": ids, "attention_mask": m, "labels": index[ex["label"]]}
+        for ids, m, ex in zip(encoded["input_ids"], encoded["attention_mask"], train, strict=True)
+    ]
     ours_rates, hf_rates, step = [], [], 0
     for r in range(rounds):
         ours.train()
@@ -144,10 +146,18 @@ def finetune_case(task, ours, hf, hf_tok, train: list[dict], *, rounds: int, ste
         ours_rates.append(tokens / (time.perf_counter() - started))
         callback, collator = _Steps(), _CountingCollator(hf_tok)
         args = transformers.TrainingArguments(
-            output_dir=str(work / f"hf-{r}"), per_device_train_batch_size=BATCH, max_steps=steps + 1,
-            learning_rate=LR, save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
-            seed=r, disable_tqdm=True, dataloader_num_workers=0,
-        )  # fmt: skip
+            output_dir=str(work / f"hf-{r}"),
+            per_device_train_batch_size=BATCH,
+            max_steps=steps + 1,
+            learning_rate=LR,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            use_cpu=True,
+            seed=r,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
         trainer = transformers.Trainer(
             model=hf, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
         )
@@ -163,8 +173,9 @@ def finetune_case(task, ours, hf, hf_tok, train: list[dict], *, rounds: int, ste
 def inference_case(task, ours, hf, hf_tok, test: list[dict], *, rounds: int) -> dict:
     texts = [ex["text"] for ex in test]
     examples = [{"text": t} for t in texts]
-    pipe = transformers.pipeline("text-classification", model=hf, tokenizer=hf_tok, device=-1, truncation=True,
-                                 max_length=MAX_LEN)  # fmt: skip
+    pipe = transformers.pipeline(
+        "text-classification", model=hf, tokenizer=hf_tok, device=-1, truncation=True, max_length=MAX_LEN
+    )
     ours_rates, hf_rates, hf64_rates = [], [], []
     for r in range(rounds):
         ours.eval(), hf.eval()
@@ -178,10 +189,21 @@ def inference_case(task, ours, hf, hf_tok, test: list[dict], *, rounds: int) -> 
             started = time.perf_counter()
             pipe(texts, batch_size=64)
             hf64_rates.append(len(texts) / (time.perf_counter() - started))
-        print(f"round {r}: lmforge {ours_rates[-1]:,.0f} texts/s, pipeline {hf_rates[-1]:,.0f} (batch 1), "
-              f"{hf64_rates[-1]:,.0f} (batch 64)")  # fmt: skip
-    case = _case(ours_rates, hf_rates, "texts/s", {"texts": len(texts), "rounds": rounds, "lmforge_batch": 64,
-                 "hf": "pipeline('text-classification') default batch_size (1)"})  # fmt: skip
+        print(
+            f"round {r}: lmforge {ours_rates[-1]:,.0f} texts/s, pipeline {hf_rates[-1]:,.0f} (batch 1), "
+            f"{hf64_rates[-1]:,.0f} (batch 64)"
+        )
+    case = _case(
+        ours_rates,
+        hf_rates,
+        "texts/s",
+        {
+            "texts": len(texts),
+            "rounds": rounds,
+            "lmforge_batch": 64,
+            "hf": "pipeline('text-classification') default batch_size (1)",
+        },
+    )
     case["hf_batch64"] = statistics.median(hf64_rates)
     case["ratio_vs_batch64"] = case["lmforge"] / case["hf_batch64"]
     return case
@@ -189,8 +211,13 @@ def inference_case(task, ours, hf, hf_tok, test: list[dict], *, rounds: int) -> 
 
 def _case(ours: list[float], hf: list[float], unit: str, settings: dict) -> dict:
     a, b = statistics.median(ours), statistics.median(hf)
-    return {"lmforge": a, "hf": b, "unit": unit, "ratio": a / b,
-            "settings": {**settings, "lmforge_rounds": ours, "hf_rounds": hf}}  # fmt: skip
+    return {
+        "lmforge": a,
+        "hf": b,
+        "unit": unit,
+        "ratio": a / b,
+        "settings": {**settings, "lmforge_rounds": ours, "hf_rounds": hf},
+    }
 
 
 def main() -> None:
@@ -231,8 +258,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for name, case in cases.items():
-        print(f"{name}: lmforge {case['lmforge']:,.0f} vs transformers {case['hf']:,.0f} {case['unit']}: "
-              f"{case['ratio']:.2f}x")  # fmt: skip
+        print(
+            f"{name}: lmforge {case['lmforge']:,.0f} vs transformers {case['hf']:,.0f} {case['unit']}: "
+            f"{case['ratio']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import transformers
 
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
-from lmforge.generate import GenerationConfig, Generator
+from lmforge.inference.generate import GenerationConfig, Generator
 from lmforge.models.convert import to_hf
 from lmforge.models.gpt import GPT
 from lmforge.models.registry import load_model
@@ -88,9 +88,13 @@ def _run_hf(hf, prompts: torch.Tensor, new_tokens: int, eos: int) -> tuple[float
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(
-            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=False,
-            eos_token_id=eos, pad_token_id=eos,
-        )  # fmt: skip
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
     seconds = time.perf_counter() - start
     rows = []
     for row in out[:, prompts.shape[1] :].tolist():
@@ -125,19 +129,31 @@ def main() -> None:
             hf_rounds.append(n_tokens / _run_hf(hf, prompts, args.new_tokens, eos)[0])
         lm, ref = statistics.median(ours_rounds), statistics.median(hf_rounds)
         cases[f"batch{batch}"] = {
-            "lmforge": lm, "hf": ref, "unit": "new tokens/s", "ratio": lm / ref,
-            "settings": {"batch": batch, "prompt_tokens": PROMPT_LEN, "new_tokens": args.new_tokens,
-                         "generated_tokens": n_tokens, "decoding": "greedy", "rounds": args.rounds,
-                         "lmforge_rounds": ours_rounds, "hf_rounds": hf_rounds},
-        }  # fmt: skip
+            "lmforge": lm,
+            "hf": ref,
+            "unit": "new tokens/s",
+            "ratio": lm / ref,
+            "settings": {
+                "batch": batch,
+                "prompt_tokens": PROMPT_LEN,
+                "new_tokens": args.new_tokens,
+                "generated_tokens": n_tokens,
+                "decoding": "greedy",
+                "rounds": args.rounds,
+                "lmforge_rounds": ours_rounds,
+                "hf_rounds": hf_rounds,
+            },
+        }
         print(f"batch {batch}: lmforge {lm:,.0f} vs transformers {ref:,.0f} new tokens/s = {lm / ref:.2f}x")
     machine = {
-        "processor": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "allocator": "glibc malloc" if "libtcmalloc" not in os.environ.get("LD_PRELOAD", "") else "tcmalloc",
         "model": args.model or "random gpt-tiny (4 x 256, vocab 21128)",
-    }  # fmt: skip
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "cases": cases}, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmforge.tasks.base import linear_cross_entropy
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
 
 
 def main() -> None:

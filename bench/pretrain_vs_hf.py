@@ -41,9 +41,14 @@ RESULTS = Path(__file__).parent / "results" / "pretrain_vs_hf.json"
 
 def _mlm_models():
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FF,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     hf = transformers.BertForMaskedLM(cfg)
     ours_cfg, state = from_hf(cfg.to_dict(), hf.state_dict())
     ours_cfg.pooler = False  # BertForMaskedLM has no pooler either
@@ -53,8 +58,17 @@ def _mlm_models():
 
 
 def _clm_models():
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_inner=FF, n_positions=256,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=D,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_inner=FF,
+        n_positions=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     hf = transformers.GPT2LMHeadModel(cfg)
     ours_cfg, state = from_hf(cfg.to_dict(), hf.state_dict())
     ours = build_model(ours_cfg)
@@ -112,9 +126,14 @@ def _step_fns(kind: str, compile_blocks: bool = False):
     flops_ours = (mlm_train_flops if kind == "mlm" else clm_train_flops)(ours.cfg, ours_batch)
     # transformers runs every layer and the vocabulary head at all B*T positions.
     flops_hf = transformer_train_flops(
-        n_layers=LAYERS, d_model=D, d_ff=FF, n_tokens=tokens, seq_len=T, head_rows=tokens,
+        n_layers=LAYERS,
+        d_model=D,
+        d_ff=FF,
+        n_tokens=tokens,
+        seq_len=T,
+        head_rows=tokens,
         head_flops_per_row=2 * D * VOCAB + (2 * D * D if kind == "mlm" else 0),
-    )  # fmt: skip
+    )
     flops = (flops_ours, flops_hf)
     return ours_step, hf_step, tokens, flops, tuple(ours_batch["input_ids"].shape)
 
@@ -144,14 +163,23 @@ def run_case(kind: str, precision: str, *, rounds: int, steps: int, compile_bloc
         "unit": "tokens/s",
         "ratio": hf_s / ours_s,
         "settings": {
-            "batch": list(shape), "d_model": D, "n_layers": LAYERS, "vocab_size": VOCAB, "precision": precision,
-            "rounds": rounds, "steps_per_round": steps, "lmforge_compiled_blocks": compile_blocks,
+            "batch": list(shape),
+            "d_model": D,
+            "n_layers": LAYERS,
+            "vocab_size": VOCAB,
+            "precision": precision,
+            "rounds": rounds,
+            "steps_per_round": steps,
+            "lmforge_compiled_blocks": compile_blocks,
             "lmforge_mfu": flops[0] / ours_s / peak,
-            "hf_mfu": flops[1] / hf_s / peak, "lmforge_flops_per_step": flops[0], "hf_flops_per_step": flops[1],
+            "hf_mfu": flops[1] / hf_s / peak,
+            "lmforge_flops_per_step": flops[0],
+            "hf_flops_per_step": flops[1],
             "peak_flops_per_s": peak,
-            "lmforge_step_s": ours_t, "hf_step_s": hf_t,
+            "lmforge_step_s": ours_t,
+            "hf_step_s": hf_t,
         },
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -175,11 +203,13 @@ def main() -> None:
         line += f"  ratio {c['ratio']:.2f}x"
         print(f"{line}  lmforge MFU {mfu:.1f}%", flush=True)
     machine = {
-        "processor": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "allocator": os.environ.get("LD_PRELOAD", "glibc malloc") or "glibc malloc",
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "cases": cases}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -128,11 +128,15 @@ async def run_phase(url: str, make_request, *, clients: int, seconds: float, pid
     ok = statuses.get("200", 0)
     ms = sorted(1000 * x for x in latencies)
     return {
-        "clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies), "statuses": statuses,
-        "ok_per_s": round(ok / elapsed, 1), "p50_ms": round(statistics.median(ms), 1),
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": len(latencies),
+        "statuses": statuses,
+        "ok_per_s": round(ok / elapsed, 1),
+        "p50_ms": round(statistics.median(ms), 1),
         "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
         "rss_mb": {"first": round(memory[0], 1), "max": round(max(memory), 1), "last": round(memory[-1], 1)},
-    }  # fmt: skip
+    }
 
 
 def classify_request(i: int, k: int) -> tuple[str, dict]:
@@ -140,8 +144,12 @@ def classify_request(i: int, k: int) -> tuple[str, dict]:
 
 
 def chat_request(i: int, k: int) -> tuple[str, dict]:
-    return "/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": REVIEWS[k % 4]}],
-                                    "temperature": 0, "max_tokens": 32}  # fmt: skip
+    return "/v1/chat/completions", {
+        "model": "chat",
+        "messages": [{"role": "user", "content": REVIEWS[k % 4]}],
+        "temperature": 0,
+        "max_tokens": 32,
+    }
 
 
 # --- soak ---------------------------------------------------------------------------------------------
@@ -219,8 +227,12 @@ async def run_soak(url: str, *, clients: int, seconds: float, pid: int) -> dict:
     kinds = {}
     for kind, r in sorted(by_kind.items()):
         ms = sorted(1000 * x for x in r["latencies"])
-        kinds[kind] = {"requests": len(ms), "statuses": r["statuses"], "p50_ms": round(statistics.median(ms), 1),
-                       "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)}  # fmt: skip
+        kinds[kind] = {
+            "requests": len(ms),
+            "statuses": r["statuses"],
+            "p50_ms": round(statistics.median(ms), 1),
+            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
+        }
     totals: dict[str, int] = {}
     for r in kinds.values():
         for key, n in r["statuses"].items():
@@ -228,13 +240,20 @@ async def run_soak(url: str, *, clients: int, seconds: float, pid: int) -> dict:
     warm = next((m for t, m in memory if t >= 60), memory[0][1])
     growth = (memory[-1][1] - warm) / warm
     return {
-        "clients": clients, "seconds": round(time.monotonic() - started, 1), "kinds": kinds, "statuses": totals,
+        "clients": clients,
+        "seconds": round(time.monotonic() - started, 1),
+        "kinds": kinds,
+        "statuses": totals,
         "server_errors": sum(n for key, n in totals.items() if key.startswith("5") and key not in ("503", "504")),
         "transport_errors": sum(n for key, n in totals.items() if key.startswith("transport")),
-        "rss_mb": {"after_warmup": round(warm, 1), "max": round(max(m for _, m in memory), 1),
-                   "last": round(memory[-1][1], 1), "growth_after_warmup": round(growth, 4),
-                   "samples": [(round(t), round(m, 1)) for t, m in memory]},
-    }  # fmt: skip
+        "rss_mb": {
+            "after_warmup": round(warm, 1),
+            "max": round(max(m for _, m in memory), 1),
+            "last": round(memory[-1][1], 1),
+            "growth_after_warmup": round(growth, 4),
+            "samples": [(round(t), round(m, 1)) for t, m in memory],
+        },
+    }
 
 
 def soak(args) -> None:
@@ -252,12 +271,16 @@ def soak(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     for kind, r in result["kinds"].items():
-        print(f"{kind:17s} {r['requests']:7d} requests  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-              f"{r['statuses']}")  # fmt: skip
+        print(
+            f"{kind:17s} {r['requests']:7d} requests  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+            f"{r['statuses']}"
+        )
     rss = result["rss_mb"]
-    print(f"5xx other than 503/504: {result['server_errors']}; transport errors: {result['transport_errors']}; RSS "
-          f"{rss['after_warmup']} MiB after warm-up -> {rss['last']} MiB ({100 * rss['growth_after_warmup']:+.1f}%), "
-          f"max {rss['max']} MiB")  # fmt: skip
+    print(
+        f"5xx other than 503/504: {result['server_errors']}; transport errors: {result['transport_errors']}; RSS "
+        f"{rss['after_warmup']} MiB after warm-up -> {rss['last']} MiB ({100 * rss['growth_after_warmup']:+.1f}%), "
+        f"max {rss['max']} MiB"
+    )
     print(f"wrote {out}")
 
 
@@ -267,8 +290,10 @@ def chunked_upload(url: str, megabytes: float, pid: int) -> dict:
     chunk = b"10000\r\n" + b" " * 65536 + b"\r\n"
     sent, reply, before = 0, b"", rss_mb(pid)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         sock.settimeout(0.0)
         deadline = time.monotonic() + 120
         while sent < megabytes * 1e6 and b"\r\n\r\n" not in reply and time.monotonic() < deadline:
@@ -281,8 +306,12 @@ def chunked_upload(url: str, megabytes: float, pid: int) -> dict:
             with contextlib.suppress(BlockingIOError):
                 reply += sock.recv(65536)
     status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
-    return {"offered_bytes": int(megabytes * 1e6), "sent_before_answer": sent, "status_line": status,
-            "rss_mb": {"before": round(before, 1), "after": round(rss_mb(pid), 1)}}  # fmt: skip
+    return {
+        "offered_bytes": int(megabytes * 1e6),
+        "sent_before_answer": sent,
+        "status_line": status,
+        "rss_mb": {"before": round(before, 1), "after": round(rss_mb(pid), 1)},
+    }
 
 
 def upload(args) -> None:
@@ -293,8 +322,10 @@ def upload(args) -> None:
         stop(proc)
     out = Path(args.out if args.out != DEFAULT_OUT else Path(DEFAULT_OUT).with_name("serve_upload.json"))
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{result['status_line']} after {result['sent_before_answer']:,} of {result['offered_bytes']:,} bytes; "
-          f"RSS {result['rss_mb']['before']} -> {result['rss_mb']['after']} MiB; wrote {out}")  # fmt: skip
+    print(
+        f"{result['status_line']} after {result['sent_before_answer']:,} of {result['offered_bytes']:,} bytes; "
+        f"RSS {result['rss_mb']['before']} -> {result['rss_mb']['after']} MiB; wrote {out}"
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -330,10 +361,12 @@ def main() -> None:
     proc, url = start_server(models, queue_size=64, max_batch=32)
     try:
         asyncio.run(run_phase(url, classify_request, clients=4, seconds=2, pid=proc.pid))  # warm-up
-        results["classify"] = asyncio.run(run_phase(url, classify_request, clients=args.clients,
-                                                    seconds=args.seconds, pid=proc.pid))  # fmt: skip
-        results["chat"] = asyncio.run(run_phase(url, chat_request, clients=args.chat_clients, seconds=args.seconds,
-                                                pid=proc.pid))  # fmt: skip
+        results["classify"] = asyncio.run(
+            run_phase(url, classify_request, clients=args.clients, seconds=args.seconds, pid=proc.pid)
+        )
+        results["chat"] = asyncio.run(
+            run_phase(url, chat_request, clients=args.chat_clients, seconds=args.seconds, pid=proc.pid)
+        )
         wanted = ("lmforge_batch_size_count", "lmforge_batch_size_sum")
         exposed = httpx.get(f"{url}/metrics").text.splitlines()
         results["metrics_excerpt"] = [line for line in exposed if line.startswith(wanted)]
@@ -341,8 +374,9 @@ def main() -> None:
         stop(proc)
     proc, url = start_server(models, queue_size=args.overload_queue, max_batch=4)
     try:
-        results["overload"] = asyncio.run(run_phase(url, classify_request, clients=args.overload_clients,
-                                                    seconds=args.seconds, pid=proc.pid))  # fmt: skip
+        results["overload"] = asyncio.run(
+            run_phase(url, classify_request, clients=args.overload_clients, seconds=args.seconds, pid=proc.pid)
+        )
         results["overload"]["alive_after"] = httpx.get(f"{url}/healthz").status_code == 200
     finally:
         stop(proc)
@@ -352,8 +386,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     for phase in ("classify", "chat", "overload"):
         r = results[phase]
-        print(f"{phase:9s} {r['clients']:3d} clients: {r['ok_per_s']:7.1f} ok/s  p50 {r['p50_ms']:7.1f} ms  "
-              f"p99 {r['p99_ms']:7.1f} ms  {r['statuses']}  RSS {r['rss_mb']}")  # fmt: skip
+        print(
+            f"{phase:9s} {r['clients']:3d} clients: {r['ok_per_s']:7.1f} ok/s  p50 {r['p50_ms']:7.1f} ms  "
+            f"p99 {r['p99_ms']:7.1f} ms  {r['statuses']}  RSS {r['rss_mb']}"
+        )
     print(f"wrote {args.out}")
 
 

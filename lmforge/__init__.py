@@ -1,29 +1,37 @@
 """lmforge: pretrain, fine-tune, search, compress and serve BERT- and GPT-style language models.
 
-Public API re-exports only; the command line is ``lmforge`` (``lmforge/cli.py``).
+Public API re-exports only, resolved on first use (PEP 562), so that importing a torch-free part of
+the package (the command line, the configs) does not import torch. The command line is ``lmforge``
+(``lmforge/cli.py``); the layout is described in ``docs/ARCHITECTURE.md``.
 """
 
-from lmforge.data.builtin import load_builtin
-from lmforge.data.tokenizer import LMTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.registry import build_model, load_model, save_model
-from lmforge.models.sizes import SIZES, model_size
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "GPT",
-    "SIZES",
-    "Bert",
-    "BertConfig",
-    "GPTConfig",
-    "LMTokenizer",
-    "build_model",
-    "load_builtin",
-    "load_model",
-    "load_tokenizer",
-    "model_size",
-    "save_model",
-    "save_tokenizer",
-    "train_tokenizer",
-]
+_EXPORTS = {
+    "GPT": "lmforge.models.gpt",
+    "GPTConfig": "lmforge.models.gpt",
+    "Bert": "lmforge.models.bert",
+    "BertConfig": "lmforge.models.bert",
+    "SIZES": "lmforge.models.sizes",
+    "model_size": "lmforge.models.sizes",
+    "build_model": "lmforge.models.registry",
+    "load_model": "lmforge.models.registry",
+    "save_model": "lmforge.models.registry",
+    "LMTokenizer": "lmforge.data.tokenizer",
+    "load_tokenizer": "lmforge.data.tokenizer",
+    "save_tokenizer": "lmforge.data.tokenizer",
+    "train_tokenizer": "lmforge.data.tokenizer",
+    "load_builtin": "lmforge.data.builtin",
+    "load_run": "lmforge.runs.run_dir",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

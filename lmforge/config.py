@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import dacite
 import yaml
 
+from lmforge.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -46,23 +48,23 @@ def _allowed(cls: type, path: str) -> str:
 def from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; any problem raises ValueError naming ``where`` and the key."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     try:
         return dacite.from_dict(cls, data, config=_DACITE)
     except dacite.UnexpectedDataError as e:
         keys = ", ".join(sorted(e.keys))
         fields = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ValueError(f"{where}: unknown key(s) {keys}; allowed keys of {cls.__name__}: {fields}") from None
+        raise UserError(f"{where}: unknown key(s) {keys}; allowed keys of {cls.__name__}: {fields}") from None
     except dacite.WrongTypeError as e:
-        raise ValueError(
+        raise UserError(
             f"{where}: key {e.field_path!r} has value {e.value!r}; expected {_allowed(cls, e.field_path)}"
         ) from None
     except dacite.MissingValueError as e:
-        raise ValueError(f"{where}: required key {e.field_path!r} is missing") from None
+        raise UserError(f"{where}: required key {e.field_path!r} is missing") from None
     except dacite.DaciteError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:  # raised by a dataclass's own __post_init__ checks
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 def check_range(key: str, value: float | None, *, at_least: float | None = None, below: float | None = None) -> None:
@@ -70,9 +72,12 @@ def check_range(key: str, value: float | None, *, at_least: float | None = None,
     if value is None:
         return
     if (at_least is not None and value < at_least) or (below is not None and value >= below):
-        bounds = " and ".join(b for b in (f">= {at_least:g}" if at_least is not None else "",
-                                          f"< {below:g}" if below is not None else "") if b)  # fmt: skip
-        raise ValueError(f"{key}={value!r} must be {bounds}")
+        bounds = " and ".join(
+            b
+            for b in (f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "")
+            if b
+        )
+        raise UserError(f"{key}={value!r} must be {bounds}")
 
 
 def read_text_file(path: str | os.PathLike, *, what: str) -> str:
@@ -81,11 +86,11 @@ def read_text_file(path: str | os.PathLike, *, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
+        raise UserError(f"{path}: {what} not found") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, expected a {what}") from None
+        raise UserError(f"{path}: is a directory, expected a {what}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -99,10 +104,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e)
         context = getattr(e, "context", None)
-        raise ValueError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
+        raise UserError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of keys to values, not {type(data).__name__}")
+        raise UserError(f"{path}: a recipe is a mapping of keys to values, not {type(data).__name__}")
     return data
 
 
@@ -113,14 +118,14 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in this {what}") from None
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in this {what}") from None
 
 
 def read_json_object(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
     """``read_json`` for a file that must hold a JSON object."""
     data = read_json(path, what=what)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: this {what} must hold a JSON object, not {type(data).__name__}")
+        raise UserError(f"{path}: this {what} must hold a JSON object, not {type(data).__name__}")
     return data
 
 

@@ -24,6 +24,8 @@ from seqeval.metrics import classification_report
 from seqeval.scheme import IOB2, IOBES, Entities
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from lmforge.errors import UserError
+
 DEFINITIONS = {
     "accuracy": "share of examples whose predicted label (argmax of the probabilities) equals the gold label",
     "macro_f1": "unweighted mean over the gold label set of per-class F1 (scikit-learn, zero_division=0)",
@@ -78,7 +80,7 @@ def scheme_of(tags: list[str]) -> str:
 
 def _scheme(name: str):
     if name not in ("BIO", "BIOES"):
-        raise ValueError(f"tag scheme {name!r} must be 'BIO' or 'BIOES'")
+        raise UserError(f"tag scheme {name!r} must be 'BIO' or 'BIOES'")
     return IOB2 if name == "BIO" else IOBES
 
 
@@ -91,7 +93,7 @@ def entity_spans(tags: list[str], scheme: str) -> list[tuple[str, int, int]]:
 def entity_metrics(gold: list[list[str]], pred: list[list[str]], scheme: str) -> dict:
     """Strict entity-level precision / recall / F1, overall and per type, and the error table."""
     if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred, strict=True)):
-        raise ValueError("gold and predicted tag sequences differ in number or length")
+        raise UserError("gold and predicted tag sequences differ in number or length")
     report = classification_report(gold, pred, mode="strict", scheme=_scheme(scheme), output_dict=True, zero_division=0)
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
     types = sorted(k for k in report if not k.endswith(" avg"))
@@ -170,7 +172,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path,
 def translation_metrics(hypotheses: list[str], references: list[str], *, target_lang: str) -> dict:
     """sacreBLEU BLEU and chrF of detokenized ``hypotheses`` against one reference each."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        raise UserError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     bleu = BLEU(tokenize="zh" if target_lang.lower().startswith("zh") else "13a")
     chrf = CHRF()
     b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])

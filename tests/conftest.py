@@ -20,9 +20,13 @@ from hypothesis import HealthCheck, settings
 # Property tests draw the same examples on every run (derandomize): a failure always reproduces, so a
 # property test can never be a test that fails now and then; no example database is written either.
 settings.register_profile(
-    "lmforge", derandomize=True, database=None, deadline=None, print_blob=True,
+    "lmforge",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)  # fmt: skip
+)
 settings.load_profile("lmforge")
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -55,8 +59,9 @@ def _run_process(cmd: list[str], *, timeout: float = 300, env: dict | None = Non
     ``timeout`` has its whole process group killed (torchrun's workers too) and shows what it printed.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -133,8 +138,12 @@ def _shards(factory: pytest.TempPathFactory, corpus: Path, tokenizer: Path, *, w
     from lmforge.data.shards import PrepareConfig, prepare
 
     out = factory.mktemp("shards")
-    return prepare(PrepareConfig(tokenizer=str(tokenizer), out=str(out), input=[str(corpus)], whole_word=whole_word,
-                                 val_fraction=0.02), progress=False)  # fmt: skip
+    return prepare(
+        PrepareConfig(
+            tokenizer=str(tokenizer), out=str(out), input=[str(corpus)], whole_word=whole_word, val_fraction=0.02
+        ),
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -161,8 +170,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) 
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     vocab = load_tokenizer(review_wordpiece).vocab_size
-    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
-                     attn_dropout=0.0)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0, attn_dropout=0.0
+    )
     torch.manual_seed(0)  # the same weights whichever test creates the fixture first
     save_model(Bert(cfg), directory)
     copy_tokenizer_files(review_wordpiece, directory)

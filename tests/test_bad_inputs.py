@@ -13,8 +13,19 @@ from lmforge.cli import main
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import write_jsonl
 
-FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--epochs", "0", "--training.max-steps", "2",
-        "--training.eval-every", "0", "--max-len", "32"]  # fmt: skip
+FAST = [
+    "--training.no-progress",
+    "--training.peak-tflops",
+    "1",
+    "--epochs",
+    "0",
+    "--training.max-steps",
+    "2",
+    "--training.eval-every",
+    "0",
+    "--max-len",
+    "32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +40,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "huge-field.csv").write_text(f'text,label\n"{huge}",pos\n{rows}', encoding="utf-8")
     (root / "unseen-label.csv").write_text("text,label\n还行,neutral\n很好,pos\n", encoding="utf-8")
     (root / "number-text.jsonl").write_text('{"text": 123, "label": "pos"}\n{"text": "好", "label": "neg"}\n')
-    (root / "broken.yaml").write_text("model: {size: bert-tiny\ntrain:\n  max_steps: 3\n")
+    (root / "broken.yaml").write_text("model: {size: bert-tiny\ntraining:\n  max_steps: 3\n")
     (root / "a-directory").mkdir()
     (root / "texts.txt").write_text("房间很干净\n太差了\n", encoding="utf-8")
     return {p.name: p for p in root.iterdir()}
@@ -138,8 +149,11 @@ def test_an_invalid_json_file_of_a_run_names_the_file_and_line(
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     (run / name).write_text('{"task": "classify",\n')
-    _fails(capsys, ["predict", "--model", str(run), "--input", str(files["texts.txt"]), "--output",
-                    str(tmp_path / "p.jsonl")], f"{name}:2:1: not valid JSON")  # fmt: skip
+    _fails(
+        capsys,
+        ["predict", "--model", str(run), "--input", str(files["texts.txt"]), "--output", str(tmp_path / "p.jsonl")],
+        f"{name}:2:1: not valid JSON",
+    )
 
 
 def test_an_invalid_state_json_on_resume_names_the_file(capsys, tmp_path: Path, classify_run: Path) -> None:
@@ -152,7 +166,10 @@ def test_an_invalid_state_json_on_resume_names_the_file(capsys, tmp_path: Path, 
     for ckpt in checkpoint.checkpoint_dirs(run):
         (ckpt / checkpoint.MANIFEST).unlink()  # as written by an older lmforge: nothing to verify against
         (ckpt / "state.json").write_text("{\n")
-    _fails(capsys, ["finetune", "classify", "--resume", str(run), "--training.max-steps", "4"],
-           "state.json:2:1: not valid JSON")  # fmt: skip
+    _fails(
+        capsys,
+        ["finetune", "classify", "--resume", str(run), "--training.max-steps", "4"],
+        "state.json:2:1: not valid JSON",
+    )
     results = json.loads((run / "results.json").read_text())
     assert results["training"]["steps"] == 2, "the finished run was left as it was"

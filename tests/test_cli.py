@@ -99,8 +99,23 @@ def test_tokenizer_train_reads_jsonl(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text('{"body": "你好世界"}\n{"body": "天安门"}\n', encoding="utf-8")
     out = tmp_path / "tok"
-    assert main(["tokenizer", "train", "--input", str(data), "--jsonl-field", "body", "--out", str(out),
-                 "--vocab-size", "50"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(data),
+                "--jsonl-field",
+                "body",
+                "--out",
+                str(out),
+                "--vocab-size",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert load_tokenizer(out).encode("你好", special_tokens=False) == [
         load_tokenizer(out).tokenizer.token_to_id(c) for c in "你好"
     ]
@@ -127,14 +142,53 @@ def test_data_export_writes_files(tmp_path: Path) -> None:
 
 def test_pretrain_end_to_end_from_a_text_file(tmp_path: Path, review_corpus: Path) -> None:
     out = tmp_path / "run"
-    args = ["pretrain", "--out", str(out), "--data.input", str(review_corpus), "--data.vocab-size", "800",
-            "--data.seq-len", "32", "--model.size", "bert-tiny", "--model.dropout", "0", "--train.max-steps", "40",
-            "--train.global-batch-size", "16", "--train.micro-batch-size", "16", "--train.eval-every", "10",
-            "--train.eval-batches", "4", "--train.save-every", "20", "--train.optim.lr", "2e-3",
-            "--train.optim.warmup-steps", "5", "--train.no-progress", "--train.peak-tflops", "1"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--out",
+        str(out),
+        "--data.input",
+        str(review_corpus),
+        "--data.vocab-size",
+        "800",
+        "--data.seq-len",
+        "32",
+        "--model.size",
+        "bert-tiny",
+        "--model.dropout",
+        "0",
+        "--training.max-steps",
+        "40",
+        "--training.global-batch-size",
+        "16",
+        "--training.micro-batch-size",
+        "16",
+        "--training.eval-every",
+        "10",
+        "--training.eval-batches",
+        "4",
+        "--training.save-every",
+        "20",
+        "--training.optim.lr",
+        "2e-3",
+        "--training.optim.warmup-steps",
+        "5",
+        "--training.no-progress",
+        "--training.peak-tflops",
+        "1",
+    ]
     assert main(args) == 0
-    for name in ("config.yaml", "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl",
-                 "results.json", "report.md", "loss.png", "tokenizer/tokenizer.json", "data/meta.json"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "results.json",
+        "report.md",
+        "loss.png",
+        "tokenizer/tokenizer.json",
+        "data/meta.json",
+    ):
         assert (out / name).is_file(), name
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [10, 20, 30, 40]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from lmforge.compare import CompareConfig, aggregate, claim, report
 from lmforge.config import write_yaml
+from lmforge.runs.compare import CompareConfig, aggregate, claim, report
 
 TINY = ["--limit", "30", "--budget-mlm-steps", "4", "--classify-epochs", "0.5", "--ner-epochs", "0.5", "--no-progress"]
 
@@ -23,8 +23,12 @@ def _run(objective: str, seed: int, accuracy: float, f1: float, minutes: float |
         "peoples-daily-ner": {"test": {"f1": f1}},
     }
     if minutes is not None:
-        run["pretraining"] = {"seconds": 60 * minutes, "seconds_at_median_speed": 50 * minutes, "train_flops": 2e15,
-                              "steps": 10}  # fmt: skip
+        run["pretraining"] = {
+            "seconds": 60 * minutes,
+            "seconds_at_median_speed": 50 * minutes,
+            "train_flops": 2e15,
+            "steps": 10,
+        }
     return run
 
 
@@ -97,8 +101,13 @@ def test_tiny_comparison_spends_equal_flops_and_resumes(tmp_path: Path) -> None:
             assert gap <= 0.5 * planned["flops_per_step"] + 0.05 * budget["budget_flops"]
     assert budget["objectives"]["electra"]["steps"] < budget["objectives"]["mlm"]["steps"]
     assert [(r["objective"], r["seed"]) for r in results["runs"]] == [
-        ("mlm", 1), ("electra", 1), ("scratch", 1), ("mlm", 2), ("electra", 2), ("scratch", 2)
-    ]  # fmt: skip
+        ("mlm", 1),
+        ("electra", 1),
+        ("scratch", 1),
+        ("mlm", 2),
+        ("electra", 2),
+        ("scratch", 2),
+    ]
     assert set(results["summary"]) == {"mlm", "electra", "scratch"} and "electra_at_least_mlm" in results["claim"]
     assert (out / "compare.png").stat().st_size > 10_000
     assert "![comparison](compare.png)" in (out / "report.md").read_text()

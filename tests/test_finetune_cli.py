@@ -30,10 +30,31 @@ def test_classify_finetune_evaluate_predict(tmp_path: Path, tiny_bert: Path) -> 
         "text\tlabel\n" + "".join(f"{ex['text']}\t{ex['label']}\n" for ex in reviews["test"][:60]), encoding="utf-8"
     )
     out = tmp_path / "run"
-    args = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.jsonl"),
-            "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.tsv"), "--out", str(out),
-            "--epochs", "2", "--max-len", "48", "--training.eval-every", "5", "--training.optim.lr", "1e-3",
-            "--training.adversarial", "fgm", *FAST]  # fmt: skip
+    args = [
+        "finetune",
+        "classify",
+        "--model",
+        str(tiny_bert),
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--dev",
+        str(tmp_path / "dev.jsonl"),
+        "--test",
+        str(tmp_path / "test.tsv"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--max-len",
+        "48",
+        "--training.eval-every",
+        "5",
+        "--training.optim.lr",
+        "1e-3",
+        "--training.adversarial",
+        "fgm",
+        *FAST,
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["examples"] == {"train": 200, "dev": 60, "test": 60}
@@ -43,13 +64,37 @@ def test_classify_finetune_evaluate_predict(tmp_path: Path, tiny_bert: Path) -> 
     for name in ("config.json", "model.safetensors", "head.safetensors", "task.json", "confusion.png", "report.md"):
         assert (out / name).is_file(), name
     # evaluate reproduces the test score; predict writes one line per input with probabilities
-    assert main(["evaluate", "--model", str(out), "--data", str(tmp_path / "test.tsv"),
-                 "--output", str(tmp_path / "eval.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out),
+                "--data",
+                str(tmp_path / "test.tsv"),
+                "--output",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(results["test"]["accuracy"])
     (tmp_path / "in.txt").write_text("质量很好，很满意\n\n太差了，退货\n", encoding="utf-8")
-    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "in.txt"),
-                 "--output", str(tmp_path / "out.jsonl")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["质量很好，很满意", "太差了，退货"]
     assert all(r["label"] in ("neg", "pos") and abs(sum(r["scores"].values()) - 1) < 1e-4 for r in rows)
@@ -60,8 +105,19 @@ def test_classify_finetune_evaluate_predict(tmp_path: Path, tiny_bert: Path) -> 
 def test_finetune_names_the_bad_row(tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "train.csv").write_text("text,label\n好,pos\n差,neg\n,pos\n", encoding="utf-8")
     (tmp_path / "dev.csv").write_text("text,label\n好,pos\n还行,meh\n", encoding="utf-8")
-    base = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(tmp_path / "train.csv"),
-            "--dev", str(tmp_path / "dev.csv"), "--epochs", "1", *FAST]  # fmt: skip
+    base = [
+        "finetune",
+        "classify",
+        "--model",
+        str(tiny_bert),
+        "--train",
+        str(tmp_path / "train.csv"),
+        "--dev",
+        str(tmp_path / "dev.csv"),
+        "--epochs",
+        "1",
+        *FAST,
+    ]
     assert main([*base, "--out", str(tmp_path / "a")]) == 2
     assert "train.csv:4: empty text" in " ".join(capsys.readouterr().out.split())
     assert main([*base, "--out", str(tmp_path / "b"), "--skip-bad-rows"]) == 2
@@ -73,16 +129,49 @@ def test_ner_finetune_with_crf_and_predict_spans(tmp_path: Path, tiny_bert: Path
     write_conll(tmp_path / "train.conll", ner["train"][:80])
     write_conll(tmp_path / "dev.conll", ner["dev"][:30])
     out = tmp_path / "run"
-    assert main(["finetune", "ner", "--model", str(tiny_bert), "--train", str(tmp_path / "train.conll"),
-                 "--dev", str(tmp_path / "dev.conll"), "--out", str(out), "--epochs", "1", "--max-len", "32",
-                 "--training.optim.lr", "1e-3", *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "ner",
+                "--model",
+                str(tiny_bert),
+                "--train",
+                str(tmp_path / "train.conll"),
+                "--dev",
+                str(tmp_path / "dev.conll"),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--max-len",
+                "32",
+                "--training.optim.lr",
+                "1e-3",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert set(results["dev"]) >= {"f1", "precision", "recall", "per_type", "errors"}
     assert results["data"]["truncated"]["train"] > 0  # sentences over 30 characters were windowed
     assert "| type | precision |" in (out / "report.md").read_text()
     write_jsonl(tmp_path / "in.jsonl", [{"text": "江泽民在北京会见克林顿。"}])
-    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "in.jsonl"),
-                 "--output", str(tmp_path / "out.jsonl")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(row["tags"]) == len("江泽民在北京会见克林顿。")
     for entity in row["entities"]:
@@ -110,13 +199,33 @@ def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path
     files = _review_files(tmp_path, 64, 16)
     out = tmp_path / "run"
     common = ["--epochs", "0", "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]
-    assert main(["finetune", "classify", "--model", str(tiny_bert), *files, "--out", str(out),
-                 "--training.max-steps", "4", "--training.optim.schedule", "constant", *common]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(tiny_bert),
+                *files,
+                "--out",
+                str(out),
+                "--training.max-steps",
+                "4",
+                "--training.optim.schedule",
+                "constant",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["finetune", "classify", "--resume", str(out), "--training.max-steps", "8", *common]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 8
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]  # fmt: skip
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == list(range(1, 9))  # the second run continued at step 5
 
 
@@ -124,10 +233,35 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert:
     files = _review_files(tmp_path, 64, 16)
     out = tmp_path / "run"
     # a learning rate too small to change the dev accuracy: the second evaluation is no better -> stop
-    assert main(["finetune", "classify", "--model", str(tiny_bert), *files, "--out", str(out), "--epochs", "0",
-                 "--training.max-steps", "50", "--training.eval-every", "2", "--training.patience", "1",
-                 "--training.optim.lr", "1e-12", "--training.global-batch-size", "8", "--training.micro-batch-size",
-                 "8", *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(tiny_bert),
+                *files,
+                "--out",
+                str(out),
+                "--epochs",
+                "0",
+                "--training.max-steps",
+                "50",
+                "--training.eval-every",
+                "2",
+                "--training.patience",
+                "1",
+                "--training.optim.lr",
+                "1e-12",
+                "--training.global-batch-size",
+                "8",
+                "--training.micro-batch-size",
+                "8",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 4 and results["training"]["best_step"] == 2
     assert results["weights"] == "trainer_state/step-0000002"
@@ -147,14 +281,33 @@ def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind
         write_conll(tmp_path / "train.conll", ner["train"][:32])
         write_conll(tmp_path / "dev.conll", ner["dev"][:16])
         files = ["--train", str(tmp_path / "train.conll"), "--dev", str(tmp_path / "dev.conll"), "--max-len", "32"]
-    args = ["-m", "lmforge", "finetune", kind, "--model", str(tiny_bert), *files, "--epochs", "0",
-            "--training.max-steps", "4", "--training.eval-every", "2", "--training.global-batch-size", "8",
-            "--training.micro-batch-size", "4", "--training.deterministic", *FAST]  # fmt: skip
+    args = [
+        "-m",
+        "lmforge",
+        "finetune",
+        kind,
+        "--model",
+        str(tiny_bert),
+        *files,
+        "--epochs",
+        "0",
+        "--training.max-steps",
+        "4",
+        "--training.eval-every",
+        "2",
+        "--training.global-batch-size",
+        "8",
+        "--training.micro-batch-size",
+        "4",
+        "--training.deterministic",
+        *FAST,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     for cmd, out in (([sys.executable, *args], "one"), ([*torchrun, *args], "two")):
-        done = subprocess.run([*cmd, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [*cmd, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
     records = [

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.generate import GenerationConfig, Generator, _banned_ngram_tokens, _LogitsProcessor
+from lmforge.inference.generate import GenerationConfig, Generator, _banned_ngram_tokens, _LogitsProcessor
 from lmforge.models.bert import BertConfig
 from lmforge.models.convert import to_hf
 from lmforge.models.decoding import GPTSteps
@@ -44,8 +44,9 @@ def _gpt(**changes) -> GPT:
 
 
 def _seq2seq() -> Seq2Seq:
-    enc = BertConfig(vocab_size=50, max_seq_len=32, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
-                     attn_dropout=0.0)  # fmt: skip
+    enc = BertConfig(
+        vocab_size=50, max_seq_len=32, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0, attn_dropout=0.0
+    )
     return Seq2Seq(Seq2SeqConfig(encoder=enc, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32, dropout=0.0)).eval()
 
 
@@ -127,15 +128,26 @@ def test_greedy_and_beam_search_equal_transformers_generate(early_stopping, leng
         with torch.no_grad():
             theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **common)
         assert [o.token_ids for o in ours] == _hf_new_tokens(theirs, 5)
-        cfg = GenerationConfig(max_new_tokens=12, num_beams=3, num_return_sequences=3,
-                               early_stopping=early_stopping, length_penalty=length_penalty)  # fmt: skip
+        cfg = GenerationConfig(
+            max_new_tokens=12,
+            num_beams=3,
+            num_return_sequences=3,
+            early_stopping=early_stopping,
+            length_penalty=length_penalty,
+        )
         ours = gen.generate(prompt.tolist(), cfg)
         with torch.no_grad():
             theirs = hf.generate(
-                prompt, attention_mask=torch.ones_like(prompt), num_beams=3, num_return_sequences=3,
-                early_stopping=early_stopping, length_penalty=length_penalty, output_scores=True,
-                return_dict_in_generate=True, **common,
-            )  # fmt: skip
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                num_beams=3,
+                num_return_sequences=3,
+                early_stopping=early_stopping,
+                length_penalty=length_penalty,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **common,
+            )
         assert [o.token_ids for o in ours] == _hf_new_tokens(theirs.sequences, 5)
         assert [o.score for o in ours] == pytest.approx(theirs.sequences_scores.tolist(), abs=1e-4)
 

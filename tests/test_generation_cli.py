@@ -21,12 +21,27 @@ from lmforge.metrics import distinct_n, translation_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import save_model
 from lmforge.tasks.base import IGNORE
-from lmforge.tasks.dialogue import DialogueTask, render_chat
+from lmforge.inference.chat import render_chat
+from lmforge.tasks.dialogue import DialogueTask
 from lmforge.tasks.translation import TranslationTask
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1"]
-TINY_MT = ["--model.d-model", "32", "--model.d-ff", "64", "--model.n-heads", "2", "--model.n-encoder-layers", "1",
-           "--model.n-decoder-layers", "1", "--vocab-size", "400", "--max-len", "24"]  # fmt: skip
+TINY_MT = [
+    "--seq2seq.d-model",
+    "32",
+    "--seq2seq.d-ff",
+    "64",
+    "--seq2seq.n-heads",
+    "2",
+    "--seq2seq.n-encoder-layers",
+    "1",
+    "--seq2seq.n-decoder-layers",
+    "1",
+    "--vocab-size",
+    "400",
+    "--max-len",
+    "24",
+]
 
 
 SAMPLE = Path(__file__).parent / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
@@ -43,10 +58,34 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
     train = _pairs(tmp_path / "train.tsv", 0, 120)
     dev = _pairs(tmp_path / "dev.tsv", 120, 16)
     out = tmp_path / "run"
-    args = ["finetune", "translate", "--out", str(out), "--train", str(train), "--dev", str(dev), "--test", str(dev),
-            *TINY_MT, "--training.max-steps", "12", "--training.eval-every", "6", "--training.save-every", "4",
-            "--training.global-batch-size", "16", "--training.micro-batch-size", "8", "--average-last", "2",
-            "--num-beams", "2", *FAST]  # fmt: skip
+    args = [
+        "finetune",
+        "translate",
+        "--out",
+        str(out),
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--test",
+        str(dev),
+        *TINY_MT,
+        "--training.max-steps",
+        "12",
+        "--training.eval-every",
+        "6",
+        "--training.save-every",
+        "4",
+        "--training.global-batch-size",
+        "16",
+        "--training.micro-batch-size",
+        "8",
+        "--average-last",
+        "2",
+        "--num-beams",
+        "2",
+        *FAST,
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["pairs"] == {"train": 120, "dev": 16, "test": 16}
@@ -58,8 +97,22 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     sources = tmp_path / "in.txt"
     sources.write_text("我会游泳。\n\n你好吗？\n", encoding="utf-8")
-    assert main(["translate", "--model", str(out), "--input", str(sources), "--output", str(tmp_path / "o.jsonl"),
-                 "--num-beams", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "translate",
+                "--model",
+                str(out),
+                "--input",
+                str(sources),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--num-beams",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["src"] for r in rows] == ["我会游泳。", "你好吗？"] and all(
         isinstance(r["translation"], str) for r in rows
@@ -68,24 +121,57 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
 
 def test_translate_with_encoder_warm_started_from_a_pretrained_bert(tmp_path: Path, review_wordpiece: Path) -> None:
     """The encoder keeps the BERT's WordPiece vocabulary and weights; the target side gets its own BPE."""
+    from lmforge.runs.run_dir import load_run
+
     from lmforge.data.tokenizer import copy_tokenizer_files
     from lmforge.models.bert import Bert, BertConfig
     from lmforge.models.registry import read_safetensors
-    from lmforge.translate import load_translation
 
     bert_dir = tmp_path / "bert"
-    cfg = BertConfig(vocab_size=load_tokenizer(review_wordpiece).vocab_size, d_model=32, n_layers=1, n_heads=2,
-                     d_ff=64, max_seq_len=64)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=load_tokenizer(review_wordpiece).vocab_size,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=64,
+    )
     save_model(Bert(cfg), bert_dir)
     copy_tokenizer_files(review_wordpiece, bert_dir)
     train = _pairs(tmp_path / "train.tsv", 0, 64)
     out = tmp_path / "run"
-    args = ["finetune", "translate", "--out", str(out), "--train", str(train), "--encoder", str(bert_dir),
-            "--model.n-decoder-layers", "1", "--model.n-heads", "2", "--model.d-ff", "64", "--vocab-size", "400",
-            "--max-len", "24", "--training.max-steps", "1", "--training.eval-every", "0", "--num-beams", "1",
-            "--training.optim.lr", "1e-12", *FAST]  # fmt: skip
+    args = [
+        "finetune",
+        "translate",
+        "--out",
+        str(out),
+        "--train",
+        str(train),
+        "--model",
+        str(bert_dir),
+        "--seq2seq.n-decoder-layers",
+        "1",
+        "--seq2seq.n-heads",
+        "2",
+        "--seq2seq.d-ff",
+        "64",
+        "--vocab-size",
+        "400",
+        "--max-len",
+        "24",
+        "--training.max-steps",
+        "1",
+        "--training.eval-every",
+        "0",
+        "--num-beams",
+        "1",
+        "--training.optim.lr",
+        "1e-12",
+        *FAST,
+    ]
     assert main(args) == 0
-    task, model = load_translation(out)
+    run = load_run(out, task="translate")
+    task, model = run.task, run.model
     assert model.cfg.tgt_vocab_size == load_tokenizer(out).vocab_size != model.cfg.encoder.vocab_size
     assert (out / "source_tokenizer" / "tokenizer.json").is_file() and task.source_special_tokens
     pretrained = read_safetensors(bert_dir / "model.safetensors")["layers.0.ffn.up.weight"]
@@ -142,26 +228,32 @@ def test_translation_and_generation_metrics_by_hand() -> None:
 @pytest.fixture(scope="module")
 def chat_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = [m["content"] for c in load_builtin("chatterbot-zh")["train"] for m in c["messages"]]
-    return save_tokenizer(train_tokenizer(lambda: iter(texts), kind="bpe", vocab_size=600),
-                          tmp_path_factory.mktemp("chat-bpe"))  # fmt: skip
+    return save_tokenizer(
+        train_tokenizer(lambda: iter(texts), kind="bpe", vocab_size=600), tmp_path_factory.mktemp("chat-bpe")
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt(tmp_path_factory: pytest.TempPathFactory, chat_bpe: Path) -> Path:
     directory = tmp_path_factory.mktemp("tiny-gpt")
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=load_tokenizer(chat_bpe).vocab_size, n_layers=2, n_heads=2, d_model=32, d_ff=64,
-                    max_seq_len=96)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=load_tokenizer(chat_bpe).vocab_size, n_layers=2, n_heads=2, d_model=32, d_ff=64, max_seq_len=96
+    )
     save_model(GPT(cfg), directory)
     save_tokenizer(load_tokenizer(chat_bpe), directory)
     return directory
 
 
-CONVERSATION = {"messages": [
-    {"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
-    {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "讲个笑话"},
-    {"role": "assistant", "content": "好的：为什么电脑很冷？因为它开着Windows。"},
-]}  # fmt: skip
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+        {"role": "user", "content": "讲个笑话"},
+        {"role": "assistant", "content": "好的：为什么电脑很冷？因为它开着Windows。"},
+    ]
+}
 
 
 def test_chat_template_matches_transformers_and_loss_covers_only_assistant_turns(chat_bpe: Path) -> None:
@@ -192,17 +284,49 @@ def test_chat_finetune_generate_and_interactive_chat(
     write_jsonl(tmp_path / "train.jsonl", convs["train"][:60])
     write_jsonl(tmp_path / "dev.jsonl", convs["dev"][:10])
     out = tmp_path / "run"
-    args = ["finetune", "chat", "--model", str(tiny_gpt), "--train", str(tmp_path / "train.jsonl"), "--dev",
-            str(tmp_path / "dev.jsonl"), "--out", str(out), "--epochs", "2", "--training.eval-every", "4",
-            "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]  # fmt: skip
+    args = [
+        "finetune",
+        "chat",
+        "--model",
+        str(tiny_gpt),
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--dev",
+        str(tmp_path / "dev.jsonl"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--training.eval-every",
+        "4",
+        "--training.global-batch-size",
+        "8",
+        "--training.micro-batch-size",
+        "8",
+        *FAST,
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["dev"]["perplexity"] < results["before_finetuning"]["dev"]["perplexity"]
     assert 0 <= results["dev"]["distinct_2"] <= 1 and results["dev"]["replies"] == 10
     assert results["training"]["steps"] == 15 and json.loads((out / "task.json").read_text())["task"] == "chat"
     capsys.readouterr()
-    assert main(["generate", "--model", str(out), "--prompt", "你好", "--generation.max-new-tokens", "6",
-                 "--generation.seed", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--prompt",
+                "你好",
+                "--generation.max-new-tokens",
+                "6",
+                "--generation.seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() != ""
     monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n/reset\n/nonsense\n再见\n/quit\n"))
     assert main(["chat", "--model", str(out), "--generation.max-new-tokens", "5"]) == 0
@@ -215,8 +339,19 @@ def test_chat_finetune_rejects_a_tokenizer_without_chat_tokens(tmp_path: Path, w
 
     save_model(GPT(GPTConfig(vocab_size=400, n_layers=1, n_heads=2, d_model=16, d_ff=32, max_seq_len=32)), tmp_path)
     copy_tokenizer_files(wordpiece_dir, tmp_path)
-    code = main(["finetune", "chat", "--model", str(tmp_path), "--data", "builtin:chatterbot-zh", "--out",
-                 str(tmp_path / "run"), *FAST])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "chat",
+            "--model",
+            str(tmp_path),
+            "--data",
+            "builtin:chatterbot-zh",
+            "--out",
+            str(tmp_path / "run"),
+            *FAST,
+        ]
+    )
     assert code == 2
 
 
@@ -231,8 +366,7 @@ def test_token_budget_buckets_hold_similar_lengths_within_the_budget(bpe_dir: Pa
     assert [7] in buckets  # longer than the budget: alone
     tok = load_tokenizer(bpe_dir)
     examples = [{"src": "我爱北京" * k, "tgt": "I love Beijing " * k} for k in range(1, 7)]
-    task = TranslationTask(tok, tok, src_lang="zh", tgt_lang="en", max_len=64, train_examples=examples,
-                           batch_tokens=60)  # fmt: skip
+    task = TranslationTask(tok, tok, src_lang="zh", tgt_lang="en", max_len=64, train_examples=examples, batch_tokens=60)
     assert task.train_lengths is None and sum(len(b) for b in task.train_items) == 6
     batch = task.collate(task.train_items[:2])
     assert batch["input_ids"].shape[0] == len(task.train_items[0]) + len(task.train_items[1])

@@ -63,9 +63,13 @@ def test_gpt_export_reloads_in_transformers(tmp_path: Path, bpe_dir: Path, size:
 
 def test_convert_round_trip_from_transformers(tmp_path: Path) -> None:
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         intermediate_size=48,
-    )  # fmt: skip
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0

@@ -52,8 +52,17 @@ def test_dictionary_tags_the_longest_training_entity() -> None:
         {"tokens": list("去北京"), "tags": ["O", "B-LOC", "I-LOC"]},
     ]
     tagger = EntityDictionary(train)
-    assert tagger.tag(list("在北京大学和北京市")) == ["O", "B-ORG", "I-ORG", "I-ORG", "I-ORG", "O", "B-LOC", "I-LOC",
-                                                    "I-LOC"]  # fmt: skip
+    assert tagger.tag(list("在北京大学和北京市")) == [
+        "O",
+        "B-ORG",
+        "I-ORG",
+        "I-ORG",
+        "I-ORG",
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "I-LOC",
+    ]
     test = [{"tokens": list("北京大学"), "tags": ["B-ORG", "I-ORG", "I-ORG", "I-ORG"]}]
     assert dictionary_ner(train, test)["f1"] == 1.0
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from lmforge.errors import UserError
+
 
 class GlobalBatches:
     """Item indices of the global batch at each step."""
@@ -36,9 +38,9 @@ class GlobalBatches:
         pool: int = 64,
     ) -> None:
         if n_items <= 0:
-            raise ValueError("no training items: the data is empty or shorter than one sequence")
+            raise UserError("no training items: the data is empty or shorter than one sequence")
         if lengths is not None and len(lengths) != n_items:
-            raise ValueError(f"lengths has {len(lengths)} entries for {n_items} items")
+            raise UserError(f"lengths has {len(lengths)} entries for {n_items} items")
         self.n, self.size, self.seed, self.shuffle = n_items, global_batch_size, seed, shuffle
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.pool = pool
@@ -114,7 +116,7 @@ def token_buckets(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     (rows x the longest row), fairseq's ``--max-tokens`` batching; an item longer than the budget
     gets a bucket of its own."""
     if max_tokens <= 0:
-        raise ValueError(f"max_tokens={max_tokens} must be positive")
+        raise UserError(f"max_tokens={max_tokens} must be positive")
     order = np.argsort(np.asarray(lengths), kind="stable")
     buckets: list[list[int]] = []
     current: list[int] = []

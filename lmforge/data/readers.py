@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
@@ -22,11 +24,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             for lineno, line in enumerate(f, 1):
                 yield lineno, line.rstrip("\n").rstrip("\r")
     except FileNotFoundError:
-        raise ValueError(f"{path}: file not found") from None
+        raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; give a file") from None
+        raise UserError(f"{path}: is a directory; give a file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
 
 
 def read_text_lines(path: str | os.PathLike) -> Iterator[str]:
@@ -57,7 +59,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     for lineno, obj, problem in _jsonl_objects(_lines(path)):
         if problem:
-            raise ValueError(f"{path}:{lineno}: {problem}")
+            raise UserError(f"{path}:{lineno}: {problem}")
         yield obj
 
 
@@ -66,10 +68,10 @@ def read_jsonl_field(path: str | os.PathLike, field: str) -> Iterator[str]:
     path = Path(path)
     for lineno, obj, problem in _jsonl_objects(_lines(path)):
         if problem:
-            raise ValueError(f"{path}:{lineno}: {problem}")
+            raise UserError(f"{path}:{lineno}: {problem}")
         value = obj.get(field)
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj)})")
+            raise UserError(f"{path}:{lineno}: no string field {field!r} (fields: {sorted(obj)})")
         yield value
 
 
@@ -86,7 +88,7 @@ def read_conll(path: str | os.PathLike) -> Iterator[dict]:
             continue
         cols = line.split()
         if len(cols) < 2:
-            raise ValueError(f"{path}:{lineno}: expected 'TOKEN TAG', got {line!r}")
+            raise UserError(f"{path}:{lineno}: expected 'TOKEN TAG', got {line!r}")
         tokens.append(cols[0])
         tags.append(cols[-1])
     if tokens:
@@ -113,7 +115,7 @@ def write_conll(path: str | os.PathLike, examples: Iterable[dict]) -> int:
     def blocks():
         for ex in examples:
             if any(not t or t.isspace() for t in ex["tokens"]):
-                raise ValueError(f"{path}: CoNLL cannot hold an empty or whitespace token: {ex['tokens']!r}")
+                raise UserError(f"{path}: CoNLL cannot hold an empty or whitespace token: {ex['tokens']!r}")
             yield "".join(f"{t} {g}\n" for t, g in zip(ex["tokens"], ex["tags"], strict=True)) + "\n"
 
     return _atomic_write(Path(path), blocks())
@@ -123,7 +125,7 @@ def write_tsv(path: str | os.PathLike, rows: Iterable[tuple[str, ...]]) -> int:
     def lines():
         for row in rows:
             if any("\t" in c or "\n" in c for c in row):
-                raise ValueError(f"{path}: a field contains a tab or newline: {row!r}")
+                raise UserError(f"{path}: a field contains a tab or newline: {row!r}")
             yield "\t".join(row) + "\n"
 
     return _atomic_write(Path(path), lines())
@@ -134,15 +136,15 @@ def check_output_file(output: str | os.PathLike, *, inputs: Iterable[str | os.Pa
     overwritten), or lies under something that is not a directory."""
     out = Path(output)
     if out.is_dir():
-        raise ValueError(f"{flag} {out}: is a directory; name a file to write (e.g. {out / 'out.jsonl'})")
+        raise UserError(f"{flag} {out}: is a directory; name a file to write (e.g. {out / 'out.jsonl'})")
     for given in inputs:
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
-            raise ValueError(f"{flag} {out}: is the input file {given}; writing there would overwrite it")
+            raise UserError(f"{flag} {out}: is the input file {given}; writing there would overwrite it")
     parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ValueError(f"{flag} {out}: {parent} is a file, not a directory")
+        raise UserError(f"{flag} {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {out}: {parent} is not writable")
+        raise UserError(f"{flag} {out}: {parent} is not writable")
     return out
 
 
@@ -155,7 +157,7 @@ def corpus_texts(inputs: Iterable[str], *, jsonl_field: str = "text", split: str
         if spec.startswith("builtin:"):
             name = spec.removeprefix("builtin:")
             if name not in BUILTINS:
-                raise ValueError(f"{spec}: unknown built-in corpus; available: {', '.join(BUILTINS)}")
+                raise UserError(f"{spec}: unknown built-in corpus; available: {', '.join(BUILTINS)}")
             for example in load_builtin(name)[split]:
                 yield from example_texts(name, example)
         elif spec.endswith(".jsonl"):
@@ -176,7 +178,7 @@ class ReadReport:
         """Record a bad row with --skip-bad-rows, else raise naming file:line."""
         message = f"{self.path}:{lineno}: {problem}"
         if not skip:
-            raise ValueError(f"{message} (pass --skip-bad-rows to skip such {unit})")
+            raise UserError(f"{message} (pass --skip-bad-rows to skip such {unit})")
         self.skipped.append(message)
 
 
@@ -184,9 +186,9 @@ def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"{path}: file not found") from None
+        raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; give a file") from None
+        raise UserError(f"{path}: is a directory; give a file") from None
     out = []
     for lineno, chunk in enumerate(raw.split(b"\n"), 1):
         try:
@@ -194,7 +196,7 @@ def _decoded_lines(path: Path, report: ReadReport, skip_bad_rows: bool) -> list[
         except UnicodeDecodeError as e:
             problem = f"{path}:{lineno}: undecodable bytes (not UTF-8) at column {e.start + 1}"
             if not skip_bad_rows:
-                raise ValueError(problem + "; re-save the file as UTF-8 or pass --skip-bad-rows") from None
+                raise UserError(problem + "; re-save the file as UTF-8 or pass --skip-bad-rows") from None
             report.skipped.append(problem)
             continue
         out.append((lineno, line))
@@ -225,7 +227,7 @@ def read_labelled(
         rows = ((n, {"text": line}, None) for n, line in lines if line.strip())
     else:
         formats = ".csv, .tsv or .jsonl" + ("" if need_label else " (or .txt, one text per line)")
-        raise ValueError(f"{path}: unknown format {suffix!r}; use {formats}")
+        raise UserError(f"{path}: unknown format {suffix!r}; use {formats}")
     examples = []
     for lineno, row, problem in rows:
         problem = problem or _row_problem(row, need_label)
@@ -270,14 +272,14 @@ def _delimited_rows(
     path: Path, lines: list[tuple[int, str]], delimiter: str, *, need_label: bool = True
 ) -> Iterator[tuple[int, dict, str | None]]:
     if not any(line.strip() for _, line in lines):
-        raise ValueError(f"{path}: empty file; expected a header line naming the columns, then one row per line")
+        raise UserError(f"{path}: empty file; expected a header line naming the columns, then one row per line")
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is a csv-module guard, not a property of the data
     numbers = [n for n, _ in lines]
     reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)), delimiter=delimiter)
     header = _next_row(path, reader, numbers) or []
     if "text" not in header or (need_label and "label" not in header):
         needed = "'text' and 'label'" if need_label else "'text'"
-        raise ValueError(f"{path}:1: header has columns {header}; it needs {needed} ('text_pair' optional)")
+        raise UserError(f"{path}:1: header has columns {header}; it needs {needed} ('text_pair' optional)")
     while (values := _next_row(path, reader, numbers)) is not None:
         lineno = numbers[min(reader.line_num - 1, len(numbers) - 1)]
         if not values or all(not v.strip() for v in values):
@@ -295,7 +297,7 @@ def _next_row(path: Path, reader, numbers: list[int]) -> list[str] | None:
     except StopIteration:
         return None
     except csv.Error as e:
-        raise ValueError(f"{path}:{numbers[min(reader.line_num, len(numbers)) - 1]}: malformed row ({e})") from None
+        raise UserError(f"{path}:{numbers[min(reader.line_num, len(numbers)) - 1]}: malformed row ({e})") from None
 
 
 def read_tagged(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
@@ -370,7 +372,7 @@ def read_pairs(
     lines = _decoded_lines(path, report, skip_bad_rows)
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".jsonl", ".txt"):
-        raise ValueError(f"{path}: unknown format {suffix!r}; use .tsv (source TAB target), .jsonl or .txt")
+        raise UserError(f"{path}: unknown format {suffix!r}; use .tsv (source TAB target), .jsonl or .txt")
     examples = []
     rows = _jsonl_objects(lines) if suffix == ".jsonl" else ((n, line, None) for n, line in lines)
     for lineno, row, problem in rows:
@@ -423,7 +425,7 @@ def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) 
     (the format of OpenAI's and transformers' chat data); roles system / user / assistant."""
     path = Path(path)
     if path.suffix.lower() != ".jsonl":
-        raise ValueError(f"{path}: conversations are read from .jsonl (one {{'messages': [...]}} per line)")
+        raise UserError(f"{path}: conversations are read from .jsonl (one {{'messages': [...]}} per line)")
     report = ReadReport(str(path))
     examples = []
     for lineno, obj, problem in _jsonl_objects(_decoded_lines(path, report, skip_bad_rows)):

@@ -30,6 +30,7 @@ import numpy as np
 from lmforge.config import read_json_object, write_json
 from lmforge.data.readers import corpus_texts
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
 META = "meta.json"
@@ -59,7 +60,7 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+            raise UserError(f"val_fraction={self.val_fraction} must be in [0, 1)")
 
 
 def _fingerprint(cfg: PrepareConfig) -> str:
@@ -170,12 +171,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> Path:
     tok = load_tokenizer(cfg.tokenizer)
     separator = tok.token_id("sep") if tok.kind == "wordpiece" else tok.token_id("eos")
     if separator is None:
-        raise ValueError(f"{cfg.tokenizer}: the tokenizer has no [SEP] / <|endoftext|> token to separate documents")
+        raise UserError(f"{cfg.tokenizer}: the tokenizer has no [SEP] / <|endoftext|> token to separate documents")
     if cfg.whole_word:
         try:
             import jieba
         except ImportError:
-            raise ValueError("whole-word masking segments words with jieba: pip install 'lmforge[data]'") from None
+            raise UserError("whole-word masking segments words with jieba: pip install 'lmforge[data]'") from None
         jieba.setLogLevel(logging.WARNING)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
     writers = {s: _SplitWriter(out / s, dtype, cfg.shard_tokens, cfg.whole_word) for s in ("train", "val")}
@@ -199,7 +200,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> Path:
             bar.stop()
     splits = {s: w.finish() for s, w in writers.items()}
     if splits["train"]["n_tokens"] == 0:
-        raise ValueError(f"no text in {cfg.input}: the shards would be empty")
+        raise UserError(f"no text in {cfg.input}: the shards would be empty")
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -237,7 +238,7 @@ class TokenWindows:
         directory = Path(directory)
         meta_path = directory / META
         if not meta_path.is_file():
-            raise ValueError(f"{directory}: no {META}; prepare shards with `lmforge prepare`")
+            raise UserError(f"{directory}: no {META}; prepare shards with `lmforge prepare`")
         self.meta = read_json_object(meta_path, what="shard metadata")
         self.length, self.stride = length, stride or length
         self.tokens, self.word_starts, self.counts = [], [], []
@@ -267,6 +268,6 @@ class TokenWindows:
 
     def word_starts_at(self, i: int) -> np.ndarray:
         if not self.word_starts:
-            raise ValueError("these shards have no word starts: prepare them with --whole-word")
+            raise UserError("these shards have no word starts: prepare them with --whole-word")
         shard, start = self._locate(i)
         return np.asarray(self.word_starts[shard][start : start + self.length], dtype=np.bool_)

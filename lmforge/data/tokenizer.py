@@ -26,6 +26,7 @@ from typing import Literal
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import read_json_object, write_json, write_yaml
+from lmforge.errors import UserError
 
 TokenizerKind = Literal["wordpiece", "bpe"]
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -83,8 +84,10 @@ class LMTokenizer:
                     try:
                         part.encode("utf-8")
                     except UnicodeEncodeError as e:
-                        raise ValueError(f"text {part[:20]!r}... is not valid Unicode: lone surrogate "
-                                         f"U+{ord(part[e.start]):04X} at character {e.start}") from None  # fmt: skip
+                        raise UserError(
+                            f"text {part[:20]!r}... is not valid Unicode: lone surrogate "
+                            f"U+{ord(part[e.start]):04X} at character {e.start}"
+                        ) from None
             raise
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
@@ -158,9 +161,9 @@ def train_tokenizer(
     """Train a tokenizer of ``kind``; ``corpus()`` returns a fresh stream of texts each call
     (WordPiece reads it twice; nothing is held in memory)."""
     if vocab_size < 300 and kind == "bpe":
-        raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 bytes + specials (>= 300)")
+        raise UserError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 bytes + specials (>= 300)")
     if vocab_size < 10:
-        raise ValueError(f"vocab_size={vocab_size} is too small")
+        raise UserError(f"vocab_size={vocab_size} is too small")
     if kind == "wordpiece":
         tok = _train_wordpiece(corpus, vocab_size, lowercase)
         specials = dict(WORDPIECE_SPECIALS)
@@ -169,7 +172,7 @@ def train_tokenizer(
         tok.train_from_iterator(_nonempty(corpus()), trainer=trainer)
         specials = dict(BPE_SPECIALS)
     else:
-        raise ValueError(f"tokenizer kind {kind!r} is not one of 'wordpiece', 'bpe'")
+        raise UserError(f"tokenizer kind {kind!r} is not one of 'wordpiece', 'bpe'")
     if kind == "wordpiece":
         cls, sep = specials["cls"], specials["sep"]
         tok.post_processor = processors.TemplateProcessing(
@@ -195,8 +198,14 @@ def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_
     tmp = directory / "tokenizer.json.tmp"
     tok.tokenizer.save(str(tmp))
     os.replace(tmp, directory / "tokenizer.json")
-    roles = {"pad": "pad_token", "unk": "unk_token", "cls": "cls_token", "sep": "sep_token",
-             "mask": "mask_token", "eos": "eos_token"}  # fmt: skip
+    roles = {
+        "pad": "pad_token",
+        "unk": "unk_token",
+        "cls": "cls_token",
+        "sep": "sep_token",
+        "mask": "mask_token",
+        "eos": "eos_token",
+    }
     special_map = {roles[r]: t for r, t in tok.specials.items() if r in roles}
     if tok.kind == "bpe":
         special_map["bos_token"] = tok.specials["eos"]  # GPT-2 convention: one <|endoftext|> for both
@@ -223,7 +232,7 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
     directory = Path(directory)
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"{directory}: no tokenizer.json (train one with `lmforge tokenizer train`)")
+        raise UserError(f"{directory}: no tokenizer.json (train one with `lmforge tokenizer train`)")
     tok = Tokenizer.from_file(str(path))
     # Padding and truncation are the collators' job; a tokenizer.json may carry its own (MiniLM's pads to 128).
     tok.no_padding()
@@ -234,8 +243,15 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
         return LMTokenizer(tok, cfg["lmforge_kind"], dict(cfg["lmforge_specials"]))
     # A tokenizer from elsewhere (e.g. an imported Hugging Face model): infer kind and specials.
     kind: TokenizerKind = "wordpiece" if type(tok.model).__name__ == "WordPiece" else "bpe"
-    roles = {"pad_token": "pad", "unk_token": "unk", "cls_token": "cls", "sep_token": "sep",
-             "mask_token": "mask", "eos_token": "eos", "bos_token": "bos"}  # fmt: skip
+    roles = {
+        "pad_token": "pad",
+        "unk_token": "unk",
+        "cls_token": "cls",
+        "sep_token": "sep",
+        "mask_token": "mask",
+        "eos_token": "eos",
+        "bos_token": "bos",
+    }
     specials = {}
     for key, role in roles.items():
         value = cfg.get(key)
@@ -267,14 +283,14 @@ class TokenizerTrainConfig:
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0:
-            raise ValueError(f"vocab_size={self.vocab_size} must be positive")
+            raise UserError(f"vocab_size={self.vocab_size} must be positive")
 
 
 def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
     from lmforge.data.readers import corpus_texts
 
     if not cfg.input:
-        raise ValueError("--input needs at least one file or builtin:NAME")
+        raise UserError("--input needs at least one file or builtin:NAME")
     tok = train_tokenizer(
         lambda: corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field),
         kind=cfg.kind,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
 from lmforge.models.layers import (
     Activation,
     Attention,
@@ -59,12 +60,12 @@ class BertConfig:
     def __post_init__(self) -> None:
         for key in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
         if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+            raise UserError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         for key in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+                raise UserError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
 
 
 class BertLayer(nn.Module):
@@ -167,7 +168,7 @@ class Bert(nn.Module):
     def pool(self, hidden: Tensor) -> Tensor:
         """The pooled first-token representation (B, D)."""
         if self.pooler is None:
-            raise ValueError("this BERT has no pooler (model.pooler=false)")
+            raise UserError("this BERT has no pooler (model.pooler=false)")
         return self.pooler(hidden)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
@@ -177,5 +178,5 @@ class Bert(nn.Module):
         to the vocabulary dominates the cost of small models.
         """
         if self.mlm_head is None:
-            raise ValueError("this BERT has no MLM head (model.mlm_head=false)")
+            raise UserError("this BERT has no MLM head (model.mlm_head=false)")
         return self.mlm_head(hidden, self.embed.word.weight)

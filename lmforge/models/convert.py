@@ -17,13 +17,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.registry import read_safetensors
 
 # Hugging Face activation names -> lmforge's; gelu_new and gelu_pytorch_tanh are the same function.
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                "silu": "silu", "swish": "silu"}  # fmt: skip
+_ACT_FROM_HF = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 # Tensors Hugging Face checkpoints carry that are buffers or heads lmforge does not use.
 _IGNORED_SUFFIXES = (
@@ -56,10 +63,10 @@ def read_hf_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """The config.json and all safetensors tensors (single file or sharded) of a HF model directory."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"{directory}: directory not found")
+        raise UserError(f"{directory}: directory not found")
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
-        raise ValueError(f"{directory}: no config.json; not a Hugging Face model directory")
+        raise UserError(f"{directory}: no config.json; not a Hugging Face model directory")
     hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
@@ -77,7 +84,7 @@ def read_hf_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         if pickled
         else ""
     )
-    raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
+    raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
 
 
 def _strip_prefix(tensors: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
@@ -93,7 +100,7 @@ def _strip_prefix(tensors: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict
 
 def _act(name: str, where: str) -> str:
     if name not in _ACT_FROM_HF:
-        raise ValueError(f"{where}: hidden activation {name!r} is not supported; supported: {sorted(_ACT_FROM_HF)}")
+        raise UserError(f"{where}: hidden activation {name!r} is not supported; supported: {sorted(_ACT_FROM_HF)}")
     return _ACT_FROM_HF[name]
 
 
@@ -198,7 +205,7 @@ def llama_links(cfg: GPTConfig) -> list[Link]:
 
 def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{where}: position_embedding_type={hf['position_embedding_type']!r}; only 'absolute'")
+        raise UserError(f"{where}: position_embedding_type={hf['position_embedding_type']!r}; only 'absolute'")
     return BertConfig(
         vocab_size=hf["vocab_size"],
         max_seq_len=hf.get("max_position_embeddings", 512),
@@ -218,7 +225,7 @@ def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
 
 def _gpt2_config(hf: dict, where: str) -> GPTConfig:
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-        raise ValueError(f"{where}: GPT-2 attention scaling variants are not supported")
+        raise UserError(f"{where}: GPT-2 attention scaling variants are not supported")
     d = hf["n_embd"]
     return GPTConfig(
         vocab_size=hf["vocab_size"],
@@ -240,14 +247,14 @@ def _rope_theta(hf: dict, where: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ValueError(f"{where}: rope_type={kind!r} is not supported; only 'default' RoPE")
+        raise UserError(f"{where}: rope_type={kind!r} is not supported; only 'default' RoPE")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _llama_config(hf: dict, where: str) -> GPTConfig:
     qwen = hf["model_type"] == "qwen2"
     if qwen and hf.get("use_sliding_window"):
-        raise ValueError(f"{where}: Qwen2 sliding-window attention is not supported")
+        raise UserError(f"{where}: Qwen2 sliding-window attention is not supported")
     act = _act(hf.get("hidden_act", "silu"), where)
     attn_bias = True if qwen else bool(hf.get("attention_bias", False))
     return GPTConfig(
@@ -288,13 +295,13 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
             and plain_heads
         ):
             return "gpt2"
-        raise ValueError("a learned-position GPT exports only as GPT-2: layernorm, plain MLP, all biases, no GQA")
+        raise UserError("a learned-position GPT exports only as GPT-2: layernorm, plain MLP, all biases, no GQA")
     if cfg.norm == "rmsnorm" and cfg.gated_ffn:
         if cfg.qkv_bias == cfg.out_bias:
             return "llama"
         if cfg.qkv_bias and not cfg.out_bias and not cfg.ffn_bias:
             return "qwen2"
-    raise ValueError("a RoPE GPT exports as Llama or Qwen2 only with rmsnorm and a gated feed-forward")
+    raise UserError("a RoPE GPT exports as Llama or Qwen2 only with rmsnorm and a gated feed-forward")
 
 
 def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
@@ -321,7 +328,7 @@ def from_hf(
         tensors = _strip_prefix(tensors, ("model.",))
         cfg = _llama_config(hf_cfg, source)
     else:
-        raise ValueError(f"{source}: model_type={kind!r} is not supported; supported: bert, gpt2, llama, qwen2")
+        raise UserError(f"{source}: model_type={kind!r} is not supported; supported: bert, gpt2, llama, qwen2")
     links = _links(cfg)
     used = {name for link in links for name in link.theirs}
     if getattr(cfg, "tie_embeddings", False):
@@ -332,7 +339,7 @@ def from_hf(
     missing = sorted(name for name in used - optional if name not in tensors)
     unknown = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if missing or unknown:
-        raise ValueError(
+        raise UserError(
             f"{source}: tensors do not match its {kind} config; missing: {', '.join(missing) or 'none'}; "
             f"unexpected: {', '.join(unknown) or 'none'}"
         )

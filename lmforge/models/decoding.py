@@ -109,16 +109,27 @@ class GPTSteps(Steps):
 
 
 class Seq2SeqSteps(Steps):
-    def __init__(self, model: Seq2Seq, head: OutputProjection, sources: list[list[int]], *, pad_id: int, start_id: int,
-                 copies: int, max_new: int):  # fmt: skip
+    def __init__(
+        self,
+        model: Seq2Seq,
+        head: OutputProjection,
+        sources: list[list[int]],
+        *,
+        pad_id: int,
+        start_id: int,
+        copies: int,
+        max_new: int,
+    ):
         super().__init__(model, head)
         device = head.device
         longest = max(len(s) for s in sources)
         src = torch.full((len(sources), longest), pad_id, dtype=torch.long, device=device)
         for i, s in enumerate(sources):
             src[i, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-        src_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor([len(s) for s in sources],
-                    device=device)[:, None]).long()  # fmt: skip
+        src_mask = (
+            torch.arange(longest, device=device)[None, :]
+            < torch.tensor([len(s) for s in sources], device=device)[:, None]
+        ).long()
         memory = model.encode(src, src_mask).repeat_interleave(copies, dim=0)  # (N, S, D)
         self.src_mask = src_mask.repeat_interleave(copies, dim=0)
         self.memory_kv = model.memory_kv(memory)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
 from lmforge.models.layers import (
     Activation,
     Attention,
@@ -79,16 +80,16 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for key in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
         if self.positions not in ("learned", "rope"):
-            raise ValueError(f"model.positions={self.positions!r} must be 'learned' or 'rope'")
+            raise UserError(f"model.positions={self.positions!r} must be 'learned' or 'rope'")
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+            raise UserError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
-            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
+            raise UserError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def kv_heads(self) -> int:

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
+
 FORBIDDEN = -1e4  # added to forbidden transition scores: exp(-1e4) underflows to 0 in fp32
 
 
@@ -36,7 +38,7 @@ class SequenceClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "pooler", "mean"):
-            raise ValueError(f"pooling={pooling!r} must be 'cls', 'pooler' or 'mean'")
+            raise UserError(f"pooling={pooling!r} must be 'cls', 'pooler' or 'mean'")
         self.pooling = pooling
         self.dense = nn.Linear(d_model, d_model) if pooling == "pooler" else None
         self.dropout = nn.Dropout(dropout)
@@ -54,7 +56,7 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Literal["cls", 
     if pooling == "cls":
         return hidden[:, 0]
     if pooling != "mean":
-        raise ValueError(f"pooling={pooling!r} must be 'cls' or 'mean'")
+        raise UserError(f"pooling={pooling!r} must be 'cls' or 'mean'")
     weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
     weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -107,7 +109,7 @@ class CRF(nn.Module):
     def _check(self, emissions: Tensor, mask: Tensor) -> Tensor:
         mask = mask.bool()
         if not mask[:, 0].all():
-            raise ValueError("CRF sequences must start at position 0 (left-aligned, right padding)")
+            raise UserError("CRF sequences must start at position 0 (left-aligned, right padding)")
         return mask
 
     def log_likelihood(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:

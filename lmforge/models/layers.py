@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -31,7 +33,7 @@ def activation_fn(name: Activation):
         "silu": F.silu,
     }
     if name not in table:
-        raise ValueError(f"activation {name!r} is not one of {sorted(table)}")
+        raise UserError(f"activation {name!r} is not one of {sorted(table)}")
     return table[name]
 
 
@@ -41,7 +43,7 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
-    raise ValueError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm']")
+    raise UserError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm']")
 
 
 class Embeddings(nn.Module):
@@ -74,10 +76,10 @@ class Embeddings(nn.Module):
         x = self.word(input_ids)  # (B, T, D)
         if self.position is not None:
             if position_ids is None:
-                raise ValueError("position_ids are required with learned position embeddings")
+                raise UserError("position_ids are required with learned position embeddings")
             limit = self.position.num_embeddings
             if position_ids.numel() and int(position_ids.max()) >= limit:
-                raise ValueError(
+                raise UserError(
                     f"position {int(position_ids.max())} is past max_seq_len={limit}; "
                     f"use sequences of at most {limit} tokens"
                 )
@@ -142,7 +144,7 @@ class KVCache:
         """Store (B, Hkv, T, Hd) keys/values after the cached ones; return all (B, Hkv, S, Hd)."""
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested")
+            raise UserError(f"KV cache holds {self.max_len} positions; {end} were requested")
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -173,7 +175,7 @@ def build_attention_mask(
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
     if key_valid is not None:
         if key_valid.shape[-1] != k_len:
-            raise ValueError(f"attention_mask covers {key_valid.shape[-1]} positions, expected {k_len}")
+            raise UserError(f"attention_mask covers {key_valid.shape[-1]} positions, expected {k_len}")
         valid = key_valid.bool()[:, None, None, :]  # (B, 1, 1, S)
         mask = valid if mask is None else mask & valid
     # A padding query may see no key at all (left padding under a causal mask); let it see every
@@ -207,7 +209,7 @@ class Attention(nn.Module):
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
         if n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"n_heads={n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         q_dim, kv_dim = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         self.cross = cross
@@ -242,7 +244,7 @@ class Attention(nn.Module):
         if self.cross:
             if memory_kv is None:
                 if memory is None:
-                    raise ValueError("cross-attention needs the encoder output as memory")
+                    raise UserError("cross-attention needs the encoder output as memory")
                 memory_kv = self.project_memory(memory)
             B, T, _ = x.shape
             q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)

@@ -13,11 +13,13 @@ import dataclasses
 import os
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.config import from_dict, read_json_object, write_json
+from lmforge.errors import UserError
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -38,7 +40,7 @@ def model_type_of(model_or_cfg: nn.Module | object) -> str:
     for name, (cfg_cls, _) in MODEL_TYPES.items():
         if isinstance(cfg, cfg_cls):
             return name
-    raise ValueError(f"{type(model_or_cfg).__name__} is not a lmforge model; known: {', '.join(MODEL_TYPES)}")
+    raise UserError(f"{type(model_or_cfg).__name__} is not a lmforge model; known: {', '.join(MODEL_TYPES)}")
 
 
 def build_model(cfg: BertConfig | GPTConfig | Seq2SeqConfig) -> nn.Module:
@@ -49,23 +51,23 @@ def build_model(cfg: BertConfig | GPTConfig | Seq2SeqConfig) -> nn.Module:
 def read_config(directory: str | os.PathLike) -> BertConfig | GPTConfig | Seq2SeqConfig:
     """The model config stored in ``directory/config.json``."""
     if not Path(directory).is_dir():
-        raise ValueError(f"{directory}: model directory not found")
+        raise UserError(f"{directory}: model directory not found")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{directory}: no {CONFIG_FILE}; a lmforge model directory holds {CONFIG_FILE} + {WEIGHTS_FILE}"
         )
     data = read_json_object(path, what="model config")
     kind = data.pop(TYPE_KEY, None)
     if kind is None:
         if "model_type" in data:
-            raise ValueError(
+            raise UserError(
                 f"{directory} is a Hugging Face {data['model_type']!r} model directory, not a lmforge one; "
                 f"import it with: lmforge convert --from-hf {directory} --out OUT_DIR"
             )
-        raise ValueError(f"{path}: no {TYPE_KEY!r} key; expected one of {', '.join(MODEL_TYPES)}")
+        raise UserError(f"{path}: no {TYPE_KEY!r} key; expected one of {', '.join(MODEL_TYPES)}")
     if kind not in MODEL_TYPES:
-        raise ValueError(f"{path}: {TYPE_KEY}={kind!r} is not one of {', '.join(MODEL_TYPES)}")
+        raise UserError(f"{path}: {TYPE_KEY}={kind!r} is not one of {', '.join(MODEL_TYPES)}")
     return from_dict(MODEL_TYPES[kind][0], data, where=str(path))
 
 
@@ -91,7 +93,7 @@ def check_state(model: nn.Module, tensors: dict[str, Tensor], *, source: str) ->
     if misshaped:
         problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
     if problems:
-        raise ValueError(f"{source}: weights do not match the {model_type_of(model)} config; " + " | ".join(problems))
+        raise UserError(f"{source}: weights do not match the {model_type_of(model)} config; " + " | ".join(problems))
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -105,7 +107,7 @@ def load_model(directory: str | os.PathLike) -> nn.Module:
     cfg = read_config(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
-        raise ValueError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+        raise UserError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
     tensors = read_safetensors(weights)
     model = build_model(cfg)
     check_state(model, tensors, source=str(weights))
@@ -123,3 +125,50 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     os.replace(tmp, directory / WEIGHTS_FILE)
     write_json(directory / CONFIG_FILE, config_json(model.cfg))
     return directory
+
+
+def load_encoder_weights(encoder: Bert, model_dir: str | os.PathLike) -> dict[str, Tensor]:
+    """Load a pretrained BERT directory's weights into ``encoder``, leaving out its MLM head and pooler
+    (the ELECTRA discriminator has neither); returns all the file's tensors."""
+    path = Path(model_dir) / WEIGHTS_FILE
+    tensors = read_safetensors(path)
+    kept = {k: v for k, v in tensors.items() if not k.startswith(("mlm_head.", "pooler."))}
+    check_state(encoder, kept, source=str(path))
+    encoder.load_state_dict(kept)
+    return tensors
+
+
+def bert_config_of(model_dir: str | os.PathLike, *, purpose: str) -> BertConfig:
+    """The BertConfig of ``model_dir``; a ValueError naming ``purpose`` for any other model type."""
+    cfg = read_config(model_dir)
+    if not isinstance(cfg, BertConfig):
+        raise UserError(f"--model {model_dir}: {purpose} needs a BERT-family model directory")
+    return cfg
+
+
+def encoder_for_finetuning(
+    model_dir: str | os.PathLike,
+    *,
+    init: str = "pretrained",
+    dropout: float | None = None,
+    seed: int = 0,
+    purpose: str = "fine-tuning",
+) -> tuple[Bert, nn.Module | None]:
+    """The encoder of ``model_dir`` without MLM head and pooler (pretrained weights, or the same shape
+    freshly initialised when ``init`` is scratch), and its pretrained pooler if it has one."""
+    from lmforge.models.bert import Pooler
+
+    base = bert_config_of(model_dir, purpose=purpose)
+    changes: dict = {"mlm_head": False, "pooler": False}
+    if dropout is not None:
+        changes.update(dropout=dropout, attn_dropout=dropout)
+    torch.manual_seed(seed)
+    encoder = Bert(dataclasses.replace(base, **changes))
+    if init == "scratch":
+        return encoder, None
+    tensors = load_encoder_weights(encoder, model_dir)
+    if not (base.pooler and "pooler.dense.weight" in tensors):
+        return encoder, None
+    pooler = Pooler(base.d_model)
+    pooler.load_state_dict({k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")})
+    return encoder, pooler

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.layers import (
     Activation,
@@ -63,11 +64,11 @@ class Seq2SeqConfig:
             self.encoder = dataclasses.replace(self.encoder, pooler=False, mlm_head=False)
         for key in ("n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
         if self.tgt_vocab_size is not None and self.tgt_vocab_size <= 0:
-            raise ValueError(f"model.tgt_vocab_size={self.tgt_vocab_size} must be positive (or null: shared)")
+            raise UserError(f"model.tgt_vocab_size={self.tgt_vocab_size} must be positive (or null: shared)")
         if self.d_model % self.n_heads:
-            raise ValueError(f"the width {self.d_model} must be divisible by model.n_heads={self.n_heads}")
+            raise UserError(f"the width {self.d_model} must be divisible by model.n_heads={self.n_heads}")
 
     @property
     def d_model(self) -> int:
@@ -139,9 +140,14 @@ class Seq2Seq(nn.Module):
         """An empty self-attention cache for ``batch_size`` target sequences of up to ``max_len`` tokens."""
         weight = self.target_embedding
         return KVCache(
-            n_layers=self.cfg.n_layers, batch_size=batch_size, n_kv_heads=self.cfg.n_heads,
-            head_dim=self.cfg.d_model // self.cfg.n_heads, max_len=max_len, dtype=weight.dtype, device=weight.device,
-        )  # fmt: skip
+            n_layers=self.cfg.n_layers,
+            batch_size=batch_size,
+            n_kv_heads=self.cfg.n_heads,
+            head_dim=self.cfg.d_model // self.cfg.n_heads,
+            max_len=max_len,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
 
     def decode(
         self,
@@ -159,7 +165,7 @@ class Seq2Seq(nn.Module):
         T = tgt_ids.shape[1]
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
-            raise ValueError(f"target position {past + T - 1} is past model.max_seq_len={self.cfg.max_seq_len}")
+            raise UserError(f"target position {past + T - 1} is past model.max_seq_len={self.cfg.max_seq_len}")
         positions = torch.arange(past, past + T, device=tgt_ids.device)
         x = nn.functional.embedding(tgt_ids, self.target_embedding) + self.tgt_position(positions)  # (B, T, D)
         x = self.embed_dropout(self.embed_norm(x))
@@ -167,9 +173,14 @@ class Seq2Seq(nn.Module):
         memory_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         for i, layer in enumerate(self.layers):
             x = layer(
-                x, mask=mask, is_causal=is_causal, memory_kv=memory_kv[i], memory_mask=memory_mask,
-                cache=cache, layer=i,
-            )  # fmt: skip
+                x,
+                mask=mask,
+                is_causal=is_causal,
+                memory_kv=memory_kv[i],
+                memory_mask=memory_mask,
+                cache=cache,
+                layer=i,
+            )
         if cache is not None:
             cache.advance(T)
         return x

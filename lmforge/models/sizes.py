@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 
@@ -43,6 +44,6 @@ SIZES: dict[str, BertConfig | GPTConfig] = {
 def model_size(name: str, *, vocab_size: int | None = None) -> BertConfig | GPTConfig:
     """The config of the named size, with ``vocab_size`` set when given."""
     if name not in SIZES:
-        raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
+        raise UserError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
     cfg = SIZES[name]
     return replace(cfg, vocab_size=vocab_size) if vocab_size else replace(cfg)

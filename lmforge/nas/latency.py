@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.registry import build_model
@@ -32,8 +33,16 @@ FEATURES = ("projections", "feed_forward", "attention", "elementwise", "softmax"
 
 
 @torch.inference_mode()
-def measure_latency(arch: Arch, base: BertConfig | GPTConfig, *, batch: int, seq_len: int, warmup: int = 3,
-                    repeats: int = 15, seed: int = 0) -> float:  # fmt: skip
+def measure_latency(
+    arch: Arch,
+    base: BertConfig | GPTConfig,
+    *,
+    batch: int,
+    seq_len: int,
+    warmup: int = 3,
+    repeats: int = 15,
+    seed: int = 0,
+) -> float:
     """Median milliseconds of one forward pass of ``arch`` over a (batch, seq_len) input on the CPU."""
     torch.manual_seed(seed)
     model = build_model(arch.config(base)).eval()
@@ -51,10 +60,18 @@ def measure_latency(arch: Arch, base: BertConfig | GPTConfig, *, batch: int, seq
 def features(arch: Arch, *, batch: int, seq_len: int) -> np.ndarray:
     """The cost terms the latency model weighs (in units that keep the coefficients well scaled)."""
     L, d, f, h, B, T = arch.n_layers, arch.d_model, arch.d_ff, arch.n_heads, batch, seq_len
-    return np.array([
-        L * B * T * d * d / 1e9, L * B * T * d * f / 1e9, L * B * T * T * d / 1e9, L * B * T * d / 1e6,
-        L * B * T * T * h / 1e6, L, B * T * d / 1e6, 1.0,
-    ])  # fmt: skip
+    return np.array(
+        [
+            L * B * T * d * d / 1e9,
+            L * B * T * d * f / 1e9,
+            L * B * T * T * d / 1e9,
+            L * B * T * d / 1e6,
+            L * B * T * T * h / 1e6,
+            L,
+            B * T * d / 1e6,
+            1.0,
+        ]
+    )
 
 
 @dataclass
@@ -68,7 +85,7 @@ class LatencyModel:
     @classmethod
     def fit(cls, archs: list[Arch], ms: list[float], *, batch: int, seq_len: int) -> LatencyModel:
         if len(archs) < 2:
-            raise ValueError(f"the latency model needs at least 2 measured architectures, got {len(archs)}")
+            raise UserError(f"the latency model needs at least 2 measured architectures, got {len(archs)}")
         X = np.stack([features(a, batch=batch, seq_len=seq_len) for a in archs])
         y = np.asarray(ms, dtype=np.float64)
         coef, _ = nnls(X / y[:, None], np.ones_like(y))  # minimise the relative error
@@ -78,8 +95,11 @@ class LatencyModel:
         return float(features(arch, batch=self.batch, seq_len=self.seq_len) @ np.asarray(self.coefficients))
 
     def to_dict(self) -> dict:
-        return {"coefficients": dict(zip(FEATURES, self.coefficients, strict=True)), "batch": self.batch,
-                "seq_len": self.seq_len}  # fmt: skip
+        return {
+            "coefficients": dict(zip(FEATURES, self.coefficients, strict=True)),
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> LatencyModel:

@@ -63,9 +63,16 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> Arch:
 
 
 def score_with_supernet(
-    score: Callable[[Arch], float], *, space: SearchSpace, latency: LatencyModel, base, n_candidates: int,
-    population: int, seed: int, dev_lengths: list[int],
-) -> tuple[list[dict], float]:  # fmt: skip
+    score: Callable[[Arch], float],
+    *,
+    space: SearchSpace,
+    latency: LatencyModel,
+    base,
+    n_candidates: int,
+    population: int,
+    seed: int,
+    dev_lengths: list[int],
+) -> tuple[list[dict], float]:
     """NSGA-II over the space until ``n_candidates`` distinct feasible architectures are scored by
     ``score(arch)`` (the dev metric with inherited weights); returns their rows and the FLOPs spent."""
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
@@ -98,10 +105,13 @@ def score_with_supernet(
 
 def candidate_row(arch: Arch, base, latency: LatencyModel, **extra: Any) -> dict:
     return {
-        "arch": arch.name, **dataclasses.asdict(arch), "params": count_params(arch, base),
+        "arch": arch.name,
+        **dataclasses.asdict(arch),
+        "params": count_params(arch, base),
         "flops": forward_flops(arch, batch=latency.batch, seq_len=latency.seq_len),
-        "predicted_ms": latency.predict(arch), **extra,
-    }  # fmt: skip
+        "predicted_ms": latency.predict(arch),
+        **extra,
+    }
 
 
 def open_study(path: Path, *, seed: int, space: SearchSpace, latency: LatencyModel, base) -> optuna.Study:
@@ -110,9 +120,13 @@ def open_study(path: Path, *, seed: int, space: SearchSpace, latency: LatencyMod
     sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     study = optuna.create_study(
-        study_name="nas", storage=f"sqlite:///{path}", direction="maximize", sampler=sampler, pruner=pruner,
+        study_name="nas",
+        storage=f"sqlite:///{path}",
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
         load_if_exists=True,
-    )  # fmt: skip
+    )
     states = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         log.info("trial %d was interrupted: marked failed, its architecture will be tried again", t.number)
@@ -135,9 +149,18 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def multi_trial(
-    study: optuna.Study, *, n_trials: int, build: Callable[[Arch], nn.Module], task: Any, training: TrainConfig,
-    space: SearchSpace, latency: LatencyModel, base, run_dir: Path, dev_lengths: list[int],
-) -> list[dict]:  # fmt: skip
+    study: optuna.Study,
+    *,
+    n_trials: int,
+    build: Callable[[Arch], nn.Module],
+    task: Any,
+    training: TrainConfig,
+    space: SearchSpace,
+    latency: LatencyModel,
+    base,
+    run_dir: Path,
+    dev_lengths: list[int],
+) -> list[dict]:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; returns every
     finished trial's row (dev metric, FLOPs spent, state)."""
     metric = task.selection[0]
@@ -182,8 +205,17 @@ def multi_trial(
         if arch.d_model % arch.n_heads or "duplicate_of" in t.user_attrs:
             continue
         dev = t.value if t.state == optuna.trial.TrialState.COMPLETE else max(t.intermediate_values.values(), default=0)
-        rows.append(candidate_row(arch, base, latency, dev=dev, trial=t.number, state=t.state.name.lower(),
-                                  trial_flops=t.user_attrs.get("flops", 0.0)))  # fmt: skip
+        rows.append(
+            candidate_row(
+                arch,
+                base,
+                latency,
+                dev=dev,
+                trial=t.number,
+                state=t.state.name.lower(),
+                trial_flops=t.user_attrs.get("flops", 0.0),
+            )
+        )
     return rows
 
 

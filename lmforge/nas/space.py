@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.registry import build_model
@@ -76,13 +77,13 @@ class SearchSpace:
         for key in ("n_layers", "d_model", "n_heads", "d_ff"):
             values = getattr(self, key)
             if not values or any(v <= 0 for v in values):
-                raise ValueError(f"space.{key}={values}: give at least one positive value")
+                raise UserError(f"space.{key}={values}: give at least one positive value")
             setattr(self, key, sorted(set(values)))
         if not self.archs():
-            raise ValueError(f"space: no n_heads in {self.n_heads} divides any d_model in {self.d_model}")
+            raise UserError(f"space: no n_heads in {self.n_heads} divides any d_model in {self.d_model}")
         for name in self.baselines:
             if name not in SIZES:
-                raise ValueError(f"space.baselines: unknown size {name!r}; known sizes: {', '.join(SIZES)}")
+                raise UserError(f"space.baselines: unknown size {name!r}; known sizes: {', '.join(SIZES)}")
 
     def archs(self) -> list[Arch]:
         """Every architecture of the space, smallest first."""
@@ -94,9 +95,12 @@ class SearchSpace:
 
     def contains(self, arch: Arch) -> bool:
         return (
-            arch.n_layers in self.n_layers and arch.d_model in self.d_model and arch.n_heads in self.n_heads
-            and arch.d_ff in self.d_ff and arch.d_model % arch.n_heads == 0
-        )  # fmt: skip
+            arch.n_layers in self.n_layers
+            and arch.d_model in self.d_model
+            and arch.n_heads in self.n_heads
+            and arch.d_ff in self.d_ff
+            and arch.d_model % arch.n_heads == 0
+        )
 
     @property
     def largest(self) -> Arch:
@@ -112,8 +116,9 @@ class SearchSpace:
     def sample(self, rng: random.Random) -> Arch:
         """A uniformly random architecture of the space."""
         while True:
-            arch = Arch(rng.choice(self.n_layers), rng.choice(self.d_model), rng.choice(self.n_heads),
-                        rng.choice(self.d_ff))  # fmt: skip
+            arch = Arch(
+                rng.choice(self.n_layers), rng.choice(self.d_model), rng.choice(self.n_heads), rng.choice(self.d_ff)
+            )
             if arch.d_model % arch.n_heads == 0:
                 return arch
 
@@ -121,7 +126,7 @@ class SearchSpace:
         """Weight sharing slices every dimension from the largest network: each head count must divide it."""
         bad = [h for h in self.n_heads if self.largest.d_model % h]
         if bad:
-            raise ValueError(f"space.n_heads {bad} do not divide the largest d_model {self.largest.d_model}")
+            raise UserError(f"space.n_heads {bad} do not divide the largest d_model {self.largest.d_model}")
 
 
 def base_config(space: SearchSpace, vocab_size: int, *, max_seq_len: int) -> BertConfig | GPTConfig:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
 from lmforge.nas.space import Arch, SearchSpace
 from lmforge.tasks.base import LossOutput
 
@@ -59,7 +60,7 @@ class Supernet(nn.Module):
             self._shells.move_to_end(arch)
             return self._shells[arch]
         if not self.space.contains(arch) and arch != self.largest:
-            raise ValueError(f"architecture {arch.name} is not in the search space")
+            raise UserError(f"architecture {arch.name} is not in the search space")
         with torch.device("meta"):  # the shell's own parameters are never used: allocate none
             shell = self._build(arch)
         slots = []

@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -43,46 +42,37 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.generate import GenerationConfig
+from lmforge.errors import UserError
+from lmforge.inference.config import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
+from lmforge.serve.limits import Limits
 from lmforge.serve.models import Served
-
-
-@dataclass
-class Limits:
-    """What one request may ask for, how requests are batched and timed out, and the API key."""
-
-    max_body_bytes: int = 1_000_000
-    """Largest request body (413 beyond)."""
-    max_text_chars: int = 2000
-    """Longest text or message (413 beyond)."""
-    max_inputs: int = 64
-    """Most texts in one request (413 beyond)."""
-    max_tokens: int = 256
-    """Largest max_tokens a request may ask for (422 beyond)."""
-    max_batch: int = 32
-    """Most texts per model call when batching requests."""
-    max_wait_ms: float = 5.0
-    """How long the first request of a batch waits for others."""
-    queue_size: int = 64
-    """Requests waiting per model before new ones get 503 + Retry-After."""
-    timeout_s: float = 30.0
-    """Per-request timeout (504 beyond)."""
-    api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/ (default: $LMFORGE_API_KEY when set)."""
 
 
 class APIError(Exception):
     """An error answered as JSON: status, message, the field at fault."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def _error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     # a message may quote the request: lone surrogates in it would make the JSON body itself unencodable
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -154,7 +144,7 @@ def _valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"invalid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") from None
+        raise UserError(f"invalid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") from None
     return text
 
 
@@ -212,14 +202,25 @@ class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("lmforge_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("lmforge_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
+        self.latency = Histogram(
+            "lmforge_request_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.queue = Gauge("lmforge_queue_depth", "Requests waiting per model", ["model"], registry=self.registry)
-        self.batch = Histogram("lmforge_batch_size", "Items per model call", ["model"], registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
+        self.batch = Histogram(
+            "lmforge_batch_size",
+            "Items per model call",
+            ["model"],
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
         self.tokens = Counter("lmforge_generated_tokens", "Generated tokens", ["model"], registry=self.registry)
-        self.tokens_per_s = Gauge("lmforge_tokens_per_second", "Generation speed of the last reply", ["model"],
-                                  registry=self.registry)  # fmt: skip
+        self.tokens_per_s = Gauge(
+            "lmforge_tokens_per_second", "Generation speed of the last reply", ["model"], registry=self.registry
+        )
 
 
 def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastAPI:
@@ -229,9 +230,12 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     batchers: dict[str, MicroBatcher] = {}
     for name, served in models.items():
         batchers[name] = MicroBatcher(
-            _batch_fn(served), max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms,
-            queue_size=limits.queue_size, on_batch=metrics.batch.labels(name).observe,
-        )  # fmt: skip
+            _batch_fn(served),
+            max_batch=limits.max_batch,
+            max_wait_ms=limits.max_wait_ms,
+            queue_size=limits.queue_size,
+            on_batch=metrics.batch.labels(name).observe,
+        )
         metrics.queue.labels(name).set_function(lambda b=batchers[name]: b.depth)
 
     @contextlib.asynccontextmanager
@@ -282,15 +286,17 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
 
     def served(name: str, task: str) -> Served:
         if name not in models:
-            raise APIError(404, f"model {name!r} is not served; served: {', '.join(models)}", param="model",
-                           kind="not_found_error")  # fmt: skip
+            raise APIError(
+                404, f"model {name!r} is not served; served: {', '.join(models)}", param="model", kind="not_found_error"
+            )
         if models[name].task != task:
             raise APIError(400, f"model {name!r} serves {models[name].task}, not {task}", param="model")
         return models[name]
 
     def busy(name: str) -> APIError:
-        return APIError(503, f"model {name!r} is busy: its queue is full", kind="overloaded_error",
-                        headers={"Retry-After": "1"})  # fmt: skip
+        return APIError(
+            503, f"model {name!r} is busy: its queue is full", kind="overloaded_error", headers={"Retry-After": "1"}
+        )
 
     async def submit(name: str, items: list, key: Any = None) -> list:
         try:
@@ -363,8 +369,12 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         m = served(req.model, "chat")
         for i, message in enumerate(req.messages):
             if len(message.content) > limits.max_text_chars:
-                raise APIError(413, f"messages[{i}].content has {len(message.content)} characters; the limit is "
-                                    f"{limits.max_text_chars}", param=f"messages.{i}.content")  # fmt: skip
+                raise APIError(
+                    413,
+                    f"messages[{i}].content has {len(message.content)} characters; the limit is "
+                    f"{limits.max_text_chars}",
+                    param=f"messages.{i}.content",
+                )
         default = min(128, m.model.cfg.max_seq_len // 2)  # leaves room for the conversation
         cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=default)
         cfg = _sampling(req, cap)
@@ -387,12 +397,23 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         metrics.tokens.labels(m.name).inc(len(reply.token_ids))
         metrics.tokens_per_s.labels(m.name).set(len(reply.token_ids) / max(seconds, 1e-9))
         return {
-            "id": reply_id, "object": "chat.completion", "created": created, "model": m.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
-                         "finish_reason": "length" if reply.finish_reason == "length" else "stop"}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(reply.token_ids),
-                      "total_tokens": len(prompt) + len(reply.token_ids)},
-        }  # fmt: skip
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": m.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text.strip()},
+                    "finish_reason": "length" if reply.finish_reason == "length" else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(reply.token_ids),
+                "total_tokens": len(prompt) + len(reply.token_ids),
+            },
+        }
 
     page = resources.files("lmforge.serve") / "static"
     app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
@@ -414,8 +435,11 @@ def _inputs(raw: Any, limits: Limits) -> list:
         texts = [item] if isinstance(item, str) else item
         for text in texts:
             if len(text) > limits.max_text_chars:
-                raise APIError(413, f"input[{i}] has {len(text)} characters; the limit is {limits.max_text_chars}",
-                               param=f"input[{i}]")  # fmt: skip
+                raise APIError(
+                    413,
+                    f"input[{i}] has {len(text)} characters; the limit is {limits.max_text_chars}",
+                    param=f"input[{i}]",
+                )
     return items
 
 
@@ -440,8 +464,14 @@ def _sampling(req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.temperature == 0:  # OpenAI's convention: temperature 0 is greedy
         return GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=stops)
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
-                            top_p=req.top_p, stop_strings=stops, seed=req.seed)  # fmt: skip
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop_strings=stops,
+        seed=req.seed,
+    )
 
 
 def _batch_fn(served: Served):
@@ -482,8 +512,13 @@ class _ChatStream:
         self._put(self.done)
 
     def _chunk(self, reply_id: str, created: int, delta: dict, finish: str | None = None) -> str:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.m.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        body = {
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.m.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     async def events(self, reply_id: str, created: int, metrics: _Metrics, *, deadline: float) -> AsyncIterator[str]:

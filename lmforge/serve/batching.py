@@ -40,9 +40,14 @@ class MicroBatcher:
     """Batches ``fn(items, key)`` calls of one model; requests with different ``key`` never share a batch."""
 
     def __init__(
-        self, fn: Callable[[list, Any], list], *, max_batch: int = 32, max_wait_ms: float = 5.0, queue_size: int = 64,
+        self,
+        fn: Callable[[list, Any], list],
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-model")

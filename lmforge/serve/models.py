@@ -1,28 +1,26 @@
 """The models a server answers with: one ``Served`` per ``--model NAME=RUN_DIR``, its task read from the run.
 
 Every call goes through what the commands use (``Task.predict``, ``TranslationTask.translate``,
-``EmbeddingTask.vectors``, ``Generator``): no model code here. Loading reads only config.json,
-safetensors and tokenizer files from the directories given at start-up (nothing is unpickled).
+``EmbeddingTask.vectors``, ``inference``'s ``Generator`` and ``ChatSession``): no model code here.
+Runs load through ``runs/run_dir.load_run`` alone (no training code is imported), reading only
+config.json, task.json, safetensors and tokenizer files from the directories given at start-up.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.chat import ChatSession
-from lmforge.config import read_json_object
-from lmforge.embed import load_embedder
-from lmforge.finetune import TASK_FILE, load_finetuned
-from lmforge.generate import Generation, GenerationConfig, Generator
-from lmforge.models.bert import Bert
-from lmforge.models.gpt import GPT
-from lmforge.models.registry import read_config
-from lmforge.translate import load_translation
+from lmforge.errors import UserError
+from lmforge.inference.chat import ChatSession
+from lmforge.inference.config import GenerationConfig
+from lmforge.inference.generate import Generation, Generator
+from lmforge.runs.run_dir import load_run
+
+SERVED_TASKS = ("classify", "ner", "translate", "embed", "chat")
 
 CPU = torch.device("cpu")
 
@@ -59,15 +57,10 @@ class Served:
 
     def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
         """Token ids of the conversation plus the assistant prompt, oldest turns dropped to fit the window."""
-        window = self.model.cfg.max_seq_len
-        ids = self.session.task.prompt_ids(messages, limit=window - max_new_tokens)
-        if ids is None:
-            raise ValueError(f"messages do not fit the model window ({window} tokens) with max_tokens={max_new_tokens}")
-        return ids
+        return self.session.prompt_ids(messages, max_new_tokens)
 
     def chat_config(self, cfg: GenerationConfig) -> GenerationConfig:
-        stops = sorted({*cfg.stop_token_ids, self.session.task.im_end})
-        return dataclasses.replace(cfg, stop_token_ids=stops)
+        return self.session.config(cfg)
 
     def complete(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[Generation]:
         """Replies to several prompts decoded together (left-padded batch)."""
@@ -80,40 +73,24 @@ class Served:
         return {"id": self.name, "object": "model", "owned_by": "lmforge", "task": self.task, "run_dir": self.run_dir}
 
 
-def task_of(run_dir: Path) -> str:
-    """The task a run directory serves: task.json's, else embed for a BERT and chat for a GPT."""
-    settings_path = run_dir / TASK_FILE
-    if settings_path.is_file():
-        return read_json_object(settings_path, what="task file").get("task", "")
-    if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{run_dir}: not a model or run directory (no config.json)")
-    cfg = read_config(run_dir)
-    return "chat" if cfg.__class__.__name__ == "GPTConfig" else "embed"
-
-
 def load_served(name: str, run_dir: str | Path) -> Served:
-    """Load ``run_dir`` for serving under ``name``; the task decides the endpoints that accept it."""
+    """Load ``run_dir`` for serving under ``name`` (``runs/run_dir.load_run``); its task decides the endpoints."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"--model {name}={run_dir}: no such directory")
-    task = task_of(run_dir)
-    if task in ("classify", "ner"):
-        handler, model = load_finetuned(run_dir)
-        return Served(name, task, str(run_dir), handler, model)
-    if task == "translate":
-        handler, model = load_translation(run_dir)
-        generator = Generator(model, handler.tgt_tok, source_tokenizer=handler.src_tok,
-                              source_special_tokens=handler.source_special_tokens, copy_weights=False)  # fmt: skip
-        return Served(name, task, str(run_dir), handler, model, generator=generator)
-    if task == "embed":
-        handler, model = load_embedder(run_dir)
-        if not isinstance(model, Bert):
-            raise ValueError(f"{run_dir}: embeddings come from a BERT-family model")
-        return Served(name, task, str(run_dir), handler, model)
-    if task == "chat":
-        session = ChatSession(run_dir)
-        if not isinstance(session.model, GPT):
-            raise ValueError(f"{run_dir}: chat needs a GPT model")
-        return Served(name, task, str(run_dir), session.task, session.model, generator=session.generator,
-                      session=session)  # fmt: skip
-    raise ValueError(f"{run_dir / TASK_FILE}: task {task!r} cannot be served (classify, ner, translate, embed, chat)")
+        raise UserError(f"--model {name}={run_dir}: no such directory")
+    run = load_run(run_dir)
+    if run.name not in SERVED_TASKS:
+        raise UserError(f"{run_dir}: task {run.name!r} cannot be served ({', '.join(SERVED_TASKS)})")
+    served = Served(name, run.name, str(run_dir), run.task, run.model)
+    if run.name == "translate":
+        served.generator = Generator(
+            run.model,
+            run.task.tgt_tok,
+            source_tokenizer=run.task.src_tok,
+            source_special_tokens=run.task.source_special_tokens,
+            copy_weights=False,
+        )
+    elif run.name == "chat":
+        served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned)
+        served.generator = served.session.generator
+    return served

@@ -6,12 +6,8 @@ as ``n_targets`` so the loop can normalise accumulated gradients), computes the 
 (``loss``), turns summed counts into metrics (``metrics``) and counts its FLOPs (``flops``).
 Fine-tuning tasks (``FinetuneTask``) also build their head, evaluate and predict.
 
-Also here: the fused linear + cross-entropy used by every language-model head. It never holds
-the whole (N, V) logits matrix: it walks the rows in chunks, computing the loss and both
-gradients chunk by chunk in the forward pass (the approach of Liger Kernel's fused linear
-cross-entropy, Hsu et al., 2024), so no extra matmul is spent and the allocator never sees one
-huge logits / log-softmax / gradient tensor per step (FINDINGS: glibc's mmap churn on those
-cost 1.3-1.5x in training here).
+The fused linear + cross-entropy that language-model heads use is an operator, not part of the
+protocol: ``lmforge/ops/linear_cross_entropy.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +20,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-IGNORE = -100
+from lmforge.errors import UserError
+from lmforge.ops.linear_cross_entropy import IGNORE
+
+__all__ = ["IGNORE", "FinetuneTask", "LossOutput", "Task", "lm_metrics", "transformer_train_flops"]
 
 
 @dataclass
@@ -50,24 +49,61 @@ class Task(Protocol):
 
 
 class FinetuneTask(Task, Protocol):
-    """A task that puts a head on a pretrained encoder (classification, NER, ...).
+    """A task that the fine-tuning recipe (``runs/finetune.py``) trains and ``runs/run_dir.load_run`` rebuilds
+    (classify, ner, translate, chat, embed). Every one implements all of it, explicitly.
 
-    ``selection`` is the dev metric and direction (``("f1", "max")``) that early stopping and
-    best-checkpoint selection follow; ``train_lengths`` makes the loop group batches by length;
-    ``evaluate`` scores the whole dev set (or given data) from the model's predictions, the very
-    code ``lmforge evaluate`` runs; ``settings`` is what ``task.json`` stores to rebuild the task.
+    - ``selection``: the dev metric and direction (``("f1", "max")``) that early stopping and
+      best-checkpoint selection follow; ``train_lengths``: lengths that make the loop group batches.
+    - ``for_finetuning(cfg, splits, run_dir)``: the task over the data and the model to train, built
+      from ``cfg`` (the task's config in ``runs/config.py``) and its pretrained ``cfg.model``.
+    - ``settings()`` -> what ``task.json`` stores; ``from_settings(run_dir, settings)`` rebuilds the task.
+    - ``split_model(model)`` -> (the model directory's model, the head's tensors or None) and
+      ``assemble(base)``, its inverse, which puts an (untrained) head back on the loaded model.
+    - ``evaluate(model, examples=None, *, device)``: metrics on ``examples`` (default: the dev set),
+      the very code ``lmforge evaluate`` runs; ``evaluate_test`` is the once-only final evaluation
+      (translation decodes it with beam search); ``evaluate_before``: the splits also scored before
+      training; ``predict(model, examples, *, device)``: one dict per example.
+    - ``report_columns``: the metrics of the console table and report.md; ``extras()``: what
+      results.json records about the task beyond its metrics.
     """
 
     selection: tuple[str, str]
-    train_lengths: Sequence[int]
+    train_lengths: Sequence[int] | None
+    report_columns: tuple[str, ...]
+    evaluate_before: tuple[str, ...]
 
-    def build_model(self, encoder: nn.Module, **kwargs: Any) -> nn.Module: ...
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Any) -> tuple[Any, nn.Module]: ...
 
-    def evaluate(self, model: nn.Module, *, device: torch.device) -> dict[str, Any]: ...
+    @classmethod
+    def from_settings(cls, run_dir: Any, settings: dict) -> Any: ...
+
+    def settings(self) -> dict: ...
+
+    def assemble(self, base: nn.Module) -> nn.Module: ...
+
+    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]: ...
+
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict: ...
+
+    def evaluate_test(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> dict: ...
 
     def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]: ...
 
-    def settings(self) -> dict: ...
+    def extras(self) -> dict: ...
+
+
+def encoder_head_state(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors of an ``EncoderWithHead`` outside its encoder (the head, the CRF), on the CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+
+
+def fit_max_len(max_len: int | None, cfg: Any, *, default: int = 128) -> int:
+    """``max_len``, or min(default, the model's window) when None; a ValueError past the window."""
+    chosen = max_len or min(default, cfg.max_seq_len)
+    if chosen > cfg.max_seq_len:
+        raise UserError(f"max_len={chosen} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    return chosen
 
 
 def lm_metrics(sums: dict[str, float]) -> dict[str, float]:
@@ -91,69 +127,29 @@ def transformer_train_flops(
     return 3.0 * (per_token * n_tokens + head_flops_per_row * head_rows)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int, count: bool):
-        n, vocab = hidden.shape[0], weight.shape[0]
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        compute = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-        w = weight.to(compute)
-        fp32 = compute == torch.float32
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        # One logits buffer for every chunk: the allocator sees a single (chunk, V) block per call.
-        buffer = torch.empty((min(chunk, n), vocab), dtype=torch.float32, device=hidden.device) if fp32 else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n, chunk):
-                h = hidden[start : start + chunk].to(compute)
-                y = labels[start : start + chunk]
-                # (C, V) logits; in fp32 written straight into the shared buffer
-                logits = torch.mm(h, w.t(), out=buffer[: len(y)]) if fp32 else torch.mm(h, w.t()).float()
-                if bias is not None:
-                    logits += bias.float()
-                valid = y != IGNORE
-                target = y.clamp(min=0)
-                picked = logits.gather(1, target[:, None]).squeeze(1)
-                if count:
-                    correct += ((logits.argmax(-1) == y) & valid).sum()
-                # softmax in place, then d(sum of losses)/d(logits) = softmax - one_hot (zero on ignored rows)
-                top = logits.amax(-1, keepdim=True)
-                total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-                loss += ((top.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
-                grad = logits.mul_(valid[:, None] / total)
-                grad[torch.arange(len(y), device=y.device), target] -= valid.float()
-                if grad_bias is not None:
-                    grad_bias += grad.sum(0)
-                if fp32:
-                    torch.mm(grad, w, out=grad_hidden[start : start + len(y)])
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad = grad.to(compute)
-                    grad_hidden[start : start + len(y)] = (grad @ w).to(hidden.dtype)
-                    grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight, *([grad_bias] if grad_bias is not None else []))
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+class FinetuneDefaults:
+    """The parts of ``FinetuneTask`` that most tasks share; a task overrides what it does differently."""
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
-        # The saved gradients were computed for a unit upstream gradient and are used once: scale in place.
-        grad_hidden, grad_weight, *rest = ctx.saved_tensors
-        grad_bias = rest[0].mul_(grad_loss) if ctx.has_bias else None
-        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden.mul_(grad_loss), grad_weight, grad_bias, None, None, None
+    evaluate_before: tuple[str, ...] = ()
 
+    @classmethod
+    def reader(cls, cfg: Any) -> Any:
+        """``read(path, *, skip_bad_rows)`` for the task's files; None = the classify / NER readers."""
+        return None
 
-def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_bytes: int = 1 << 25
-) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (IGNORE = -100 skipped),
-    and the number of correct argmax predictions (counted only without gradients, i.e. in evaluation:
-    the argmax is an extra pass over the logits). hidden (N, D), weight (V, D), labels (N,)."""
-    chunk = max(16, chunk_bytes // (4 * weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, not torch.is_grad_enabled())
+    @classmethod
+    def prepare_splits(cls, cfg: Any, splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """The splits as the task trains on them (e.g. a built-in corpus's fields renamed)."""
+        return splits
+
+    def assemble(self, base: nn.Module) -> nn.Module:
+        return base
+
+    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
+        return model, None
+
+    def evaluate_test(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> dict:
+        return self.evaluate(model, examples, device=device)  # type: ignore[attr-defined]
+
+    def extras(self) -> dict:
+        return {}

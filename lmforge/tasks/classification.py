@@ -11,6 +11,7 @@ length-grouped and padded to their longest sequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,15 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_device
-from lmforge.data.tokenizer import LMTokenizer
+from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
 from lmforge.metrics import classification_metrics
 from lmforge.models.heads import EncoderWithHead, SequenceClassifier
-from lmforge.tasks.base import LossOutput, transformer_train_flops
+from lmforge.models.registry import encoder_for_finetuning
+from lmforge.tasks.base import FinetuneDefaults, LossOutput, encoder_head_state, fit_max_len, transformer_train_flops
 
 Encoded = tuple  # (ids int32 array, segment ids int8 array or None, label index or -1) of one example
 
 
-class ClassificationTask:
+class ClassificationTask(FinetuneDefaults):
     """Fine-tune an encoder to map a text (or text pair) to one of ``labels``."""
 
     name = "classify"
@@ -46,10 +49,10 @@ class ClassificationTask:
         eval_batch_size: int = 64,
     ) -> None:
         if selection not in ("accuracy", "macro_f1"):
-            raise ValueError(f"selection metric {selection!r} must be 'accuracy' or 'macro_f1'")
+            raise UserError(f"selection metric {selection!r} must be 'accuracy' or 'macro_f1'")
         ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad")}
         if None in ids.values():
-            raise ValueError("classification needs a WordPiece (BERT) tokenizer with [CLS], [SEP] and [PAD]")
+            raise UserError("classification needs a WordPiece (BERT) tokenizer with [CLS], [SEP] and [PAD]")
         self.tokenizer, self.labels = tokenizer, list(labels)
         self.label_index = {name: i for i, name in enumerate(self.labels)}
         self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
@@ -61,9 +64,54 @@ class ClassificationTask:
         self.val_items = self.encode(dev_examples, split="dev")
         self.train_lengths = [len(item[0]) for item in self.train_items]
 
+    # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
+    report_columns = ("accuracy", "macro_f1", "loss")
+
+    @classmethod
+    def for_finetuning(
+        cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path
+    ) -> tuple[ClassificationTask, nn.Module]:
+        """The task over ``splits`` and the pretrained encoder of ``cfg.model`` with a fresh head."""
+        encoder, pooler = encoder_for_finetuning(
+            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.training.seed, purpose="classification"
+        )
+        task = cls(
+            load_tokenizer(cfg.model),
+            label_set(splits["train"]),
+            max_len=fit_max_len(cfg.max_len, encoder.cfg),
+            pooling=cfg.pooling,
+            dropout=encoder.cfg.dropout,
+            selection=cfg.selection,
+            train_examples=splits["train"],
+            dev_examples=splits["dev"],
+        )
+        return task, task.build_model(encoder, pretrained_pooler=pooler)
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict) -> ClassificationTask:
+        return cls(
+            load_tokenizer(run_dir),
+            settings["labels"],
+            max_len=settings["max_len"],
+            pooling=settings["pooling"],
+            selection=settings.get("selection", "accuracy"),
+        )
+
+    def assemble(self, base: nn.Module) -> nn.Module:
+        return self.build_model(base)
+
+    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
+        return model.encoder, encoder_head_state(model)
+
     def settings(self) -> dict:
         """What task.json stores to rebuild this task for evaluation and prediction."""
-        return {"task": self.name, "labels": self.labels, "max_len": self.max_len, "pooling": self.pooling}
+        return {
+            "task": self.name,
+            "labels": self.labels,
+            "max_len": self.max_len,
+            "pooling": self.pooling,
+            "selection": self.selection[0],
+        }
 
     # --- data --------------------------------------------------------------------------------
     def encode(self, examples: Sequence[dict], *, split: str, need_labels: bool = True) -> list[Encoded]:
@@ -96,7 +144,7 @@ class ClassificationTask:
                 label = self.label_index.get(ex["label"], -1)
                 if label < 0:
                     where = ex.get("source", f"{split} example {i + 1}")
-                    raise ValueError(
+                    raise UserError(
                         f"{where}: label {ex['label']!r} never occurs in the training data; known labels: "
                         f"{', '.join(self.labels)}"
                     )
@@ -136,8 +184,9 @@ class ClassificationTask:
         if model.head.pooling == "mean":
             return model(ids, attention_mask=mask, token_type_ids=types)
         B, T = ids.shape
-        first = model.encoder(ids, attention_mask=mask, token_type_ids=types,
-                              select=torch.arange(B, device=ids.device) * T)  # fmt: skip
+        first = model.encoder(
+            ids, attention_mask=mask, token_type_ids=types, select=torch.arange(B, device=ids.device) * T
+        )
         return model.head(first[:, None, :])  # (B, 1, D) -> (B, C)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -156,10 +205,24 @@ class ClassificationTask:
         B, T = batch["input_ids"].shape
         d, head = cfg.d_model, 2 * cfg.d_model * (cfg.d_model + len(self.labels))
         if model.head.pooling == "mean":
-            return transformer_train_flops(n_layers=cfg.n_layers, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T,
-                                           seq_len=T, head_rows=B, head_flops_per_row=head)  # fmt: skip
-        dense = transformer_train_flops(n_layers=cfg.n_layers - 1, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T,
-                                        seq_len=T, head_rows=B, head_flops_per_row=head)  # fmt: skip
+            return transformer_train_flops(
+                n_layers=cfg.n_layers,
+                d_model=d,
+                d_ff=cfg.d_ff,
+                n_tokens=B * T,
+                seq_len=T,
+                head_rows=B,
+                head_flops_per_row=head,
+            )
+        dense = transformer_train_flops(
+            n_layers=cfg.n_layers - 1,
+            d_model=d,
+            d_ff=cfg.d_ff,
+            n_tokens=B * T,
+            seq_len=T,
+            head_rows=B,
+            head_flops_per_row=head,
+        )
         return dense + 3.0 * (B * T * 4 * d * d + B * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
 
     # --- inference ---------------------------------------------------------------------------
@@ -181,9 +244,9 @@ class ClassificationTask:
         model.train(was_training)
         return probs, loss_sum
 
-    def evaluate(self, model: nn.Module, *, device: torch.device, items: list[Encoded] | None = None) -> dict:
-        """Loss and classification metrics on ``items`` (default: the dev set)."""
-        items = self.val_items if items is None else items
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
+        """Loss and classification metrics on ``examples`` (default: the dev set)."""
+        items = self.val_items if examples is None else self.encode(examples, split="eval")
         probs, loss_sum = self._run(model, items, device)
         gold = [it[2] for it in items]
         out = classification_metrics(gold, probs.argmax(-1).tolist(), self.labels)
@@ -207,5 +270,5 @@ def label_set(examples: Sequence[dict]) -> list[str]:
     """The sorted set of labels of training examples."""
     labels = sorted({ex["label"] for ex in examples})
     if len(labels) < 2:
-        raise ValueError(f"classification needs at least 2 labels in the training data; found {labels}")
+        raise UserError(f"classification needs at least 2 labels in the training data; found {labels}")
     return labels

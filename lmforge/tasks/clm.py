@@ -15,7 +15,8 @@ from torch import nn
 
 from lmforge.data.shards import TokenWindows
 from lmforge.models.gpt import GPTConfig
-from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
+from lmforge.tasks.base import LossOutput, lm_metrics, transformer_train_flops
 
 
 class CLMTask:
@@ -54,6 +55,11 @@ def clm_train_flops(cfg: GPTConfig, batch: dict[str, Any]) -> float:
     B, T = batch["input_ids"].shape
     d_ff = cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff  # a gated FFN has three matrices, not two
     return transformer_train_flops(
-        n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=d_ff, n_tokens=B * T, seq_len=T,
-        head_rows=B * T, head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
-    )  # fmt: skip
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        d_ff=d_ff,
+        n_tokens=B * T,
+        seq_len=T,
+        head_rows=B * T,
+        head_flops_per_row=2 * cfg.d_model * cfg.vocab_size,
+    )

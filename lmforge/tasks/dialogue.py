@@ -15,7 +15,9 @@ et al., 2016) of replies sampled for their prompts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,34 +25,22 @@ import torch
 from torch import nn
 
 from lmforge.data.batching import length_sorted_batches, pad, to_device
-from lmforge.data.tokenizer import LMTokenizer
-from lmforge.generate import GenerationConfig, Generator
+from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
+from lmforge.inference.chat import chat_prompt_ids, chat_tokens
+from lmforge.inference.config import GenerationConfig
+from lmforge.inference.generate import Generator
 from lmforge.metrics import distinct_n
 from lmforge.models.gpt import GPT
-from lmforge.tasks.base import IGNORE, LossOutput, linear_cross_entropy, lm_metrics
+from lmforge.models.registry import load_model
+from lmforge.ops.linear_cross_entropy import IGNORE, linear_cross_entropy
+from lmforge.tasks.base import FinetuneDefaults, LossOutput, fit_max_len, lm_metrics
 from lmforge.tasks.clm import clm_train_flops
 
 Encoded = tuple  # (token ids int32 array, is-assistant-target bool array) of one conversation
 
 
-def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
-    """The ChatML text of ``messages`` (identical to the tokenizer's Jinja chat template)."""
-    start, end = _chat_tokens(tok)
-    text = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)
-    return text + (f"{start}assistant\n" if add_generation_prompt else "")
-
-
-def _chat_tokens(tok: LMTokenizer) -> tuple[str, str]:
-    start, end = tok.specials.get("im_start"), tok.specials.get("im_end")
-    if start is None or end is None or tok.token_id("im_start") is None or tok.token_id("im_end") is None:
-        raise ValueError(
-            "chat needs a tokenizer with <|im_start|> and <|im_end|> (the byte-level BPE that "
-            "`lmforge tokenizer train --kind bpe` and `lmforge pretrain --task clm` write)"
-        )
-    return start, end
-
-
-class DialogueTask:
+class DialogueTask(FinetuneDefaults):
     """Fine-tune a GPT to answer as the assistant of multi-turn conversations."""
 
     name = "chat"
@@ -66,7 +56,7 @@ class DialogueTask:
         eval_replies: int = 40,
         eval_generation: GenerationConfig | None = None,
     ) -> None:
-        _chat_tokens(tokenizer)
+        chat_tokens(tokenizer)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.im_end = tokenizer.token_id("im_end")
         pad_id = tokenizer.token_id("pad")
@@ -82,6 +72,35 @@ class DialogueTask:
         self.val_items = self.encode(dev_examples, split="dev")
         self.train_lengths = [len(ids) for ids, _ in self.train_items]
 
+    # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
+    report_columns = ("perplexity", "accuracy", "distinct_1", "distinct_2")
+    evaluate_before: tuple[str, ...] = ("dev",)
+
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path) -> tuple[DialogueTask, GPT]:
+        """The task over ``splits`` and the pretrained GPT of ``cfg.model``."""
+        model = load_model(cfg.model)
+        if not isinstance(model, GPT):
+            raise UserError(f"--model {cfg.model}: chat fine-tuning needs a GPT model directory")
+        max_len = fit_max_len(cfg.max_len, model.cfg, default=model.cfg.max_seq_len)
+        task = cls(
+            load_tokenizer(cfg.model), max_len=max_len, train_examples=splits["train"], dev_examples=splits["dev"]
+        )
+        if not task.train_items:
+            raise UserError("no training conversation has an assistant token within max_len")
+        return task, model
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict) -> DialogueTask:
+        return cls(load_tokenizer(run_dir), max_len=settings["max_len"])
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]:
+        """A sampled reply to each conversation's history before its last assistant turn."""
+        return [{"reply": r["reply"]} for r in self.sample_replies(model, examples)]
+
+    def extras(self) -> dict:
+        return {"generation": dataclasses.asdict(self.eval_generation)}
+
     def settings(self) -> dict:
         return {"task": self.name, "max_len": self.max_len}
 
@@ -92,7 +111,7 @@ class DialogueTask:
         texts, spans = [], []
         for ex in examples:
             text, targets = "", []
-            start, end = _chat_tokens(self.tokenizer)
+            start, end = chat_tokens(self.tokenizer)
             for m in ex["messages"]:
                 head = f"{start}{m['role']}\n"
                 if m["role"] == "assistant":  # its content and the closing <|im_end|>
@@ -125,9 +144,11 @@ class DialogueTask:
             labels[row, : len(seq)] = torch.where(torch.from_numpy(flags), targets, IGNORE)
         labels = torch.cat((labels[:, 1:], torch.full((len(items), 1), IGNORE)), dim=1)  # next-token targets
         return {
-            "input_ids": ids, "labels": labels, "n_targets": int((labels != IGNORE).sum()),
+            "input_ids": ids,
+            "labels": labels,
+            "n_targets": int((labels != IGNORE).sum()),
             "n_tokens": sum(len(it[0]) for it in items),
-        }  # fmt: skip
+        }
 
     # --- loss, metrics ----------------------------------------------------------------------------
     def loss(self, model: GPT, batch: dict[str, Any]) -> LossOutput:
@@ -145,7 +166,7 @@ class DialogueTask:
         return clm_train_flops(model.cfg, batch)
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None) -> dict:
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
         """Perplexity on the assistant tokens, and distinct-1/2 of sampled replies."""
         items = self.val_items if examples is None else self.encode(examples, split="eval")
         examples = self.dev_examples if examples is None else list(examples)
@@ -177,7 +198,7 @@ class DialogueTask:
         for ex in examples:
             messages = ex["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = self.prompt_ids(messages[:last], limit=limit)
+            prompt = chat_prompt_ids(self.tokenizer, messages[:last], limit=limit)
             if prompt is not None:
                 chosen.append((messages[last - 1]["content"] if last else "", messages[last]["content"], prompt))
         if not chosen:
@@ -187,16 +208,3 @@ class DialogueTask:
             {"prompt": prompt, "reply": r.text, "reference": reference, "token_ids": r.token_ids}
             for (prompt, reference, _), r in zip(chosen, replies, strict=True)
         ]
-
-    def prompt_ids(self, history: Sequence[dict], *, limit: int) -> list[int] | None:
-        """Token ids of ``history`` plus the assistant prompt, dropping the oldest turns (a system
-        message stays) until at most ``limit`` tokens remain; None if even the last turn is too long."""
-        history = list(history)
-        system = history[:1] if history and history[0]["role"] == "system" else []
-        turns = history[len(system) :]
-        while True:
-            ids = self.tokenizer.encode(render_chat(self.tokenizer, system + turns, add_generation_prompt=True),
-                                        special_tokens=False)  # fmt: skip
-            if len(ids) <= limit or not turns:
-                return ids if len(ids) <= limit else None
-            turns = turns[1:]

@@ -1,4 +1,5 @@
-"""ELECTRA: replaced-token detection with a small generator (Clark et al., 2020), and its adversarial variant.
+"""ELECTRA's objective: replaced-token detection with a small generator (Clark et al., 2020), and its
+adversarial variant. The model (``Electra``: generator + discriminator) is in ``models/electra.py``.
 
 ``Electra`` composes two encoders from ``models/bert.py``: the discriminator (a normal ``Bert``,
 which is what pretraining saves) and a generator whose width is a fraction of the discriminator's
@@ -23,121 +24,17 @@ and the generator's loss is -(reward - baseline) x log p(sampled token).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmforge.data.tokenizer import LMTokenizer
-from lmforge.models.bert import Bert, BertConfig, BertLayer
-from lmforge.models.layers import activation_fn, init_weights
-from lmforge.tasks.base import LossOutput, linear_cross_entropy, transformer_train_flops
+from lmforge.models.electra import Electra
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
+from lmforge.tasks.base import LossOutput, transformer_train_flops
 from lmforge.tasks.mlm import MLMTask
-
-
-@dataclass
-class ElectraSpec:
-    """The generator and the objective of ELECTRA pretraining (task: electra)."""
-
-    generator_fraction: float = 0.25
-    """Generator width (and heads, feed-forward) as a fraction of the discriminator's."""
-    generator_layers: int | None = None
-    """Generator depth; None = the discriminator's."""
-    disc_weight: float = 50.0
-    """lambda: weight of the discriminator's loss against the generator's MLM loss."""
-    sampling: Literal["multinomial", "gumbel"] = "multinomial"
-    """How replacements are drawn from the generator (the Gumbel-max trick draws the same distribution)."""
-    generator_objective: Literal["mle", "adversarial", "mixed"] = "mle"
-    """mle (ELECTRA), adversarial (REINFORCE against the discriminator), or mixed (both)."""
-    adversarial_weight: float = 1.0
-    """Weight of the REINFORCE loss (adversarial and mixed)."""
-    baseline_decay: float = 0.99
-    """Decay of the running-mean reward baseline."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.generator_fraction <= 1.0:
-            raise ValueError(f"electra.generator_fraction={self.generator_fraction} must be in (0, 1]")
-        if self.generator_layers is not None and self.generator_layers <= 0:
-            raise ValueError(f"electra.generator_layers={self.generator_layers} must be positive")
-        if self.disc_weight <= 0 or self.adversarial_weight <= 0 or not 0 <= self.baseline_decay < 1:
-            raise ValueError("electra.disc_weight and adversarial_weight must be > 0, baseline_decay in [0, 1)")
-
-
-def generator_config(disc: BertConfig, spec: ElectraSpec) -> BertConfig:
-    """The generator's shape: ``generator_fraction`` of the width, heads and feed-forward."""
-    heads = max(1, round(disc.n_heads * spec.generator_fraction))
-    width = max(heads, round(disc.d_model * spec.generator_fraction) // heads * heads)
-    return dataclasses.replace(
-        disc, d_model=width, n_heads=heads, d_ff=max(1, round(disc.d_ff * spec.generator_fraction)),
-        n_layers=spec.generator_layers or disc.n_layers, pooler=False, mlm_head=False,
-    )  # fmt: skip
-
-
-class Electra(nn.Module):
-    """Generator + discriminator with shared embeddings; ``discriminator`` is a plain lmforge BERT."""
-
-    def __init__(self, cfg: BertConfig, spec: ElectraSpec) -> None:
-        super().__init__()
-        self.cfg = dataclasses.replace(cfg, pooler=False, mlm_head=False)  # the discriminator's config
-        self.spec = spec
-        self.discriminator = Bert(self.cfg)
-        g = self.gen_cfg = generator_config(self.cfg, spec)
-        d = self.cfg.d_model
-        self.gen_in = nn.Linear(d, g.d_model) if g.d_model != d else nn.Identity()
-        self.gen_layers = nn.ModuleList(BertLayer(g) for _ in range(g.n_layers))
-        self.gen_head = nn.Sequential(nn.Linear(g.d_model, d), _Activation(g.activation), nn.LayerNorm(d))
-        self.gen_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.disc_head = nn.Sequential(nn.Linear(d, d), _Activation(cfg.activation), nn.Linear(d, 1))
-        for module in (self.gen_in, self.gen_layers, self.gen_head, self.disc_head):
-            init_weights(module, cfg.init_std)
-        self.register_buffer("reward_baseline", torch.zeros(()))  # saved with the weights: exact resume
-
-    @property
-    def embedding(self) -> Tensor:
-        return self.discriminator.embed.word.weight  # (V, D), shared and tied
-
-    def generator_hidden(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """Generator outputs (N, D) at the flat ``positions`` (its head applied, before the vocabulary)."""
-        B, T = input_ids.shape
-        pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.gen_in(self.discriminator.embed(input_ids, pos))  # (B, T, Dg)
-        for layer in self.gen_layers:
-            x = layer(x, None)
-        return self.gen_head(x.reshape(B * T, -1)[positions])  # (N, D)
-
-    def generator_logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.embedding, self.gen_bias)  # (N, V)
-
-    def sample(self, logits: Tensor) -> Tensor:
-        """One token per row from softmax(logits) (N,), without gradient.
-
-        ``multinomial`` inverts the cumulative distribution with one uniform draw per row (torch's own
-        multinomial draws an exponential variate per vocabulary entry: ~23% of a training step here);
-        ``gumbel`` takes the argmax of Gumbel-perturbed logits (one uniform per entry).
-        """
-        logits = logits.detach().float()
-        if self.spec.sampling == "gumbel":
-            u = torch.rand_like(logits).clamp_(1e-9, 1.0)
-            return (logits - torch.log(-torch.log(u))).argmax(-1)
-        cdf = logits.softmax(-1).cumsum_(-1)  # (N, V)
-        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-    def discriminator_logits(self, input_ids: Tensor) -> Tensor:
-        """Replaced-token logits (B, T): > 0 means 'replaced'."""
-        return self.disc_head(self.discriminator(input_ids)).squeeze(-1)
-
-
-class _Activation(nn.Module):
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.fn = activation_fn(name)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
 
 
 def corrupt(originals: Tensor, positions: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,10 +82,12 @@ class ElectraTask(MLMTask):
         loss_sum = gen_sum + spec.disc_weight * disc_sum * (n / n_tokens)
         with torch.no_grad():
             counts.update(
-                generator_loss_sum=float(gen_sum.detach()), disc_loss_sum=float(disc_sum.detach()),
-                disc_correct=float(((disc_logits > 0) == replaced.bool()).sum()), disc_tokens=float(n_tokens),
+                generator_loss_sum=float(gen_sum.detach()),
+                disc_loss_sum=float(disc_sum.detach()),
+                disc_correct=float(((disc_logits > 0) == replaced.bool()).sum()),
+                disc_tokens=float(n_tokens),
                 replaced=float(replaced.sum()),
-            )  # fmt: skip
+            )
         return LossOutput(loss_sum, counts)
 
     @staticmethod
@@ -224,12 +123,22 @@ def electra_train_flops(model: Electra, batch: dict[str, Any]) -> float:
     B, T = batch["input_ids"].shape
     n, d, g, V = batch["n_targets"], model.cfg.d_model, model.gen_cfg, model.cfg.vocab_size
     disc = transformer_train_flops(
-        n_layers=model.cfg.n_layers, d_model=d, d_ff=model.cfg.d_ff, n_tokens=B * T, seq_len=T,
-        head_rows=B * T, head_flops_per_row=2 * d * d + 2 * d,
-    )  # fmt: skip
+        n_layers=model.cfg.n_layers,
+        d_model=d,
+        d_ff=model.cfg.d_ff,
+        n_tokens=B * T,
+        seq_len=T,
+        head_rows=B * T,
+        head_flops_per_row=2 * d * d + 2 * d,
+    )
     gen = transformer_train_flops(
-        n_layers=g.n_layers, d_model=g.d_model, d_ff=g.d_ff, n_tokens=B * T, seq_len=T,
-        head_rows=n, head_flops_per_row=2 * g.d_model * d + 2 * d * V,
-    )  # fmt: skip
+        n_layers=g.n_layers,
+        d_model=g.d_model,
+        d_ff=g.d_ff,
+        n_tokens=B * T,
+        seq_len=T,
+        head_rows=n,
+        head_flops_per_row=2 * g.d_model * d + 2 * d * V,
+    )
     projection = 3.0 * 2 * d * g.d_model * B * T if g.d_model != d else 0.0
     return disc + gen + projection + 2.0 * d * V * n  # + the no-gradient logits the samples are drawn from

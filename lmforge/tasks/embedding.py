@@ -19,7 +19,9 @@ alignment = E ||f(x) - f(x+)||^2 over positive pairs (the pairs, or two dropout 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,11 +32,16 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_device
-from lmforge.data.tokenizer import LMTokenizer
+from lmforge.data.readers import read_labelled
+from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
+from lmforge.models.bert import Bert
 from lmforge.models.heads import pool
-from lmforge.tasks.base import LossOutput, transformer_train_flops
+from lmforge.models.registry import bert_config_of, load_encoder_weights
+from lmforge.tasks.base import FinetuneDefaults, LossOutput, fit_max_len, transformer_train_flops
 
 Pooling = Literal["cls", "mean"]
+INDEX_SIZE = 2000  # labelled training texts that k-NN evaluation searches
 
 
 def gather_with_grad(t: Tensor) -> Tensor:
@@ -55,7 +62,7 @@ def info_nce(anchors: Tensor, candidates: Tensor, targets: Tensor, temperature: 
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
 
-class EmbeddingTask:
+class EmbeddingTask(FinetuneDefaults):
     """Fine-tune an encoder into a sentence embedder with SimCSE."""
 
     name = "embed"
@@ -75,9 +82,9 @@ class EmbeddingTask:
         eval_batch_size: int = 64,
     ) -> None:
         if temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be positive")
+            raise UserError(f"temperature={temperature} must be positive")
         if tokenizer.token_id("pad") is None:
-            raise ValueError("sentence embeddings need a BERT (WordPiece) tokenizer with [PAD]")
+            raise UserError("sentence embeddings need a BERT (WordPiece) tokenizer with [PAD]")
         self.tokenizer, self.mode, self.pooling = tokenizer, mode, pooling
         self.temperature, self.max_len, self.knn = temperature, max_len, knn
         self.pad_id = tokenizer.token_id("pad")
@@ -102,9 +109,57 @@ class EmbeddingTask:
             return "knn_accuracy", "max"
         return "alignment_uniformity", "min"
 
+    # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
+    report_columns = ("knn_accuracy", "spearman", "alignment", "uniformity")
+    evaluate_before: tuple[str, ...] = ("dev", "test")
+
+    @classmethod
+    def reader(cls, cfg: Any) -> Any:
+        return _read_texts
+
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path) -> tuple[EmbeddingTask, nn.Module]:
+        """SimCSE over ``splits`` on the pretrained encoder of ``cfg.model``. The k-NN index is the first
+        labelled training texts; with a built-in labelled corpus SimCSE trains on its texts, never its labels."""
+        base = bert_config_of(cfg.model, purpose="sentence embeddings")
+        fit_max_len(cfg.max_len, base)
+        encoder = Bert(
+            dataclasses.replace(base, mlm_head=False, pooler=False, dropout=cfg.dropout, attn_dropout=cfg.dropout)
+        )
+        load_encoder_weights(encoder, cfg.model)
+        index = [ex for ex in splits["train"] if "label" in ex][:INDEX_SIZE]
+        train = [{"text": ex["text"]} for ex in splits["train"]] if cfg.data else splits["train"]
+        task = cls(
+            load_tokenizer(cfg.model),
+            mode=cfg.mode,
+            pooling=cfg.pooling,
+            temperature=cfg.temperature,
+            max_len=cfg.max_len,
+            train_examples=train,
+            dev_examples=splits["dev"],
+            index_examples=index,
+        )
+        return task, encoder
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict) -> EmbeddingTask:
+        return cls(load_tokenizer(run_dir), pooling=settings.get("pooling", "cls"), max_len=settings["max_len"])
+
+    def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]:
+        vectors = self.vectors(model, [ex["text"] for ex in examples], device=device)
+        return [{"embedding": v.tolist()} for v in vectors]
+
+    def extras(self) -> dict:
+        return {"selection": self.selection[0], "knn_index": len(self.index_examples)}
+
     def settings(self) -> dict:
-        return {"task": self.name, "pooling": self.pooling, "max_len": self.max_len, "mode": self.mode,
-                "temperature": self.temperature}  # fmt: skip
+        return {
+            "task": self.name,
+            "pooling": self.pooling,
+            "max_len": self.max_len,
+            "mode": self.mode,
+            "temperature": self.temperature,
+        }
 
     # --- data --------------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -135,9 +190,13 @@ class EmbeddingTask:
         ids = pad(rows, self.pad_id)
         lengths = [len(r) for r in rows]
         return {
-            "input_ids": ids, "attention_mask": padding_mask(lengths, ids.shape[1]), "n_anchors": len(items),
-            "n_negatives": len(rows) - 2 * len(items), "n_targets": len(items), "n_tokens": sum(lengths),
-        }  # fmt: skip
+            "input_ids": ids,
+            "attention_mask": padding_mask(lengths, ids.shape[1]),
+            "n_anchors": len(items),
+            "n_negatives": len(rows) - 2 * len(items),
+            "n_targets": len(items),
+            "n_tokens": sum(lengths),
+        }
 
     # --- model, loss -------------------------------------------------------------------------
     def embed(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -162,8 +221,15 @@ class EmbeddingTask:
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float:
         cfg = model.cfg
         N, T = batch["input_ids"].shape
-        return transformer_train_flops(n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff,
-                                       n_tokens=N * T, seq_len=T, head_rows=0, head_flops_per_row=0)  # fmt: skip
+        return transformer_train_flops(
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            d_ff=cfg.d_ff,
+            n_tokens=N * T,
+            seq_len=T,
+            head_rows=0,
+            head_flops_per_row=0,
+        )
 
     # --- inference and evaluation ------------------------------------------------------------
     def vectors(self, model: nn.Module, texts: Sequence[str], *, device: torch.device) -> np.ndarray:
@@ -181,7 +247,7 @@ class EmbeddingTask:
         model.train(was_training)
         return out
 
-    def evaluate(self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None) -> dict:
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
         examples = self.dev_examples if examples is None else list(examples)
         if not examples:
             return {}
@@ -198,8 +264,9 @@ class EmbeddingTask:
         result["alignment_uniformity"] = result["alignment"] + result["uniformity"]
         if self.index_examples and all("label" in ex for ex in examples):
             index = self.vectors(model, [ex["text"] for ex in self.index_examples], device=device)
-            result["knn_accuracy"] = knn_accuracy(index, [ex["label"] for ex in self.index_examples], z,
-                                                  [ex["label"] for ex in examples], k=self.knn)  # fmt: skip
+            result["knn_accuracy"] = knn_accuracy(
+                index, [ex["label"] for ex in self.index_examples], z, [ex["label"] for ex in examples], k=self.knn
+            )
         return result
 
     def _dropout_alignment(self, model: nn.Module, texts: Sequence[str], device: torch.device) -> float:
@@ -216,10 +283,14 @@ class EmbeddingTask:
         return float(((a - b) ** 2).sum(-1).mean())
 
 
+def _read_texts(path: str, *, skip_bad_rows: bool):
+    return read_labelled(path, skip_bad_rows=skip_bad_rows, need_label=False)
+
+
 def _require(examples: Sequence[dict], field: str, problem: str) -> None:
     missing = next((i for i, ex in enumerate(examples) if not ex.get(field)), None)
     if missing is not None:
-        raise ValueError(f"{examples[missing].get('source', f'training example {missing + 1}')}: {problem}")
+        raise UserError(f"{examples[missing].get('source', f'training example {missing + 1}')}: {problem}")
 
 
 def uniformity(z: np.ndarray, *, limit: int = 2000) -> float:

@@ -20,8 +20,10 @@ from torch import nn
 
 from lmforge.data.shards import TokenWindows
 from lmforge.data.tokenizer import LMTokenizer
+from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
-from lmforge.tasks.base import LossOutput, linear_cross_entropy, lm_metrics, transformer_train_flops
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
+from lmforge.tasks.base import LossOutput, lm_metrics, transformer_train_flops
 
 
 class _WindowsWithWords(Sequence):
@@ -54,7 +56,7 @@ class MLMTask:
         ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "mask", "pad", "unk")}
         missing = [r for r in ("cls", "sep", "mask") if ids[r] is None]
         if missing:
-            raise ValueError(f"MLM needs a WordPiece tokenizer with [CLS] [SEP] [MASK]; missing: {missing}")
+            raise UserError(f"MLM needs a WordPiece tokenizer with [CLS] [SEP] [MASK]; missing: {missing}")
         self.cls_id, self.mask_id = ids["cls"], ids["mask"]
         self.special = torch.tensor(sorted(i for i in ids.values() if i is not None))
         self.vocab_size = tokenizer.vocab_size
@@ -118,8 +120,13 @@ def mlm_train_flops(cfg: BertConfig, batch: dict[str, Any]) -> float:
     B, T = batch["input_ids"].shape
     n, d = batch["n_targets"], cfg.d_model
     dense = transformer_train_flops(
-        n_layers=cfg.n_layers - 1, d_model=d, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
-        head_rows=n, head_flops_per_row=2 * d * cfg.vocab_size + 2 * d * d,
-    )  # fmt: skip
+        n_layers=cfg.n_layers - 1,
+        d_model=d,
+        d_ff=cfg.d_ff,
+        n_tokens=B * T,
+        seq_len=T,
+        head_rows=n,
+        head_flops_per_row=2 * d * cfg.vocab_size + 2 * d * d,
+    )
     last = 3.0 * (B * T * 4 * d * d + n * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
     return dense + last

@@ -13,6 +13,7 @@ to character offsets through the tokenizer's offsets.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,19 @@ from torch import nn
 
 from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_device
 from lmforge.data.readers import tags_problem
-from lmforge.data.tokenizer import LMTokenizer
+from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
 from lmforge.metrics import entity_metrics, entity_spans, scheme_of
 from lmforge.models.heads import CRF, EncoderWithHead, TokenClassifier, bio_transitions
-from lmforge.tasks.base import IGNORE, LossOutput, transformer_train_flops
+from lmforge.models.registry import encoder_for_finetuning
+from lmforge.tasks.base import (
+    IGNORE,
+    FinetuneDefaults,
+    LossOutput,
+    encoder_head_state,
+    fit_max_len,
+    transformer_train_flops,
+)
 
 
 def tag_set(examples: Sequence[dict]) -> list[str]:
@@ -33,17 +43,17 @@ def tag_set(examples: Sequence[dict]) -> list[str]:
     for n, ex in enumerate(examples):
         problem = tags_problem(ex["tokens"], ex["tags"])
         if problem:
-            raise ValueError(f"{ex.get('source', f'train sentence {n + 1}')}: {problem}")
+            raise UserError(f"{ex.get('source', f'train sentence {n + 1}')}: {problem}")
     entity = sorted({t for ex in examples for t in ex["tags"]} - {"O"}, key=lambda t: (t[2:], t[0]))
     if not entity:
-        raise ValueError("the NER training data has no entity tags (only 'O')")
+        raise UserError("the NER training data has no entity tags (only 'O')")
     return ["O", *entity]
 
 
 Window = tuple  # (ids int32 (T,), first-sub-token positions int32 (W,), tag indices int16 (W,), (sentence, s, e))
 
 
-class NERTask:
+class NERTask(FinetuneDefaults):
     """Fine-tune an encoder to tag tokens with entity tags."""
 
     name = "ner"
@@ -62,13 +72,13 @@ class NERTask:
         eval_batch_size: int = 64,
     ) -> None:
         if head not in ("softmax", "crf"):
-            raise ValueError(f"ner head={head!r} must be 'softmax' or 'crf'")
+            raise UserError(f"ner head={head!r} must be 'softmax' or 'crf'")
         overlap = max_len // 4 if overlap is None else overlap
         if not 0 <= overlap < max_len - 2:
-            raise ValueError(f"overlap={overlap} must be in [0, max_len - 2 = {max_len - 2})")
+            raise UserError(f"overlap={overlap} must be in [0, max_len - 2 = {max_len - 2})")
         ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad", "unk")}
         if None in ids.values():
-            raise ValueError("NER needs a WordPiece (BERT) tokenizer with [CLS], [SEP], [PAD] and [UNK]")
+            raise UserError("NER needs a WordPiece (BERT) tokenizer with [CLS], [SEP], [PAD] and [UNK]")
         self.tokenizer, self.tags = tokenizer, list(tags)
         self.tag_index = {t: i for i, t in enumerate(self.tags)}
         self.scheme = scheme_of(self.tags)
@@ -81,6 +91,44 @@ class NERTask:
         self.val_examples = list(dev_examples)
         self.val_items = self.windows(self.val_examples, split="dev")
         self.train_lengths = [len(w[0]) for w in self.train_items]
+
+    # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
+    report_columns = ("f1", "precision", "recall", "loss")
+
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path) -> tuple[NERTask, nn.Module]:
+        """The task over ``splits`` and the pretrained encoder of ``cfg.model`` with a fresh tagging head."""
+        encoder, _ = encoder_for_finetuning(
+            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.training.seed, purpose="NER"
+        )
+        max_len = fit_max_len(cfg.max_len, encoder.cfg)
+        task = cls(
+            load_tokenizer(cfg.model),
+            tag_set(splits["train"]),
+            max_len=max_len,
+            overlap=max_len // 4 if cfg.overlap is None else cfg.overlap,
+            head=cfg.head,
+            dropout=encoder.cfg.dropout,
+            train_examples=splits["train"],
+            dev_examples=splits["dev"],
+        )
+        return task, task.build_model(encoder)
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict) -> NERTask:
+        return cls(
+            load_tokenizer(run_dir),
+            settings["tags"],
+            max_len=settings["max_len"],
+            overlap=settings["overlap"],
+            head=settings["head"],
+        )
+
+    def assemble(self, base: nn.Module) -> nn.Module:
+        return self.build_model(base)
+
+    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
+        return model.encoder, encoder_head_state(model)
 
     def settings(self) -> dict:
         return {
@@ -118,7 +166,7 @@ class NERTask:
             zip(examples, self._subtokens([ex["tokens"] for ex in examples]), strict=True)
         ):
             if not ex["tokens"]:
-                raise ValueError(f"{ex.get('source', f'{split} sentence {n + 1}')}: empty sentence")
+                raise UserError(f"{ex.get('source', f'{split} sentence {n + 1}')}: empty sentence")
             tags = self._tag_ids(ex, split, n) if need_tags else np.full(len(pieces), IGNORE, dtype=np.int16)
             pieces = [p[:budget] for p in pieces]  # a single token longer than the window keeps its start
             lengths = np.array([len(p) for p in pieces])
@@ -143,11 +191,13 @@ class NERTask:
 
     def _tag_ids(self, ex: dict, split: str, n: int) -> np.ndarray:
         if len(ex["tags"]) != len(ex["tokens"]):
-            raise ValueError(f"{ex.get('source', f'{split} sentence {n + 1}')}: {len(ex['tokens'])} tokens but "
-                             f"{len(ex['tags'])} tags")  # fmt: skip
+            raise UserError(
+                f"{ex.get('source', f'{split} sentence {n + 1}')}: {len(ex['tokens'])} tokens but "
+                f"{len(ex['tags'])} tags"
+            )
         unknown = [t for t in ex["tags"] if t not in self.tag_index]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{ex.get('source', f'{split} sentence {n + 1}')}: tag {unknown[0]!r} never occurs in the "
                 f"training data; known tags: {', '.join(self.tags)}"
             )
@@ -207,9 +257,14 @@ class NERTask:
         cfg = model.encoder.cfg
         B, T = batch["input_ids"].shape
         return transformer_train_flops(
-            n_layers=cfg.n_layers, d_model=cfg.d_model, d_ff=cfg.d_ff, n_tokens=B * T, seq_len=T,
-            head_rows=B * T, head_flops_per_row=2 * cfg.d_model * len(self.tags),
-        )  # fmt: skip
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            d_ff=cfg.d_ff,
+            n_tokens=B * T,
+            seq_len=T,
+            head_rows=B * T,
+            head_flops_per_row=2 * cfg.d_model * len(self.tags),
+        )
 
     # --- inference ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,9 +305,7 @@ class NERTask:
             depth[sent][s:e][better] = centrality[better]
         return [([self.tags[i] for i in t], p) for t, p in zip(tags, scores, strict=True)]
 
-    def evaluate(
-        self, model: nn.Module, *, device: torch.device, examples: Sequence[dict] | None = None
-    ) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
         """Loss per token and strict entity-level metrics on ``examples`` (default: the dev set)."""
         examples = self.val_examples if examples is None else examples
         items = self.val_items if examples is self.val_examples else self.windows(examples, split="test")

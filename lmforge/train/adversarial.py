@@ -15,13 +15,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
+
 
 def word_embedding(model: nn.Module) -> nn.Embedding:
     """The token-embedding table of an lmforge model (``embed.word``), wherever it sits in ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.endswith("embed.word"):
             return module
-    raise ValueError(f"{type(model).__name__} has no word-embedding table 'embed.word' to perturb")
+    raise UserError(f"{type(model).__name__} has no word-embedding table 'embed.word' to perturb")
 
 
 class EmbeddingAttack:
@@ -31,9 +33,9 @@ class EmbeddingAttack:
         self, model: nn.Module, *, kind: Literal["fgm", "pgd"], epsilon: float, alpha: float, steps: int
     ) -> None:
         if kind not in ("fgm", "pgd"):
-            raise ValueError(f"adversarial={kind!r} must be 'none', 'fgm' or 'pgd'")
+            raise UserError(f"adversarial={kind!r} must be 'none', 'fgm' or 'pgd'")
         if epsilon <= 0 or (kind == "pgd" and (alpha <= 0 or steps < 1)):
-            raise ValueError(
+            raise UserError(
                 f"adversarial training needs adv_epsilon > 0 (got {epsilon}); PGD also adv_alpha > 0 and adv_steps >= 1"
             )
         self.model, self.kind, self.epsilon, self.alpha, self.steps = model, kind, epsilon, alpha, steps

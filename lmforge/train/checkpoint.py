@@ -42,6 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lmforge.config import read_json_object
+from lmforge.errors import UserError
 from lmforge.models.registry import check_state, read_safetensors
 
 STATE_DIR = "trainer_state"
@@ -90,9 +91,9 @@ def check_run_dir(run_dir: str | os.PathLike, *, resume: bool) -> None:
     """A new run must not overwrite checkpoints; a resumed one needs them. Raises ValueError saying which."""
     found = checkpoint_dirs(run_dir)
     if resume and not found:
-        raise ValueError(f"--resume {run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
+        raise UserError(f"--resume {run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
     if not resume and found:
-        raise ValueError(
+        raise UserError(
             f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out"
         )
 
@@ -147,11 +148,13 @@ def latest(run_dir: str | os.PathLike) -> Path:
     """The newest checkpoint that verifies; ValueError when there is none."""
     found = checkpoint_dirs(run_dir)
     if not found:
-        raise ValueError(f"{run_dir}: no checkpoint under {STATE_DIR}/ to resume from")
+        raise UserError(f"{run_dir}: no checkpoint under {STATE_DIR}/ to resume from")
     good = _verified(found)
     if good is None:
-        raise ValueError(f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies (see the "
-                         "warnings above); start a new run")  # fmt: skip
+        raise UserError(
+            f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies (see the "
+            "warnings above); start a new run"
+        )
     return good
 
 
@@ -250,7 +253,7 @@ def best_or_last(run_dir: str | os.PathLike, best_step: int | None) -> Path:
     weights a finished run hands on."""
     found = checkpoint_dirs(run_dir)
     if not found:
-        raise ValueError(f"{run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
+        raise UserError(f"{run_dir}: no checkpoint under {Path(run_dir) / STATE_DIR}")
     best = next((p for p in found if best_step is not None and p.name == f"step-{best_step:07d}"), None)
     if best is not None:
         problem = verify(best)
@@ -259,7 +262,7 @@ def best_or_last(run_dir: str | os.PathLike, best_step: int | None) -> Path:
         log.warning("the best checkpoint %s does not verify (%s): using the newest one that does", best.name, problem)
     good = _verified(found)
     if good is None:
-        raise ValueError(f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies")
+        raise UserError(f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies")
     return good
 
 
@@ -282,7 +285,7 @@ def load_state(checkpoint: Path) -> TrainerState:
     try:
         return TrainerState(**data)
     except TypeError as e:
-        raise ValueError(f"{path}: not a trainer state ({e})") from None
+        raise UserError(f"{path}: not a trainer state ({e})") from None
 
 
 def load_optim_state(checkpoint: Path) -> dict:

@@ -1,5 +1,6 @@
-"""TrainConfig: how ``train.loop.fit`` trains (steps, batches, optimizer, precision, evaluation,
-early stopping, adversarial training, checkpoints). Its field docstrings are the ``--help`` text."""
+"""TrainConfig and OptimConfig: how ``train.loop.fit`` trains (steps, batches, optimizer, precision,
+evaluation, early stopping, adversarial training, checkpoints). Torch-free, so ``--help`` imports no
+torch; their field docstrings are the ``--help`` text."""
 
 from __future__ import annotations
 
@@ -7,7 +8,41 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config import check_range
-from lmforge.train.optim import OptimConfig
+from lmforge.errors import UserError
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    """adamw or sgd (with momentum)."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"optim.lr={self.lr} must be positive")
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
 def check_device(device: str, *, key: str = "device") -> None:
@@ -19,11 +54,11 @@ def check_device(device: str, *, key: str = "device") -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key}={device!r}: this machine has no CUDA device; use auto or cpu")
+        raise UserError(f"{key}={device!r}: this machine has no CUDA device; use auto or cpu")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{key}={device!r}: lmforge trains on cpu or cuda")
+        raise UserError(f"{key}={device!r}: lmforge trains on cpu or cuda")
 
 
 @dataclass
@@ -83,7 +118,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be positive")
+                raise UserError(f"train.{key}={getattr(self, key)} must be positive")
         for key in ("max_minutes", "grad_clip", "eval_every", "patience", "save_every", "keep_last", "adv_steps"):
             check_range(f"train.{key}", getattr(self, key), at_least=0)
         check_range("train.max_bad_steps", self.max_bad_steps, at_least=1)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -142,7 +144,9 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
 
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
     elif any(isinstance(k, str) for k in state.get("state", {})):
-        raise ValueError("this checkpoint's optimizer state was written under FSDP: resume it with torchrun and "
-                         "--train.distributed fsdp")  # fmt: skip
+        raise UserError(
+            "this checkpoint's optimizer state was written under FSDP: resume it with torchrun and "
+            "--train.distributed fsdp"
+        )
     else:
         optimizer.load_state_dict(state)

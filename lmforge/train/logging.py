@@ -77,9 +77,12 @@ class RunLogger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.description}"), TimeRemainingColumn(),
-            )  # fmt: skip
+                TextColumn("[bold]train[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeRemainingColumn(),
+            )
             self.bar.start()
             self.task = self.bar.add_task("", total=total_steps, completed=start_step)
 
@@ -146,8 +149,13 @@ def plot_curves(run_dir: Path) -> list[Path]:
         if other:
             twin = ax.twinx()
             points = [r for r in evals if other in r]
-            twin.plot([r["step"] for r in points], [r[other] for r in points], "s--", color="tab:green",
-                      label=f"validation {other}")  # fmt: skip
+            twin.plot(
+                [r["step"] for r in points],
+                [r[other] for r in points],
+                "s--",
+                color="tab:green",
+                label=f"validation {other}",
+            )
             twin.set_ylabel(f"validation {other}")
             twin.legend(loc="center right")
         fig.tight_layout()

@@ -30,6 +30,7 @@ from torch import nn
 
 from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches, to_device
+from lmforge.errors import UserError
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
@@ -150,7 +151,7 @@ def fit(
     d = distributed.setup(cfg.device)
     accum, rest = divmod(cfg.global_batch_size, cfg.micro_batch_size * d.world_size)
     if rest or accum == 0:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={cfg.global_batch_size} must be a multiple of train.micro_batch_size="
             f"{cfg.micro_batch_size} x {d.world_size} process(es)"
         )
@@ -292,8 +293,13 @@ def fit(
                 seconds = time.perf_counter() - window_start
                 tokens_per_s = distributed.all_sum(window["tokens"], d) / max(seconds, 1e-9)
                 loss = window["loss"] / max(window["n"], 1.0)
-                record = {"loss": loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
-                          "epoch": batches.epoch_of(state.step)}  # fmt: skip
+                record = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(norm),
+                    "tokens_per_s": tokens_per_s,
+                    "epoch": batches.epoch_of(state.step),
+                }
                 logger.record("train", state.step, record)
                 logger.progress(state.step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
                 window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}

@@ -9,45 +9,13 @@ decay to ``min_lr_ratio`` of the peak, or constant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from lmforge.train.config import OptimConfig
 
-@dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    """adamw or sgd (with momentum)."""
-    lr: float = 5e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (not norms or biases)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.98
-    """AdamW beta2."""
-    eps: float = 1e-6
-    """AdamW epsilon."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup."""
-    warmup_steps: int = 100
-    """Linear warmup steps from 0 to lr."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of lr."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+__all__ = ["OptimConfig", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -37,8 +37,29 @@ READERS = {
     "text-lines": lambda p: list(read_text_lines(p)),
 }
 # byte soup with the characters that matter to the formats
-FORMAT_BYTES = st.sampled_from([b",", b"\t", b"\n", b"\r", b'"', b"{", b"}", b"[", b"]", b":", b"text", b"label",
-                                b"O", b"B-PER", b" ", "好".encode(), b"\xff", b"\xef\xbb\xbf", b"\x00"])  # fmt: skip
+FORMAT_BYTES = st.sampled_from(
+    [
+        b",",
+        b"\t",
+        b"\n",
+        b"\r",
+        b'"',
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b":",
+        b"text",
+        b"label",
+        b"O",
+        b"B-PER",
+        b" ",
+        "好".encode(),
+        b"\xff",
+        b"\xef\xbb\xbf",
+        b"\x00",
+    ]
+)
 ENCODED_TEXT = st.text(max_size=100).flatmap(
     lambda t: st.sampled_from([t.encode("utf-8"), t.encode("utf-16"), t.encode("gb18030", "replace")])
 )

@@ -49,8 +49,11 @@ def test_bad_rows_name_file_and_line(tmp_path: Path, name: str, content: str | b
 
 
 def test_skip_bad_rows_keeps_the_rest_and_counts(tmp_path: Path) -> None:
-    path = _write(tmp_path, "c.jsonl", '{"text": "a", "label": "x"}\nnot json\n{"text": "", "label": "y"}\n'
-                                       '{"text": "b", "label": "y"}\n')  # fmt: skip
+    path = _write(
+        tmp_path,
+        "c.jsonl",
+        '{"text": "a", "label": "x"}\nnot json\n{"text": "", "label": "y"}\n{"text": "b", "label": "y"}\n',
+    )
     examples, report = read_labelled(path, skip_bad_rows=True)
     assert [e["text"] for e in examples] == ["a", "b"]
     assert report.kept == 2 and len(report.skipped) == 2

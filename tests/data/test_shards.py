@@ -35,12 +35,14 @@ def test_every_document_is_written_once_with_a_separator(mlm_shards: Path, revie
     assert first in [tok.encode(d, special_tokens=False) for d in docs[:50]]
 
 
-def test_prepare_reuses_identical_shards_and_rebuilds_changed_ones(mlm_shards: Path, review_corpus: Path,
-                                                                   review_wordpiece: Path, tmp_path: Path):  # fmt: skip
+def test_prepare_reuses_identical_shards_and_rebuilds_changed_ones(
+    mlm_shards: Path, review_corpus: Path, review_wordpiece: Path, tmp_path: Path
+):
     meta = mlm_shards / "meta.json"
     before = meta.stat().st_mtime_ns
-    cfg = PrepareConfig(tokenizer=str(review_wordpiece), out=str(mlm_shards), input=[str(review_corpus)],
-                        val_fraction=0.02)  # fmt: skip
+    cfg = PrepareConfig(
+        tokenizer=str(review_wordpiece), out=str(mlm_shards), input=[str(review_corpus)], val_fraction=0.02
+    )
     prepare(cfg, progress=False)
     assert meta.stat().st_mtime_ns == before  # reused
     copy = tmp_path / "copy"
@@ -69,8 +71,16 @@ def test_whole_word_starts_follow_jieba(tmp_path: Path, review_wordpiece: Path) 
     text = "我爱北京天安门，今天天气很好"
     corpus = tmp_path / "c.txt"
     corpus.write_text(text + "\n", encoding="utf-8")
-    out = prepare(PrepareConfig(tokenizer=str(review_wordpiece), out=str(tmp_path / "s"), input=[str(corpus)],
-                                val_fraction=0.0, whole_word=True), progress=False)  # fmt: skip
+    out = prepare(
+        PrepareConfig(
+            tokenizer=str(review_wordpiece),
+            out=str(tmp_path / "s"),
+            input=[str(corpus)],
+            val_fraction=0.0,
+            whole_word=True,
+        ),
+        progress=False,
+    )
     starts = np.fromfile(out / "train" / "word_starts-00000.bin", dtype=np.uint8).tolist()
     expected = []
     for word in jieba.cut(text):

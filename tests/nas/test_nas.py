@@ -143,18 +143,59 @@ def test_measured_latency_is_a_positive_median() -> None:
 
 
 def test_pareto_front_keeps_only_undominated_rows() -> None:
-    rows = [{"dev": 0.80, "predicted_ms": 1.0}, {"dev": 0.79, "predicted_ms": 2.0}, {"dev": 0.85, "predicted_ms": 3.0},
-            {"dev": 0.84, "predicted_ms": 3.5}, {"dev": 0.90, "predicted_ms": 5.0}]  # fmt: skip
+    rows = [
+        {"dev": 0.80, "predicted_ms": 1.0},
+        {"dev": 0.79, "predicted_ms": 2.0},
+        {"dev": 0.85, "predicted_ms": 3.0},
+        {"dev": 0.84, "predicted_ms": 3.5},
+        {"dev": 0.90, "predicted_ms": 5.0},
+    ]
     assert [r["dev"] for r in pareto_front(rows)] == [0.80, 0.85, 0.90]
 
 
 TINY = [
-    "--data", "None", "--vocab-size", "600", "--max-len", "32", "--space.n-layers", "1", "2",
-    "--space.d-model", "16", "32", "--space.n-heads", "1", "2", "--space.d-ff", "32", "64", "--space.latency-batch",
-    "2", "--space.latency-seq-len", "16", "--latency.measure", "6", "--latency.repeats", "2", "--supernet.epochs",
-    "1", "--supernet.candidates", "6", "--supernet.population", "4", "--trials.epochs", "0.5", "--trials.evals",
-    "2", "--retrain-epochs", "0.5", "--training.no-progress", "--training.peak-tflops", "1",
-]  # fmt: skip
+    "--data",
+    "None",
+    "--vocab-size",
+    "600",
+    "--max-len",
+    "32",
+    "--space.n-layers",
+    "1",
+    "2",
+    "--space.d-model",
+    "16",
+    "32",
+    "--space.n-heads",
+    "1",
+    "2",
+    "--space.d-ff",
+    "32",
+    "64",
+    "--space.latency-batch",
+    "2",
+    "--space.latency-seq-len",
+    "16",
+    "--latency.measure",
+    "6",
+    "--latency.repeats",
+    "2",
+    "--supernet.epochs",
+    "1",
+    "--supernet.candidates",
+    "6",
+    "--supernet.population",
+    "4",
+    "--trials.epochs",
+    "0.5",
+    "--trials.evals",
+    "2",
+    "--retrain-epochs",
+    "0.5",
+    "--training.no-progress",
+    "--training.peak-tflops",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +230,13 @@ def test_tiny_search_end_to_end_and_an_interrupted_study_resumes(tmp_path: Path,
     study = optuna.load_study(study_name="nas", storage=f"sqlite:///{out / 'multi-trial' / 'study.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
     seen = {tuple(sorted(t.params.items())) for t in finished}
-    points = [{"n_layers": n, "d_model": d, "n_heads": h, "d_ff": f} for n in (1, 2) for d in (16, 32) for h in (1, 2)
-              for f in (32, 64)]  # fmt: skip
+    points = [
+        {"n_layers": n, "d_model": d, "n_heads": h, "d_ff": f}
+        for n in (1, 2)
+        for d in (16, 32)
+        for h in (1, 2)
+        for f in (32, 64)
+    ]
     point = next(p for p in points if tuple(sorted(p.items())) not in seen)
     study.enqueue_trial(point)
     stale = study.ask()  # its architecture drawn, never told: what a killed process leaves

@@ -23,8 +23,21 @@ from lmforge.serve.app import Limits, create_app
 from lmforge.serve.models import load_served
 
 GENERATION = Path(__file__).resolve().parents[1] / "fixtures" / "generation"
-FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1", "--epochs", "0",
-        "--training.max-steps", "6", "--training.eval-every", "0", "--max-len", "48"]  # fmt: skip
+FAST = [
+    "--training.no-progress",
+    "--training.peak-tflops",
+    "1",
+    "--training.log-every",
+    "1",
+    "--epochs",
+    "0",
+    "--training.max-steps",
+    "6",
+    "--training.eval-every",
+    "0",
+    "--max-len",
+    "48",
+]
 
 
 @pytest.fixture(scope="session")
@@ -34,26 +47,74 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -
     root = tmp_path_factory.mktemp("serve")
     vocab = load_tokenizer(review_wordpiece).vocab_size
     bert = root / "bert"
-    cfg = BertConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0,
-                     attn_dropout=0.0)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, dropout=0.0, attn_dropout=0.0
+    )
     save_model(Bert(cfg), bert)
     copy_tokenizer_files(review_wordpiece, bert)
     reviews = load_builtin("reviews-sentiment")
     write_jsonl(root / "cls-train.jsonl", reviews["train"][:64])
     write_jsonl(root / "cls-dev.jsonl", reviews["dev"][:16])
-    assert main(["finetune", "classify", "--model", str(bert), "--train", str(root / "cls-train.jsonl"),
-                 "--dev", str(root / "cls-dev.jsonl"), "--out", str(root / "classify"), *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(bert),
+                "--train",
+                str(root / "cls-train.jsonl"),
+                "--dev",
+                str(root / "cls-dev.jsonl"),
+                "--out",
+                str(root / "classify"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     sentences = load_builtin("peoples-daily-ner")
     write_conll(root / "ner-train.conll", sentences["train"][:64])
     write_conll(root / "ner-dev.conll", sentences["dev"][:16])
-    assert main(["finetune", "ner", "--model", str(bert), "--train", str(root / "ner-train.conll"),
-                 "--dev", str(root / "ner-dev.conll"), "--out", str(root / "ner"), *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "ner",
+                "--model",
+                str(bert),
+                "--train",
+                str(root / "ner-train.conll"),
+                "--dev",
+                str(root / "ner-dev.conll"),
+                "--out",
+                str(root / "ner"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     mt = root / "translate"
     shutil.copytree(GENERATION / "seq2seq", mt)
-    (mt / "task.json").write_text(json.dumps({"task": "translate", "src": "zh", "tgt": "en", "max_len": 24,
-                                              "label_smoothing": 0.1, "source_special_tokens": False}))  # fmt: skip
-    return {"classify": root / "classify", "ner": root / "ner", "translate": mt, "embed": bert,
-            "chat": GENERATION / "gpt"}  # fmt: skip
+    (mt / "task.json").write_text(
+        json.dumps(
+            {
+                "task": "translate",
+                "src": "zh",
+                "tgt": "en",
+                "max_len": 24,
+                "label_smoothing": 0.1,
+                "source_special_tokens": False,
+            }
+        )
+    )
+    return {
+        "classify": root / "classify",
+        "ner": root / "ner",
+        "translate": mt,
+        "embed": bert,
+        "chat": GENERATION / "gpt",
+    }
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmforge.cli import main
-from lmforge.generate import GenerationConfig
-from lmforge.serve.command import parse_models
+from lmforge.commands.serve import parse_models
+from lmforge.inference.generate import GenerationConfig
 
 CPU = "cpu"
 
@@ -23,8 +23,12 @@ def test_models_health_and_schema(make_app) -> None:
     with TestClient(make_app()) as client:
         models = client.get("/v1/models").json()
         assert {m["id"]: m["task"] for m in models["data"]} == {
-            "classify": "classify", "ner": "ner", "translate": "translate", "embed": "embed", "chat": "chat"
-        }  # fmt: skip
+            "classify": "classify",
+            "ner": "ner",
+            "translate": "translate",
+            "embed": "embed",
+            "chat": "chat",
+        }
         assert client.get("/healthz").json() == {"status": "ok", "models": 5}
         paths = client.get("/openapi.json").json()["paths"]
         for path in ("/v1/classify", "/v1/ner", "/v1/translate", "/v1/embeddings", "/v1/chat/completions"):
@@ -91,10 +95,17 @@ def _chat(client, **extra):
 def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, served) -> None:
     with TestClient(make_app()) as client:
         whole = _chat(client)
-        with client.stream("POST", "/v1/chat/completions", json={
-            "model": "chat", "messages": [{"role": "user", "content": "我爱北京"}], "temperature": 0, "max_tokens": 12,
-            "stream": True,
-        }) as stream:  # fmt: skip
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "chat",
+                "messages": [{"role": "user", "content": "我爱北京"}],
+                "temperature": 0,
+                "max_tokens": 12,
+                "stream": True,
+            },
+        ) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
             events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
     body = whole.json()
@@ -103,8 +114,11 @@ def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, ser
     prompt = m.chat_prompt([{"role": "user", "content": "我爱北京"}], 12)
     (direct,) = m.complete([prompt], GenerationConfig(max_new_tokens=12))
     assert body["choices"][0]["message"]["content"] == direct.text.strip()
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(direct.token_ids),
-                             "total_tokens": len(prompt) + len(direct.token_ids)}  # fmt: skip
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(direct.token_ids),
+        "total_tokens": len(prompt) + len(direct.token_ids),
+    }
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
@@ -126,15 +140,27 @@ def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, ser
         ("/v1/classify", {"input": ["x"]}, 422, "model"),
         ("/v1/ner", {"model": "ner", "input": [["a", "b"]]}, 422, "input[0]"),
         ("/v1/translate", {"model": "translate", "input": ["x"], "max_tokens": 999}, 422, "max_tokens"),
-        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 999},
-         422, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 999},
+            422,
+            "max_tokens",
+        ),
         ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "n"),
-        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "robot", "content": "x"}]}, 422,
-         "messages.0.role"),
-        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "长" * 101}]}, 413,
-         "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"model": "chat", "messages": [{"role": "robot", "content": "x"}]},
+            422,
+            "messages.0.role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "chat", "messages": [{"role": "user", "content": "长" * 101}]},
+            413,
+            "messages.0.content",
+        ),
     ],
-)  # fmt: skip
+)
 def test_errors_are_json_naming_the_field(make_app, path: str, body: dict, status: int, param: str) -> None:
     with TestClient(make_app(max_text_chars=100, max_inputs=8, max_tokens=64)) as client:
         r = client.post(path, json=body)
@@ -179,8 +205,11 @@ def test_concurrent_requests_are_batched_with_unchanged_results(make_app, served
     for r, d in zip(responses, direct, strict=True):
         assert r.json()["data"][0]["score"] == pytest.approx(d["score"], abs=1e-5)
     # 12 one-text requests arrived within the wait: fewer model calls than requests
-    calls = next(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith('lmforge_batch_size_count{model="classify"}'))  # fmt: skip
+    calls = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('lmforge_batch_size_count{model="classify"}')
+    )
     assert calls < 12
     assert 'lmforge_requests_total{endpoint="/v1/classify",status="200"}' in metrics
 
@@ -223,11 +252,13 @@ def test_a_failing_model_is_a_500_for_that_request_only(make_app, served, monkey
 def test_openai_client_against_a_live_server(live_server: str) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "我爱北京"}],
-                                           temperature=0, max_tokens=12)  # fmt: skip
+    reply = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "我爱北京"}], temperature=0, max_tokens=12
+    )
     assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "我爱北京"}],
-                                            temperature=0, max_tokens=12, stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "我爱北京"}], temperature=0, max_tokens=12, stream=True
+    )
     pieces = [c.choices[0].delta.content or "" for c in stream]
     assert "".join(pieces).strip() == reply.choices[0].message.content
     vectors = client.embeddings.create(model="embed", input=["你好", "再见"])

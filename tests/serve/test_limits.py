@@ -31,8 +31,11 @@ def test_a_chunked_body_over_the_limit_is_413(make_app) -> None:
         assert r.json()["error"]["param"] == "body" and "1000000 bytes" in r.json()["error"]["message"]
         metrics = client.get("/metrics").text
         assert 'lmforge_requests_total{endpoint="/v1/classify",status="413"} 1.0' in metrics
-        ok = client.post("/v1/classify", content=iter([b'{"model": "classify", ', b'"input": ["\xe5\xa5\xbd"]}']),
-                         headers={"content-type": "application/json"})  # fmt: skip
+        ok = client.post(
+            "/v1/classify",
+            content=iter([b'{"model": "classify", ', b'"input": ["\xe5\xa5\xbd"]}']),
+            headers={"content-type": "application/json"},
+        )
         assert ok.status_code == 200, ok.text  # a chunked body under the limit is read as usual
 
 
@@ -42,8 +45,10 @@ def test_a_live_server_stops_reading_a_huge_chunked_upload_at_the_limit(served, 
     host, port = url.removeprefix("http://").split(":")
     sent, chunk = 0, b"1000\r\n" + b" " * 4096 + b"\r\n"
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         sock.settimeout(0.0)
         reply = b""
         while sent < 300_000_000 and b"\r\n\r\n" not in reply:
@@ -71,18 +76,24 @@ def test_a_live_server_stops_reading_a_huge_chunked_upload_at_the_limit(served, 
         ("/v1/classify", '{"model": "classify", "input": ["\\ud800abc"]}', "input.0"),
         ("/v1/ner", '{"model": "ner", "input": "ab\\udfff"}', "input"),
         ("/v1/embeddings", '{"model": "embed", "input": ["ok", "\\udc00"]}', "input.1"),
-        ("/v1/chat/completions", '{"model": "chat", "messages": [{"role": "user", "content": "\\ud83d"}]}',
-         "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            '{"model": "chat", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+            "messages.0.content",
+        ),
     ],
-)  # fmt: skip
+)
 def test_lone_surrogates_are_a_422_naming_the_field(make_app, path: str, body: str, param: str) -> None:
     with TestClient(make_app()) as client:
         r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
         assert r.status_code == 422, r.text
         error = r.json()["error"]
         assert error["param"].startswith(param) and "lone surrogate" in error["message"]
-        paired = client.post("/v1/classify", content='{"model": "classify", "input": ["\\ud83d\\ude00好"]}'.encode(),
-                             headers={"content-type": "application/json"})  # fmt: skip
+        paired = client.post(
+            "/v1/classify",
+            content='{"model": "classify", "input": ["\\ud83d\\ude00好"]}'.encode(),
+            headers={"content-type": "application/json"},
+        )
         assert paired.status_code == 200  # a proper surrogate pair is an emoji, which is fine
 
 

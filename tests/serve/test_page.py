@@ -19,10 +19,17 @@ pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium installed (apt
 
 # What the NER tab shows is decided by the model; to check the highlighting itself, the page is given a known
 # answer (the real /v1/ner endpoint is covered in test_api.py).
-KNOWN_ENTITIES = {"model": "ner", "data": [{"entities": [
-    {"type": "PER", "start": 5, "end": 7, "text": "李鹏", "score": 0.97},
-    {"type": "LOC", "start": 10, "end": 12, "text": "北京", "score": 0.93},
-]}]}  # fmt: skip
+KNOWN_ENTITIES = {
+    "model": "ner",
+    "data": [
+        {
+            "entities": [
+                {"type": "PER", "start": 5, "end": 7, "text": "李鹏", "score": 0.97},
+                {"type": "LOC", "start": 10, "end": 12, "text": "北京", "score": 0.93},
+            ]
+        }
+    ],
+}
 
 
 def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> None:

@@ -11,16 +11,22 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ENDPOINTS = {"/v1/classify": "classify", "/v1/ner": "ner", "/v1/translate": "translate",
-             "/v1/embeddings": "embed", "/v1/chat/completions": "chat"}  # fmt: skip
+ENDPOINTS = {
+    "/v1/classify": "classify",
+    "/v1/ner": "ner",
+    "/v1/translate": "translate",
+    "/v1/embeddings": "embed",
+    "/v1/chat/completions": "chat",
+}
 TEXT = st.text(st.characters(), max_size=12)  # st.characters() includes lone surrogates
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
     max_leaves=12,
 )
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot"]) | JSON,
-                                 "content": TEXT | JSON})  # fmt: skip
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "robot"]) | JSON, "content": TEXT | JSON}
+)
 
 
 def _valid(model: str) -> st.SearchStrategy:
@@ -29,10 +35,15 @@ def _valid(model: str) -> st.SearchStrategy:
         message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": TEXT})
         return st.fixed_dictionaries(
             {"model": st.just("chat"), "messages": st.lists(message, min_size=1, max_size=3)},
-            optional={"max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
-                      "seed": st.integers(-(2**64), 2**65), "stream": st.booleans(),
-                      "stop": TEXT | st.lists(TEXT, max_size=2)},
-        )  # fmt: skip
+            optional={
+                "max_tokens": st.integers(1, 8),
+                "temperature": st.floats(0, 2),
+                "top_p": st.floats(0.05, 1),
+                "seed": st.integers(-(2**64), 2**65),
+                "stream": st.booleans(),
+                "stop": TEXT | st.lists(TEXT, max_size=2),
+            },
+        )
     inputs = st.lists(TEXT.filter(str.strip), min_size=1, max_size=4)
     optional = {"num_beams": st.integers(1, 3), "max_tokens": st.integers(1, 8)} if model == "translate" else {}
     if model == "embed":
@@ -45,13 +56,19 @@ def _body(model: str) -> st.SearchStrategy:
     models = st.sampled_from([model, "classify", "nope"]) | JSON
     near = st.fixed_dictionaries(
         {"model": models},
-        optional={"input": st.lists(TEXT | st.lists(TEXT, max_size=3), max_size=4) | JSON, "messages":
-                  st.lists(MESSAGE, max_size=3) | JSON, "max_tokens": st.integers(-5, 40) | JSON,
-                  "temperature": st.floats(-1, 3) | JSON, "top_p": st.floats(-1, 2) | JSON, "seed": JSON,
-                  "stream": st.booleans(), "stop": TEXT | st.lists(TEXT, max_size=2) | JSON,
-                  "num_beams": st.integers(-1, 10) | JSON,
-                  "encoding_format": st.sampled_from(["float", "base64"]) | JSON},
-    )  # fmt: skip
+        optional={
+            "input": st.lists(TEXT | st.lists(TEXT, max_size=3), max_size=4) | JSON,
+            "messages": st.lists(MESSAGE, max_size=3) | JSON,
+            "max_tokens": st.integers(-5, 40) | JSON,
+            "temperature": st.floats(-1, 3) | JSON,
+            "top_p": st.floats(-1, 2) | JSON,
+            "seed": JSON,
+            "stream": st.booleans(),
+            "stop": TEXT | st.lists(TEXT, max_size=2) | JSON,
+            "num_beams": st.integers(-1, 10) | JSON,
+            "encoding_format": st.sampled_from(["float", "base64"]) | JSON,
+        },
+    )
     return _valid(model) | near | JSON
 
 
@@ -59,8 +76,9 @@ def _body(model: str) -> st.SearchStrategy:
 def client(served):
     from lmforge.serve.app import Limits, create_app
 
-    with TestClient(create_app(served, Limits(max_tokens=8, max_text_chars=50, max_inputs=4)),
-                    raise_server_exceptions=False) as c:  # fmt: skip
+    with TestClient(
+        create_app(served, Limits(max_tokens=8, max_text_chars=50, max_inputs=4)), raise_server_exceptions=False
+    ) as c:
         yield c
 
 

@@ -18,8 +18,9 @@ from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask, corrupt, ge
 
 
 def _tiny(vocab: int, **spec) -> Electra:
-    cfg = BertConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64, dropout=0.0,
-                     attn_dropout=0.0)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64, dropout=0.0, attn_dropout=0.0
+    )
     return Electra(cfg, ElectraSpec(**spec))
 
 
@@ -65,8 +66,9 @@ def test_reinforce_loss_by_hand() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], requires_grad=True)
     samples = torch.tensor([0, 2])
     disc_logits = torch.tensor([[3.0, -1.0, 0.0]])  # P(replaced) at flat positions 0 and 2 -> sigmoid(3), 0.5
-    stub = types.SimpleNamespace(reward_baseline=torch.tensor(0.0), training=False,
-                                 spec=ElectraSpec(baseline_decay=0.9))  # fmt: skip
+    stub = types.SimpleNamespace(
+        reward_baseline=torch.tensor(0.0), training=False, spec=ElectraSpec(baseline_decay=0.9)
+    )
     loss = ElectraTask._reinforce(stub, logits, samples, disc_logits, torch.tensor([0, 2]))
     log_p = [F.log_softmax(logits[0], -1)[0], F.log_softmax(logits[1], -1)[2]]
     rewards = [torch.log(1 - torch.sigmoid(torch.tensor(3.0))), torch.log(torch.tensor(0.5))]
@@ -101,22 +103,67 @@ def test_electra_loss_falls_on_a_tiny_corpus(objective: str, mlm_shards: Path, r
 def test_pretrained_discriminator_finetunes_for_classification(
     tmp_path: Path, review_corpus: Path, review_wordpiece: Path, mlm_shards: Path
 ) -> None:
-    fast = ["--train.no-progress", "--train.peak-tflops", "1"]
+    fast = ["--training.no-progress", "--training.peak-tflops", "1"]
     pre = tmp_path / "electra"
-    args = ["pretrain", "--task", "electra", "--out", str(pre), "--model.size", "bert-tiny", "--model.d-model", "32",
-            "--model.d-ff", "64", "--data.input", str(review_corpus), "--data.tokenizer", str(review_wordpiece),
-            "--data.shards", str(mlm_shards), "--data.seq-len", "32", "--train.max-steps", "4",
-            "--train.global-batch-size", "8", "--train.micro-batch-size", "8", "--train.eval-every", "2",
-            "--train.eval-batches", "2", *fast]  # fmt: skip
+    args = [
+        "pretrain",
+        "--task",
+        "electra",
+        "--out",
+        str(pre),
+        "--model.size",
+        "bert-tiny",
+        "--model.d-model",
+        "32",
+        "--model.d-ff",
+        "64",
+        "--data.input",
+        str(review_corpus),
+        "--data.tokenizer",
+        str(review_wordpiece),
+        "--data.shards",
+        str(mlm_shards),
+        "--data.seq-len",
+        "32",
+        "--training.max-steps",
+        "4",
+        "--training.global-batch-size",
+        "8",
+        "--training.micro-batch-size",
+        "8",
+        "--training.eval-every",
+        "2",
+        "--training.eval-batches",
+        "2",
+        *fast,
+    ]
     assert main(args) == 0
     config = json.loads((pre / "config.json").read_text())
     assert config["lmforge_model"] == "bert" and config["d_model"] == 32 and not config["mlm_head"]
     evals = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert {"generator_loss", "discriminator_accuracy", "replaced_fraction"} <= set(evals[-1])
     out = tmp_path / "cls"
-    args = ["finetune", "classify", "--model", str(pre), "--data", "builtin:reviews-sentiment", "--out", str(out),
-            "--epochs", "0", "--training.max-steps", "2", "--training.eval-every", "2", "--max-len", "32",
-            "--training.no-progress", "--training.peak-tflops", "1"]  # fmt: skip
+    args = [
+        "finetune",
+        "classify",
+        "--model",
+        str(pre),
+        "--data",
+        "builtin:reviews-sentiment",
+        "--out",
+        str(out),
+        "--epochs",
+        "0",
+        "--training.max-steps",
+        "2",
+        "--training.eval-every",
+        "2",
+        "--max-len",
+        "32",
+        "--training.no-progress",
+        "--training.peak-tflops",
+        "1",
+    ]
     assert main(args) == 0
     assert "accuracy" in json.loads((out / "results.json").read_text())["test"]
 

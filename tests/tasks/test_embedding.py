@@ -69,8 +69,15 @@ def test_negatives_are_gathered_across_two_ddp_processes(tmp_path: Path, run_pro
     """Two processes with 3 anchors each give the loss and gradients of one process with all 6."""
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+        str(tmp_path),
+    ]
     run_process(cmd, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["candidates"] == 6 for r in ranks)
@@ -109,18 +116,47 @@ def test_unsupervised_batches_repeat_each_text_and_supervised_ones_stack_pairs(r
 
 def test_finetune_embed_then_embed(tmp_path: Path, review_wordpiece: Path) -> None:
     model_dir = tmp_path / "bert"
-    cfg = BertConfig(vocab_size=load_tokenizer(review_wordpiece).vocab_size, d_model=32, n_layers=1, n_heads=2,
-                     d_ff=64, max_seq_len=64)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=load_tokenizer(review_wordpiece).vocab_size,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=64,
+    )
     save_model(Bert(cfg), model_dir)
     copy_tokenizer_files(review_wordpiece, model_dir)
     reviews = load_builtin("reviews-sentiment")
     (tmp_path / "train.txt").write_text("\n".join(ex["text"] for ex in reviews["train"][:96]) + "\n", encoding="utf-8")
     write_jsonl(tmp_path / "dev.jsonl", reviews["dev"][:40])
     out = tmp_path / "run"
-    args = ["finetune", "embed", "--model", str(model_dir), "--train", str(tmp_path / "train.txt"), "--dev",
-            str(tmp_path / "dev.jsonl"), "--out", str(out), "--max-len", "32", "--training.max-steps", "4",
-            "--training.global-batch-size", "16", "--training.micro-batch-size", "16", "--training.eval-every", "2",
-            "--training.optim.lr", "1e-3", "--training.no-progress", "--training.peak-tflops", "1"]  # fmt: skip
+    args = [
+        "finetune",
+        "embed",
+        "--model",
+        str(model_dir),
+        "--train",
+        str(tmp_path / "train.txt"),
+        "--dev",
+        str(tmp_path / "dev.jsonl"),
+        "--out",
+        str(out),
+        "--max-len",
+        "32",
+        "--training.max-steps",
+        "4",
+        "--training.global-batch-size",
+        "16",
+        "--training.micro-batch-size",
+        "16",
+        "--training.eval-every",
+        "2",
+        "--training.optim.lr",
+        "1e-3",
+        "--training.no-progress",
+        "--training.peak-tflops",
+        "1",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["selection"] == "alignment_uniformity"  # the training texts carry no labels: no k-NN index

@@ -31,8 +31,18 @@ def _ids(*tokens: str) -> list[int]:
 
 def _encoder(vocab_size: int, seed: int = 0) -> Bert:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64,
-                     dropout=0.0, attn_dropout=0.0, pooler=False, mlm_head=False)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=64,
+        dropout=0.0,
+        attn_dropout=0.0,
+        pooler=False,
+        mlm_head=False,
+    )
     return Bert(cfg)
 
 
@@ -132,8 +142,9 @@ def _overfit(task, model, steps: int = 60, lr: float = 3e-3) -> tuple[float, flo
 
 def test_classification_overfits_a_tiny_batch(tok: LMTokenizer) -> None:
     examples = [{"text": t, "label": y} for t, y in [("很好", "pos"), ("差", "neg"), ("好书", "pos"), ("很差", "neg")]]
-    task = ClassificationTask(tok, ["neg", "pos"], max_len=16, dropout=0.0, train_examples=examples,
-                              dev_examples=examples)  # fmt: skip
+    task = ClassificationTask(
+        tok, ["neg", "pos"], max_len=16, dropout=0.0, train_examples=examples, dev_examples=examples
+    )
     model = task.build_model(_encoder(tok.vocab_size))
     first, last = _overfit(task, model)
     assert last < 0.05 < first

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models.registry import build_model
 from lmforge.models.sizes import model_size
-from lmforge.tasks.base import IGNORE, linear_cross_entropy
+from lmforge.ops.linear_cross_entropy import IGNORE, linear_cross_entropy
 from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.mlm import MLMTask
 

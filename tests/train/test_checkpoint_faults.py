@@ -22,24 +22,37 @@ from lmforge.cli import main
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models.registry import build_model
 from lmforge.models.sizes import model_size
+from lmforge.runs import session
 from lmforge.tasks.mlm import MLMTask
-from lmforge.train import checkpoint, rundir
+from lmforge.train import checkpoint
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.optim import OptimConfig
 
 
 def _cfg(**changes) -> TrainConfig:
-    base = dict(max_steps=6, global_batch_size=8, micro_batch_size=8, eval_every=0, eval_batches=1, save_every=3,
-                keep_last=2, log_every=1, progress=False, peak_tflops=1.0, deterministic=True,
-                optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))  # fmt: skip
+    base = dict(
+        max_steps=6,
+        global_batch_size=8,
+        micro_batch_size=8,
+        eval_every=0,
+        eval_batches=1,
+        save_every=3,
+        keep_last=2,
+        log_every=1,
+        progress=False,
+        peak_tflops=1.0,
+        deterministic=True,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
+    )
     base.update(changes)
     return TrainConfig(**base)
 
 
 def _model(task: MLMTask):
     torch.manual_seed(0)
-    return build_model(dataclasses.replace(model_size("bert-tiny", vocab_size=task.vocab_size), dropout=0.0,
-                                           attn_dropout=0.0))  # fmt: skip
+    return build_model(
+        dataclasses.replace(model_size("bert-tiny", vocab_size=task.vocab_size), dropout=0.0, attn_dropout=0.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +83,14 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-DAMAGES = [("model.safetensors", _flip_a_byte), ("model.safetensors", _truncate), ("optimizer.pt", _truncate),
-           ("rng.pt", _truncate), ("state.json", _flip_a_byte), ("manifest.json", _truncate)]  # fmt: skip
+DAMAGES = [
+    ("model.safetensors", _flip_a_byte),
+    ("model.safetensors", _truncate),
+    ("optimizer.pt", _truncate),
+    ("rng.pt", _truncate),
+    ("state.json", _flip_a_byte),
+    ("manifest.json", _truncate),
+]
 
 
 @pytest.mark.parametrize(("name", "damage"), DAMAGES)
@@ -151,8 +170,8 @@ def test_too_little_free_space_is_refused_before_writing(task: MLMTask, tmp_path
 
 
 HOLD_LOCK = """import sys, time
-from lmforge.train import rundir
-with rundir.locked(sys.argv[1]):
+from lmforge.runs import session
+with session.locked(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -173,20 +192,20 @@ def test_a_second_run_on_a_locked_directory_fails_at_once_naming_the_holder(
     lock_holder, review_corpus: Path, capsys
 ) -> None:
     run, holder = lock_holder
-    code = main(["pretrain", "--out", str(run), "--data.input", str(review_corpus), "--train.max-steps", "1"])
+    code = main(["pretrain", "--out", str(run), "--data.input", str(review_corpus), "--training.max-steps", "1"])
     out = capsys.readouterr().out
     assert code == 2 and f"{run} is in use by another run (pid {holder.pid}" in out
-    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK_FILE], "nothing was written"
+    assert sorted(p.name for p in run.iterdir()) == [session.LOCK_FILE], "nothing was written"
 
 
 def test_the_lock_of_a_killed_process_is_stale_and_taken_over(lock_holder) -> None:
     run, holder = lock_holder
-    with pytest.raises(rundir.RunDirectoryBusy), rundir.locked(run):
+    with pytest.raises(session.RunDirectoryBusy), session.locked(run):
         pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with rundir.locked(run):  # the kernel dropped the dead process's lock
-        assert json.loads((run / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with session.locked(run):  # the kernel dropped the dead process's lock
+        assert json.loads((run / session.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 @pytest.mark.parametrize(
@@ -204,4 +223,4 @@ def test_multi_stage_commands_hold_their_out_directory(lock_holder, capsys, comm
     args = [a if not a.startswith("configs/") else str(root / a) for a in command]
     assert main([*args, "--out", str(run)]) == 2
     assert f"is in use by another run (pid {holder.pid}" in " ".join(capsys.readouterr().out.split())
-    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [session.LOCK_FILE]

@@ -20,7 +20,7 @@ def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, shards: Path) -> Path
 task: mlm
 model: {{size: bert-tiny, dropout: 0.0}}
 data: {{input: [{corpus}], tokenizer: {tokenizer}, shards: {shards}, seq_len: 64}}
-train: {{max_steps: 6, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 3, eval_batches: 2,
+training: {{max_steps: 6, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 3, eval_batches: 2,
          save_every: 3, progress: false, deterministic: true, peak_tflops: 1.0}}
 """
     )
@@ -46,8 +46,8 @@ def runs(
     out = {name: root / name for name in ("single", "ddp", "fsdp", "single9")}
     _pretrain(run_process, ["-c", str(recipe), "--out", str(out["single"])], 1)
     _pretrain(run_process, ["-c", str(recipe), "--out", str(out["ddp"])], 2)
-    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["fsdp"]), "--train.distributed", "fsdp"], 2)
-    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["single9"]), "--train.max-steps", "9"], 1)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["fsdp"]), "--training.distributed", "fsdp"], 2)
+    _pretrain(run_process, ["-c", str(recipe), "--out", str(out["single9"]), "--training.max-steps", "9"], 1)
     return out
 
 
@@ -67,7 +67,7 @@ def test_fsdp_checkpoint_loads_unsharded(runs: dict[str, Path]) -> None:
 
 
 def test_a_two_process_checkpoint_resumes_on_one(runs: dict[str, Path], run_process) -> None:
-    _pretrain(run_process, ["--resume", str(runs["ddp"]), "--train.max-steps", "9"], 1)
+    _pretrain(run_process, ["--resume", str(runs["ddp"]), "--training.max-steps", "9"], 1)
     resumed, reference = _records(runs["ddp"]), _records(runs["single9"])
     assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in reference]
     for a, b in zip(resumed, reference, strict=True):

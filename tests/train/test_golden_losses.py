@@ -21,8 +21,29 @@ from lmforge.data.readers import write_conll, write_jsonl
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "golden" / "first_losses.json"
 STEPS = 5
-LOOP = ["--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "0", "--no-progress", "--peak-tflops", "1",
-        "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32", "--device", "cpu", "--optim.lr", "2e-3", "--optim.warmup-steps", "1"]  # fmt: skip
+LOOP = [
+    "--max-steps",
+    str(STEPS),
+    "--log-every",
+    "1",
+    "--eval-every",
+    "0",
+    "--no-progress",
+    "--peak-tflops",
+    "1",
+    "--global-batch-size",
+    "8",
+    "--micro-batch-size",
+    "4",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--optim.lr",
+    "2e-3",
+    "--optim.warmup-steps",
+    "1",
+]
 
 
 def _loop(prefix: str) -> list[str]:
@@ -35,15 +56,59 @@ def _first_losses(run_dir: Path) -> list[float]:
 
 
 def _pretrain(task: str, out: Path, tokenizer: Path, shards: Path, size: str) -> list[float]:
-    assert main(["pretrain", "--out", str(out), "--task", task, "--data.tokenizer", str(tokenizer),
-                 "--data.shards", str(shards), "--data.seq-len", "32", "--model.size", size, "--model.n-layers", "2",
-                 "--model.d-model", "32", "--model.d-ff", "64", "--model.n-heads", "2", *_loop("train")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(out),
+                "--task",
+                task,
+                "--data.tokenizer",
+                str(tokenizer),
+                "--data.shards",
+                str(shards),
+                "--data.seq-len",
+                "32",
+                "--model.size",
+                size,
+                "--model.n-layers",
+                "2",
+                "--model.d-model",
+                "32",
+                "--model.d-ff",
+                "64",
+                "--model.n-heads",
+                "2",
+                *_loop("training"),
+            ]
+        )
+        == 0
+    )
     return _first_losses(out)
 
 
 def _finetune(kind: str, out: Path, model: Path, train: Path) -> list[float]:
-    assert main(["finetune", kind, "--model", str(model), "--train", str(train), "--out", str(out), "--epochs", "0",
-                 "--max-len", "32", *_loop("training")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                kind,
+                "--model",
+                str(model),
+                "--train",
+                str(train),
+                "--out",
+                str(out),
+                "--epochs",
+                "0",
+                "--max-len",
+                "32",
+                *_loop("training"),
+            ]
+        )
+        == 0
+    )
     return _first_losses(out)
 
 

@@ -24,9 +24,19 @@ from lmforge.train.optim import OptimConfig, build_optimizer, lr_factor
 
 
 def _cfg(**changes) -> TrainConfig:
-    base = dict(max_steps=1, global_batch_size=8, micro_batch_size=8, eval_every=0, eval_batches=1, save_every=0,
-                log_every=1, progress=False, peak_tflops=1.0, deterministic=True,
-                optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))  # fmt: skip
+    base = dict(
+        max_steps=1,
+        global_batch_size=8,
+        micro_batch_size=8,
+        eval_every=0,
+        eval_batches=1,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        peak_tflops=1.0,
+        deterministic=True,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -182,7 +192,7 @@ def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, shards: Path) -> Path
 task: mlm
 model: {{size: bert-tiny}}
 data: {{input: [{corpus}], tokenizer: {tokenizer}, shards: {shards}, seq_len: 64}}
-train: {{max_steps: 30, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 10, eval_batches: 2,
+training: {{max_steps: 30, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 10, eval_batches: 2,
          save_every: 5, progress: false, deterministic: true, peak_tflops: 1.0}}
 """
     )
@@ -264,8 +274,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_without_a_traceback_and_resumes_ex
 
 def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None:
     eager = fit(_model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3), run_dir=tmp_path / "eager")
-    compiled = fit(_model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3, compile=True),
-                   run_dir=tmp_path / "compiled")  # fmt: skip
+    compiled = fit(
+        _model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3, compile=True), run_dir=tmp_path / "compiled"
+    )
     assert abs(compiled["best_val_loss"] - eager["best_val_loss"]) < 1e-4
     losses = [_train_losses(tmp_path / name) for name in ("eager", "compiled")]
     for step, loss in losses[0].items():

@@ -1,4 +1,4 @@
-"""The ``lmforge prepare`` and ``lmforge pretrain`` commands: tokenizer, shards, model, fit, model directory.
+"""The pretraining recipe (``lmforge pretrain``): tokenizer, shards, model, fit, model directory.
 
 Objectives: ``mlm`` / ``wwm-mlm`` (BERT), ``clm`` (GPT) and ``electra`` (a BERT discriminator trained
 with a small generator, ``tasks/electra.py``; the discriminator is what the model directory holds).
@@ -11,6 +11,8 @@ finally writes the chosen weights (best validation loss) as a normal lmforge mod
 """
 
 from __future__ import annotations
+
+from lmforge.errors import UserError
 
 import dataclasses
 import shutil
@@ -27,81 +29,14 @@ from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
 from lmforge.tasks.clm import CLMTask
-from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask
+from lmforge.models.electra import Electra
+from lmforge.runs.config import PretrainConfig
+from lmforge.tasks.electra import ElectraTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
-from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.rundir import run_session
-
-
-@dataclass
-class ModelSpec:
-    """A named size, optionally reshaped (None keeps the size's value)."""
-
-    size: str = "bert-tiny"
-    """Named size (lmforge.models.sizes): bert-tiny, bert-mini, ..., gpt-tiny, llama-tiny, ..."""
-    n_layers: int | None = None
-    """Transformer layers."""
-    n_heads: int | None = None
-    """Attention heads."""
-    n_kv_heads: int | None = None
-    """Key/value heads (GPT sizes: grouped-query attention)."""
-    d_model: int | None = None
-    """Hidden width."""
-    d_ff: int | None = None
-    """Feed-forward width."""
-    max_seq_len: int | None = None
-    """Longest sequence the model accepts."""
-    dropout: float | None = None
-    """Dropout (BERT: also on attention probabilities)."""
-
-    def build(self, vocab_size: int):
-        cfg = model_size(self.size, vocab_size=vocab_size)
-        changes = {k: v for k, v in dataclasses.asdict(self).items() if k != "size" and v is not None}
-        if "n_kv_heads" in changes and isinstance(cfg, BertConfig):
-            raise ValueError("model.n_kv_heads applies to GPT sizes only")
-        if isinstance(cfg, BertConfig) and "dropout" in changes:
-            changes["attn_dropout"] = changes["dropout"]
-        return dataclasses.replace(cfg, **changes)
-
-
-@dataclass
-class PretrainData:
-    """Corpus, tokenizer and sequence length."""
-
-    input: list[str] = field(default_factory=lambda: ["builtin:pretrain-zh"])
-    """Corpora: text files, .jsonl files or builtin:NAME."""
-    tokenizer: str | None = None
-    """Tokenizer directory; None = train one into OUT/tokenizer."""
-    vocab_size: int = 21128
-    """Vocabulary size when a tokenizer is trained here."""
-    shards: str | None = None
-    """Prepared shard directory; None = prepare (or reuse) OUT/data."""
-    seq_len: int = 128
-    """Training sequence length in tokens."""
-    val_fraction: float = 0.01
-    """Documents held out for validation."""
-    jsonl_field: str = "text"
-    """Text field of .jsonl inputs."""
-
-
-@dataclass
-class PretrainConfig:
-    """Pretrain a BERT (mlm, wwm-mlm, electra) or GPT (clm) on a corpus."""
-
-    out: str
-    """Run directory."""
-    task: Literal["mlm", "wwm-mlm", "electra", "clm"] = "mlm"
-    """mlm / wwm-mlm / electra (BERT sizes) or clm (GPT sizes)."""
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: PretrainData = field(default_factory=PretrainData)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mask_prob: float = 0.15
-    """Share of tokens (words, for wwm-mlm) selected for MLM prediction (electra: for replacement)."""
-    electra: ElectraSpec = field(default_factory=ElectraSpec)
-    resume: str | None = None
-    """Continue the run in this directory from its last checkpoint (its config.yaml gives the defaults)."""
+from lmforge.train.loop import fit
+from lmforge.runs.session import run_session
 
 
 def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> Path:
@@ -132,8 +67,8 @@ def prepare_corpus(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> t
                 input=cfg.data.input, tokenizer=str(tok_dir), out=str(shards), jsonl_field=cfg.data.jsonl_field,
                 val_fraction=cfg.data.val_fraction, whole_word=cfg.task == "wwm-mlm",
             ),
-            progress=cfg.train.progress,
-        )  # fmt: skip
+            progress=cfg.training.progress,
+        )
     distributed.barrier(d)
     return tok_dir, shards
 
@@ -142,8 +77,8 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
     """The freshly initialised model (seeded by ``train.seed``) and the task of ``cfg``'s objective."""
     model_cfg = cfg.model.build(tok.vocab_size)
     if model_cfg.max_seq_len < cfg.data.seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-    torch.manual_seed(cfg.train.seed)
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    torch.manual_seed(cfg.training.seed)
     model = Electra(model_cfg, cfg.electra) if cfg.task == "electra" else build_model(model_cfg)
     if getattr(model, "pooler", None) is not None:
         # MLM without next-sentence prediction never uses the pooler: freeze it so DDP does not wait for
@@ -157,7 +92,7 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
         task = MLMTask(
             shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob,
             whole_word=cfg.task == "wwm-mlm",
-        )  # fmt: skip
+        )
     return model, task
 
 
@@ -165,15 +100,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run_dir = Path(cfg.out)
     is_gpt = not isinstance(model_size(cfg.model.size), BertConfig)
     if (cfg.task == "clm") != is_gpt:
-        raise ValueError(
+        raise UserError(
             f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
         )
-    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.train.device) as d:
+    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
         if d.is_main:
             write_yaml(run_dir / "config.yaml", cfg)
         tok_dir, shards = prepare_corpus(cfg, run_dir, d)
         model, task = build_objective(cfg, load_tokenizer(tok_dir), shards)
-        summary = fit(model, task, cfg.train, run_dir=run_dir, resume=bool(cfg.resume))
+        summary = fit(model, task, cfg.training, run_dir=run_dir, resume=bool(cfg.resume))
         if d.is_main:
             _write_model_dir(run_dir, model, summary, tok_dir)
     return summary

@@ -21,82 +21,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.data.tokenizer import LMTokenizer
+from lmforge.errors import UserError
+from lmforge.inference.config import GenerationConfig
 from lmforge.models.decoding import GPTSteps, OutputProjection, Seq2SeqSteps, Steps, decoding_layout, output_weight
 from lmforge.models.gpt import GPT
 from lmforge.models.seq2seq import Seq2Seq
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass
-class GenerationConfig:
-    """How to decode (greedy, beam search or sampling) and when to stop."""
-
-    max_new_tokens: int = 128
-    """Most tokens to generate per sequence."""
-    num_beams: int = 1
-    """Beam size; 1 = greedy or sampling."""
-    do_sample: bool = False
-    """Sample instead of taking the most probable token."""
-    temperature: float = 1.0
-    """Sampling: divide the logits by this (lower = more conservative)."""
-    top_k: int = 0
-    """Sampling: keep only the k most probable tokens; 0 = all."""
-    top_p: float = 1.0
-    """Sampling: keep the smallest set of tokens whose probability reaches p; 1 = all."""
-    repetition_penalty: float = 1.0
-    """Divide positive (multiply negative) logits of tokens already in the sequence by this; 1 = off."""
-    no_repeat_ngram_size: int = 0
-    """Never repeat an n-gram of this size; 0 = off."""
-    length_penalty: float = 1.0
-    """Beam search: hypotheses are ranked by sum of log-probabilities / length**length_penalty."""
-    early_stopping: bool = True
-    """Beam search: stop a source as soon as num_beams hypotheses have ended."""
-    num_return_sequences: int = 1
-    """Hypotheses returned per input (at most num_beams with beam search)."""
-    stop_strings: list[str] = field(default_factory=list)
-    """Stop when the generated text contains one of these (greedy and sampling); it is cut off."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Token ids that end a sequence, besides the tokenizer's end token."""
-    seed: int | None = None
-    """Sampling seed; None = torch's global generator."""
-    output_scores: bool = False
-    """Greedy / sampling: also sum each sequence's log-probabilities (an extra pass over the logits)."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "num_beams": self.num_beams >= 1,
-            "temperature": self.temperature > 0,
-            "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "repetition_penalty": self.repetition_penalty > 0,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0,
-            "num_return_sequences": self.num_return_sequences >= 1,
-        }
-        allowed = {"max_new_tokens": ">= 1", "num_beams": ">= 1", "temperature": "> 0", "top_k": ">= 0",
-                   "top_p": "in (0, 1]", "repetition_penalty": "> 0", "no_repeat_ngram_size": ">= 0",
-                   "num_return_sequences": ">= 1"}  # fmt: skip
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"generation.{key}={getattr(self, key)} must be {allowed[key]}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("generation: beam search (num_beams > 1) and do_sample are exclusive")
-        if self.num_beams > 1 and self.stop_strings:
-            raise ValueError("generation.stop_strings apply to greedy and sampling; with beams use stop_token_ids")
-        limit = self.num_beams if self.num_beams > 1 else (None if self.do_sample else 1)
-        if limit is not None and self.num_return_sequences > limit:
-            raise ValueError(
-                f"generation.num_return_sequences={self.num_return_sequences} exceeds the {limit} hypotheses "
-                f"{'beam search keeps' if self.num_beams > 1 else 'greedy decoding finds'}"
-            )
 
 
 @dataclass
@@ -197,13 +135,13 @@ class Generator:
         copy_weights: bool = True,
     ) -> None:
         if not isinstance(model, (GPT, Seq2Seq)):
-            raise ValueError(f"generation needs a GPT or an encoder-decoder model, not {type(model).__name__}")
+            raise UserError(f"generation needs a GPT or an encoder-decoder model, not {type(model).__name__}")
         self.source_model, self.copy_weights, self.tokenizer = model, copy_weights, tokenizer
         self.source_tokenizer = source_tokenizer or tokenizer
         self.source_special_tokens = source_special_tokens
         eos = tokenizer.token_id("eos") if tokenizer.token_id("eos") is not None else tokenizer.token_id("sep")
         if eos is None:
-            raise ValueError("the tokenizer has no end token (eos or [SEP]) to stop generation at")
+            raise UserError("the tokenizer has no end token (eos or [SEP]) to stop generation at")
         self.eos_id = eos
         pad = tokenizer.token_id("pad")
         self.pad_id = eos if pad is None else pad
@@ -246,7 +184,7 @@ class Generator:
         """
         cfg = cfg or GenerationConfig()
         if cfg.num_beams > 1:
-            raise ValueError("streaming needs greedy or sampling decoding (num_beams=1)")
+            raise UserError("streaming needs greedy or sampling decoding (num_beams=1)")
         cfg = dataclasses.replace(cfg, num_return_sequences=1)
         sent = ""
         tokens: list[int] = []
@@ -282,7 +220,7 @@ class Generator:
         else:
             ids = list(x)
         if not ids:
-            raise ValueError("cannot generate from an empty prompt")
+            raise UserError("cannot generate from an empty prompt")
         return ids
 
     def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
@@ -291,8 +229,9 @@ class Generator:
     def _steps(self, ids: list[list[int]], copies: int, max_new: int) -> Steps:
         if isinstance(self.model, Seq2Seq):
             max_new = min(max_new, self.model.cfg.max_seq_len)
-            return Seq2SeqSteps(self.model, self.head, ids, pad_id=self.pad_id, start_id=self.start_id,
-                                 copies=copies, max_new=max_new)  # fmt: skip
+            return Seq2SeqSteps(
+                self.model, self.head, ids, pad_id=self.pad_id, start_id=self.start_id, copies=copies, max_new=max_new
+            )
         return GPTSteps(self.model, self.head, ids, pad_id=self.pad_id, copies=copies, max_new=max_new)
 
     def _max_new(self, ids: list[list[int]], cfg: GenerationConfig) -> int:
@@ -300,7 +239,7 @@ class Generator:
             return min(cfg.max_new_tokens, self.model.cfg.max_seq_len)
         room = self.model.cfg.max_seq_len - max(len(p) for p in ids)
         if room <= 0:
-            raise ValueError(
+            raise UserError(
                 f"a prompt of {max(len(p) for p in ids)} tokens leaves no room in the model's "
                 f"max_seq_len={self.model.cfg.max_seq_len}; shorten it"
             )

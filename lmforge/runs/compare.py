@@ -21,6 +21,8 @@ its results.json) is kept, and running the same command again continues where it
 
 from __future__ import annotations
 
+from lmforge.errors import UserError
+
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
@@ -32,78 +34,16 @@ import torch
 from lmforge.config import read_yaml, write_json, write_yaml
 from lmforge.data.builtin import load_builtin
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.demo import finetune_config, pretrain_inputs
-from lmforge.finetune import finetune
-from lmforge.pretrain import ModelSpec, PretrainConfig, PretrainData, build_objective, prepare_corpus, pretrain
-from lmforge.tasks.electra import ElectraSpec
+from lmforge.runs.demo import finetune_config, pretrain_inputs
+from lmforge.runs.finetune import finetune
+from lmforge.runs.config import COMPARE_TASKS as TASKS
+from lmforge.runs.config import OBJECTIVES, SCRATCH, CompareConfig, ModelSpec, PretrainConfig, PretrainData
+from lmforge.runs.pretrain import build_objective, prepare_corpus, pretrain
 from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.logging import read_metrics
 from lmforge.train.optim import OptimConfig
-from lmforge.train.rundir import holds_out_dir
-
-ObjectiveName = Literal["mlm", "electra", "electra-adversarial", "electra-mixed"]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A pretraining objective as the comparison runs it."""
-
-    task: str
-    lr: float
-    electra: ElectraSpec = field(default_factory=ElectraSpec)
-
-
-# Learning rates: the masked LM's is the demo's; the ELECTRA discriminator did not learn at all at 2e-3 and
-# learns at 5e-4 (shared/FINDINGS.md "ELECTRA on 2 cores"); the adversarial variants keep ELECTRA's.
-OBJECTIVES: dict[str, Objective] = {
-    "mlm": Objective("mlm", 2e-3),
-    "electra": Objective("electra", 5e-4),
-    "electra-adversarial": Objective("electra", 5e-4, ElectraSpec(generator_objective="adversarial")),
-    "electra-mixed": Objective("electra", 5e-4, ElectraSpec(generator_objective="mixed")),
-}
-TASKS = {"reviews-sentiment": ("classify", "accuracy"), "peoples-daily-ner": ("ner", "f1")}
-SCRATCH = "scratch"  # the same fine-tuning from random initialisation: what any pretraining buys
-
-
-@dataclass
-class CompareConfig:
-    """Pretraining objectives (MLM, ELECTRA, adversarial ELECTRA) at equal FLOPs, fine-tuned on built-in tasks."""
-
-    out: str = "runs/compare"
-    """Output directory; finished stages found there are kept and the comparison continues."""
-    objectives: list[ObjectiveName] = field(default_factory=lambda: ["mlm", "electra", "electra-adversarial"])
-    """Pretraining objectives to compare."""
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    """One pretraining + fine-tuning per objective and seed."""
-    budget_mlm_steps: int = 1000
-    """The FLOP budget, as this many masked-LM steps of batch_size x seq_len tokens."""
-    size: str = "bert-tiny"
-    """BERT size of every encoder."""
-    batch_size: int = 64
-    """Pretraining sequences per step (every objective)."""
-    seq_len: int = 128
-    """Pretraining and fine-tuning sequence length."""
-    classify_epochs: float = 3.0
-    """Fine-tuning epochs on reviews-sentiment (the demo's)."""
-    ner_epochs: float = 3.0
-    """Fine-tuning epochs on peoples-daily-ner (the demo's)."""
-    scratch_seeds: list[int] | None = None
-    """Seeds that also fine-tune from random initialisation (the floor pretraining must beat); None = every seed."""
-    limit: int = 0
-    """Use only the first N examples of each split (0 = all): for smoke tests."""
-    progress: bool = True
-    """Show progress bars."""
-
-    def __post_init__(self) -> None:
-        unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives:
-            raise ValueError(f"objectives={self.objectives}: choose from {sorted(OBJECTIVES)}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds}: give at least one seed, each once")
-        if self.budget_mlm_steps <= 0:
-            raise ValueError(f"budget_mlm_steps={self.budget_mlm_steps} must be positive")
-
+from lmforge.runs.session import holds_out_dir
 
 def pretrain_config(cfg: CompareConfig, name: str, seed: int, steps: int, corpus: Path) -> PretrainConfig:
     """The pretraining run of objective ``name`` with ``seed`` for ``steps`` steps (shared tokenizer and shards)."""
@@ -112,15 +52,15 @@ def pretrain_config(cfg: CompareConfig, name: str, seed: int, steps: int, corpus
     train = TrainConfig(
         max_steps=steps, global_batch_size=cfg.batch_size, micro_batch_size=min(32, cfg.batch_size), seed=seed,
         optim=optim, eval_every=0, eval_batches=20, save_every=0, keep_last=1, log_every=10, progress=cfg.progress,
-    )  # fmt: skip
+    )
     data = PretrainData(
         input=pretrain_inputs(Path(cfg.out), cfg.limit), tokenizer=str(corpus / "tokenizer"),
         shards=str(corpus / "data"), seq_len=cfg.seq_len, vocab_size=21128,
-    )  # fmt: skip
+    )
     return PretrainConfig(
         out=str(Path(cfg.out) / "pretrain" / f"{name}-seed{seed}"), task=objective.task,  # type: ignore[arg-type]
-        model=ModelSpec(size=cfg.size, dropout=0.0), data=data, train=train, electra=objective.electra,
-    )  # fmt: skip
+        model=ModelSpec(size=cfg.size, dropout=0.0), data=data, training=train, electra=objective.electra,
+    )
 
 
 def flops_per_step(pcfg: PretrainConfig, n_batches: int = 8) -> float:
@@ -129,7 +69,7 @@ def flops_per_step(pcfg: PretrainConfig, n_batches: int = 8) -> float:
     tok = load_tokenizer(pcfg.data.tokenizer)
     model, task = build_objective(pcfg, tok, Path(pcfg.data.shards))
     generator = torch.Generator().manual_seed(0)
-    B, n = pcfg.train.global_batch_size, len(task.train_items)
+    B, n = pcfg.training.global_batch_size, len(task.train_items)
     total = 0.0
     for k in range(n_batches):
         items = [task.train_items[(k * B + i) % n] for i in range(B)]
@@ -143,7 +83,7 @@ def plan(cfg: CompareConfig) -> dict[str, dict]:
     per_step = {name: flops_per_step(pretrain_config(cfg, name, cfg.seeds[0], 1, corpus)) for name in OBJECTIVES}
     budget = cfg.budget_mlm_steps * per_step["mlm"]
     steps = {name: {"steps": max(1, round(budget / per_step[name])), "flops_per_step": per_step[name],
-                    "lr": OBJECTIVES[name].lr} for name in cfg.objectives}  # fmt: skip
+                    "lr": OBJECTIVES[name].lr} for name in cfg.objectives}
     return {"budget_flops": budget, "objectives": steps}
 
 
@@ -166,7 +106,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             pcfg = pretrain_config(cfg, name, seed, steps, corpus)
             pre = checkpoint.finished_or_run(Path(pcfg.out), lambda pcfg=pcfg: pretrain(pcfg), finished="model_weights")
             runs.append({"objective": name, "seed": seed, "pretraining": _pretraining_summary(pre, Path(pcfg.out)),
-                         **_finetune_all(cfg, name, seed, "pretrained")})  # fmt: skip
+                         **_finetune_all(cfg, name, seed, "pretrained")})
         if cfg.scratch_seeds is None or seed in cfg.scratch_seeds:
             runs.append({"objective": SCRATCH, "seed": seed, **_finetune_all(cfg, cfg.objectives[0], seed, SCRATCH)})
     summary = {
@@ -197,7 +137,7 @@ def _check_same_settings(cfg: CompareConfig, out: Path) -> None:
     keep_free = ("objectives", "seeds", "scratch_seeds", "progress", "out")  # adding runs does not change old ones
     changed = sorted(k for k in now if k not in keep_free and before.get(k) != now[k])
     if changed:
-        raise ValueError(
+        raise UserError(
             f"{out / 'config.yaml'}: this directory holds a comparison with other {', '.join(changed)} "
             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); use another --out or delete it"
         )
@@ -226,10 +166,10 @@ def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
             out=run_dir, model=model, data=data, kind=kind, init=init, epochs=cfg.classify_epochs
             if kind == "classify" else cfg.ner_epochs, minutes=0.0, max_len=cfg.seq_len, seed=seed,
             progress=cfg.progress, splits=splits,
-        )  # fmt: skip
-        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind), finished="test")
+        )
+        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished="test")
         found[data] = {"test": _scalars(r["test"]), "dev": _scalars(r["dev"]), "steps": r["training"]["steps"],
-                       "seconds": r["training"]["seconds"]}  # fmt: skip
+                       "seconds": r["training"]["seconds"]}
     return found
 
 
@@ -306,11 +246,11 @@ def report(summary: dict) -> str:
             minutes = f"{_fmt(s['pretraining_minutes'], 1)} ({_fmt(s['pretraining_minutes_at_median_speed'], 1)})"
         label = "none (random init)" if name == SCRATCH else name
         lines.append(f"| {label} | {lr} | {steps} | {pf} | {minutes} | {_fmt(s['reviews-sentiment'])} "
-                     f"| {_fmt(s['peoples-daily-ner'])} |")  # fmt: skip
+                     f"| {_fmt(s['peoples-daily-ner'])} |")
     lines += ["", "Per seed (test):", "", "| objective | seed | sentiment accuracy | NER F1 |", "|---|---|---|---|"]
     for r in summary["runs"]:
         lines.append(f"| {r['objective']} | {r['seed']} | {r['reviews-sentiment']['test']['accuracy']:.4f} | "
-                     f"{r['peoples-daily-ner']['test']['f1']:.4f} |")  # fmt: skip
+                     f"{r['peoples-daily-ner']['test']['f1']:.4f} |")
     c = summary.get("claim")
     if c:
         verdict = "holds" if c["electra_at_least_mlm"] else "does not hold"
@@ -320,7 +260,7 @@ def report(summary: dict) -> str:
             spreads = "" if k is None else f" ({k:+.1f} x the larger seed standard deviation)"
             lines.append(f"- {data}: ELECTRA - MLM = {v['electra_minus_mlm']:+.4f}{spreads}")
     lines += ["", "![comparison](compare.png)", "",
-              "Stage run directories: pretrain/OBJECTIVE-seedN/, finetune/OBJECTIVE/seedN/TASK/."]  # fmt: skip
+              "Stage run directories: pretrain/OBJECTIVE-seedN/, finetune/OBJECTIVE/seedN/TASK/."]
     return "\n".join(lines) + "\n"
 
 
@@ -334,7 +274,7 @@ def plot(summary: dict, path: Path) -> None:
     by = summary["summary"]
     names = list(by)
     panels = [("reviews-sentiment", "test accuracy"), ("peoples-daily-ner", "test entity F1"),
-              ("pretraining_minutes_at_median_speed", "pretraining minutes (at median speed)")]  # fmt: skip
+              ("pretraining_minutes_at_median_speed", "pretraining minutes (at median speed)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         shown = [n for n in names if key in by[n]]

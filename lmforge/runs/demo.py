@@ -23,12 +23,13 @@ from pathlib import Path
 from lmforge.baselines import dictionary_ner, tfidf_svm
 from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
-from lmforge.finetune import ClassifyConfig, NERConfig, finetune
+from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig, PretrainConfig, PretrainData
+from lmforge.runs.finetune import finetune
 from lmforge.metrics import DEFINITIONS
-from lmforge.pretrain import ModelSpec, PretrainConfig, PretrainData, pretrain
+from lmforge.runs.pretrain import pretrain
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import OptimConfig
-from lmforge.train.rundir import holds_out_dir
+from lmforge.runs.session import holds_out_dir
 
 TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
 STAGE_DIRS = ("pretrain", *TASKS)
@@ -60,31 +61,13 @@ BUDGETS = {
 }
 
 
-@dataclass
-class DemoConfig:
-    """Run the whole pipeline on built-in Chinese data with baselines side by side (what `make demo` runs)."""
-
-    out: str = "runs/demo"
-    """Output directory (its demo stage directories are replaced on every run)."""
-    quick: bool = False
-    """The same pipeline with small budgets (about 3 minutes on 2 cores)."""
-    limit: int = 0
-    """Use only the first N examples of each split (0 = all): for smoke tests."""
-    pretrain_steps: int | None = None
-    """Pretraining steps instead of the budget's (its wall-time cap still applies)."""
-    seed: int = 1234
-    """Seed for every stage."""
-    progress: bool = True
-    """Show progress bars."""
-
-
 def training(*, minutes: float, lr: float, batch: int, seed: int, progress: bool) -> TrainConfig:
     """The demo's training settings for a stage (linear schedule, 30 warm-up steps, no mid-run checkpoints)."""
     return TrainConfig(
         global_batch_size=batch, micro_batch_size=batch, max_minutes=minutes, seed=seed, progress=progress,
         eval_every=0, save_every=0, log_every=10, keep_last=1,
         optim=OptimConfig(lr=lr, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
-    )  # fmt: skip
+    )
 
 
 def _limited(splits: dict, limit: int) -> dict:
@@ -115,7 +98,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         results: dict[str, dict] = {}
         for init in ("pretrained", "scratch"):
             t = time.perf_counter()
-            run = finetune(_finetune_config(cfg, budget, out, data, kind, init, splits), kind)
+            run = finetune(_finetune_config(cfg, budget, out, data, kind, init, splits), kind).to_json()
             wall[f"{data}/{init}"] = round(time.perf_counter() - t, 1)
             speed[f"{data}/{init}"] = run["training"]["tokens_per_s"]
             results[init] = {"dev": run["dev"], "test": run["test"], "steps": run["training"]["steps"]}
@@ -150,8 +133,8 @@ def _pretrain_config(cfg: DemoConfig, budget: Budget, out: Path) -> PretrainConf
     )
     return PretrainConfig(
         out=str(out / "pretrain"), task="mlm", model=ModelSpec(size=budget.size, dropout=0.0),
-        data=PretrainData(input=inputs, seq_len=budget.seq_len, vocab_size=21128), train=train,
-    )  # fmt: skip
+        data=PretrainData(input=inputs, seq_len=budget.seq_len, vocab_size=21128), training=train,
+    )
 
 
 def pretrain_inputs(out: Path, limit: int) -> list[str]:
@@ -171,20 +154,20 @@ def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind
         epochs=budget.classify_epochs if classify else budget.ner_epochs,
         minutes=budget.classify_minutes if classify else budget.ner_minutes,
         max_len=budget.seq_len, seed=cfg.seed, progress=cfg.progress, splits=splits if cfg.limit else None,
-    )  # fmt: skip
+    )
 
 
 def finetune_config(
     *, out: Path, model: str, data: str, kind: str, init: str, epochs: float, minutes: float, max_len: int,
     seed: int, progress: bool, splits: dict | None = None,
-):  # fmt: skip
+):
     """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3;
     batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
     lr = 1e-3 if kind == "classify" else 2e-3
     common = dict(
         out=str(out), model=model, init=init, epochs=epochs, dropout=0.0, max_len=max_len,
         training=training(minutes=minutes, lr=lr, batch=32, seed=seed, progress=progress),
-    )  # fmt: skip
+    )
     if splits is not None:
         common.update(_write_splits(out.parent / "data", splits, kind))
     else:
@@ -220,7 +203,7 @@ def report(summary: dict) -> str:
     p = summary["pretraining"]
     loss = "-" if p["best_val_loss"] is None else f"{p['best_val_loss']:.4f}"
     lines += ["", f"Pretraining: {p['steps']} steps, {p['tokens']:,} tokens at {p['tokens_per_s']:,.0f} tokens/s, "
-              f"best validation MLM loss {loss} (see pretrain/report.md).", ""]  # fmt: skip
+              f"best validation MLM loss {loss} (see pretrain/report.md).", ""]
     lines += ["| stage | wall seconds | tokens/s |", "|---|---|---|"]
     speed = summary["tokens_per_s"]
     for stage, seconds in summary["wall_seconds"].items():

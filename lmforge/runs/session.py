@@ -66,7 +66,7 @@ def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
         ) from None
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["lmforge", *sys.argv[1:]]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         _held.add(key)

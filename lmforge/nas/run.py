@@ -25,137 +25,31 @@ import json
 import logging
 import random
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import optuna
 import torch
 
 from lmforge.config import write_json, write_yaml
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.finetune import (
-    ClassifyConfig,
-    NERConfig,
-    build_task,
-    finetune,
-    load_encoder_weights,
-    load_splits,
-    training_for_epochs,
-)
+from lmforge.errors import UserError
 from lmforge.models.bert import Bert
-from lmforge.models.registry import read_config, save_model
+from lmforge.models.registry import load_encoder_weights, read_config, save_model
 from lmforge.models.sizes import SIZES
+from lmforge.nas.config import NASConfig
 from lmforge.nas.latency import LatencyModel, held_out_split, measure_latency, relative_errors
 from lmforge.nas.search import finished_trials, multi_trial, open_study, pareto_front, score_with_supernet
-from lmforge.nas.space import Arch, SearchSpace, base_config
+from lmforge.nas.space import Arch, base_config
 from lmforge.nas.supernet import SandwichTask, Supernet
-from lmforge.tasks.classification import label_set
-from lmforge.tasks.ner import tag_set
+from lmforge.runs.config import ClassifyConfig, NERConfig
+from lmforge.runs.finetune import finetune, load_splits, training_for_epochs
+from lmforge.runs.session import holds_out_dir
+from lmforge.tasks.classification import ClassificationTask, label_set
+from lmforge.tasks.ner import NERTask, tag_set
 from lmforge.train import checkpoint
-from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
-from lmforge.train.optim import OptimConfig
-from lmforge.train.rundir import holds_out_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LatencySettings:
-    """How latency is measured and modelled."""
-
-    measure: int = 40
-    """Random architectures of the space measured (the baselines are measured too)."""
-    held_out: float = 0.25
-    """Share of the measured architectures held out of the fit to report the model's error."""
-    warmup: int = 3
-    """Untimed forward passes before timing."""
-    repeats: int = 15
-    """Timed forward passes; the median is kept."""
-
-
-@dataclass
-class SupernetSettings:
-    """Strategy 1: the weight-sharing supernet."""
-
-    epochs: float = 3.0
-    """Sandwich-rule training epochs."""
-    n_random: int = 2
-    """Random sub-networks per step besides the largest and the smallest."""
-    candidates: int = 120
-    """Distinct architectures scored with inherited weights."""
-    population: int = 24
-    """NSGA-II population size."""
-
-
-@dataclass
-class TrialSettings:
-    """Strategy 2: multi-trial search, each trial a brief training."""
-
-    n_trials: int = 10
-    """Finished (complete or pruned) trials the study should hold."""
-    epochs: float = 1.0
-    """Training epochs per trial."""
-    evals: int = 4
-    """Dev evaluations per trial: the median pruner's decision points."""
-
-
-def _training() -> TrainConfig:
-    return TrainConfig(
-        global_batch_size=32, micro_batch_size=32, eval_every=0, save_every=0, keep_last=1, log_every=20,
-        optim=OptimConfig(lr=1e-3, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
-    )  # fmt: skip
-
-
-@dataclass
-class NASConfig:
-    """Search architectures for a fine-tuning task: accuracy vs latency measured on this machine."""
-
-    out: str = "runs/nas"
-    """Output directory; finished stages found there are kept and the search continues."""
-    task: Literal["classify", "ner"] = "classify"
-    """The task candidates are judged on."""
-    data: str | None = "builtin:reviews-sentiment"
-    """builtin:NAME, or None with --train/--dev/--test files."""
-    train: str | None = None
-    """Training file (classify: CSV/TSV/JSONL; ner: CoNLL/JSONL)."""
-    dev: str | None = None
-    """Dev file (the search's metric); without one 10% of train is held out."""
-    test: str | None = None
-    """Test file for the retrained picks."""
-    skip_bad_rows: bool = False
-    """Skip malformed rows (reported) instead of stopping at the first."""
-    tokenizer: str | None = None
-    """Directory with a WordPiece tokenizer.json; None = train one on the training texts."""
-    vocab_size: int = 8000
-    """Vocabulary size of a tokenizer trained here."""
-    init: str = "scratch"
-    """scratch, or a pretrained lmforge BERT directory shaped like the space's largest architecture."""
-    max_len: int = 128
-    """Longest input in sub-tokens."""
-    strategies: list[Literal["supernet", "multi-trial"]] = field(default_factory=lambda: ["supernet", "multi-trial"])
-    """Search strategies to run."""
-    space: SearchSpace = field(default_factory=SearchSpace)
-    latency: LatencySettings = field(default_factory=LatencySettings)
-    supernet: SupernetSettings = field(default_factory=SupernetSettings)
-    trials: TrialSettings = field(default_factory=TrialSettings)
-    retrain_epochs: float = 3.0
-    """Epochs when retraining the picks and the baseline from scratch; 0 = no retraining."""
-    dropout: float = 0.0
-    """Dropout of every candidate."""
-    training: TrainConfig = field(default_factory=_training)
-
-    def __post_init__(self) -> None:
-        if not self.strategies:
-            raise ValueError("strategies: choose at least one of supernet, multi-trial")
-        if self.space.family != "bert":
-            raise ValueError(
-                f"space.family={self.space.family!r}: `lmforge nas` searches encoders for classify / ner; GPT spaces "
-                "are measured and modelled by lmforge.nas.latency but not yet searched"
-            )
-        if self.init != "scratch" and not (Path(self.init) / "config.json").is_file():
-            raise ValueError(f"init={self.init!r}: expected 'scratch' or an lmforge BERT directory with config.json")
 
 
 @holds_out_dir
@@ -171,9 +65,10 @@ def run_nas(cfg: NASConfig) -> dict:
     space = cfg.space
     base = dataclasses.replace(
         base_config(space, tok.vocab_size, max_seq_len=max(cfg.max_len, space.latency_seq_len)),
-        dropout=cfg.dropout, attn_dropout=cfg.dropout,
-    )  # fmt: skip
-    task = build_task(cfg.task, tok, _settings(cfg, splits), splits, dropout=cfg.dropout)
+        dropout=cfg.dropout,
+        attn_dropout=cfg.dropout,
+    )
+    task = _task(cfg, tok, splits)
     metric = task.selection[0]
     dev_lengths = [len(item[0]) for item in task.val_items]
 
@@ -204,10 +99,12 @@ def run_nas(cfg: NASConfig) -> dict:
     return found
 
 
-def _settings(cfg: NASConfig, splits: dict) -> dict:
+def _task(cfg: NASConfig, tok, splits: dict) -> ClassificationTask | NERTask:
+    """The fine-tuning task every candidate is scored on (pooler head for classification, CRF for NER)."""
+    examples = {"train_examples": splits["train"], "dev_examples": splits["dev"], "dropout": cfg.dropout}
     if cfg.task == "classify":
-        return {"labels": label_set(splits["train"]), "pooling": "pooler", "max_len": cfg.max_len}
-    return {"tags": tag_set(splits["train"]), "overlap": cfg.max_len // 4, "head": "crf", "max_len": cfg.max_len}
+        return ClassificationTask(tok, label_set(splits["train"]), max_len=cfg.max_len, pooling="pooler", **examples)
+    return NERTask(tok, tag_set(splits["train"]), max_len=cfg.max_len, overlap=cfg.max_len // 4, head="crf", **examples)
 
 
 def _tokenizer(cfg: NASConfig, splits: dict, out: Path) -> Path:
@@ -241,23 +138,30 @@ def _latency(cfg: NASConfig, base, out: Path) -> tuple[LatencyModel, dict]:
     by_name = {a.name: a for a in [*sample, *baselines.values()]}
     for name, arch in by_name.items():
         if name not in measured:
-            measured[name] = measure_latency(arch, base, batch=shape["batch"], seq_len=shape["seq_len"],
-                                             warmup=s.warmup, repeats=s.repeats)  # fmt: skip
+            measured[name] = measure_latency(
+                arch, base, batch=shape["batch"], seq_len=shape["seq_len"], warmup=s.warmup, repeats=s.repeats
+            )
             write_json(path, {"shape": shape, "measured": measured})
     names = sorted(by_name)
     fit_idx, held_idx = held_out_split(len(names), s.held_out, cfg.training.seed)
     fit_archs = [by_name[names[i]] for i in fit_idx]
     held = [by_name[names[i]] for i in held_idx]
-    model = LatencyModel.fit(fit_archs, [measured[a.name] for a in fit_archs], batch=shape["batch"],
-                             seq_len=shape["seq_len"])  # fmt: skip
+    model = LatencyModel.fit(
+        fit_archs, [measured[a.name] for a in fit_archs], batch=shape["batch"], seq_len=shape["seq_len"]
+    )
     errors = relative_errors(model, held, [measured[a.name] for a in held])
-    final = LatencyModel.fit(list(by_name.values()), [measured[n] for n in by_name], batch=shape["batch"],
-                             seq_len=shape["seq_len"])  # fmt: skip
+    final = LatencyModel.fit(
+        list(by_name.values()), [measured[n] for n in by_name], batch=shape["batch"], seq_len=shape["seq_len"]
+    )
     report = {
-        **shape, "measured": measured, "held_out": [a.name for a in held],
-        "held_out_median_relative_error": statistics.median(errors), "held_out_max_relative_error": max(errors),
-        "model": final.to_dict(), "baselines": {n: measured[a.name] for n, a in baselines.items()},
-    }  # fmt: skip
+        **shape,
+        "measured": measured,
+        "held_out": [a.name for a in held],
+        "held_out_median_relative_error": statistics.median(errors),
+        "held_out_max_relative_error": max(errors),
+        "model": final.to_dict(),
+        "baselines": {n: measured[a.name] for n, a in baselines.items()},
+    }
     write_json(path, {"shape": shape, **report})
     return final, report
 
@@ -275,7 +179,7 @@ def _supernet(cfg: NASConfig, task, build, latency, base, out: Path, dev_lengths
     if cfg.init != "scratch":
         shape = Arch.of(read_config(cfg.init))
         if shape != space.largest:
-            raise ValueError(
+            raise UserError(
                 f"init={cfg.init}: its shape {shape.name} must be the space's largest, {space.largest.name}"
             )
         load_encoder_weights(supernet.full.encoder, cfg.init)
@@ -297,18 +201,28 @@ def _supernet(cfg: NASConfig, task, build, latency, base, out: Path, dev_lengths
             r["predicted_ms"] = latency.predict(Arch(r["n_layers"], r["d_model"], r["n_heads"], r["d_ff"]))
     else:
         rows, scoring_flops = score_with_supernet(
-            lambda arch: _score(supernet, task, arch), space=space, latency=latency, base=base,
-            n_candidates=s.candidates, population=s.population, seed=cfg.training.seed, dev_lengths=dev_lengths,
-        )  # fmt: skip
+            lambda arch: _score(supernet, task, arch),
+            space=space,
+            latency=latency,
+            base=base,
+            n_candidates=s.candidates,
+            population=s.population,
+            seed=cfg.training.seed,
+            dev_lengths=dev_lengths,
+        )
         write_json(candidates_path, {"rows": rows, "scoring_flops": scoring_flops})
     front = pareto_front(rows)
     shape = (cfg.space.latency_batch, cfg.space.latency_seq_len)
     for r in front:
         r["measured_ms"] = _measured(cfg, base, Arch(r["n_layers"], r["d_model"], r["n_heads"], r["d_ff"]), shape, out)
     return supernet, {
-        "train_flops": summary["train_flops"], "train_seconds": summary["seconds"], "steps": summary["steps"],
-        "scoring_flops": scoring_flops, "candidates": rows, "pareto": front,
-    }  # fmt: skip
+        "train_flops": summary["train_flops"],
+        "train_seconds": summary["seconds"],
+        "steps": summary["steps"],
+        "scoring_flops": scoring_flops,
+        "candidates": rows,
+        "pareto": front,
+    }
 
 
 def _measured(cfg: NASConfig, base, arch: Arch, shape: tuple[int, int], out: Path) -> float:
@@ -328,9 +242,17 @@ def _multi_trial(cfg: NASConfig, task, build, latency, base, out: Path, dev_leng
     training = dataclasses.replace(training, eval_every=max(1, training.max_steps // cfg.trials.evals), progress=False)
     study = open_study(run_dir / "study.db", seed=cfg.training.seed, space=cfg.space, latency=latency, base=base)
     rows = multi_trial(
-        study, n_trials=cfg.trials.n_trials, build=build, task=task, training=training, space=cfg.space,
-        latency=latency, base=base, run_dir=run_dir, dev_lengths=dev_lengths,
-    )  # fmt: skip
+        study,
+        n_trials=cfg.trials.n_trials,
+        build=build,
+        task=task,
+        training=training,
+        space=cfg.space,
+        latency=latency,
+        base=base,
+        run_dir=run_dir,
+        dev_lengths=dev_lengths,
+    )
     return {"trials": rows, "n_finished": len(finished_trials(study)), "epochs_per_trial": cfg.trials.epochs}
 
 
@@ -360,17 +282,23 @@ def _write_pareto_dirs(cfg: NASConfig, supernet: Supernet, front: list[dict], to
         save_model(supernet.extract(arch).encoder, directory)
         copy_tokenizer_files(tok_dir, directory)
         shape = dataclasses.asdict(arch)
-        write_yaml(directory / "pretrain.yaml", {
-            "task": "mlm", "model": {"size": "bert-tiny", **shape, "dropout": 0.0},
-            "data": {"input": ["builtin:pretrain-zh"], "tokenizer": str(directory), "seq_len": cfg.max_len},
-        })  # fmt: skip
+        write_yaml(
+            directory / "pretrain.yaml",
+            {
+                "task": "mlm",
+                "model": {"size": "bert-tiny", **shape, "dropout": 0.0},
+                "data": {"input": ["builtin:pretrain-zh"], "tokenizer": str(directory), "seq_len": cfg.max_len},
+            },
+        )
         data = (
             {"data": cfg.data}
             if cfg.data
             else {k: getattr(cfg, k) for k in ("train", "dev", "test") if getattr(cfg, k)}
         )
-        write_yaml(directory / "finetune.yaml", {"model": str(directory), "init": "pretrained", **data,
-                                                 "max_len": cfg.max_len, "dropout": cfg.dropout})  # fmt: skip
+        write_yaml(
+            directory / "finetune.yaml",
+            {"model": str(directory), "init": "pretrained", **data, "max_len": cfg.max_len, "dropout": cfg.dropout},
+        )
         r["directory"] = str(directory)
 
 
@@ -412,15 +340,27 @@ def _retrain(cfg: NASConfig, found: dict, supernet, build, base, tok_dir: Path, 
         kind = cfg.task
         files = {k: getattr(cfg, k) for k in ("data", "train", "dev", "test")}
         config_cls = ClassifyConfig if kind == "classify" else NERConfig
-        ft = config_cls(out=str(out / "retrain" / f"{label}-{arch.name}"), model=str(model_dir), init="scratch",
-                        epochs=cfg.retrain_epochs, dropout=cfg.dropout, max_len=cfg.max_len, training=cfg.training,
-                        skip_bad_rows=cfg.skip_bad_rows, **files)  # fmt: skip
+        ft = config_cls(
+            out=str(out / "retrain" / f"{label}-{arch.name}"),
+            model=str(model_dir),
+            init="scratch",
+            epochs=cfg.retrain_epochs,
+            dropout=cfg.dropout,
+            max_len=cfg.max_len,
+            training=cfg.training,
+            skip_bad_rows=cfg.skip_bad_rows,
+            **files,
+        )
         finished = "test" if cfg.test or cfg.data else "wall_seconds"  # the last keys finetune writes
-        r = checkpoint.finished_or_run(ft.out, lambda ft=ft, kind=kind: finetune(ft, kind), finished=finished)
+        r = checkpoint.finished_or_run(ft.out, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished=finished)
         results[label] = {
-            "arch": arch.name, **dataclasses.asdict(arch), "measured_ms": _measured(cfg, base, arch, shape, out),
-            "dev": _scalars(r["dev"]), "test": _scalars(r.get("test", {})), "run": ft.out,
-        }  # fmt: skip
+            "arch": arch.name,
+            **dataclasses.asdict(arch),
+            "measured_ms": _measured(cfg, base, arch, shape, out),
+            "dev": _scalars(r["dev"]),
+            "test": _scalars(r.get("test", {})),
+            "run": ft.out,
+        }
     return results
 
 
@@ -443,12 +383,17 @@ def report(found: dict, cfg: NASConfig) -> str:
     ]
     if "supernet" in found:
         s = found["supernet"]
-        lines += [f"## Pareto front (supernet, {len(s['candidates'])} candidates scored with inherited weights)", "",
-                  f"| architecture | dev {metric} | measured ms | predicted ms | params | GFLOPs | directory |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## Pareto front (supernet, {len(s['candidates'])} candidates scored with inherited weights)",
+            "",
+            f"| architecture | dev {metric} | measured ms | predicted ms | params | GFLOPs | directory |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in s["pareto"]:
-            lines.append(f"| {r['arch']} | {r['dev']:.4f} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
-                         f"{r['params']:,} | {r['flops'] / 1e9:.2f} | {r.get('directory', '-')} |")  # fmt: skip
+            lines.append(
+                f"| {r['arch']} | {r['dev']:.4f} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
+                f"{r['params']:,} | {r['flops'] / 1e9:.2f} | {r.get('directory', '-')} |"
+            )
         lines += ["", "Baselines:", ""]
         for name, b in found["baselines"].items():
             inherited = b.get("inherited_dev")
@@ -457,32 +402,46 @@ def report(found: dict, cfg: NASConfig) -> str:
         lines.append("")
     if "multi_trial" in found:
         m = found["multi_trial"]
-        lines += [f"## Multi-trial search ({m['n_finished']} trials of {m['epochs_per_trial']:g} epoch(s))", "",
-                  f"| trial | architecture | state | dev {metric} | predicted ms | GFLOPs spent |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## Multi-trial search ({m['n_finished']} trials of {m['epochs_per_trial']:g} epoch(s))",
+            "",
+            f"| trial | architecture | state | dev {metric} | predicted ms | GFLOPs spent |",
+            "|---|---|---|---|---|---|",
+        ]
         for t in m["trials"]:
-            lines.append(f"| {t['trial']} | {t['arch']} | {t['state']} | {t['dev']:.4f} | {t['predicted_ms']:.2f} | "
-                         f"{t['trial_flops'] / 1e9:,.0f} |")  # fmt: skip
+            lines.append(
+                f"| {t['trial']} | {t['arch']} | {t['state']} | {t['dev']:.4f} | {t['predicted_ms']:.2f} | "
+                f"{t['trial_flops'] / 1e9:,.0f} |"
+            )
         lines.append("")
     c = found["cost"]
     if "supernet_share" in c:
         n, tera = c["supernet_candidates"], 1e12
-        lines += ["## Cost", "",
-                  f"Supernet: {c['supernet_flops'] / tera:,.1f} TFLOPs for {n} candidates (training + scoring). "
-                  f"Multi-trial: {c['multi_trial_flops_per_candidate'] / tera:,.2f} TFLOPs per candidate (mean of "
-                  f"{c['multi_trial_trials_run']} trials), {c['multi_trial_flops_for_same_candidates'] / tera:,.1f} "
-                  f"TFLOPs for {n}. The supernet spends {c['supernet_share']:.3f}x of that.", ""]  # fmt: skip
+        lines += [
+            "## Cost",
+            "",
+            f"Supernet: {c['supernet_flops'] / tera:,.1f} TFLOPs for {n} candidates (training + scoring). "
+            f"Multi-trial: {c['multi_trial_flops_per_candidate'] / tera:,.2f} TFLOPs per candidate (mean of "
+            f"{c['multi_trial_trials_run']} trials), {c['multi_trial_flops_for_same_candidates'] / tera:,.1f} "
+            f"TFLOPs for {n}. The supernet spends {c['supernet_share']:.3f}x of that.",
+            "",
+        ]
     if "retrained" in found:
         rows = found["retrained"]
         baseline = rows[next(iter(found["baselines"]))]
-        lines += ["## Retrained from scratch with one recipe", "",
-                  f"| pick | architecture | measured ms | x baseline latency | dev {metric} | test {metric} |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Retrained from scratch with one recipe",
+            "",
+            f"| pick | architecture | measured ms | x baseline latency | dev {metric} | test {metric} |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, r in rows.items():
             test = r["test"].get(metric)
             ratio = r["measured_ms"] / baseline["measured_ms"]
-            lines.append(f"| {label} | {r['arch']} | {r['measured_ms']:.2f} | {ratio:.2f} | {r['dev'][metric]:.4f} | "
-                         f"{'-' if test is None else f'{test:.4f}'} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {r['arch']} | {r['measured_ms']:.2f} | {ratio:.2f} | {r['dev'][metric]:.4f} | "
+                f"{'-' if test is None else f'{test:.4f}'} |"
+            )
     lines += ["", "![Pareto front](pareto.png)"]
     return "\n".join(lines) + "\n"
 
@@ -498,14 +457,29 @@ def plot(found: dict, path: Path) -> None:
     metric = found["metric"]
     if "supernet" in found:
         s = found["supernet"]
-        ax.scatter([r["predicted_ms"] for r in s["candidates"]], [r["dev"] for r in s["candidates"]], s=10,
-                   color="0.7", label="supernet candidates (predicted ms, inherited weights)")  # fmt: skip
-        ax.plot([r["measured_ms"] for r in s["pareto"]], [r["dev"] for r in s["pareto"]], "o-", color="C0",
-                label="Pareto front (measured ms)")  # fmt: skip
+        ax.scatter(
+            [r["predicted_ms"] for r in s["candidates"]],
+            [r["dev"] for r in s["candidates"]],
+            s=10,
+            color="0.7",
+            label="supernet candidates (predicted ms, inherited weights)",
+        )
+        ax.plot(
+            [r["measured_ms"] for r in s["pareto"]],
+            [r["dev"] for r in s["pareto"]],
+            "o-",
+            color="C0",
+            label="Pareto front (measured ms)",
+        )
     if "multi_trial" in found:
         trials = [t for t in found["multi_trial"]["trials"] if t["state"] == "complete"]
-        ax.scatter([t["predicted_ms"] for t in trials], [t["dev"] for t in trials], marker="^", color="C1",
-                   label="multi-trial (brief training)")  # fmt: skip
+        ax.scatter(
+            [t["predicted_ms"] for t in trials],
+            [t["dev"] for t in trials],
+            marker="^",
+            color="C1",
+            label="multi-trial (brief training)",
+        )
     for name, b in found["baselines"].items():
         retrained = found.get("retrained", {}).get(name)
         y = b.get("inherited_dev", retrained["dev"][metric] if retrained else None)

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import tyro
 
-from lmforge.serve.app import Limits, create_app
-from lmforge.serve.models import Served, load_served
+from lmforge.errors import UserError
+from lmforge.serve.limits import Limits
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -42,25 +42,29 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--model {spec!r}: expected NAME=RUN_DIR, e.g. --model sentiment=runs/cls")
+            raise UserError(f"--model {spec!r}: expected NAME=RUN_DIR, e.g. --model sentiment=runs/cls")
         if name in found:
-            raise ValueError(f"--model {spec!r}: the name {name!r} is given twice")
+            raise UserError(f"--model {spec!r}: the name {name!r} is given twice")
         found[name] = path
     if not found:
-        raise ValueError("give at least one --model NAME=RUN_DIR")
+        raise UserError("give at least one --model NAME=RUN_DIR")
     return found
 
 
-def load_models(cfg: ServeConfig) -> dict[str, Served]:
+def load_models(cfg: ServeConfig) -> dict:
+    from lmforge.serve.models import load_served
+
     return {name: load_served(name, path) for name, path in parse_models(cfg.model).items()}
 
 
-def serve(cfg: ServeConfig) -> None:
+def run(cfg: ServeConfig) -> None:
     """Check the settings, load every model, then serve until interrupted."""
     import uvicorn
 
+    from lmforge.serve.app import create_app
+
     limits = dataclasses.replace(cfg.limits, api_key=cfg.limits.api_key or os.environ.get("LMFORGE_API_KEY") or None)
     if cfg.host not in LOOPBACK and not limits.api_key:
-        raise ValueError(f"--host {cfg.host}: binding beyond loopback needs --api-key (or $LMFORGE_API_KEY)")
+        raise UserError(f"--host {cfg.host}: binding beyond loopback needs --api-key (or $LMFORGE_API_KEY)")
     app = create_app(load_models(cfg), limits)
     uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=int(cfg.graceful_s), log_level="info")

@@ -1,0 +1,116 @@
+"""``lmforge chat`` (an interactive terminal chat) and ``lmforge generate`` (one prompt), streamed."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lmforge.commands._console import write_stdout
+from lmforge.errors import UserError
+from lmforge.inference.config import GenerationConfig
+
+
+def _chat_sampling() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=128, do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1)
+
+
+@dataclass
+class GenerateConfig:
+    """Generate text from one prompt with a GPT model directory (a chat run directory wraps it as a user turn)."""
+
+    model: str
+    """lmforge GPT directory, or a run directory from `lmforge finetune chat`."""
+    prompt: str
+    """The prompt text."""
+    raw: bool = False
+    """With a chat model: continue the prompt as plain text instead of answering it as a user message."""
+    system: str | None = None
+    """With a chat model: a system message before the prompt."""
+    generation: GenerationConfig = field(default_factory=_chat_sampling)
+
+
+@dataclass
+class ChatConfig:
+    """Chat in the terminal with a run directory from `lmforge finetune chat` (/reset, /quit)."""
+
+    model: str
+    """Run directory from `lmforge finetune chat` (or any GPT whose tokenizer has the chat tokens)."""
+    system: str | None = None
+    """A system message that starts every conversation."""
+    generation: GenerationConfig = field(default_factory=_chat_sampling)
+
+
+def open_session(model_dir: str, *, system: str | None = None):
+    """A ``ChatSession`` over the GPT of ``model_dir`` (a chat run, or a pretrained GPT directory)."""
+    from lmforge.inference.chat import ChatSession
+    from lmforge.runs.run_dir import load_run
+
+    run = load_run(model_dir)
+    if run.name != "chat":
+        raise UserError(f"{model_dir}: chat and generate need a GPT model directory (this is a {run.name!r} run)")
+    return ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, system=system)
+
+
+def generate(cfg: GenerateConfig, write: Callable[[str], None]) -> str:
+    """Stream the continuation of ``cfg.prompt`` through ``write``; returns the whole text."""
+    session = open_session(cfg.model, system=cfg.system)
+    if session.is_chat_model and not cfg.raw:
+        pieces = session.reply(cfg.prompt, cfg.generation)
+    else:
+        pieces = session.generator.stream(cfg.prompt, cfg.generation)
+    out = []
+    for piece in pieces:
+        write(piece)
+        out.append(piece)
+    return "".join(out)
+
+
+def chat_loop(cfg: ChatConfig, read: Callable[[], str], write: Callable[[str], None]) -> int:
+    """The interactive loop: ``read`` returns the next user line (EOFError ends); returns the turns answered."""
+    session = open_session(cfg.model, system=cfg.system)
+    if not session.is_chat_model:
+        write(f"note: {cfg.model} has no chat fine-tuning (task.json); replies may not follow the conversation\n")
+    write("chat: type a message; /reset starts over, /quit ends\n")
+    turns = 0
+    while True:
+        try:
+            line = read().strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return turns
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return turns
+        if line == "/reset":
+            session.reset()
+            write("(history cleared)\n")
+            continue
+        if line.startswith("/"):
+            write(f"unknown command {line!r}: /reset or /quit\n")
+            continue
+        write("assistant: ")
+        try:
+            for piece in session.reply(line, cfg.generation):
+                write(piece)
+        except ValueError as e:
+            write(f"error: {e}")
+        write("\n")
+        turns += 1
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    generate(cfg, write_stdout)
+    write_stdout("\n")
+
+
+def run_chat(cfg: ChatConfig) -> None:
+    def read() -> str:
+        write_stdout("you: ")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    chat_loop(cfg, read, write_stdout)

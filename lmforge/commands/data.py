@@ -1,0 +1,49 @@
+"""``lmforge data list`` and ``lmforge data export``: the built-in corpora (``data/builtin.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from lmforge.commands._console import console, print_table
+from lmforge.data import builtin
+
+
+@dataclass
+class ListConfig:
+    """List the built-in corpora with their split sizes."""
+
+    path: str | None = None
+    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+
+
+@dataclass
+class ExportConfig:
+    """Write a built-in corpus's splits as JSONL / CoNLL / TSV files, the formats users bring."""
+
+    name: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="NAME")]]
+    """Built-in corpus name (see `lmforge data list`)."""
+    out: str
+    """Directory to write train/dev/test files into."""
+    path: str | None = None
+    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+
+
+def run_list(cfg: ListConfig) -> None:
+    rows = []
+    for name, b in builtin.BUILTINS.items():
+        try:
+            splits = builtin.load_builtin(name, path=cfg.path)
+            sizes = [f"{len(splits[s]):,}" for s in builtin.SPLITS]
+        except ValueError as e:
+            sizes = ["-", "-", "-"]
+            console.print(f"[yellow]{name}[/yellow]: {e}")
+        rows.append([name, b.task, *sizes, b.source])
+    print_table("Built-in corpora", ["name", "task", "train", "dev", "test", "source"], rows)
+
+
+def run_export(cfg: ExportConfig) -> None:
+    for split, path in builtin.export_builtin(cfg.name, cfg.out, path=cfg.path).items():
+        console.print(f"[green]wrote[/green] {split}: {path}")

@@ -1,0 +1,56 @@
+"""``lmforge embed``: sentence vectors of a file of texts (``OUT.npy``, float32, L2-normalised rows) and their
+ids (``OUT.ids.txt``: each row's ``id`` field, else its file:line), from a SimCSE run or any lmforge BERT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.commands._console import console
+
+
+@dataclass
+class Config:
+    """Embed texts with a run directory from `lmforge finetune embed` (or any lmforge BERT: first-token vectors)."""
+
+    model: str
+    """Run directory (or a BERT model directory)."""
+    input: str
+    """.txt (one text per line), or .jsonl / .csv / .tsv with a 'text' field (and optionally 'id')."""
+    output: str
+    """Output prefix: writes OUTPUT.npy (float32, L2-normalised rows) and OUTPUT.ids.txt."""
+    batch_size: int = 64
+    """Texts per forward pass."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows instead of stopping at the first."""
+
+
+def embed(cfg: Config) -> tuple[Path, int]:
+    """Write the vectors and ids; returns the .npy path and the number of rows."""
+    import numpy as np
+    import torch
+
+    from lmforge.data.readers import check_output_file, read_labelled
+    from lmforge.runs.run_dir import load_run
+
+    for suffix in (".npy", ".ids.txt"):
+        check_output_file(cfg.output + suffix, inputs=[cfg.input])
+    run = load_run(cfg.model, task="embed")
+    task, model = run.task, run.model
+    task.eval_batch_size = cfg.batch_size
+    examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
+    vectors = task.vectors(model, [ex["text"] for ex in examples], device=torch.device("cpu"))
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = out.with_name(out.name + ".npy")
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(target)
+    ids = [ex.get("id", ex["source"]) for ex in examples]
+    out.with_name(out.name + ".ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    return target, len(examples)
+
+
+def run(cfg: Config) -> None:
+    path, n = embed(cfg)
+    console.print(f"[green]wrote[/green] {n} vectors to {path} (ids in {cfg.output}.ids.txt)")

@@ -1,0 +1,59 @@
+"""``lmforge evaluate``: score a fine-tuned run on labelled data with the task's own ``evaluate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.commands._console import console, print_table
+from lmforge.errors import UserError
+
+
+@dataclass
+class Config:
+    """Evaluate a fine-tuned run directory on labelled data."""
+
+    model: str
+    """Run directory written by `lmforge finetune`."""
+    data: str
+    """Labelled file (CSV / TSV / JSONL, or CoNLL for NER), or builtin:NAME[:SPLIT] (default split: test)."""
+    output: str | None = None
+    """Write the metrics here as JSON (and, for classification, a confusion-matrix PNG beside it)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows instead of stopping at the first."""
+
+
+def evaluate(cfg: Config) -> dict:
+    import torch
+
+    from lmforge.config import write_json
+    from lmforge.data.builtin import load_builtin
+    from lmforge.data.readers import check_output_file, read_labelled, read_tagged
+    from lmforge.metrics import DEFINITIONS, plot_confusion
+    from lmforge.runs.run_dir import load_run
+
+    if cfg.output:
+        check_output_file(cfg.output, inputs=[cfg.data])
+    run = load_run(cfg.model)
+    if cfg.data.startswith("builtin:"):
+        name, _, split = cfg.data.removeprefix("builtin:").partition(":")
+        examples = load_builtin(name).get(split or "test")
+        if examples is None:
+            raise UserError(f"--data {cfg.data}: split {split!r} is not train, dev or test")
+    else:
+        read = run.task.reader(None) or (read_labelled if "labels" in run.task.settings() else read_tagged)
+        examples, _ = read(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+    metrics = run.task.evaluate(run.model, examples, device=torch.device("cpu"))
+    if cfg.output:
+        write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **metrics, "definitions": DEFINITIONS})
+        if "confusion_matrix" in metrics:
+            plot_confusion(metrics["confusion_matrix"], metrics["labels"], Path(cfg.output).with_suffix(".png"))
+    return metrics
+
+
+def run(cfg: Config) -> None:
+    metrics = evaluate(cfg)
+    scalars = [[k, f"{v:.4f}"] for k, v in metrics.items() if isinstance(v, float)]
+    print_table(f"{cfg.model} on {cfg.data}", ["metric", "score"], scalars)
+    if cfg.output:
+        console.print(f"[green]wrote[/green] {cfg.output}")

@@ -1,0 +1,28 @@
+"""``lmforge finetune classify | ner | translate | chat | embed``: the one recipe (``runs/finetune.py``),
+then its table."""
+
+from __future__ import annotations
+
+from lmforge.commands._console import console, is_main_process, print_table
+from lmforge.runs.config import FinetuneConfig
+from lmforge.tasks import TASKS
+
+
+def task_of(cfg: FinetuneConfig) -> str:
+    """The task whose registered config ``cfg`` is."""
+    name = f"{type(cfg).__module__}:{type(cfg).__name__}"
+    return next(n for n, e in TASKS.items() if e.config == name)
+
+
+def run(cfg: FinetuneConfig) -> None:
+    from lmforge.runs.finetune import finetune
+
+    task = task_of(cfg)
+    result = finetune(cfg, task)
+    if result is None or not is_main_process():
+        return
+    header, rows = result.table()
+    print_table(f"{task}: {cfg.out}", header, rows)
+    console.print(f"[green]done[/green] in {result.wall_seconds / 60:.1f} min; run directory {cfg.out}")
+    if task == "chat":
+        console.print(f"chat with: lmforge chat --model {cfg.out}")

@@ -1,0 +1,41 @@
+"""``lmforge predict``: predictions of a fine-tuned run for a file of texts, one JSONL line per input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.commands._console import console
+
+
+@dataclass
+class Config:
+    """Predict with a fine-tuned run directory: JSONL out, one line per input text."""
+
+    model: str
+    """Run directory written by `lmforge finetune`."""
+    input: str
+    """Texts: .txt (one per line), .jsonl / .csv / .tsv with a 'text' field (and 'text_pair')."""
+    output: str
+    """JSONL: the input fields plus label, score, scores (classification) or entities (NER)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows instead of stopping at the first."""
+
+
+def predict(cfg: Config) -> int:
+    import torch
+
+    from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
+    from lmforge.runs.run_dir import load_run
+
+    check_output_file(cfg.output, inputs=[cfg.input])
+    run = load_run(cfg.model)
+    examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
+    predictions = run.task.predict(run.model, examples, device=torch.device("cpu"))
+    rows = (
+        {**{k: v for k, v in ex.items() if k != "source"}, **p} for ex, p in zip(examples, predictions, strict=True)
+    )
+    return write_jsonl(cfg.output, rows)
+
+
+def run(cfg: Config) -> None:
+    console.print(f"[green]wrote[/green] {predict(cfg)} predictions to {cfg.output}")

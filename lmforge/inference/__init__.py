@@ -1,0 +1,1 @@
+"""Using trained models: decoding (generate.py, config.py) and chatting (chat.py); no training code."""

@@ -1,0 +1,102 @@
+"""Chatting with a GPT: the ChatML prompt of a conversation, and ``ChatSession`` (history, streamed replies).
+
+The prompt is rendered with ``render_chat`` (the ChatML template that ``data/tokenizer.py`` stores
+with the tokenizer as Jinja, ``<|im_start|>role\ncontent<|im_end|>\n``), then tokenized as a
+whole; ``chat_prompt_ids`` drops the oldest turns (a system message stays) until the prompt and the
+reply fit the model window. Used by ``lmforge chat`` / ``generate``, the server's chat endpoint, and
+the dialogue task's sampled dev replies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.errors import UserError
+from lmforge.inference.config import GenerationConfig
+from lmforge.inference.generate import Generator
+
+
+def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
+    """The ChatML text of ``messages`` (identical to the tokenizer's Jinja chat template)."""
+    start, end = chat_tokens(tok)
+    text = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)
+    return text + (f"{start}assistant\n" if add_generation_prompt else "")
+
+
+def chat_tokens(tok: LMTokenizer) -> tuple[str, str]:
+    start, end = tok.specials.get("im_start"), tok.specials.get("im_end")
+    if start is None or end is None or tok.token_id("im_start") is None or tok.token_id("im_end") is None:
+        raise UserError(
+            "chat needs a tokenizer with <|im_start|> and <|im_end|> (the byte-level BPE that "
+            "`lmforge tokenizer train --kind bpe` and `lmforge pretrain --task clm` write)"
+        )
+    return start, end
+
+
+def chat_prompt_ids(tokenizer: LMTokenizer, history: Sequence[dict], *, limit: int) -> list[int] | None:
+    """Token ids of ``history`` plus the assistant prompt, dropping the oldest turns (a system
+    message stays) until at most ``limit`` tokens remain; None if even the last turn is too long."""
+    history = list(history)
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system) :]
+    while True:
+        text = render_chat(tokenizer, system + turns, add_generation_prompt=True)
+        ids = tokenizer.encode(text, special_tokens=False)
+        if len(ids) <= limit or not turns:
+            return ids if len(ids) <= limit else None
+        turns = turns[1:]
+
+
+class ChatSession:
+    """A conversation with a chat model: history, streaming replies, trimming to the model window.
+
+    ``is_chat_model``: the model was fine-tuned on conversations (its run has task.json "chat");
+    ``generate`` then wraps a prompt as a user turn instead of continuing it as plain text.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: LMTokenizer, *, is_chat_model: bool, system: str | None = None):
+        chat_tokens(tokenizer)
+        self.model, self.tokenizer, self.is_chat_model = model, tokenizer, is_chat_model
+        self.im_end = tokenizer.token_id("im_end")
+        self.generator = Generator(model, tokenizer, copy_weights=False)
+        self.system = system
+        self.history: list[dict] = []
+
+    @property
+    def window(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def reset(self) -> None:
+        self.history = []
+
+    def config(self, cfg: GenerationConfig) -> GenerationConfig:
+        """``cfg`` with <|im_end|> among the stop tokens."""
+        return dataclasses.replace(cfg, stop_token_ids=sorted({*cfg.stop_token_ids, self.im_end}))
+
+    def prompt_ids(self, messages: Sequence[dict], max_new_tokens: int) -> list[int]:
+        """The prompt of ``messages``, oldest turns dropped to leave ``max_new_tokens`` in the window."""
+        ids = chat_prompt_ids(self.tokenizer, messages, limit=self.window - max_new_tokens)
+        if ids is None:
+            raise UserError(
+                f"the messages do not fit the model window ({self.window} tokens) with max_new_tokens="
+                f"{max_new_tokens}; shorten them or ask for fewer new tokens"
+            )
+        return ids
+
+    def reply(self, text: str, cfg: GenerationConfig) -> Iterable[str]:
+        """Stream the assistant's answer to ``text``; the finished answer joins the history."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        cfg = self.config(cfg)
+        if cfg.seed is not None:  # reproducible, but not the same draws at every turn
+            cfg = dataclasses.replace(cfg, seed=cfg.seed + len(self.history) // 2)
+        ids = self.prompt_ids(messages, cfg.max_new_tokens)
+        pieces = []
+        for piece in self.generator.stream(ids, cfg):
+            pieces.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]

@@ -1,0 +1,1 @@
+"""Operators that are not models or tasks: the fused linear + cross-entropy."""

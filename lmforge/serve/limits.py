@@ -1,0 +1,30 @@
+"""``Limits``: what one request may ask for, batching, timeouts and the API key (torch-free: ``lmforge serve
+--help`` and the server's config import no model code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, how requests are batched and timed out, and the API key."""
+
+    max_body_bytes: int = 1_000_000
+    """Largest request body (413 beyond)."""
+    max_text_chars: int = 2000
+    """Longest text or message (413 beyond)."""
+    max_inputs: int = 64
+    """Most texts in one request (413 beyond)."""
+    max_tokens: int = 256
+    """Largest max_tokens a request may ask for (422 beyond)."""
+    max_batch: int = 32
+    """Most texts per model call when batching requests."""
+    max_wait_ms: float = 5.0
+    """How long the first request of a batch waits for others."""
+    queue_size: int = 64
+    """Requests waiting per model before new ones get 503 + Retry-After."""
+    timeout_s: float = 30.0
+    """Per-request timeout (504 beyond)."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on /v1/ (default: $LMFORGE_API_KEY when set)."""
