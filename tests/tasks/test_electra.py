@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from lmforge.cli import main
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models.bert import BertConfig
-from lmforge.tasks.electra import Electra, ElectraSpec, ElectraTask, corrupt, generator_config
+from lmforge.models.electra import Electra, generator_config
+from lmforge.models.specs import ElectraSpec
+from lmforge.tasks.electra import ElectraTask, corrupt
 
 
 def _tiny(vocab: int, **spec) -> Electra:
