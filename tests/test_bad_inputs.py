@@ -118,7 +118,7 @@ def test_bad_values_are_refused_naming_the_key(
 
 
 def test_a_yaml_syntax_error_names_the_file_line_and_column(capsys, files: dict[str, Path]) -> None:
-    _fails(capsys, ["finetune", "classify", "-c", str(files["broken.yaml"])], "broken.yaml:2:6: not valid YAML")
+    _fails(capsys, ["finetune", "classify", "-c", str(files["broken.yaml"])], "broken.yaml:2:9: not valid YAML")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ A refactor that changes numerics (initialisation order, masking draws, batch ord
 changes these losses and fails here. The recorded values are in ``tests/fixtures/golden/first_losses.json``;
 regenerate them only when a change of numerics is intended: ``LMFORGE_WRITE_GOLDEN=1 pytest
 tests/train/test_golden_losses.py`` (and say why in the commit). Runs are fp32 on the CPU with one thread,
-so the numbers are machine-independent up to the last bits of a float32 matmul (hence rel=1e-4).
+so the numbers are machine-independent up to the last bits of a float32 matmul (hence rel=1e-4). Each
+pretraining run prepares its own shards (never the session's shard fixtures: rewriting a file that other
+tests hold memory-mapped would crash them with SIGBUS).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _first_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"][:STEPS]
 
 
-def _pretrain(task: str, out: Path, tokenizer: Path, shards: Path, size: str) -> list[float]:
+def _pretrain(task: str, out: Path, tokenizer: Path, corpus: Path, size: str) -> list[float]:
     assert (
         main(
             [
@@ -66,8 +68,10 @@ def _pretrain(task: str, out: Path, tokenizer: Path, shards: Path, size: str) ->
                 task,
                 "--data.tokenizer",
                 str(tokenizer),
-                "--data.shards",
-                str(shards),
+                "--data.input",
+                str(corpus),
+                "--data.val-fraction",
+                "0.02",
                 "--data.seq-len",
                 "32",
                 "--model.size",
@@ -113,14 +117,14 @@ def _finetune(kind: str, out: Path, model: Path, train: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def losses(tmp_path_factory, review_wordpiece, review_bpe, mlm_shards, clm_shards, tiny_bert) -> dict[str, list[float]]:
+def losses(tmp_path_factory, review_wordpiece, review_bpe, review_corpus, tiny_bert) -> dict[str, list[float]]:
     tmp = tmp_path_factory.mktemp("golden")
     write_jsonl(tmp / "reviews.jsonl", load_builtin("reviews-sentiment")["train"][:64])
     write_conll(tmp / "ner.conll", load_builtin("peoples-daily-ner")["train"][:64])
     return {
-        "mlm": _pretrain("mlm", tmp / "mlm", review_wordpiece, mlm_shards, "bert-tiny"),
-        "electra": _pretrain("electra", tmp / "electra", review_wordpiece, mlm_shards, "bert-tiny"),
-        "clm": _pretrain("clm", tmp / "clm", review_bpe, clm_shards, "gpt-tiny"),
+        "mlm": _pretrain("mlm", tmp / "mlm", review_wordpiece, review_corpus, "bert-tiny"),
+        "electra": _pretrain("electra", tmp / "electra", review_wordpiece, review_corpus, "bert-tiny"),
+        "clm": _pretrain("clm", tmp / "clm", review_bpe, review_corpus, "gpt-tiny"),
         "classify": _finetune("classify", tmp / "classify", tiny_bert, tmp / "reviews.jsonl"),
         "ner": _finetune("ner", tmp / "ner", tiny_bert, tmp / "ner.conll"),
     }
