@@ -17,11 +17,11 @@ from lmforge.cli import main
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import read_conversations, read_pairs, write_jsonl
 from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.inference.chat import render_chat
 from lmforge.metrics import distinct_n, translation_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import save_model
 from lmforge.tasks.base import IGNORE
-from lmforge.inference.chat import render_chat
 from lmforge.tasks.dialogue import DialogueTask
 from lmforge.tasks.translation import TranslationTask
 
@@ -121,11 +121,10 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
 
 def test_translate_with_encoder_warm_started_from_a_pretrained_bert(tmp_path: Path, review_wordpiece: Path) -> None:
     """The encoder keeps the BERT's WordPiece vocabulary and weights; the target side gets its own BPE."""
-    from lmforge.runs.run_dir import load_run
-
     from lmforge.data.tokenizer import copy_tokenizer_files
     from lmforge.models.bert import Bert, BertConfig
     from lmforge.models.registry import read_safetensors
+    from lmforge.runs.run_dir import load_run
 
     bert_dir = tmp_path / "bert"
     cfg = BertConfig(
