@@ -137,6 +137,11 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def config_class(name: str) -> type:
+    """The config dataclass of the command ``name`` (imports its module)."""
+    return _resolve(COMMANDS[name].config)
+
+
 def _usage() -> None:
     console.print("usage: lmforge COMMAND [--config RECIPE.yaml] [OPTIONS]   (lmforge COMMAND --help for options)\n")
     width = max(len(name) for name in COMMANDS)
@@ -194,7 +199,7 @@ def _expand_resume(args: list[str]) -> list[str]:
 
 
 def _parse(name: str, rest: list[str]) -> Any:
-    cls = _resolve(COMMANDS[name].config)
+    cls = config_class(name)
     default = None
     rest = _expand_resume(rest)
     flag = next((f for f in ("--config", "-c") if f in rest), None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.cli import COMMANDS, main
+from lmforge.cli import COMMANDS, config_class, main
 from lmforge.config import load_yaml
 from lmforge.data.tokenizer import load_tokenizer
 
@@ -56,7 +56,7 @@ def test_console_script_runs(run_process) -> None:
 def test_every_recipe_validates(recipe: Path, tmp_path: Path) -> None:
     stage = recipe.relative_to(ROOT / "configs").parts[0]
     assert stage in STAGES, f"{recipe}: no command registered for configs/{stage}/"
-    cls, _ = COMMANDS[STAGES[stage]]
+    cls = config_class(STAGES[stage])
     text = recipe.read_text(encoding="utf-8")
     assert text.startswith("#"), f"{recipe}: the header comment says what the recipe reached"
     data = yaml.safe_load(text)
@@ -91,7 +91,7 @@ def test_tokenizer_train_end_to_end_with_overrides(tmp_path: Path, mixed_corpus:
     assert main(["tokenizer", "train", "--config", str(recipe), "--out", str(out), "--vocab-size", "300"]) == 0
     tok = load_tokenizer(out)
     assert tok.kind == "bpe" and tok.vocab_size == 300  # the recipe alone gives 321
-    resolved = load_yaml(COMMANDS["tokenizer train"][0], out / "tokenizer_train.yaml")
+    resolved = load_yaml(config_class("tokenizer train"), out / "tokenizer_train.yaml")
     assert resolved.vocab_size == 300 and resolved.input == [str(mixed_corpus)]
 
 
@@ -197,7 +197,7 @@ def test_pretrain_end_to_end_from_a_text_file(tmp_path: Path, review_corpus: Pat
 
     assert load_model(out).cfg.vocab_size == load_tokenizer(out).vocab_size
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["train"]["max_steps"] == 40 and resolved["data"]["seq_len"] == 32
+    assert resolved["training"]["max_steps"] == 40 and resolved["data"]["seq_len"] == 32
     # A second run into the same directory must not clobber it.
     assert main(args) == 2
 

@@ -88,7 +88,7 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
     ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["data"]["pairs"] == {"train": 120, "dev": 16, "test": 16}
+    assert results["data"]["examples"] == {"train": 120, "dev": 16, "test": 16}
     assert results["dev"]["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert results["test"]["decoding"]["num_beams"] == 2 and "chrf" in results["test"]
     assert results["training"]["steps"] == 12 and "bleu" in results["definitions"]

@@ -28,13 +28,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.errors import UserError
 from lmforge.train import checkpoint, distributed
 
 LOCK_FILE = ".lock"
 _held: set[Path] = set()  # directories this process holds (a command inside another may claim its own again)
 
 
-class RunDirectoryBusy(ValueError):
+class RunDirectoryBusy(UserError):
     """Another live process holds the run directory."""
 
 

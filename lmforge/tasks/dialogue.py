@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.data.batching import length_sorted_batches, pad, to_device
+from lmforge.data.readers import read_conversations
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.inference.chat import chat_prompt_ids, chat_tokens
@@ -75,6 +76,10 @@ class DialogueTask(FinetuneDefaults):
     # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
     report_columns = ("perplexity", "accuracy", "distinct_1", "distinct_2")
     evaluate_before: tuple[str, ...] = ("dev",)
+
+    @classmethod
+    def reader(cls, cfg: Any) -> Any:
+        return read_conversations
 
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path) -> tuple[DialogueTask, GPT]:

@@ -51,7 +51,7 @@ WEIGHTS, OPTIMIZER, RNG, STATE = "model.safetensors", "optimizer.pt", "rng.pt", 
 log = logging.getLogger("lmforge.checkpoint")
 
 
-class CheckpointWriteError(ValueError):
+class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, quota, permissions); the earlier ones are intact."""
 
 
