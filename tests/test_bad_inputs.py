@@ -103,11 +103,11 @@ def test_a_label_seen_only_in_test_is_refused_before_training_and_the_directory_
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--training.device", "tpu"], "train.device='tpu' is not a device"),
+        (["--training.device", "tpu"], "training.device='tpu' is not a device"),
         (["--epochs", "-1"], "epochs=-1.0 must be >= 0"),
         (["--max-len", "1"], "max_len=1 must be >= 3"),
         (["--dropout", "1.5"], "dropout=1.5 must be >= 0 and < 1"),
-        (["--training.keep-last", "-1"], "train.keep_last=-1 must be >= 0"),
+        (["--training.keep-last", "-1"], "training.keep_last=-1 must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(

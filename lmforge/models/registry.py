@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lmforge.config import from_dict, read_json_object, write_json
 from lmforge.errors import UserError
-from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.bert import Bert, BertConfig, BertLayer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -172,3 +172,14 @@ def encoder_for_finetuning(
     pooler = Pooler(base.d_model)
     pooler.load_state_dict({k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")})
     return encoder, pooler
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of ``model``, found by module type (BERT layers, GPT blocks, seq2seq decoder
+    layers), whatever wraps them: a task head, an encoder-decoder, ELECTRA's generator and discriminator.
+    They are the units FSDP shards and ``torch.compile`` compiles one by one."""
+    from lmforge.models.gpt import Block
+    from lmforge.models.seq2seq import DecoderLayer
+
+    kinds = (BertLayer, Block, DecoderLayer)
+    return [m for m in model.modules() if isinstance(m, kinds)]

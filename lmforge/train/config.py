@@ -118,8 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
             if getattr(self, key) <= 0:
-                raise UserError(f"train.{key}={getattr(self, key)} must be positive")
+                raise UserError(f"training.{key}={getattr(self, key)} must be positive")
         for key in ("max_minutes", "grad_clip", "eval_every", "patience", "save_every", "keep_last", "adv_steps"):
-            check_range(f"train.{key}", getattr(self, key), at_least=0)
-        check_range("train.max_bad_steps", self.max_bad_steps, at_least=1)
-        check_device(self.device, key="train.device")
+            check_range(f"training.{key}", getattr(self, key), at_least=0)
+        check_range("training.max_bad_steps", self.max_bad_steps, at_least=1)
+        check_device(self.device, key="training.device")

@@ -64,8 +64,10 @@ def wrap(module: nn.Module, d: Dist, strategy: str) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(module.model, "layers", []):
-            fully_shard(layer)
+        from lmforge.models.registry import transformer_blocks
+
+        for block in transformer_blocks(module):  # one FSDP unit per block, found by type, then the rest
+            fully_shard(block)
         fully_shard(module)
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches, to_device
 from lmforge.errors import UserError
+from lmforge.models.registry import transformer_blocks
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
@@ -132,6 +133,36 @@ def evaluate(module: nn.Module, task: Task, cfg: TrainConfig, d: distributed.Dis
     return task.metrics(totals)
 
 
+@dataclass
+class _Run:
+    """Everything one call of ``fit`` works with: what it trains, the optimizer side, progress and logging."""
+
+    model: nn.Module
+    task: Task
+    cfg: TrainConfig
+    run_dir: Path
+    d: distributed.Dist
+    accum: int
+    state: checkpoint.TrainerState
+    module: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    batches: GlobalBatches
+    logger: RunLogger
+    params: list[nn.Parameter]
+    peak: float
+    started: float
+    selection: str = "loss"
+    sign: float = 1.0
+    attack: EmbeddingAttack | None = None
+    on_eval: Callable[[int, dict[str, float], float], None] | None = None
+    stop: _StopOnSignal = field(default_factory=lambda: _StopOnSignal())
+    window_start: float = 0.0
+    window: dict = field(default_factory=lambda: {"tokens": 0, "loss": 0.0, "n": 0.0})
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -146,15 +177,46 @@ def fit(
     ``on_eval(step, metrics, train_flops)`` is called after each evaluation (NAS trials report to their
     pruner there; an exception it raises ends the run without a final checkpoint).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = distributed.setup(cfg.device)
+    run = _setup(model, task, cfg, Path(run_dir), resume, on_eval)
+    try:
+        with run.stop:
+            stopped_by = _train_steps(run)
+    except KeyboardInterrupt:
+        run.logger.info(f"interrupted: saving a checkpoint at step {run.state.step}; continue with --resume")
+        _save(run)
+        run.logger.close()
+        raise
+    except Exception:
+        run.logger.close()
+        raise
+    if stopped_by is not None:
+        run.logger.info(f"{stopped_by} received: saving a checkpoint at step {run.state.step}; continue with "
+                        f"--resume {run.run_dir}")  # fmt: skip
+        _save(run)
+        run.logger.close()
+        raise TrainingInterrupted(stopped_by, run.state.step, run.run_dir)
+    if not (cfg.eval_every and run.state.step % cfg.eval_every == 0):
+        _evaluate(run)
+    _save(run)
+    run.logger.close()
+    return _finish(run)
+
+
+def _accumulation(cfg: TrainConfig, d: distributed.Dist) -> int:
     accum, rest = divmod(cfg.global_batch_size, cfg.micro_batch_size * d.world_size)
     if rest or accum == 0:
         raise UserError(
-            f"train.global_batch_size={cfg.global_batch_size} must be a multiple of train.micro_batch_size="
+            f"training.global_batch_size={cfg.global_batch_size} must be a multiple of training.micro_batch_size="
             f"{cfg.micro_batch_size} x {d.world_size} process(es)"
         )
+    return accum
+
+
+def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) -> _Run:
+    """Restore a checkpoint (when resuming), wrap the model, build optimizer, schedule, batches and logger."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    d = distributed.setup(cfg.device)
+    accum = _accumulation(cfg, d)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     state = checkpoint.TrainerState()
@@ -167,190 +229,202 @@ def fit(
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
     if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
-        for layer in getattr(getattr(model, "encoder", model), "layers", []):
-            layer.compile(dynamic=True)
+        for block in transformer_blocks(model):
+            block.compile(dynamic=True)
     attack = None
     if cfg.adversarial != "none":
-        attack = EmbeddingAttack(
-            model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha, steps=cfg.adv_steps
-        )
+        attack = EmbeddingAttack(model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha,
+                                 steps=cfg.adv_steps)  # fmt: skip
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     if ckpt is not None:
         saved = checkpoint.load_optim_state(ckpt)
         distributed.load_optimizer_state(module, optimizer, saved["optimizer"], d, cfg.distributed)
         scheduler.load_state_dict(saved["scheduler"])
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     lengths = getattr(task, "train_lengths", None)  # length-grouped batches for padded tasks
-    batches = GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed, lengths=lengths)
     selection, direction = getattr(task, "selection", ("loss", "min"))  # the dev metric that picks the best model
-    sign = 1.0 if direction == "min" else -1.0  # best_metric is stored so that lower is better
     logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
     if ckpt is not None:
         logger.info(f"resumed from {ckpt} (step {state.step})")
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(
         d.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     )
-    params = [p for p in module.parameters() if p.requires_grad]
-    started = time.perf_counter() - state.seconds
-    window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
+    return _Run(
+        model=model, task=task, cfg=cfg, run_dir=run_dir, d=d, accum=accum, state=state, module=module,
+        wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
+        batches=GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed, lengths=lengths),
+        logger=logger, params=[p for p in module.parameters() if p.requires_grad], peak=peak,
+        started=time.perf_counter() - state.seconds, selection=selection, sign=1.0 if direction == "min" else -1.0,
+        attack=attack, on_eval=on_eval, window_start=time.perf_counter(),
+    )  # fmt: skip
 
-    def save() -> None:
-        state.seconds = time.perf_counter() - started
-        model_sd, optim_sd = distributed.full_state_dicts(module, optimizer, d, cfg.distributed)
-        if d.is_main:
-            optim_state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
-            checkpoint.save(
-                run_dir, model_state=model_sd, optim_state=optim_state, state=state, keep_last=cfg.keep_last
+
+def _train_steps(run: _Run) -> str | None:
+    """Steps until the budget or a stop; the name of the signal that stopped it, else None."""
+    cfg, state = run.cfg, run.state
+    while state.step < cfg.max_steps:
+        if distributed.all_sum(run.stop.received is not None, run.d) > 0:  # every process stops at this step
+            return run.stop.received or "SIGTERM"
+        if cfg.max_minutes and time.perf_counter() - run.started > 60 * cfg.max_minutes:
+            run.logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
+            break
+        if cfg.patience and state.evals_since_best >= cfg.patience:
+            run.logger.info(f"early stop at step {state.step}: no better dev {run.selection} in {cfg.patience} "
+                            "evaluations")  # fmt: skip
+            break
+        _step(run)
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            _evaluate(run)
+        # a new best is always saved, so the best checkpoint exists whatever save_every is
+        if (cfg.save_every and state.step % cfg.save_every == 0) or state.best_step == state.step:
+            _save(run)
+    return None
+
+
+def _step(run: _Run) -> None:
+    """One optimizer step: this process's micro-batches, their gradients, the update, the counters, the log."""
+    cfg, d, state = run.cfg, run.d, run.state
+    ids = run.batches.at(state.step).reshape(d.world_size, run.accum, cfg.micro_batch_size)[d.rank]
+    # Seeds follow the micro-batch's place in the global batch, so 1 process x 2 accumulation steps
+    # and 2 processes x 1 draw the same masks.
+    micro = [_collate(run.task, c, _generator(cfg.seed, state.step, d.rank * run.accum + k)) for k, c in enumerate(ids)]
+    n_total = distributed.all_sum(sum(b["n_targets"] for b in micro), d)
+    torch.manual_seed(hash((cfg.seed, state.step, d.rank)) & 0x7FFF_FFFF)  # dropout, repeatable on resume
+    loss_local, step_flops = _backward(run, micro, n_total)
+    loss_sum = distributed.all_sum(loss_local, d)
+    norm = _update(run, loss_sum)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    state.step += 1
+    state.tokens += int(distributed.all_sum(sum(_tokens(b) for b in micro), d))
+    state.flops += distributed.all_sum(step_flops, d)
+    state.samples_seen += cfg.global_batch_size
+    if math.isfinite(loss_sum):
+        run.window["loss"] += loss_sum
+        run.window["n"] += n_total
+    if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+        _log_window(run, lr, norm)
+
+
+def _backward(run: _Run, micro: list[dict[str, Any]], n_total: float) -> tuple[float, float]:
+    """Gradients of the step's loss (normalised by the targets of all its micro-batches and processes);
+    returns this process's summed loss and counted FLOPs. DDP synchronises on the last micro-batch only."""
+    cfg, d = run.cfg, run.d
+    loss_local, step_flops = 0.0, 0.0
+    for k, batch in enumerate(micro):
+        last = k == run.accum - 1
+        no_sync = d.enabled and cfg.distributed == "ddp" and not last
+        with run.wrapped.no_sync() if no_sync else contextlib.nullcontext():
+            on_device, scale = to_device(batch, d.device), d.world_size / max(n_total, 1.0)
+
+            def scaled_loss(on_device=on_device, scale=scale):
+                with _autocast(cfg, d.device):
+                    out = run.wrapped(on_device)
+                return out, run.scaler.scale(out.loss_sum * scale)
+
+            out, scaled = scaled_loss()
+            scaled.backward()
+            if run.attack is not None:  # adds the gradient at adversarially perturbed embeddings
+                run.attack.backward(lambda: scaled_loss()[1])
+        loss_local += float(out.loss_sum.detach())
+        step_flops += run.task.flops(run.model, batch) * (1 if run.attack is None else 1 + run.attack.passes)
+        run.window["tokens"] += _tokens(batch)
+    return loss_local, step_flops
+
+
+def _update(run: _Run, loss_sum: float) -> float:
+    """Clip and apply the gradients, or skip a non-finite step (too many in a row: TrainingDiverged)."""
+    cfg, state = run.cfg, run.state
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if math.isfinite(loss_sum) and math.isfinite(float(norm)):
+        run.scaler.step(run.optimizer)
+        state.bad_in_a_row = 0
+    else:
+        state.skipped_steps += 1
+        state.bad_in_a_row += 1
+        run.logger.record("skip", state.step + 1, {"loss_sum": loss_sum, "grad_norm": float(norm)})
+        run.logger.info(f"step {state.step + 1}: non-finite loss or gradient, step skipped")
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"{state.bad_in_a_row} non-finite steps in a row (up to step {state.step + 1}); the last good "
+                f"checkpoint is in {run.run_dir / checkpoint.STATE_DIR}. Lower training.optim.lr or use fp32."
             )
-        distributed.barrier(d)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
 
-    def run_eval() -> None:
-        # scalars only: task evaluations also return tables (per-class scores, confusion matrices)
-        # fine-tuning tasks score the whole dev set from predictions; every process does (FSDP needs all in step)
-        found = task.evaluate(model, device=d.device) if hasattr(task, "evaluate") else evaluate(wrapped, task, cfg, d)
-        metrics = {k: v for k, v in found.items() if isinstance(v, (int, float))}
-        if not metrics:
-            return
-        logger.record("eval", state.step, metrics)
-        logger.info(f"step {state.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
-        if on_eval is not None:
-            on_eval(state.step, metrics, state.flops)
-        value = metrics[selection] * sign
-        if state.best_metric is None or value < state.best_metric:
-            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
-        else:
-            state.evals_since_best += 1
 
-    def _train_steps() -> str | None:
-        """Steps until the budget or a stop; the name of the signal that stopped it, else None."""
-        nonlocal window_start, window
-        while state.step < cfg.max_steps:
-            if distributed.all_sum(stop.received is not None, d) > 0:  # every process stops at this step
-                return stop.received or "SIGTERM"
-            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
-                logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
-                break
-            if cfg.patience and state.evals_since_best >= cfg.patience:
-                logger.info(f"early stop at step {state.step}: no better dev {selection} in {cfg.patience} evaluations")
-                break
-            ids = batches.at(state.step).reshape(d.world_size, accum, cfg.micro_batch_size)[d.rank]
-            # Seeds follow the micro-batch's place in the global batch, so 1 process x 2 accumulation steps
-            # and 2 processes x 1 draw the same masks.
-            micro = [_collate(task, c, _generator(cfg.seed, state.step, d.rank * accum + k)) for k, c in enumerate(ids)]
-            n_total = distributed.all_sum(sum(b["n_targets"] for b in micro), d)
-            torch.manual_seed(hash((cfg.seed, state.step, d.rank)) & 0x7FFF_FFFF)  # dropout, repeatable on resume
-            loss_local, step_flops = 0.0, 0.0
-            for k, batch in enumerate(micro):
-                sync = (
-                    wrapped.no_sync()
-                    if d.enabled and cfg.distributed == "ddp" and k < accum - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    on_device, scale = to_device(batch, d.device), d.world_size / max(n_total, 1.0)
+def _log_window(run: _Run, lr: float, norm: float) -> None:
+    """The training record since the last one: mean loss per target, learning rate, tokens/s."""
+    seconds = time.perf_counter() - run.window_start
+    tokens_per_s = distributed.all_sum(run.window["tokens"], run.d) / max(seconds, 1e-9)
+    loss = run.window["loss"] / max(run.window["n"], 1.0)
+    step = run.state.step
+    record = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
+              "epoch": run.batches.epoch_of(step)}  # fmt: skip
+    run.logger.record("train", step, record)
+    run.logger.progress(step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+    run.window_start, run.window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
 
-                    def scaled_loss(on_device=on_device, scale=scale):
-                        with _autocast(cfg, d.device):
-                            out = wrapped(on_device)
-                        return out, scaler.scale(out.loss_sum * scale)
 
-                    out, scaled = scaled_loss()
-                    scaled.backward()
-                    if attack is not None:  # adds the gradient at adversarially perturbed embeddings
-                        attack.backward(lambda: scaled_loss()[1])
-                loss_local += float(out.loss_sum.detach())
-                step_flops += task.flops(model, batch) * (1 if attack is None else 1 + attack.passes)
-                window["tokens"] += _tokens(batch)
-            loss_sum = distributed.all_sum(loss_local, d)
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if math.isfinite(loss_sum) and math.isfinite(float(norm)):
-                scaler.step(optimizer)
-                state.bad_in_a_row = 0
-            else:
-                state.skipped_steps += 1
-                state.bad_in_a_row += 1
-                logger.record("skip", state.step + 1, {"loss_sum": loss_sum, "grad_norm": float(norm)})
-                logger.info(f"step {state.step + 1}: non-finite loss or gradient, step skipped")
-                if state.bad_in_a_row >= cfg.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{state.bad_in_a_row} non-finite steps in a row (up to step {state.step + 1}); the last "
-                        f"good checkpoint is in {run_dir / checkpoint.STATE_DIR}. Lower train.optim.lr or use fp32."
-                    )
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            state.step += 1
-            state.tokens += int(distributed.all_sum(sum(_tokens(b) for b in micro), d))
-            state.flops += distributed.all_sum(step_flops, d)
-            state.samples_seen += cfg.global_batch_size
-            if math.isfinite(loss_sum):
-                window["loss"] += loss_sum
-                window["n"] += n_total
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                seconds = time.perf_counter() - window_start
-                tokens_per_s = distributed.all_sum(window["tokens"], d) / max(seconds, 1e-9)
-                loss = window["loss"] / max(window["n"], 1.0)
-                record = {
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": float(norm),
-                    "tokens_per_s": tokens_per_s,
-                    "epoch": batches.epoch_of(state.step),
-                }
-                logger.record("train", state.step, record)
-                logger.progress(state.step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
-                window_start, window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                run_eval()
-            # a new best is always saved, so the best checkpoint exists whatever save_every is
-            if (cfg.save_every and state.step % cfg.save_every == 0) or state.best_step == state.step:
-                save()
-        return None
+def _evaluate(run: _Run) -> None:
+    """Score the dev set, log it, report it to ``on_eval`` and track the best step for early stopping."""
+    task, state = run.task, run.state
+    # fine-tuning tasks score the whole dev set from predictions; every process does (FSDP needs all in step)
+    if hasattr(task, "evaluate"):
+        found = task.evaluate(run.model, device=run.d.device)
+    else:
+        found = evaluate(run.wrapped, task, run.cfg, run.d)
+    # scalars only: task evaluations also return tables (per-class scores, confusion matrices)
+    metrics = {k: v for k, v in found.items() if isinstance(v, (int, float))}
+    if not metrics:
+        return
+    run.logger.record("eval", state.step, metrics)
+    run.logger.info(f"step {state.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
+    if run.on_eval is not None:
+        run.on_eval(state.step, metrics, state.flops)
+    value = metrics[run.selection] * run.sign
+    if state.best_metric is None or value < state.best_metric:
+        state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+    else:
+        state.evals_since_best += 1
 
-    stop = _StopOnSignal()
-    try:
-        with stop:
-            stopped_by = _train_steps()
-    except KeyboardInterrupt:
-        logger.info(f"interrupted: saving a checkpoint at step {state.step}; continue with --resume")
-        save()
-        logger.close()
-        raise
-    except Exception:
-        logger.close()
-        raise
-    if stopped_by is not None:
-        logger.info(
-            f"{stopped_by} received: saving a checkpoint at step {state.step}; continue with --resume {run_dir}"
-        )
-        save()
-        logger.close()
-        raise TrainingInterrupted(stopped_by, state.step, run_dir)
-    if not (cfg.eval_every and state.step % cfg.eval_every == 0):
-        run_eval()
-    save()
-    logger.close()
-    seconds = time.perf_counter() - started
+
+def _save(run: _Run) -> None:
+    """A checkpoint of the model, optimizer, schedule and progress (written by the first process)."""
+    run.state.seconds = time.perf_counter() - run.started
+    model_sd, optim_sd = distributed.full_state_dicts(run.module, run.optimizer, run.d, run.cfg.distributed)
+    if run.d.is_main:
+        optim_state = {"optimizer": optim_sd, "scheduler": run.scheduler.state_dict()}
+        checkpoint.save(run.run_dir, model_state=model_sd, optim_state=optim_state, state=run.state,
+                        keep_last=run.cfg.keep_last)  # fmt: skip
+    distributed.barrier(run.d)
+
+
+def _finish(run: _Run) -> dict:
+    """The compute summary (results.json of the loop) and the curves."""
+    state, d = run.state, run.d
+    seconds = time.perf_counter() - run.started
+    per_s = max(seconds, 1e-9)
     summary = {
         "steps": state.step,
         "tokens": state.tokens,
         "seconds": round(seconds, 2),
-        "tokens_per_s": state.tokens / max(seconds, 1e-9),
+        "tokens_per_s": state.tokens / per_s,
         "train_flops": state.flops,
-        "flops_per_s": state.flops / max(seconds, 1e-9),
-        "peak_flops_per_s": peak * d.world_size,
-        "mfu": state.flops / max(seconds, 1e-9) / (peak * d.world_size),
+        "flops_per_s": state.flops / per_s,
+        "peak_flops_per_s": run.peak * d.world_size,
+        "mfu": state.flops / per_s / (run.peak * d.world_size),
         "skipped_steps": state.skipped_steps,
-        "best_val_loss": state.best_metric if selection == "loss" else None,
-        "best_dev": None if state.best_metric is None else {selection: state.best_metric * sign},
+        "best_val_loss": state.best_metric if run.selection == "loss" else None,
+        "best_dev": None if state.best_metric is None else {run.selection: state.best_metric * run.sign},
         "best_step": state.best_step,
         "processes": d.world_size,
-        "train_config": asdict(cfg),
+        "train_config": asdict(run.cfg),
     }
     if d.is_main:
-        write_json(run_dir / "results.json", summary)
-        plot_curves(run_dir)
+        write_json(run.run_dir / "results.json", summary)
+        plot_curves(run.run_dir)
     return summary
