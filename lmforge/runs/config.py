@@ -1,0 +1,322 @@
+"""The configs of the recipes in ``runs/`` (pretraining, the one fine-tuning recipe, demo, compare), torch-free.
+
+They are the command line: tyro builds ``--help`` and the flags from these dataclasses and their field
+docstrings, and a recipe YAML is validated against them (``config.from_dict``). Nothing here imports
+torch, so ``lmforge COMMAND --help`` is instant. Every fine-tuning config extends ``FinetuneConfig``
+(run directory, pretrained model, data files, epochs, checkpoint averaging and the loop settings
+``training``, the same name as in pretraining); only task-specific options are declared per task.
+"""
+
+from __future__ import annotations
+
+from lmforge.errors import UserError
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.config import check_range
+from lmforge.models.specs import ElectraSpec, ModelSpec, Seq2SeqSpec
+from lmforge.train.config import OptimConfig, TrainConfig
+
+
+def _finetune_training() -> TrainConfig:
+    return TrainConfig(
+        global_batch_size=32, micro_batch_size=32, eval_every=200, save_every=200, log_every=20, patience=5,
+        optim=OptimConfig(lr=1e-4, warmup_steps=100, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """What every fine-tuning task takes: the run directory, the pretrained model, the data, the loop."""
+
+    out: str
+    """Run directory."""
+    model: str
+    """Pretrained lmforge model directory (config.json + model.safetensors + tokenizer)."""
+    data: str | None = None
+    """builtin:NAME instead of --train/--dev/--test (see `lmforge data list`)."""
+    train: str | None = None
+    """Training file."""
+    dev: str | None = None
+    """Dev file for early stopping; without one, 10% of --train (fixed seed) is held out."""
+    test: str | None = None
+    """Test file, evaluated once with the best checkpoint."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows / sentences (reported with file:line) instead of stopping at the first."""
+    max_len: int | None = None
+    """Longest input in tokens (with special tokens); None = min(128, the model's max_seq_len)."""
+    epochs: float = 3.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
+    average_last: int = 0
+    """Average the weights of the last N checkpoints (training.keep_last must be >= N) and keep the average
+    when its dev score is at least the best checkpoint's (Vaswani et al., 2017); 0 = off."""
+    training: TrainConfig = field(default_factory=_finetune_training)
+    resume: str | None = None
+    """Continue the run in this directory from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, at_least=0)
+        check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
+        check_range("average_last", self.average_last, at_least=0)
+        if self.average_last > self.training.keep_last:
+            raise UserError(f"average_last={self.average_last} needs training.keep_last >= {self.average_last}")
+
+
+@dataclass
+class EncoderFinetuneConfig(FinetuneConfig):
+    """A head on a pretrained BERT (classify, ner)."""
+
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained weights, or random initialisation of the same architecture (what pretraining buys)."""
+    dropout: float | None = None
+    """Encoder and head dropout; None keeps the pretrained model's."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("dropout", self.dropout, at_least=0, below=1)
+
+
+@dataclass
+class ClassifyConfig(EncoderFinetuneConfig):
+    """Fine-tune a BERT for text or text-pair classification (CSV / TSV / JSONL: text, text_pair, label)."""
+
+    pooling: Literal["cls", "pooler", "mean"] = "pooler"
+    """Sentence representation: first token, first token through dense + tanh, or mean of tokens."""
+    selection: Literal["accuracy", "macro_f1"] = "accuracy"
+    """Dev metric for early stopping and best-checkpoint selection."""
+
+
+@dataclass
+class NERConfig(EncoderFinetuneConfig):
+    """Fine-tune a BERT for named-entity recognition (CoNLL or JSONL tokens/tags, BIO or BIOES)."""
+
+    head: Literal["crf", "softmax"] = "crf"
+    """Tag decoder: linear-chain CRF (Viterbi) or independent softmax per token."""
+    overlap: int | None = None
+    """Sub-tokens shared by consecutive windows of sentences longer than max_len; None = max_len // 4."""
+
+
+def _chat_training() -> TrainConfig:
+    return TrainConfig(
+        global_batch_size=16, micro_batch_size=16, eval_every=50, save_every=50, log_every=10, patience=4,
+        optim=OptimConfig(lr=3e-4, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01),
+    )
+
+
+@dataclass
+class ChatTrainConfig(FinetuneConfig):
+    """Fine-tune a GPT on conversations (JSONL {"messages": [{"role", "content"}, ...]}), loss on assistant turns."""
+
+    model: str
+    """Pretrained lmforge GPT directory (its tokenizer needs <|im_start|> / <|im_end|>)."""
+    data: str | None = None
+    """builtin:chatterbot-zh instead of --train/--dev/--test."""
+    max_len: int | None = None
+    """Longest conversation in tokens (longer ones are cut); None = the model's max_seq_len."""
+    epochs: float = 10.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
+    training: TrainConfig = field(default_factory=_chat_training)
+
+
+def _embed_training() -> TrainConfig:
+    return TrainConfig(
+        max_steps=500, global_batch_size=64, micro_batch_size=64, eval_every=100, save_every=100, log_every=10,
+        optim=OptimConfig(lr=3e-5, warmup_steps=0, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0),
+    )
+
+
+@dataclass
+class EmbedTrainConfig(FinetuneConfig):
+    """Fine-tune a BERT into a sentence embedder with SimCSE (unsupervised: texts; supervised: text pairs)."""
+
+    model: str
+    """Pretrained lmforge BERT directory."""
+    data: str | None = None
+    """builtin:reviews-sentiment (labels unused in training; dev scored by k-NN sentiment accuracy)."""
+    train: str | None = None
+    """.txt (one sentence per line), or .jsonl / .csv / .tsv with text[, text_pair, negative]."""
+    dev: str | None = None
+    """Dev file: text + label (k-NN accuracy), or text + text_pair + score (Spearman)."""
+    mode: Literal["unsup", "sup"] = "unsup"
+    """unsup: each text against itself under dropout; sup: text against text_pair (and negative)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """Sentence vector: the first token's hidden state, or the mean over real tokens."""
+    temperature: float = 0.05
+    """InfoNCE temperature."""
+    max_len: int = 64
+    """Longest text in tokens, with [CLS] and [SEP]."""
+    dropout: float = 0.1
+    """Encoder dropout: the noise that makes unsupervised SimCSE's two views differ."""
+    epochs: float = 0.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
+    training: TrainConfig = field(default_factory=_embed_training)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("dropout", self.dropout, at_least=0, below=1)
+
+
+def _translate_training() -> TrainConfig:
+    return TrainConfig(
+        max_steps=4000, global_batch_size=64, micro_batch_size=64, eval_every=500, save_every=500, log_every=50,
+        keep_last=5, optim=OptimConfig(lr=1e-3, warmup_steps=400, schedule="cosine", min_lr_ratio=0.05,
+                                       weight_decay=0.01),
+    )
+
+
+@dataclass
+class TranslateTrainConfig(FinetuneConfig):
+    """Train a Transformer encoder-decoder for translation (TSV source TAB target, or JSONL)."""
+
+    model: str | None = None
+    """Warm-start the encoder from this pretrained lmforge BERT (its WordPiece vocabulary for the source);
+    None = train the whole encoder-decoder from scratch."""
+    src: str = "zh"
+    """Source language code (JSONL field; 'zh' targets are scored with sacreBLEU's zh tokenizer)."""
+    tgt: str = "en"
+    """Target language code."""
+    data: str | None = None
+    """builtin:tatoeba-cmn-en instead of --train/--dev/--test (the TSV comes from --data-path)."""
+    data_path: str | None = None
+    """The Tatoeba TSV for builtin:tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+    tokenizer: str | None = None
+    """Shared tokenizer directory; None = train a byte-level BPE on both sides of --train into the run directory."""
+    vocab_size: int = 8000
+    """Vocabulary size of a tokenizer trained here."""
+    seq2seq: Seq2SeqSpec = field(default_factory=Seq2SeqSpec)
+    max_len: int = 128
+    """Longest source or target in tokens (longer ones are truncated and counted)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    batch_tokens: int = 0
+    """Token-budget batching: each item is a bucket of similar pairs, <= N padded tokens; batch sizes count buckets."""
+    epochs: float = 0.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps (and training.max_minutes)."""
+    num_beams: int = 4
+    """Beam size for the test set (validation during training is greedy)."""
+    length_penalty: float = 1.0
+    """Beam search length penalty for the test set."""
+    training: TrainConfig = field(default_factory=_translate_training)
+
+
+@dataclass
+class PretrainData:
+    """Corpus, tokenizer and sequence length."""
+
+    input: list[str] = field(default_factory=lambda: ["builtin:pretrain-zh"])
+    """Corpora: text files, .jsonl files or builtin:NAME."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = train one into OUT/tokenizer."""
+    vocab_size: int = 21128
+    """Vocabulary size when a tokenizer is trained here."""
+    shards: str | None = None
+    """Prepared shard directory; None = prepare (or reuse) OUT/data."""
+    seq_len: int = 128
+    """Training sequence length in tokens."""
+    val_fraction: float = 0.01
+    """Documents held out for validation."""
+    jsonl_field: str = "text"
+    """Text field of .jsonl inputs."""
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a BERT (mlm, wwm-mlm, electra) or GPT (clm) on a corpus."""
+
+    out: str
+    """Run directory."""
+    task: Literal["mlm", "wwm-mlm", "electra", "clm"] = "mlm"
+    """mlm / wwm-mlm / electra (BERT sizes) or clm (GPT sizes)."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: PretrainData = field(default_factory=PretrainData)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    mask_prob: float = 0.15
+    """Share of tokens (words, for wwm-mlm) selected for MLM prediction (electra: for replacement)."""
+    electra: ElectraSpec = field(default_factory=ElectraSpec)
+    resume: str | None = None
+    """Continue the run in this directory from its last checkpoint (its config.yaml gives the defaults)."""
+
+
+@dataclass
+class DemoConfig:
+    """Run the whole pipeline on built-in Chinese data with baselines side by side (what `make demo` runs)."""
+
+    out: str = "runs/demo"
+    """Output directory (its demo stage directories are replaced on every run)."""
+    quick: bool = False
+    """The same pipeline with small budgets (about 3 minutes on 2 cores)."""
+    limit: int = 0
+    """Use only the first N examples of each split (0 = all): for smoke tests."""
+    pretrain_steps: int | None = None
+    """Pretraining steps instead of the budget's (its wall-time cap still applies)."""
+    seed: int = 1234
+    """Seed for every stage."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+ObjectiveName = Literal["mlm", "electra", "electra-adversarial", "electra-mixed"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pretraining objective as the comparison runs it."""
+
+    task: str
+    lr: float
+    electra: ElectraSpec = field(default_factory=ElectraSpec)
+
+
+# Learning rates: the masked LM's is the demo's; the ELECTRA discriminator did not learn at all at 2e-3 and
+# learns at 5e-4 (shared/FINDINGS.md "ELECTRA on 2 cores"); the adversarial variants keep ELECTRA's.
+OBJECTIVES: dict[str, Objective] = {
+    "mlm": Objective("mlm", 2e-3),
+    "electra": Objective("electra", 5e-4),
+    "electra-adversarial": Objective("electra", 5e-4, ElectraSpec(generator_objective="adversarial")),
+    "electra-mixed": Objective("electra", 5e-4, ElectraSpec(generator_objective="mixed")),
+}
+COMPARE_TASKS = {"reviews-sentiment": ("classify", "accuracy"), "peoples-daily-ner": ("ner", "f1")}
+SCRATCH = "scratch"  # the same fine-tuning from random initialisation: what any pretraining buys
+
+
+@dataclass
+class CompareConfig:
+    """Pretraining objectives (MLM, ELECTRA, adversarial ELECTRA) at equal FLOPs, fine-tuned on built-in tasks."""
+
+    out: str = "runs/compare"
+    """Output directory; finished stages found there are kept and the comparison continues."""
+    objectives: list[ObjectiveName] = field(default_factory=lambda: ["mlm", "electra", "electra-adversarial"])
+    """Pretraining objectives to compare."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One pretraining + fine-tuning per objective and seed."""
+    budget_mlm_steps: int = 1000
+    """The FLOP budget, as this many masked-LM steps of batch_size x seq_len tokens."""
+    size: str = "bert-tiny"
+    """BERT size of every encoder."""
+    batch_size: int = 64
+    """Pretraining sequences per step (every objective)."""
+    seq_len: int = 128
+    """Pretraining and fine-tuning sequence length."""
+    classify_epochs: float = 3.0
+    """Fine-tuning epochs on reviews-sentiment (the demo's)."""
+    ner_epochs: float = 3.0
+    """Fine-tuning epochs on peoples-daily-ner (the demo's)."""
+    scratch_seeds: list[int] | None = None
+    """Seeds that also fine-tune from random initialisation (the floor pretraining must beat); None = every seed."""
+    limit: int = 0
+    """Use only the first N examples of each split (0 = all): for smoke tests."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise UserError(f"objectives={self.objectives}: choose from {sorted(OBJECTIVES)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds={self.seeds}: give at least one seed, each once")
+        if self.budget_mlm_steps <= 0:
+            raise UserError(f"budget_mlm_steps={self.budget_mlm_steps} must be positive")
+
+
