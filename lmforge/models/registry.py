@@ -174,12 +174,14 @@ def encoder_for_finetuning(
     return encoder, pooler
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module, *, self_contained: bool = False) -> list[nn.Module]:
     """Every transformer block of ``model``, found by module type (BERT layers, GPT blocks, seq2seq decoder
     layers), whatever wraps them: a task head, an encoder-decoder, ELECTRA's generator and discriminator.
-    They are the units FSDP shards and ``torch.compile`` compiles one by one."""
+    ``torch.compile`` compiles them one by one. With ``self_contained``, only blocks whose parameters are used
+    inside their own forward alone: the FSDP units (a seq2seq decoder layer's cross-attention projects the
+    encoder memory once for all steps, outside its forward, so it stays in the enclosing unit)."""
     from lmforge.models.gpt import Block
     from lmforge.models.seq2seq import DecoderLayer
 
-    kinds = (BertLayer, Block, DecoderLayer)
+    kinds = (BertLayer, Block) if self_contained else (BertLayer, Block, DecoderLayer)
     return [m for m in model.modules() if isinstance(m, kinds)]

@@ -21,45 +21,59 @@ its results.json) is kept, and running the same command again continues where it
 
 from __future__ import annotations
 
-from lmforge.errors import UserError
-
 import dataclasses
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lmforge.config import read_yaml, write_json, write_yaml
 from lmforge.data.builtin import load_builtin
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.runs.demo import finetune_config, pretrain_inputs
-from lmforge.runs.finetune import finetune
+from lmforge.errors import UserError
 from lmforge.runs.config import COMPARE_TASKS as TASKS
 from lmforge.runs.config import OBJECTIVES, SCRATCH, CompareConfig, ModelSpec, PretrainConfig, PretrainData
+from lmforge.runs.demo import finetune_config, pretrain_inputs
+from lmforge.runs.finetune import finetune
 from lmforge.runs.pretrain import build_objective, prepare_corpus, pretrain
+from lmforge.runs.session import holds_out_dir
 from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.logging import read_metrics
 from lmforge.train.optim import OptimConfig
-from lmforge.runs.session import holds_out_dir
+
 
 def pretrain_config(cfg: CompareConfig, name: str, seed: int, steps: int, corpus: Path) -> PretrainConfig:
     """The pretraining run of objective ``name`` with ``seed`` for ``steps`` steps (shared tokenizer and shards)."""
     objective = OBJECTIVES[name]
     optim = OptimConfig(lr=objective.lr, warmup_steps=min(100, steps // 5), schedule="cosine", min_lr_ratio=0.1)
     train = TrainConfig(
-        max_steps=steps, global_batch_size=cfg.batch_size, micro_batch_size=min(32, cfg.batch_size), seed=seed,
-        optim=optim, eval_every=0, eval_batches=20, save_every=0, keep_last=1, log_every=10, progress=cfg.progress,
+        max_steps=steps,
+        global_batch_size=cfg.batch_size,
+        micro_batch_size=min(32, cfg.batch_size),
+        seed=seed,
+        optim=optim,
+        eval_every=0,
+        eval_batches=20,
+        save_every=0,
+        keep_last=1,
+        log_every=10,
+        progress=cfg.progress,
     )
     data = PretrainData(
-        input=pretrain_inputs(Path(cfg.out), cfg.limit), tokenizer=str(corpus / "tokenizer"),
-        shards=str(corpus / "data"), seq_len=cfg.seq_len, vocab_size=21128,
+        input=pretrain_inputs(Path(cfg.out), cfg.limit),
+        tokenizer=str(corpus / "tokenizer"),
+        shards=str(corpus / "data"),
+        seq_len=cfg.seq_len,
+        vocab_size=21128,
     )
     return PretrainConfig(
-        out=str(Path(cfg.out) / "pretrain" / f"{name}-seed{seed}"), task=objective.task,  # type: ignore[arg-type]
-        model=ModelSpec(size=cfg.size, dropout=0.0), data=data, training=train, electra=objective.electra,
+        out=str(Path(cfg.out) / "pretrain" / f"{name}-seed{seed}"),
+        task=objective.task,  # type: ignore[arg-type]
+        model=ModelSpec(size=cfg.size, dropout=0.0),
+        data=data,
+        training=train,
+        electra=objective.electra,
     )
 
 
@@ -82,8 +96,14 @@ def plan(cfg: CompareConfig) -> dict[str, dict]:
     corpus = Path(cfg.out) / "corpus"
     per_step = {name: flops_per_step(pretrain_config(cfg, name, cfg.seeds[0], 1, corpus)) for name in OBJECTIVES}
     budget = cfg.budget_mlm_steps * per_step["mlm"]
-    steps = {name: {"steps": max(1, round(budget / per_step[name])), "flops_per_step": per_step[name],
-                    "lr": OBJECTIVES[name].lr} for name in cfg.objectives}
+    steps = {
+        name: {
+            "steps": max(1, round(budget / per_step[name])),
+            "flops_per_step": per_step[name],
+            "lr": OBJECTIVES[name].lr,
+        }
+        for name in cfg.objectives
+    }
     return {"budget_flops": budget, "objectives": steps}
 
 
@@ -105,8 +125,14 @@ def run_compare(cfg: CompareConfig) -> dict:
             steps = budget["objectives"][name]["steps"]
             pcfg = pretrain_config(cfg, name, seed, steps, corpus)
             pre = checkpoint.finished_or_run(Path(pcfg.out), lambda pcfg=pcfg: pretrain(pcfg), finished="model_weights")
-            runs.append({"objective": name, "seed": seed, "pretraining": _pretraining_summary(pre, Path(pcfg.out)),
-                         **_finetune_all(cfg, name, seed, "pretrained")})
+            runs.append(
+                {
+                    "objective": name,
+                    "seed": seed,
+                    "pretraining": _pretraining_summary(pre, Path(pcfg.out)),
+                    **_finetune_all(cfg, name, seed, "pretrained"),
+                }
+            )
         if cfg.scratch_seeds is None or seed in cfg.scratch_seeds:
             runs.append({"objective": SCRATCH, "seed": seed, **_finetune_all(cfg, cfg.objectives[0], seed, SCRATCH)})
     summary = {
@@ -163,13 +189,25 @@ def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
         splits = {k: v[: cfg.limit] for k, v in load_builtin(data).items()} if cfg.limit else None
         run_dir = out / "finetune" / (SCRATCH if init == SCRATCH else name) / f"seed{seed}" / data
         ft = finetune_config(
-            out=run_dir, model=model, data=data, kind=kind, init=init, epochs=cfg.classify_epochs
-            if kind == "classify" else cfg.ner_epochs, minutes=0.0, max_len=cfg.seq_len, seed=seed,
-            progress=cfg.progress, splits=splits,
+            out=run_dir,
+            model=model,
+            data=data,
+            kind=kind,
+            init=init,
+            epochs=cfg.classify_epochs if kind == "classify" else cfg.ner_epochs,
+            minutes=0.0,
+            max_len=cfg.seq_len,
+            seed=seed,
+            progress=cfg.progress,
+            splits=splits,
         )
         r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished="test")
-        found[data] = {"test": _scalars(r["test"]), "dev": _scalars(r["dev"]), "steps": r["training"]["steps"],
-                       "seconds": r["training"]["seconds"]}
+        found[data] = {
+            "test": _scalars(r["test"]),
+            "dev": _scalars(r["dev"]),
+            "steps": r["training"]["steps"],
+            "seconds": r["training"]["seconds"],
+        }
     return found
 
 
@@ -245,12 +283,16 @@ def report(summary: dict) -> str:
         if "pretraining_minutes" in s:
             minutes = f"{_fmt(s['pretraining_minutes'], 1)} ({_fmt(s['pretraining_minutes_at_median_speed'], 1)})"
         label = "none (random init)" if name == SCRATCH else name
-        lines.append(f"| {label} | {lr} | {steps} | {pf} | {minutes} | {_fmt(s['reviews-sentiment'])} "
-                     f"| {_fmt(s['peoples-daily-ner'])} |")
+        lines.append(
+            f"| {label} | {lr} | {steps} | {pf} | {minutes} | {_fmt(s['reviews-sentiment'])} "
+            f"| {_fmt(s['peoples-daily-ner'])} |"
+        )
     lines += ["", "Per seed (test):", "", "| objective | seed | sentiment accuracy | NER F1 |", "|---|---|---|---|"]
     for r in summary["runs"]:
-        lines.append(f"| {r['objective']} | {r['seed']} | {r['reviews-sentiment']['test']['accuracy']:.4f} | "
-                     f"{r['peoples-daily-ner']['test']['f1']:.4f} |")
+        lines.append(
+            f"| {r['objective']} | {r['seed']} | {r['reviews-sentiment']['test']['accuracy']:.4f} | "
+            f"{r['peoples-daily-ner']['test']['f1']:.4f} |"
+        )
     c = summary.get("claim")
     if c:
         verdict = "holds" if c["electra_at_least_mlm"] else "does not hold"
@@ -259,8 +301,12 @@ def report(summary: dict) -> str:
             k = v["in_spreads"]
             spreads = "" if k is None else f" ({k:+.1f} x the larger seed standard deviation)"
             lines.append(f"- {data}: ELECTRA - MLM = {v['electra_minus_mlm']:+.4f}{spreads}")
-    lines += ["", "![comparison](compare.png)", "",
-              "Stage run directories: pretrain/OBJECTIVE-seedN/, finetune/OBJECTIVE/seedN/TASK/."]
+    lines += [
+        "",
+        "![comparison](compare.png)",
+        "",
+        "Stage run directories: pretrain/OBJECTIVE-seedN/, finetune/OBJECTIVE/seedN/TASK/.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -273,8 +319,11 @@ def plot(summary: dict, path: Path) -> None:
 
     by = summary["summary"]
     names = list(by)
-    panels = [("reviews-sentiment", "test accuracy"), ("peoples-daily-ner", "test entity F1"),
-              ("pretraining_minutes_at_median_speed", "pretraining minutes (at median speed)")]
+    panels = [
+        ("reviews-sentiment", "test accuracy"),
+        ("peoples-daily-ner", "test entity F1"),
+        ("pretraining_minutes_at_median_speed", "pretraining minutes (at median speed)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         shown = [n for n in names if key in by[n]]

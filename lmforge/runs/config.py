@@ -9,20 +9,23 @@ torch, so ``lmforge COMMAND --help`` is instant. Every fine-tuning config extend
 
 from __future__ import annotations
 
-from lmforge.errors import UserError
-
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config import check_range
+from lmforge.errors import UserError
 from lmforge.models.specs import ElectraSpec, ModelSpec, Seq2SeqSpec
 from lmforge.train.config import OptimConfig, TrainConfig
 
 
 def _finetune_training() -> TrainConfig:
     return TrainConfig(
-        global_batch_size=32, micro_batch_size=32, eval_every=200, save_every=200, log_every=20, patience=5,
+        global_batch_size=32,
+        micro_batch_size=32,
+        eval_every=200,
+        save_every=200,
+        log_every=20,
+        patience=5,
         optim=OptimConfig(lr=1e-4, warmup_steps=100, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
     )
 
@@ -100,7 +103,12 @@ class NERConfig(EncoderFinetuneConfig):
 
 def _chat_training() -> TrainConfig:
     return TrainConfig(
-        global_batch_size=16, micro_batch_size=16, eval_every=50, save_every=50, log_every=10, patience=4,
+        global_batch_size=16,
+        micro_batch_size=16,
+        eval_every=50,
+        save_every=50,
+        log_every=10,
+        patience=4,
         optim=OptimConfig(lr=3e-4, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01),
     )
 
@@ -122,7 +130,12 @@ class ChatTrainConfig(FinetuneConfig):
 
 def _embed_training() -> TrainConfig:
     return TrainConfig(
-        max_steps=500, global_batch_size=64, micro_batch_size=64, eval_every=100, save_every=100, log_every=10,
+        max_steps=500,
+        global_batch_size=64,
+        micro_batch_size=64,
+        eval_every=100,
+        save_every=100,
+        log_every=10,
         optim=OptimConfig(lr=3e-5, warmup_steps=0, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0),
     )
 
@@ -160,9 +173,14 @@ class EmbedTrainConfig(FinetuneConfig):
 
 def _translate_training() -> TrainConfig:
     return TrainConfig(
-        max_steps=4000, global_batch_size=64, micro_batch_size=64, eval_every=500, save_every=500, log_every=50,
-        keep_last=5, optim=OptimConfig(lr=1e-3, warmup_steps=400, schedule="cosine", min_lr_ratio=0.05,
-                                       weight_decay=0.01),
+        max_steps=4000,
+        global_batch_size=64,
+        micro_batch_size=64,
+        eval_every=500,
+        save_every=500,
+        log_every=50,
+        keep_last=5,
+        optim=OptimConfig(lr=1e-3, warmup_steps=400, schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01),
     )
 
 
@@ -318,5 +336,3 @@ class CompareConfig:
             raise UserError(f"seeds={self.seeds}: give at least one seed, each once")
         if self.budget_mlm_steps <= 0:
             raise UserError(f"budget_mlm_steps={self.budget_mlm_steps} must be positive")
-
-

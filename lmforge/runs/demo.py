@@ -23,13 +23,13 @@ from pathlib import Path
 from lmforge.baselines import dictionary_ner, tfidf_svm
 from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
+from lmforge.metrics import DEFINITIONS
 from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig, PretrainConfig, PretrainData
 from lmforge.runs.finetune import finetune
-from lmforge.metrics import DEFINITIONS
 from lmforge.runs.pretrain import pretrain
+from lmforge.runs.session import holds_out_dir
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import OptimConfig
-from lmforge.runs.session import holds_out_dir
 
 TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
 STAGE_DIRS = ("pretrain", *TASKS)
@@ -64,8 +64,15 @@ BUDGETS = {
 def training(*, minutes: float, lr: float, batch: int, seed: int, progress: bool) -> TrainConfig:
     """The demo's training settings for a stage (linear schedule, 30 warm-up steps, no mid-run checkpoints)."""
     return TrainConfig(
-        global_batch_size=batch, micro_batch_size=batch, max_minutes=minutes, seed=seed, progress=progress,
-        eval_every=0, save_every=0, log_every=10, keep_last=1,
+        global_batch_size=batch,
+        micro_batch_size=batch,
+        max_minutes=minutes,
+        seed=seed,
+        progress=progress,
+        eval_every=0,
+        save_every=0,
+        log_every=10,
+        keep_last=1,
         optim=OptimConfig(lr=lr, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
     )
 
@@ -132,8 +139,11 @@ def _pretrain_config(cfg: DemoConfig, budget: Budget, out: Path) -> PretrainConf
         train, max_steps=budget.pretrain_steps, micro_batch_size=32, eval_every=200, optim=optim
     )
     return PretrainConfig(
-        out=str(out / "pretrain"), task="mlm", model=ModelSpec(size=budget.size, dropout=0.0),
-        data=PretrainData(input=inputs, seq_len=budget.seq_len, vocab_size=21128), training=train,
+        out=str(out / "pretrain"),
+        task="mlm",
+        model=ModelSpec(size=budget.size, dropout=0.0),
+        data=PretrainData(input=inputs, seq_len=budget.seq_len, vocab_size=21128),
+        training=train,
     )
 
 
@@ -150,22 +160,44 @@ def pretrain_inputs(out: Path, limit: int) -> list[str]:
 def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind: str, init: str, splits: dict):
     classify = kind == "classify"
     return finetune_config(
-        out=out / data / init, model=str(out / "pretrain"), data=data, kind=kind, init=init,
+        out=out / data / init,
+        model=str(out / "pretrain"),
+        data=data,
+        kind=kind,
+        init=init,
         epochs=budget.classify_epochs if classify else budget.ner_epochs,
         minutes=budget.classify_minutes if classify else budget.ner_minutes,
-        max_len=budget.seq_len, seed=cfg.seed, progress=cfg.progress, splits=splits if cfg.limit else None,
+        max_len=budget.seq_len,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        splits=splits if cfg.limit else None,
     )
 
 
 def finetune_config(
-    *, out: Path, model: str, data: str, kind: str, init: str, epochs: float, minutes: float, max_len: int,
-    seed: int, progress: bool, splits: dict | None = None,
+    *,
+    out: Path,
+    model: str,
+    data: str,
+    kind: str,
+    init: str,
+    epochs: float,
+    minutes: float,
+    max_len: int,
+    seed: int,
+    progress: bool,
+    splits: dict | None = None,
 ):
     """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3;
     batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
     lr = 1e-3 if kind == "classify" else 2e-3
     common = dict(
-        out=str(out), model=model, init=init, epochs=epochs, dropout=0.0, max_len=max_len,
+        out=str(out),
+        model=model,
+        init=init,
+        epochs=epochs,
+        dropout=0.0,
+        max_len=max_len,
         training=training(minutes=minutes, lr=lr, batch=32, seed=seed, progress=progress),
     )
     if splits is not None:
@@ -202,8 +234,12 @@ def report(summary: dict) -> str:
         lines.append(f"| peoples-daily-ner | {kind} F1 | " + " | ".join(f"{v:.4f}" for v in row) + " (dictionary) |")
     p = summary["pretraining"]
     loss = "-" if p["best_val_loss"] is None else f"{p['best_val_loss']:.4f}"
-    lines += ["", f"Pretraining: {p['steps']} steps, {p['tokens']:,} tokens at {p['tokens_per_s']:,.0f} tokens/s, "
-              f"best validation MLM loss {loss} (see pretrain/report.md).", ""]
+    lines += [
+        "",
+        f"Pretraining: {p['steps']} steps, {p['tokens']:,} tokens at {p['tokens_per_s']:,.0f} tokens/s, "
+        f"best validation MLM loss {loss} (see pretrain/report.md).",
+        "",
+    ]
     lines += ["| stage | wall seconds | tokens/s |", "|---|---|---|"]
     speed = summary["tokens_per_s"]
     for stage, seconds in summary["wall_seconds"].items():

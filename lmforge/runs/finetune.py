@@ -15,8 +15,6 @@ through ``TASKS``; nothing here compares task names.
 
 from __future__ import annotations
 
-from lmforge.errors import UserError
-
 import dataclasses
 import math
 import random
@@ -30,13 +28,14 @@ from torch import nn
 from lmforge.config import write_json, write_yaml
 from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import ReadReport, read_labelled, read_tagged
+from lmforge.errors import UserError
 from lmforge.models.registry import WEIGHTS_FILE, read_safetensors
 from lmforge.runs.config import FinetuneConfig
 from lmforge.runs.results import FinetuneResult, write_report
 from lmforge.runs.run_dir import RECIPE_FILE, write_run
 from lmforge.runs.session import run_session
 from lmforge.tasks import task_entry
-from lmforge.train import checkpoint
+from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
 
@@ -58,19 +57,32 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
         training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
         before = {}
         if d.is_main:
-            before = {s: task.evaluate(model, splits[s], device=d.device) for s in task.evaluate_before if splits.get(s)}
+            before = {
+                s: task.evaluate(model, splits[s], device=d.device) for s in task.evaluate_before if splits.get(s)
+            }
         summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
         if not d.is_main:
             return None
+        if distributed.is_sharded(model):  # FSDP: the first process scores a whole copy, loaded from the checkpoint
+            task, model = task_cls.for_finetuning(cfg, splits, run_dir)
+            model.to(d.device)
         weights, dev = choose_weights(model, task, run_dir, summary, cfg.average_last, d.device)
         write_run(run_dir, task, model, tokenizer_source=cfg.model)
         scores = {"dev": dev}
         if splits.get("test"):
             scores["test"] = task.evaluate_test(model, splits["test"], device=d.device)
         result = FinetuneResult(
-            task=task_name, model=cfg.model, weights=weights, scores=scores, before=before,
-            columns=task.report_columns, data=data_report(cfg, splits, reports, task), training=summary,
-            extras=task.extras(), init=getattr(cfg, "init", None), wall_seconds=round(time.perf_counter() - started, 2),
+            task=task_name,
+            model=cfg.model,
+            weights=weights,
+            scores=scores,
+            before=before,
+            columns=task.report_columns,
+            data=data_report(cfg, splits, reports, task),
+            training=summary,
+            extras=task.extras(),
+            init=getattr(cfg, "init", None),
+            wall_seconds=round(time.perf_counter() - started, 2),
         )
         write_json(run_dir / "results.json", result.to_json())
         write_report(run_dir, result)

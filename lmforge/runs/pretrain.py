@@ -12,31 +12,27 @@ finally writes the chosen weights (best validation loss) as a normal lmforge mod
 
 from __future__ import annotations
 
-from lmforge.errors import UserError
-
-import dataclasses
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.errors import UserError
 from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.electra import Electra
 from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
-from lmforge.tasks.clm import CLMTask
-from lmforge.models.electra import Electra
 from lmforge.runs.config import PretrainConfig
+from lmforge.runs.session import run_session
+from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.electra import ElectraTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
 from lmforge.train.loop import fit
-from lmforge.runs.session import run_session
 
 
 def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> Path:
@@ -64,8 +60,12 @@ def prepare_corpus(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> t
     if d.is_main:
         prepare(
             PrepareConfig(
-                input=cfg.data.input, tokenizer=str(tok_dir), out=str(shards), jsonl_field=cfg.data.jsonl_field,
-                val_fraction=cfg.data.val_fraction, whole_word=cfg.task == "wwm-mlm",
+                input=cfg.data.input,
+                tokenizer=str(tok_dir),
+                out=str(shards),
+                jsonl_field=cfg.data.jsonl_field,
+                val_fraction=cfg.data.val_fraction,
+                whole_word=cfg.task == "wwm-mlm",
             ),
             progress=cfg.training.progress,
         )
@@ -90,7 +90,10 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
         task = ElectraTask(shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob)
     else:
         task = MLMTask(
-            shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob,
+            shards=str(shards),
+            tokenizer=tok,
+            seq_len=cfg.data.seq_len,
+            mask_prob=cfg.mask_prob,
             whole_word=cfg.task == "wwm-mlm",
         )
     return model, task

@@ -69,13 +69,21 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     t = r.training
     best = ", ".join(f"{k} {v:.4f}" for k, v in (t.get("best_dev") or {}).items()) or "-"
-    lines += ["", f"Training: {t['steps']} steps, {t['tokens']:,} real tokens in {t['seconds'] / 60:.1f} min "
-              f"({t['tokens_per_s']:,.0f} tokens/s); best dev {best} at step {t['best_step']}; weights: {r.weights}.",
-              ""]
+    lines += [
+        "",
+        f"Training: {t['steps']} steps, {t['tokens']:,} real tokens in {t['seconds'] / 60:.1f} min "
+        f"({t['tokens_per_s']:,.0f} tokens/s); best dev {best} at step {t['best_step']}; weights: {r.weights}.",
+        "",
+    ]
     d = r.data
     skipped = sum(len(v) for v in d["skipped_rows"].values())
-    lines += [f"Data: {d['source']}; examples {d['examples']}; truncated or windowed: {d['truncated']}; "
-              f"skipped bad rows: {skipped}.", "", "![loss](loss.png)", ""]
+    lines += [
+        f"Data: {d['source']}; examples {d['examples']}; truncated or windowed: {d['truncated']}; "
+        f"skipped bad rows: {skipped}.",
+        "",
+        "![loss](loss.png)",
+        "",
+    ]
     final_split = "test" if "test" in r.scores else "dev"
     lines += _task_sections(run_dir, r.scores.get(final_split) or {}, final_split)
     lines += ["Definitions: see `definitions` in results.json."]
@@ -85,26 +93,39 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
 def _task_sections(run_dir: Path, final: dict, split: str) -> list[str]:
     lines: list[str] = []
     if "confusion_matrix" in final:
-        plot_confusion(final["confusion_matrix"], final["labels"], run_dir / "confusion.png",
-                       title=f"{split} confusion matrix")
-        lines += ["![confusion matrix](confusion.png)", "", "| label | precision | recall | F1 | support |",
-                  "|---|---|---|---|---|"]
+        plot_confusion(
+            final["confusion_matrix"], final["labels"], run_dir / "confusion.png", title=f"{split} confusion matrix"
+        )
+        lines += [
+            "![confusion matrix](confusion.png)",
+            "",
+            "| label | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+        ]
         for name, s in final["per_class"].items():
             lines.append(f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
     if "per_type" in final:
-        lines += ["| type | precision | recall | F1 | support | correct | wrong type | wrong span | missed | spurious |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| type | precision | recall | F1 | support | correct | wrong type | wrong span | missed | spurious |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for kind, s in final["per_type"].items():
             e = final["errors"].get(kind, {})
             counts = " | ".join(str(e.get(k, 0)) for k in ("correct", "wrong_type", "wrong_span", "missed", "spurious"))
-            lines.append(f"| {kind} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} | {counts} |")
+            lines.append(
+                f"| {kind} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} | {counts} |"
+            )
     if "samples" in final:
         lines += [f"Sampled {split} replies:", ""]
-        lines += [f"- user: {s['prompt']!r} -> model: {s['reply']!r} (reference: {s['reference']!r})"
-                  for s in final["samples"]]
+        lines += [
+            f"- user: {s['prompt']!r} -> model: {s['reply']!r} (reference: {s['reference']!r})"
+            for s in final["samples"]
+        ]
     if "bleu_signature" in final:
         lines.append(f"Signatures: `{final['bleu_signature']}`, `{final['chrf_signature']}`.")
         if "decoding" in final:
             dec = final["decoding"]
-            lines.append(f"Test decoding: beam {dec['num_beams']}, {dec['seconds']:.1f} s for {final['sentences']} sentences.")
+            lines.append(
+                f"Test decoding: beam {dec['num_beams']}, {dec['seconds']:.1f} s for {final['sentences']} sentences."
+            )
     return [*lines, ""] if lines else []

@@ -19,8 +19,6 @@ server loads runs through this module alone.
 
 from __future__ import annotations
 
-from lmforge.errors import UserError
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ from torch import nn
 
 from lmforge.config import read_json_object, write_json
 from lmforge.data.tokenizer import copy_tokenizer_files
+from lmforge.errors import UserError
 from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
-from lmforge.models.registry import CONFIG_FILE, WEIGHTS_FILE, check_state, load_model, read_safetensors, save_model
+from lmforge.models.registry import CONFIG_FILE, check_state, load_model, read_safetensors, save_model
 from lmforge.tasks import task_entry
 
 HEAD_FILE, TASK_FILE, RECIPE_FILE = "head.safetensors", "task.json", "config.yaml"
@@ -81,7 +80,10 @@ def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
         if not isinstance(base, (Bert, GPT)):
             raise UserError(f"{run_dir}: no {TASK_FILE}; pass a run directory written by `lmforge finetune`")
         name = "embed" if isinstance(base, Bert) else "chat"
-        settings = {"task": name, "max_len": min(128, base.cfg.max_seq_len) if name == "embed" else base.cfg.max_seq_len}
+        settings = {
+            "task": name,
+            "max_len": min(128, base.cfg.max_seq_len) if name == "embed" else base.cfg.max_seq_len,
+        }
     name = settings.get("task")
     entry = task_entry(str(name), kind="finetune", where=f"{run_dir / TASK_FILE}: task")
     if task is not None and name != task:

@@ -66,8 +66,12 @@ def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
             f"{run_dir} is in use by another run ({_holder(path)}); wait for it to end, or pick another --out"
         ) from None
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["lmforge", *sys.argv[1:]]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(["lmforge", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         _held.add(key)

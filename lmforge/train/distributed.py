@@ -66,7 +66,9 @@ def wrap(module: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
         from lmforge.models.registry import transformer_blocks
 
-        for block in transformer_blocks(module):  # one FSDP unit per block, found by type, then the rest
+        for block in transformer_blocks(
+            module, self_contained=True
+        ):  # one FSDP unit per block, found by type, then the rest
             fully_shard(block)
         fully_shard(module)
         return module
@@ -152,3 +154,20 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
         )
     else:
         optimizer.load_state_dict(state)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP has sharded ``model``'s parameters (DTensors): then only all processes together can run it."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_state(module: nn.Module, d: Dist, strategy: str) -> dict:
+    """The whole (unsharded) state dict of ``module.model`` on every process; every process must call it."""
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        return {k.removeprefix("model."): v for k, v in state.items()}
+    return module.model.state_dict()

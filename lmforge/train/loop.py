@@ -16,6 +16,7 @@ traceback). A second signal interrupts at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import threading
@@ -157,6 +158,7 @@ class _Run:
     selection: str = "loss"
     sign: float = 1.0
     attack: EmbeddingAttack | None = None
+    eval_twin: nn.Module | None = None
     on_eval: Callable[[int, dict[str, float], float], None] | None = None
     stop: _StopOnSignal = field(default_factory=lambda: _StopOnSignal())
     window_start: float = 0.0
@@ -226,6 +228,10 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
         state = checkpoint.load_state(ckpt)
         checkpoint.restore_rng(ckpt)
     model.to(d.device).train()
+    # A task that scores the dev set by calling parts of the model (heads, decoding) cannot run on FSDP shards:
+    # it scores an unsharded twin, loaded with the gathered weights at each evaluation.
+    fsdp = d.enabled and cfg.distributed == "fsdp"
+    eval_twin = copy.deepcopy(model) if fsdp and hasattr(task, "evaluate") else None
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
     if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
@@ -256,7 +262,7 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
         batches=GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed, lengths=lengths),
         logger=logger, params=[p for p in module.parameters() if p.requires_grad], peak=peak,
         started=time.perf_counter() - state.seconds, selection=selection, sign=1.0 if direction == "min" else -1.0,
-        attack=attack, on_eval=on_eval, window_start=time.perf_counter(),
+        attack=attack, on_eval=on_eval, window_start=time.perf_counter(), eval_twin=eval_twin,
     )  # fmt: skip
 
 
@@ -374,7 +380,11 @@ def _evaluate(run: _Run) -> None:
     task, state = run.task, run.state
     # fine-tuning tasks score the whole dev set from predictions; every process does (FSDP needs all in step)
     if hasattr(task, "evaluate"):
-        found = task.evaluate(run.model, device=run.d.device)
+        model = run.model
+        if run.eval_twin is not None:  # FSDP: score a whole copy (each process the same; they stay in step)
+            run.eval_twin.load_state_dict(distributed.full_model_state(run.module, run.d, run.cfg.distributed))
+            model = run.eval_twin
+        found = task.evaluate(model, device=run.d.device)
     else:
         found = evaluate(run.wrapped, task, run.cfg, run.d)
     # scalars only: task evaluations also return tables (per-class scores, confusion matrices)

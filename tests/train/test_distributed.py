@@ -72,3 +72,54 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict[str, Path], run_proc
     assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in reference]
     for a, b in zip(resumed, reference, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
+
+SAMPLE = Path(__file__).parents[1] / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
+LOOP = ["--epochs", "0", "--training.max-steps", "4", "--training.global-batch-size", "8",
+        "--training.micro-batch-size", "4", "--training.log-every", "1", "--training.eval-every", "2",
+        "--training.deterministic", "--training.no-progress", "--training.peak-tflops", "1"]  # fmt: skip
+
+
+def _finetune(run_process: Callable[..., str], args: list[str], processes: int, strategy: str = "ddp") -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    cmd = [*launcher, "-m", "lmforge"] if processes > 1 else [sys.executable, "-m", "lmforge"]
+    run_process([*cmd, "finetune", *args, *LOOP, "--training.distributed", strategy], timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory, tiny_bert: Path, run_process) -> dict[str, Path]:
+    """A classifier (an encoder with a head) and a translation encoder-decoder, each fine-tuned on one process
+    and with FSDP on two."""
+    from lmforge.data.builtin import load_builtin
+    from lmforge.data.readers import write_jsonl
+
+    root = tmp_path_factory.mktemp("dist-finetune")
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(root / "train.jsonl", reviews["train"][:64])
+    write_jsonl(root / "dev.jsonl", reviews["dev"][:16])
+    lines = SAMPLE.read_text(encoding="utf-8-sig").splitlines()
+    pairs = ["\t".join(reversed(line.split("\t")[:2])) for line in lines]
+    (root / "train.tsv").write_text("\n".join(pairs[:64]) + "\n", encoding="utf-8")
+    (root / "dev.tsv").write_text("\n".join(pairs[64:72]) + "\n", encoding="utf-8")
+    classify = ["classify", "--model", str(tiny_bert), "--train", str(root / "train.jsonl"), "--dev",
+                str(root / "dev.jsonl"), "--max-len", "32"]  # fmt: skip
+    translate = ["translate", "--train", str(root / "train.tsv"), "--dev", str(root / "dev.tsv"), "--vocab-size",
+                 "300", "--max-len", "24", "--seq2seq.d-model", "32", "--seq2seq.d-ff", "64", "--seq2seq.n-heads",
+                 "2", "--seq2seq.n-encoder-layers", "1", "--seq2seq.n-decoder-layers", "1", "--seq2seq.dropout", "0",
+                 "--num-beams", "1"]  # fmt: skip
+    out = {}
+    for name, args in (("classify", classify), ("translate", translate)):
+        for processes, strategy in ((1, "ddp"), (2, "fsdp")):
+            out[f"{name}-{processes}"] = root / f"{name}-{processes}"
+            _finetune(run_process, [*args, "--out", str(out[f"{name}-{processes}"])], processes, strategy)
+    return out
+
+
+@pytest.mark.parametrize("task", ["classify", "translate"])
+def test_fsdp_fine_tuning_gives_the_losses_of_one_process(finetune_runs: dict[str, Path], task: str) -> None:
+    one, two = (_records(finetune_runs[f"{task}-{n}"]) for n in (1, 2))
+    train_one, train_two = ([r["loss"] for r in rs if r["kind"] == "train"] for rs in (one, two))
+    assert len(train_one) == 4
+    assert train_two == pytest.approx(train_one, abs=1e-5)
+    results = json.loads((finetune_runs[f"{task}-2"] / "results.json").read_text())
+    assert results["training"]["processes"] == 2 and results["dev"]  # the first process scored the run
