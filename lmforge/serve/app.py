@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -39,162 +39,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.errors import UserError
 from lmforge.inference.config import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
+from lmforge.serve.errors import BODY_CUT, APIError, BodyLimit, error_response
 from lmforge.serve.limits import Limits
 from lmforge.serve.models import Served
+from lmforge.serve.schema import ChatRequest, EmbeddingRequest, InputRequest, TranslateRequest, param_path
 
-
-class APIError(Exception):
-    """An error answered as JSON: status, message, the field at fault."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-
-def _error(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    # a message may quote the request: lone surrogates in it would make the JSON body itself unencodable
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-BODY_CUT = "lmforge.body_cut"
-
-
-class _BodyCut(Exception):
-    """Raised into the app when its request body passed the limit (after the 413 was sent)."""
-
-
-class BodyLimit:
-    """ASGI middleware: the request body's bytes are counted as they arrive, and reading stops at the limit.
-
-    A declared Content-Length over the limit is answered 413 before the app runs. A body without one
-    (chunked) is counted message by message: the message that passes the limit makes this middleware
-    send the 413 itself and raise ``_BodyCut`` into the app's read; whatever the app then sends is
-    dropped and the exception is swallowed here. At most the limit plus one message is ever held.
-    Written here rather than FastAPI's ``max_body_size`` (0.16x), which answers a declared oversize
-    body in plain text, outside the app's JSON error shape.
-    """
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    def _too_large(self) -> JSONResponse:
-        return _error(413, f"request body exceeds {self.max_bytes} bytes", param="body")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
-        received, started, answered = 0, False, False
-
-        async def guarded_send(message) -> None:
-            nonlocal started
-            if answered:  # the 413 went out: the app's own answer to the cut body is dropped
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        async def counted_receive():
-            nonlocal received, answered
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    if not started:
-                        await self._too_large()(scope, receive, send)
-                        answered = True
-                        scope[BODY_CUT] = True  # what the client got, for the request metrics
-                    raise _BodyCut
-            return message
-
-        try:
-            await self.app(scope, counted_receive, guarded_send)
-        except Exception:
-            if not answered:
-                raise
-
-
-# --- request shapes -------------------------------------------------------------------------------------
-def _valid_unicode(text: str) -> str:
-    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode: refuse them by name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"invalid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-
-
-def _param(loc: tuple) -> str:
-    """A validation error's field as ``input.1``: the body's field names and list indices, without the
-    names pydantic gives the branches of a union (``str``, ``list[...]``, ``function-after[...]``)."""
-    parts = [str(p) for p in loc if isinstance(p, int) or (p != "body" and "[" not in p and p not in ("str", "list"))]
-    return ".".join(parts)
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-
-
-class InputRequest(_Lenient):
-    model: Text
-    input: Text | list[Text | list[Text]] = Field(description="texts, or [text, text_pair] pairs (classify)")
-
-
-class TranslateRequest(InputRequest):
-    num_beams: int = Field(4, ge=1, le=8)
-    max_tokens: int | None = Field(None, ge=1)
-
-
-class EmbeddingRequest(_Lenient):
-    model: Text
-    input: Text | list[Text]
-    encoding_format: Literal["float", "base64"] = "float"
-    """base64: the float32 little-endian bytes of each vector, base64-encoded (what OpenAI's client asks for)."""
-
-
-class Message(_Lenient):
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class ChatRequest(_Lenient):
-    model: Text
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64, description="sampling seed: the same reply for the same seed")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+__all__ = ["Limits", "create_app"]
 
 
 # --- the app ----------------------------------------------------------------------------------------------
@@ -223,47 +77,115 @@ class _Metrics:
         )
 
 
+class _Gateway:
+    """The served models with their batchers and limits: how a handler reaches a model (404 / 400 / 503 / 504)."""
+
+    def __init__(self, models: dict[str, Served], limits: Limits, metrics: _Metrics) -> None:
+        self.models, self.limits, self.metrics = models, limits, metrics
+        self.batchers: dict[str, MicroBatcher] = {}
+        for name, served in models.items():
+            self.batchers[name] = MicroBatcher(
+                _batch_fn(served),
+                max_batch=limits.max_batch,
+                max_wait_ms=limits.max_wait_ms,
+                queue_size=limits.queue_size,
+                on_batch=metrics.batch.labels(name).observe,
+            )
+            metrics.queue.labels(name).set_function(lambda b=self.batchers[name]: b.depth)
+
+    def served(self, name: str, task: str) -> Served:
+        if name not in self.models:
+            served = ", ".join(self.models)
+            raise APIError(
+                404, f"model {name!r} is not served; served: {served}", param="model", kind="not_found_error"
+            )
+        if self.models[name].task != task:
+            raise APIError(400, f"model {name!r} serves {self.models[name].task}, not {task}", param="model")
+        return self.models[name]
+
+    def _busy(self, name: str) -> APIError:
+        return APIError(
+            503, f"model {name!r} is busy: its queue is full", kind="overloaded_error", headers={"Retry-After": "1"}
+        )
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"no answer within {self.limits.timeout_s:g} s", kind="timeout_error")
+
+    async def submit(self, name: str, items: list, key: Any = None) -> list:
+        """Answers to ``items``, batched with other requests of the same model and ``key``."""
+        try:
+            return await asyncio.wait_for(self.batchers[name].submit(items, key), self.limits.timeout_s)
+        except QueueFull:
+            raise self._busy(name) from None
+        except TimeoutError:
+            raise self._timeout() from None
+        except ValueError as e:
+            raise APIError(422, str(e)) from None
+
+    def admit(self, name: str, fn) -> asyncio.Future:
+        """Queue ``fn`` to run alone in the model's thread (503 when the queue is full)."""
+        try:
+            return self.batchers[name].submit_call(fn)
+        except QueueFull:
+            raise self._busy(name) from None
+
+    async def call_alone(self, name: str, fn) -> Any:
+        try:
+            return await asyncio.wait_for(self.admit(name, fn), self.limits.timeout_s)
+        except TimeoutError:
+            raise self._timeout() from None
+
+    async def stop(self) -> None:
+        for b in self.batchers.values():  # graceful shutdown: finish what is queued
+            await b.stop()
+
+
 def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastAPI:
     """The API over ``models`` (name -> loaded model) with ``limits``."""
     limits = limits or Limits()
-    metrics = _Metrics()
-    batchers: dict[str, MicroBatcher] = {}
-    for name, served in models.items():
-        batchers[name] = MicroBatcher(
-            _batch_fn(served),
-            max_batch=limits.max_batch,
-            max_wait_ms=limits.max_wait_ms,
-            queue_size=limits.queue_size,
-            on_batch=metrics.batch.labels(name).observe,
-        )
-        metrics.queue.labels(name).set_function(lambda b=batchers[name]: b.depth)
+    gateway = _Gateway(models, limits, _Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        for b in batchers.values():  # graceful shutdown: finish what is queued
-            await b.stop()
+        await gateway.stop()
 
     about = "Classification, NER, translation, embeddings and chat over lmforge run directories."
     # no /docs or /redoc: their pages load scripts from a CDN, and everything here works offline
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan, description=about, docs_url=None, redoc_url=None)
     app.state.models, app.state.limits = models, limits
+    _add_error_handlers(app)
+    _add_guard(app, gateway)
+    _add_info_routes(app, gateway)
+    _add_encoder_routes(app, gateway)
+    _add_chat_route(app, gateway)
+    page = resources.files("lmforge.serve") / "static"
+    app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # outermost of ours: before any byte is parsed
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, param=e.param, kind=e.kind, headers=e.headers)
+    async def _apierror_response(_request: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, param=e.param, kind=e.kind, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (body limit, bad body, 404)
-    async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+    async def _httperror_response(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         # a value that fails our own check says more than "not a valid string" from another branch of a union
         first = next((x for x in errors if x["type"] == "value_error"), errors[0])
-        param = _param(first["loc"])
-        return _error(422, f"{param}: {first['msg']}", param=param or None)
+        param = param_path(first["loc"])
+        return error_response(422, f"{param}: {first['msg']}", param=param or None)
+
+
+def _add_guard(app: FastAPI, gateway: _Gateway) -> None:
+    """The API key, a 500 for a request that raised (never the server), and the request metrics."""
+    limits, metrics = gateway.limits, gateway.metrics
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
@@ -271,110 +193,76 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         path = request.url.path
         endpoint = path if path.startswith("/v1/") or path in ("/healthz", "/metrics") else "page"
         if limits.api_key and path.startswith("/v1/") and not _authorised(request, limits.api_key):
-            response = _error(
-                401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
-            )
+            message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
+            response = error_response(401, message, kind="authentication_error")
         else:
             try:
                 response = await call_next(request)
             except Exception as e:  # never take the server down
-                response = _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+                response = error_response(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
         status = 413 if request.scope.get(BODY_CUT) else response.status_code  # BodyLimit answered, not the app
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    def served(name: str, task: str) -> Served:
-        if name not in models:
-            raise APIError(
-                404, f"model {name!r} is not served; served: {', '.join(models)}", param="model", kind="not_found_error"
-            )
-        if models[name].task != task:
-            raise APIError(400, f"model {name!r} serves {models[name].task}, not {task}", param="model")
-        return models[name]
 
-    def busy(name: str) -> APIError:
-        return APIError(
-            503, f"model {name!r} is busy: its queue is full", kind="overloaded_error", headers={"Retry-After": "1"}
-        )
-
-    async def submit(name: str, items: list, key: Any = None) -> list:
-        try:
-            return await asyncio.wait_for(batchers[name].submit(items, key), limits.timeout_s)
-        except QueueFull:
-            raise busy(name) from None
-        except TimeoutError:
-            raise APIError(504, f"no answer within {limits.timeout_s:g} s", kind="timeout_error") from None
-        except ValueError as e:
-            raise APIError(422, str(e)) from None
-
-    def admit(name: str, fn) -> asyncio.Future:
-        """Queue ``fn`` to run alone in the model's thread (503 when the queue is full)."""
-        try:
-            return batchers[name].submit_call(fn)
-        except QueueFull:
-            raise busy(name) from None
-
-    async def call_alone(name: str, fn) -> Any:
-        try:
-            return await asyncio.wait_for(admit(name, fn), limits.timeout_s)
-        except TimeoutError:
-            raise APIError(504, f"no answer within {limits.timeout_s:g} s", kind="timeout_error") from None
-
+def _add_info_routes(app: FastAPI, gateway: _Gateway) -> None:
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "models": len(models)}
+        return {"status": "ok", "models": len(gateway.models)}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [m.info() for m in models.values()]}
+        return {"object": "list", "data": [m.info() for m in gateway.models.values()]}
+
+
+def _add_encoder_routes(app: FastAPI, gateway: _Gateway) -> None:
+    limits = gateway.limits
 
     @app.post("/v1/classify")
     async def classify(req: InputRequest) -> dict:
-        m = served(req.model, "classify")
+        m = gateway.served(req.model, "classify")
         examples = [_example(x, i, pairs=True) for i, x in enumerate(_inputs(req.input, limits))]
-        return {"model": m.name, "data": await submit(m.name, examples)}
+        return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
     @app.post("/v1/ner")
     async def ner(req: InputRequest) -> dict:
-        m = served(req.model, "ner")
+        m = gateway.served(req.model, "ner")
         examples = [_example(x, i, pairs=False) for i, x in enumerate(_inputs(req.input, limits))]
-        return {"model": m.name, "data": await submit(m.name, examples)}
+        return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
     @app.post("/v1/translate")
     async def translate(req: TranslateRequest) -> dict:
-        m = served(req.model, "translate")
+        m = gateway.served(req.model, "translate")
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
         cap = _max_tokens(req.max_tokens, limits, default=m.handler.max_len)
-        translations = await submit(m.name, texts, key=GenerationConfig(num_beams=req.num_beams, max_new_tokens=cap))
+        key = GenerationConfig(num_beams=req.num_beams, max_new_tokens=cap)
+        translations = await gateway.submit(m.name, texts, key=key)
         return {"model": m.name, "data": [{"translation": t} for t in translations]}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict:
-        m = served(req.model, "embed")
+        m = gateway.served(req.model, "embed")
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
-        vectors = await submit(m.name, texts)
+        vectors = await gateway.submit(m.name, texts)
         n = m.count_tokens(texts)
         if req.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return {"object": "list", "model": m.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
+
+def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:
+    limits, metrics = gateway.limits, gateway.metrics
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> dict | StreamingResponse:
-        m = served(req.model, "chat")
-        for i, message in enumerate(req.messages):
-            if len(message.content) > limits.max_text_chars:
-                raise APIError(
-                    413,
-                    f"messages[{i}].content has {len(message.content)} characters; the limit is "
-                    f"{limits.max_text_chars}",
-                    param=f"messages.{i}.content",
-                )
+        m = gateway.served(req.model, "chat")
+        _check_message_sizes(req, limits)
         default = min(128, m.model.cfg.max_seq_len // 2)  # leaves room for the conversation
         cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=default)
         cfg = _sampling(req, cap)
@@ -385,40 +273,44 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             stream = _ChatStream(m, prompt, cfg, asyncio.get_running_loop())
-            stream.work = admit(m.name, stream.produce)  # a queue slot before the response starts: 503 is a status
+            stream.work = gateway.admit(m.name, stream.produce)  # a queue slot before the response: 503 is a status
             events = stream.events(reply_id, created, metrics, deadline=time.monotonic() + limits.timeout_s)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         started = time.perf_counter()
         if cfg.do_sample and cfg.seed is not None:  # alone: its draws must not depend on what it is batched with
-            (reply,) = await call_alone(m.name, lambda: m.complete([prompt], cfg))
+            (reply,) = await gateway.call_alone(m.name, lambda: m.complete([prompt], cfg))
         else:
-            (reply,) = await submit(m.name, [prompt], key=cfg)  # equal settings decode together
+            (reply,) = await gateway.submit(m.name, [prompt], key=cfg)  # equal settings decode together
         seconds = time.perf_counter() - started
         metrics.tokens.labels(m.name).inc(len(reply.token_ids))
         metrics.tokens_per_s.labels(m.name).set(len(reply.token_ids) / max(seconds, 1e-9))
-        return {
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": m.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": reply.text.strip()},
-                    "finish_reason": "length" if reply.finish_reason == "length" else "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": len(reply.token_ids),
-                "total_tokens": len(prompt) + len(reply.token_ids),
-            },
-        }
+        return _completion(reply_id, created, m.name, prompt, reply)
 
-    page = resources.files("lmforge.serve") / "static"
-    app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # outermost of ours: before any byte is parsed
-    return app
+
+def _check_message_sizes(req: ChatRequest, limits: Limits) -> None:
+    for i, message in enumerate(req.messages):
+        if len(message.content) > limits.max_text_chars:
+            raise APIError(
+                413,
+                f"messages[{i}].content has {len(message.content)} characters; the limit is {limits.max_text_chars}",
+                param=f"messages.{i}.content",
+            )
+
+
+def _completion(reply_id: str, created: int, model: str, prompt: list[int], reply) -> dict:
+    """A chat.completion object in OpenAI's shape."""
+    n_prompt, n_reply = len(prompt), len(reply.token_ids)
+    finish = "length" if reply.finish_reason == "length" else "stop"
+    choice = {"index": 0, "message": {"role": "assistant", "content": reply.text.strip()}, "finish_reason": finish}
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_reply, "total_tokens": n_prompt + n_reply}
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def _authorised(request: Request, key: str) -> bool:

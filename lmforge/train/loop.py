@@ -192,8 +192,9 @@ def fit(
         run.logger.close()
         raise
     if stopped_by is not None:
-        run.logger.info(f"{stopped_by} received: saving a checkpoint at step {run.state.step}; continue with "
-                        f"--resume {run.run_dir}")  # fmt: skip
+        run.logger.info(
+            f"{stopped_by} received: saving a checkpoint at step {run.state.step}; continue with --resume {run.run_dir}"
+        )
         _save(run)
         run.logger.close()
         raise TrainingInterrupted(stopped_by, run.state.step, run.run_dir)
@@ -239,14 +240,10 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
             block.compile(dynamic=True)
     attack = None
     if cfg.adversarial != "none":
-        attack = EmbeddingAttack(model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha,
-                                 steps=cfg.adv_steps)  # fmt: skip
-    optimizer = build_optimizer(module, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    if ckpt is not None:
-        saved = checkpoint.load_optim_state(ckpt)
-        distributed.load_optimizer_state(module, optimizer, saved["optimizer"], d, cfg.distributed)
-        scheduler.load_state_dict(saved["scheduler"])
+        attack = EmbeddingAttack(
+            model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha, steps=cfg.adv_steps
+        )
+    optimizer, scheduler = _optimizer(module, cfg, ckpt, d)
     lengths = getattr(task, "train_lengths", None)  # length-grouped batches for padded tasks
     selection, direction = getattr(task, "selection", ("loss", "min"))  # the dev metric that picks the best model
     logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
@@ -256,14 +253,41 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
         d.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     )
     return _Run(
-        model=model, task=task, cfg=cfg, run_dir=run_dir, d=d, accum=accum, state=state, module=module,
-        wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+        model=model,
+        task=task,
+        cfg=cfg,
+        run_dir=run_dir,
+        d=d,
+        accum=accum,
+        state=state,
+        module=module,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
         scaler=torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
         batches=GlobalBatches(len(task.train_items), cfg.global_batch_size, seed=cfg.seed, lengths=lengths),
-        logger=logger, params=[p for p in module.parameters() if p.requires_grad], peak=peak,
-        started=time.perf_counter() - state.seconds, selection=selection, sign=1.0 if direction == "min" else -1.0,
-        attack=attack, on_eval=on_eval, window_start=time.perf_counter(), eval_twin=eval_twin,
-    )  # fmt: skip
+        logger=logger,
+        params=[p for p in module.parameters() if p.requires_grad],
+        peak=peak,
+        started=time.perf_counter() - state.seconds,
+        selection=selection,
+        sign=1.0 if direction == "min" else -1.0,
+        attack=attack,
+        on_eval=on_eval,
+        window_start=time.perf_counter(),
+        eval_twin=eval_twin,
+    )
+
+
+def _optimizer(module: nn.Module, cfg: TrainConfig, ckpt: Path | None, d: distributed.Dist):
+    """The optimizer and learning-rate schedule, restored from ``ckpt`` when resuming."""
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    if ckpt is not None:
+        saved = checkpoint.load_optim_state(ckpt)
+        distributed.load_optimizer_state(module, optimizer, saved["optimizer"], d, cfg.distributed)
+        scheduler.load_state_dict(saved["scheduler"])
+    return optimizer, scheduler
 
 
 def _train_steps(run: _Run) -> str | None:
@@ -276,8 +300,9 @@ def _train_steps(run: _Run) -> str | None:
             run.logger.info(f"time limit of {cfg.max_minutes} minutes reached at step {state.step}")
             break
         if cfg.patience and state.evals_since_best >= cfg.patience:
-            run.logger.info(f"early stop at step {state.step}: no better dev {run.selection} in {cfg.patience} "
-                            "evaluations")  # fmt: skip
+            run.logger.info(
+                f"early stop at step {state.step}: no better dev {run.selection} in {cfg.patience} evaluations"
+            )
             break
         _step(run)
         if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -368,8 +393,13 @@ def _log_window(run: _Run, lr: float, norm: float) -> None:
     tokens_per_s = distributed.all_sum(run.window["tokens"], run.d) / max(seconds, 1e-9)
     loss = run.window["loss"] / max(run.window["n"], 1.0)
     step = run.state.step
-    record = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
-              "epoch": run.batches.epoch_of(step)}  # fmt: skip
+    record = {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens_per_s": tokens_per_s,
+        "epoch": run.batches.epoch_of(step),
+    }
     run.logger.record("train", step, record)
     run.logger.progress(step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
     run.window_start, run.window = time.perf_counter(), {"tokens": 0, "loss": 0.0, "n": 0.0}
@@ -408,8 +438,9 @@ def _save(run: _Run) -> None:
     model_sd, optim_sd = distributed.full_state_dicts(run.module, run.optimizer, run.d, run.cfg.distributed)
     if run.d.is_main:
         optim_state = {"optimizer": optim_sd, "scheduler": run.scheduler.state_dict()}
-        checkpoint.save(run.run_dir, model_state=model_sd, optim_state=optim_state, state=run.state,
-                        keep_last=run.cfg.keep_last)  # fmt: skip
+        checkpoint.save(
+            run.run_dir, model_state=model_sd, optim_state=optim_state, state=run.state, keep_last=run.cfg.keep_last
+        )
     distributed.barrier(run.d)
 
 

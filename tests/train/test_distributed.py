@@ -75,9 +75,24 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict[str, Path], run_proc
 
 
 SAMPLE = Path(__file__).parents[1] / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
-LOOP = ["--epochs", "0", "--training.max-steps", "4", "--training.global-batch-size", "8",
-        "--training.micro-batch-size", "4", "--training.log-every", "1", "--training.eval-every", "2",
-        "--training.deterministic", "--training.no-progress", "--training.peak-tflops", "1"]  # fmt: skip
+LOOP = [
+    "--epochs",
+    "0",
+    "--training.max-steps",
+    "4",
+    "--training.global-batch-size",
+    "8",
+    "--training.micro-batch-size",
+    "4",
+    "--training.log-every",
+    "1",
+    "--training.eval-every",
+    "2",
+    "--training.deterministic",
+    "--training.no-progress",
+    "--training.peak-tflops",
+    "1",
+]
 
 
 def _finetune(run_process: Callable[..., str], args: list[str], processes: int, strategy: str = "ddp") -> None:
@@ -101,12 +116,42 @@ def finetune_runs(tmp_path_factory, tiny_bert: Path, run_process) -> dict[str, P
     pairs = ["\t".join(reversed(line.split("\t")[:2])) for line in lines]
     (root / "train.tsv").write_text("\n".join(pairs[:64]) + "\n", encoding="utf-8")
     (root / "dev.tsv").write_text("\n".join(pairs[64:72]) + "\n", encoding="utf-8")
-    classify = ["classify", "--model", str(tiny_bert), "--train", str(root / "train.jsonl"), "--dev",
-                str(root / "dev.jsonl"), "--max-len", "32"]  # fmt: skip
-    translate = ["translate", "--train", str(root / "train.tsv"), "--dev", str(root / "dev.tsv"), "--vocab-size",
-                 "300", "--max-len", "24", "--seq2seq.d-model", "32", "--seq2seq.d-ff", "64", "--seq2seq.n-heads",
-                 "2", "--seq2seq.n-encoder-layers", "1", "--seq2seq.n-decoder-layers", "1", "--seq2seq.dropout", "0",
-                 "--num-beams", "1"]  # fmt: skip
+    classify = [
+        "classify",
+        "--model",
+        str(tiny_bert),
+        "--train",
+        str(root / "train.jsonl"),
+        "--dev",
+        str(root / "dev.jsonl"),
+        "--max-len",
+        "32",
+    ]
+    translate = [
+        "translate",
+        "--train",
+        str(root / "train.tsv"),
+        "--dev",
+        str(root / "dev.tsv"),
+        "--vocab-size",
+        "300",
+        "--max-len",
+        "24",
+        "--seq2seq.d-model",
+        "32",
+        "--seq2seq.d-ff",
+        "64",
+        "--seq2seq.n-heads",
+        "2",
+        "--seq2seq.n-encoder-layers",
+        "1",
+        "--seq2seq.n-decoder-layers",
+        "1",
+        "--seq2seq.dropout",
+        "0",
+        "--num-beams",
+        "1",
+    ]
     out = {}
     for name, args in (("classify", classify), ("translate", translate)):
         for processes, strategy in ((1, "ddp"), (2, "fsdp")):
