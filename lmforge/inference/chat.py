@@ -10,21 +10,46 @@ the dialogue task's sampled dev replies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from torch import nn
 
-from lmforge.data.tokenizer import LMTokenizer
+from lmforge.data.tokenizer import CHAT_TEMPLATE, LMTokenizer
 from lmforge.errors import UserError
 from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generator
 
 
+@functools.lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    # the environment transformers renders chat templates in, so both give the same text
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(CHAT_TEMPLATE)
+
+
 def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
-    """The ChatML text of ``messages`` (identical to the tokenizer's Jinja chat template)."""
-    start, end = chat_tokens(tok)
-    text = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)
-    return text + (f"{start}assistant\n" if add_generation_prompt else "")
+    """The ChatML text of ``messages``, rendered with the one chat template (``data/tokenizer.CHAT_TEMPLATE``,
+    the Jinja template stored with the tokenizer)."""
+    chat_tokens(tok)
+    return _template().render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tok: LMTokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of what the assistant says: each assistant
+    message's content and the <|im_end|> that closes it (what chat fine-tuning learns to produce)."""
+    _, end = chat_tokens(tok)
+    spans, before = [], ""
+    for i, m in enumerate(messages):
+        after = render_chat(tok, messages[: i + 1])
+        if m["role"] == "assistant":
+            target = m["content"] + end
+            at = after.rindex(target, len(before))
+            spans.append((at, at + len(target)))
+        before = after
+    return before, spans
 
 
 def chat_tokens(tok: LMTokenizer) -> tuple[str, str]:

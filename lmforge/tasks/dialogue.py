@@ -28,7 +28,7 @@ from lmforge.data.batching import length_sorted_batches, pad, to_device
 from lmforge.data.readers import read_conversations
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.inference.chat import chat_prompt_ids, chat_tokens
+from lmforge.inference.chat import assistant_spans, chat_prompt_ids, chat_tokens
 from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generator
 from lmforge.metrics import distinct_n
@@ -115,13 +115,7 @@ class DialogueTask(FinetuneDefaults):
         those left with no assistant token are dropped (counted too)."""
         texts, spans = [], []
         for ex in examples:
-            text, targets = "", []
-            start, end = chat_tokens(self.tokenizer)
-            for m in ex["messages"]:
-                head = f"{start}{m['role']}\n"
-                if m["role"] == "assistant":  # its content and the closing <|im_end|>
-                    targets.append((len(text) + len(head), len(text) + len(head) + len(m["content"]) + len(end)))
-                text += f"{head}{m['content']}{end}\n"
+            text, targets = assistant_spans(self.tokenizer, ex["messages"])
             texts.append(text)
             spans.append(targets)
         out, truncated, dropped = [], 0, 0
