@@ -24,5 +24,5 @@ def run(cfg: FinetuneConfig) -> None:
     header, rows = result.table()
     print_table(f"{task}: {cfg.out}", header, rows)
     console.print(f"[green]done[/green] in {result.wall_seconds / 60:.1f} min; run directory {cfg.out}")
-    if task == "chat":
-        console.print(f"chat with: lmforge chat --model {cfg.out}")
+    if TASKS[task].use:
+        console.print("use it: " + TASKS[task].use.format(out=cfg.out), highlight=False)

@@ -27,9 +27,7 @@ from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read
 from lmforge.models.sizes import model_size
 from lmforge.runs.config import PretrainConfig
 from lmforge.runs.session import run_session
-from lmforge.tasks.clm import CLMTask
-from lmforge.tasks.electra import ElectraTask
-from lmforge.tasks.mlm import MLMTask
+from lmforge.tasks import task_entry
 from lmforge.train import checkpoint, distributed
 from lmforge.train.logging import read_metrics
 from lmforge.train.loop import fit
@@ -42,7 +40,7 @@ def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> P
     if d.is_main and not (target / "tokenizer.json").is_file():
         from lmforge.data.readers import corpus_texts
 
-        kind = "bpe" if cfg.task == "clm" else "wordpiece"
+        kind = "bpe" if task_entry(cfg.task).model == "gpt" else "wordpiece"
         tok = train_tokenizer(
             lambda: corpus_texts(cfg.data.input, jsonl_field=cfg.data.jsonl_field),
             kind=kind,
@@ -65,7 +63,7 @@ def prepare_corpus(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> t
                 out=str(shards),
                 jsonl_field=cfg.data.jsonl_field,
                 val_fraction=cfg.data.val_fraction,
-                whole_word=cfg.task == "wwm-mlm",
+                whole_word=task_entry(cfg.task).whole_word,
             ),
             progress=cfg.training.progress,
         )
@@ -79,32 +77,22 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
     if model_cfg.max_seq_len < cfg.data.seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     torch.manual_seed(cfg.training.seed)
-    model = Electra(model_cfg, cfg.electra) if cfg.task == "electra" else build_model(model_cfg)
+    entry = task_entry(cfg.task, kind="pretrain")
+    model = Electra(model_cfg, cfg.electra) if entry.model == "electra" else build_model(model_cfg)
     if getattr(model, "pooler", None) is not None:
         # MLM without next-sentence prediction never uses the pooler: freeze it so DDP does not wait for
         # gradients that never come (it stays at its initialisation, as in RoBERTa-style pretraining).
         model.pooler.requires_grad_(False)
-    if cfg.task == "clm":
-        task = CLMTask(shards=str(shards), seq_len=cfg.data.seq_len)
-    elif cfg.task == "electra":
-        task = ElectraTask(shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob)
-    else:
-        task = MLMTask(
-            shards=str(shards),
-            tokenizer=tok,
-            seq_len=cfg.data.seq_len,
-            mask_prob=cfg.mask_prob,
-            whole_word=cfg.task == "wwm-mlm",
-        )
+    task = entry.load().for_pretraining(cfg, tok, shards, entry)
     return model, task
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     run_dir = Path(cfg.out)
-    is_gpt = not isinstance(model_size(cfg.model.size), BertConfig)
-    if (cfg.task == "clm") != is_gpt:
+    wants_gpt = task_entry(cfg.task, kind="pretrain", where="task").model == "gpt"
+    if wants_gpt != (not isinstance(model_size(cfg.model.size), BertConfig)):
         raise UserError(
-            f"task={cfg.task!r} needs a {'GPT' if cfg.task == 'clm' else 'BERT'} size; model.size={cfg.model.size!r}"
+            f"task={cfg.task!r} needs a {'GPT' if wants_gpt else 'BERT'} size; model.size={cfg.model.size!r}"
         )
     with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
         if d.is_main:

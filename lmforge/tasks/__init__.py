@@ -29,6 +29,10 @@ class TaskEntry:
     """The ``task`` of the built-in corpora that ``--data builtin:NAME`` accepts (fine-tuning)."""
     config: str | None = None
     """``module:Class`` of its command-line config (fine-tuning)."""
+    whole_word: bool = False
+    """Pretraining: mask whole words (the shards record word starts)."""
+    use: str | None = None
+    """How to use a finished run (``{out}`` is its directory), printed after fine-tuning."""
 
     def load(self) -> type:
         module, _, name = self.cls.partition(":")
@@ -37,7 +41,7 @@ class TaskEntry:
 
 TASKS: dict[str, TaskEntry] = {
     "mlm": TaskEntry("mlm", "pretrain", "lmforge.tasks.mlm:MLMTask", "bert"),
-    "wwm-mlm": TaskEntry("wwm-mlm", "pretrain", "lmforge.tasks.mlm:MLMTask", "bert"),
+    "wwm-mlm": TaskEntry("wwm-mlm", "pretrain", "lmforge.tasks.mlm:MLMTask", "bert", whole_word=True),
     "electra": TaskEntry("electra", "pretrain", "lmforge.tasks.electra:ElectraTask", "electra"),
     "clm": TaskEntry("clm", "pretrain", "lmforge.tasks.clm:CLMTask", "gpt"),
     "classify": TaskEntry(
@@ -47,9 +51,16 @@ TASKS: dict[str, TaskEntry] = {
         "bert",
         builtin="classify",
         config="lmforge.runs.config:ClassifyConfig",
+        use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
     ),
     "ner": TaskEntry(
-        "ner", "finetune", "lmforge.tasks.ner:NERTask", "bert", builtin="ner", config="lmforge.runs.config:NERConfig"
+        "ner",
+        "finetune",
+        "lmforge.tasks.ner:NERTask",
+        "bert",
+        builtin="ner",
+        config="lmforge.runs.config:NERConfig",
+        use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
     ),
     "translate": TaskEntry(
         "translate",
@@ -58,6 +69,7 @@ TASKS: dict[str, TaskEntry] = {
         "seq2seq",
         builtin="translate",
         config="lmforge.runs.config:TranslateTrainConfig",
+        use="lmforge translate --model {out} --input TEXTS --output OUT.jsonl",
     ),
     "chat": TaskEntry(
         "chat",
@@ -66,6 +78,7 @@ TASKS: dict[str, TaskEntry] = {
         "gpt",
         builtin="dialogue",
         config="lmforge.runs.config:ChatTrainConfig",
+        use="lmforge chat --model {out}",
     ),
     "embed": TaskEntry(
         "embed",
@@ -74,6 +87,7 @@ TASKS: dict[str, TaskEntry] = {
         "bert",
         builtin="classify",
         config="lmforge.runs.config:EmbedTrainConfig",
+        use="lmforge embed --model {out} --input TEXTS --output OUT",
     ),
 }
 FINETUNE_TASKS = tuple(name for name, entry in TASKS.items() if entry.kind == "finetune")

@@ -22,6 +22,11 @@ from lmforge.tasks.base import LossOutput, lm_metrics, transformer_train_flops
 class CLMTask:
     """Next-token prediction over token shards."""
 
+    @classmethod
+    def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> CLMTask:
+        """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
+        return cls(shards=str(shards), seq_len=cfg.data.seq_len)
+
     def __init__(self, *, shards: str, seq_len: int) -> None:
         self.name = "clm"
         self.seq_len = seq_len

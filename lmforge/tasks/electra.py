@@ -49,6 +49,11 @@ def corrupt(originals: Tensor, positions: Tensor, samples: Tensor) -> tuple[Tens
 class ElectraTask(MLMTask):
     """Replaced-token detection over the MLM task's batches (same shards, same dynamic masking)."""
 
+    @classmethod
+    def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> ElectraTask:
+        """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
+        return cls(shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob)
+
     def __init__(self, *, shards: str, tokenizer: LMTokenizer, seq_len: int, mask_prob: float = 0.15) -> None:
         super().__init__(shards=shards, tokenizer=tokenizer, seq_len=seq_len, mask_prob=mask_prob)
         self.name = "electra"

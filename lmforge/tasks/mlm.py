@@ -43,6 +43,17 @@ class _WindowsWithWords(Sequence):
 class MLMTask:
     """Masked LM over token shards; ``whole_word`` masks jieba words as a whole."""
 
+    @classmethod
+    def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> MLMTask:
+        """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
+        return cls(
+            shards=str(shards),
+            tokenizer=tok,
+            seq_len=cfg.data.seq_len,
+            mask_prob=cfg.mask_prob,
+            whole_word=entry.whole_word,
+        )
+
     def __init__(
         self,
         *,
