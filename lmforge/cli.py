@@ -143,7 +143,8 @@ def config_class(name: str) -> type:
 
 
 def _usage() -> None:
-    console.print("usage: lmforge COMMAND [--config RECIPE.yaml] [OPTIONS]   (lmforge COMMAND --help for options)\n")
+    usage = "usage: lmforge COMMAND [--config RECIPE.yaml] [OPTIONS]   (lmforge COMMAND --help for options)\n"
+    console.print(usage, highlight=False, soft_wrap=True)
     width = max(len(name) for name in COMMANDS)
     for name, command in COMMANDS.items():
         console.print(f"  lmforge {name:<{width}}  {command.summary}", highlight=False, soft_wrap=True)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _parse(name, argv[len(name.split()) :])
         _resolve(COMMANDS[name].run)(cfg)
     except (UserError, FileNotFoundError, IsADirectoryError) as e:
-        console.print(f"[red]error:[/red] {_user_message(e)}", highlight=False)
+        console.print(f"[red]error:[/red] {_user_message(e)}", highlight=False, soft_wrap=True)
         return 2
     except OSError as e:  # permissions, a full disk, a vanished mount: the path and the system's reason
         console.print(f"[red]error:[/red] {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")

@@ -9,7 +9,7 @@ from typing import Literal
 
 from lmforge.errors import UserError
 from lmforge.nas.space import SearchSpace
-from lmforge.train.config import OptimConfig, TrainConfig
+from lmforge.train.config import TrainConfig, loop_defaults
 
 
 @dataclass
@@ -53,15 +53,7 @@ class TrialSettings:
 
 
 def _training() -> TrainConfig:
-    return TrainConfig(
-        global_batch_size=32,
-        micro_batch_size=32,
-        eval_every=0,
-        save_every=0,
-        keep_last=1,
-        log_every=20,
-        optim=OptimConfig(lr=1e-3, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
-    )
+    return loop_defaults(batch=32, every=0, log_every=20, lr=1e-3, warmup=30, schedule="linear", keep_last=1)
 
 
 @dataclass

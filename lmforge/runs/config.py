@@ -15,19 +15,11 @@ from typing import Literal
 from lmforge.config import check_range
 from lmforge.errors import UserError
 from lmforge.models.specs import ElectraSpec, ModelSpec, Seq2SeqSpec
-from lmforge.train.config import OptimConfig, TrainConfig
+from lmforge.train.config import TrainConfig, loop_defaults
 
 
 def _finetune_training() -> TrainConfig:
-    return TrainConfig(
-        global_batch_size=32,
-        micro_batch_size=32,
-        eval_every=200,
-        save_every=200,
-        log_every=20,
-        patience=5,
-        optim=OptimConfig(lr=1e-4, warmup_steps=100, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
-    )
+    return loop_defaults(batch=32, every=200, log_every=20, lr=1e-4, warmup=100, schedule="linear", patience=5)
 
 
 @dataclass
@@ -53,8 +45,7 @@ class FinetuneConfig:
     epochs: float = 3.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
     average_last: int = 0
-    """Average the weights of the last N checkpoints (training.keep_last must be >= N) and keep the average
-    when its dev score is at least the best checkpoint's (Vaswani et al., 2017); 0 = off."""
+    """Average the last N checkpoints (needs training.keep_last >= N), kept if its dev score is as good; 0 = off."""
     training: TrainConfig = field(default_factory=_finetune_training)
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint."""
@@ -102,14 +93,8 @@ class NERConfig(EncoderFinetuneConfig):
 
 
 def _chat_training() -> TrainConfig:
-    return TrainConfig(
-        global_batch_size=16,
-        micro_batch_size=16,
-        eval_every=50,
-        save_every=50,
-        log_every=10,
-        patience=4,
-        optim=OptimConfig(lr=3e-4, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01),
+    return loop_defaults(
+        batch=16, every=50, log_every=10, lr=3e-4, warmup=30, schedule="cosine", min_lr_ratio=0.1, patience=4
     )
 
 
@@ -129,14 +114,8 @@ class ChatTrainConfig(FinetuneConfig):
 
 
 def _embed_training() -> TrainConfig:
-    return TrainConfig(
-        max_steps=500,
-        global_batch_size=64,
-        micro_batch_size=64,
-        eval_every=100,
-        save_every=100,
-        log_every=10,
-        optim=OptimConfig(lr=3e-5, warmup_steps=0, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0),
+    return loop_defaults(
+        batch=64, every=100, log_every=10, lr=3e-5, warmup=0, schedule="linear", weight_decay=0.0, max_steps=500
     )
 
 
@@ -172,15 +151,16 @@ class EmbedTrainConfig(FinetuneConfig):
 
 
 def _translate_training() -> TrainConfig:
-    return TrainConfig(
-        max_steps=4000,
-        global_batch_size=64,
-        micro_batch_size=64,
-        eval_every=500,
-        save_every=500,
+    return loop_defaults(
+        batch=64,
+        every=500,
         log_every=50,
+        lr=1e-3,
+        warmup=400,
+        schedule="cosine",
+        min_lr_ratio=0.05,
+        max_steps=4000,
         keep_last=5,
-        optim=OptimConfig(lr=1e-3, warmup_steps=400, schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01),
     )
 
 
@@ -189,8 +169,7 @@ class TranslateTrainConfig(FinetuneConfig):
     """Train a Transformer encoder-decoder for translation (TSV source TAB target, or JSONL)."""
 
     model: str | None = None
-    """Warm-start the encoder from this pretrained lmforge BERT (its WordPiece vocabulary for the source);
-    None = train the whole encoder-decoder from scratch."""
+    """Pretrained lmforge BERT that warm-starts the encoder (and its source vocabulary); None = from scratch."""
     src: str = "zh"
     """Source language code (JSONL field; 'zh' targets are scored with sacreBLEU's zh tokenizer)."""
     tgt: str = "en"

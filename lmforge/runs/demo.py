@@ -28,7 +28,7 @@ from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig
 from lmforge.runs.finetune import finetune
 from lmforge.runs.pretrain import pretrain
 from lmforge.runs.session import holds_out_dir
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import TrainConfig, loop_defaults
 from lmforge.train.optim import OptimConfig
 
 TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
@@ -63,17 +63,17 @@ BUDGETS = {
 
 def training(*, minutes: float, lr: float, batch: int, seed: int, progress: bool) -> TrainConfig:
     """The demo's training settings for a stage (linear schedule, 30 warm-up steps, no mid-run checkpoints)."""
-    return TrainConfig(
-        global_batch_size=batch,
-        micro_batch_size=batch,
+    return loop_defaults(
+        batch=batch,
+        every=0,
+        log_every=10,
+        lr=lr,
+        warmup=30,
+        schedule="linear",
+        keep_last=1,
         max_minutes=minutes,
         seed=seed,
         progress=progress,
-        eval_every=0,
-        save_every=0,
-        log_every=10,
-        keep_last=1,
-        optim=OptimConfig(lr=lr, warmup_steps=30, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01),
     )
 
 

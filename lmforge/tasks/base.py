@@ -153,3 +153,14 @@ class FinetuneDefaults:
 
     def extras(self) -> dict:
         return {}
+
+
+class HeadOnEncoder(FinetuneDefaults):
+    """A task head on a BERT encoder (classify, ner): the model directory holds the encoder, the head goes to
+    head.safetensors. The task defines ``build_model(encoder)``."""
+
+    def assemble(self, base: nn.Module) -> nn.Module:
+        return self.build_model(base)  # type: ignore[attr-defined]
+
+    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
+        return model.encoder, encoder_head_state(model)

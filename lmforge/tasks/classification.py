@@ -25,12 +25,12 @@ from lmforge.errors import UserError
 from lmforge.metrics import classification_metrics
 from lmforge.models.heads import EncoderWithHead, SequenceClassifier
 from lmforge.models.registry import encoder_for_finetuning
-from lmforge.tasks.base import FinetuneDefaults, LossOutput, encoder_head_state, fit_max_len, transformer_train_flops
+from lmforge.tasks.base import HeadOnEncoder, LossOutput, fit_max_len, transformer_train_flops
 
 Encoded = tuple  # (ids int32 array, segment ids int8 array or None, label index or -1) of one example
 
 
-class ClassificationTask(FinetuneDefaults):
+class ClassificationTask(HeadOnEncoder):
     """Fine-tune an encoder to map a text (or text pair) to one of ``labels``."""
 
     name = "classify"
@@ -96,12 +96,6 @@ class ClassificationTask(FinetuneDefaults):
             pooling=settings["pooling"],
             selection=settings.get("selection", "accuracy"),
         )
-
-    def assemble(self, base: nn.Module) -> nn.Module:
-        return self.build_model(base)
-
-    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
-        return model.encoder, encoder_head_state(model)
 
     def settings(self) -> dict:
         """What task.json stores to rebuild this task for evaluation and prediction."""

@@ -28,14 +28,7 @@ from lmforge.errors import UserError
 from lmforge.metrics import entity_metrics, entity_spans, scheme_of
 from lmforge.models.heads import CRF, EncoderWithHead, TokenClassifier, bio_transitions
 from lmforge.models.registry import encoder_for_finetuning
-from lmforge.tasks.base import (
-    IGNORE,
-    FinetuneDefaults,
-    LossOutput,
-    encoder_head_state,
-    fit_max_len,
-    transformer_train_flops,
-)
+from lmforge.tasks.base import IGNORE, HeadOnEncoder, LossOutput, fit_max_len, transformer_train_flops
 
 
 def tag_set(examples: Sequence[dict]) -> list[str]:
@@ -53,7 +46,7 @@ def tag_set(examples: Sequence[dict]) -> list[str]:
 Window = tuple  # (ids int32 (T,), first-sub-token positions int32 (W,), tag indices int16 (W,), (sentence, s, e))
 
 
-class NERTask(FinetuneDefaults):
+class NERTask(HeadOnEncoder):
     """Fine-tune an encoder to tag tokens with entity tags."""
 
     name = "ner"
@@ -123,12 +116,6 @@ class NERTask(FinetuneDefaults):
             overlap=settings["overlap"],
             head=settings["head"],
         )
-
-    def assemble(self, base: nn.Module) -> nn.Module:
-        return self.build_model(base)
-
-    def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]:
-        return model.encoder, encoder_head_state(model)
 
     def settings(self) -> dict:
         return {

@@ -123,3 +123,31 @@ class TrainConfig:
             check_range(f"training.{key}", getattr(self, key), at_least=0)
         check_range("training.max_bad_steps", self.max_bad_steps, at_least=1)
         check_device(self.device, key="training.device")
+
+
+def loop_defaults(
+    *,
+    batch: int,
+    every: int,
+    log_every: int,
+    lr: float,
+    warmup: int,
+    schedule: str,
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.01,
+    **more,
+) -> TrainConfig:
+    """A recipe's default loop: ``batch`` sequences per step (one micro-batch), evaluated and saved ``every``
+    steps, AdamW at ``lr`` with ``warmup`` steps and the ``schedule``; ``more`` sets any other field."""
+    optim = OptimConfig(
+        lr=lr, warmup_steps=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay
+    )
+    return TrainConfig(
+        global_batch_size=batch,
+        micro_batch_size=batch,
+        eval_every=every,
+        save_every=every,
+        log_every=log_every,
+        optim=optim,
+        **more,
+    )
