@@ -210,3 +210,29 @@ def test_pretrain_rejects_a_task_that_does_not_fit_the_model(tmp_path: Path, cap
 def test_resume_needs_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["pretrain", "--resume", str(tmp_path)]) == 2
     assert "no config.yaml" in " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
+
+
+def test_resume_means_that_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--resume RUN_DIR continues RUN_DIR itself: an --out naming another directory is refused before any work."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("out: run\nmodel: unused\ntrain: t.jsonl\n", encoding="utf-8")
+    code = main(["finetune", "classify", "--resume", str(run), "--out", str(tmp_path / "other")])
+    assert code == 2
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--resume {run} continues that run in place" in text
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_bug_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Only a UserError is a one-line user error (exit 2); anything else is a bug: traceback, exit 1."""
+    import lmforge.commands.data as data_command
+
+    def broken(cfg) -> None:
+        raise ValueError("an internal invariant failed")
+
+    monkeypatch.setattr(data_command, "run_list", broken)
+    assert main(["data", "list"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "an internal invariant failed" in captured.err
+    assert "bug in lmforge" in captured.out
