@@ -20,7 +20,8 @@ def print_table(title: str, header: list[str] | tuple[str, ...], rows: list[list
     """A table with the first column (and any 'decoding' / 'architecture' column) left-aligned, numbers right."""
     table = Table(title=title)
     for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 or col in ("metric", "decoding", "architecture", "baseline") else "right")
+        left = i == 0 or col in ("metric", "decoding", "architecture", "baseline")
+        table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
