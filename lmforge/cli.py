@@ -112,7 +112,14 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.serve:run",
     ),
     "convert": Command(
-        "Import a Hugging Face model directory", "lmforge.commands.convert:Config", "lmforge.commands.convert:run"
+        "Import a Hugging Face model directory or a built-in checkpoint",
+        "lmforge.commands.convert:Config",
+        "lmforge.commands.convert:run",
+    ),
+    "models list": Command(
+        "List the built-in pretrained checkpoints",
+        "lmforge.commands.convert:ListConfig",
+        "lmforge.commands.convert:run_list",
     ),
     "export": Command(
         "Export a lmforge model or run directory to the Hugging Face layout",

@@ -17,14 +17,19 @@ def is_main_process() -> bool:
 
 
 def print_table(title: str, header: list[str] | tuple[str, ...], rows: list[list[str]] | list[tuple[str, ...]]) -> None:
-    """A table with the first column (and any 'decoding' / 'architecture' column) left-aligned, numbers right."""
+    """A table: columns of numbers right-aligned, the first column and any column of words left-aligned."""
     table = Table(title=title)
     for i, col in enumerate(header):
-        left = i == 0 or col in ("metric", "decoding", "architecture", "baseline")
-        table.add_column(col, justify="left" if left else "right")
+        numeric = i > 0 and all(_numeric(row[i]) for row in rows)
+        table.add_column(col, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _numeric(cell: str) -> bool:
+    head = cell.split(" ")[0].replace(",", "").replace("%", "").lstrip("+-")
+    return cell == "-" or head.replace(".", "", 1).isdigit()
 
 
 def write_stdout(text: str) -> None:

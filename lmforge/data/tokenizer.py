@@ -28,7 +28,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lmforge.config import read_json_object, write_json, write_yaml
 from lmforge.errors import UserError
 
-TokenizerKind = Literal["wordpiece", "bpe"]
+TokenizerKind = Literal["wordpiece", "bpe", "unigram"]  # unigram: imported checkpoints (XLM-R pieces)
+TrainableKind = Literal["wordpiece", "bpe"]
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 BPE_SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
 CHAT_TEMPLATE = (
@@ -262,6 +263,84 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
     return LMTokenizer(tok, kind, specials)
 
 
+UNIGRAM_SPECIALS = {
+    "cls": "<s>",
+    "bos": "<s>",
+    "sep": "</s>",
+    "eos": "</s>",
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "mask": "<mask>",
+}
+
+
+def unigram_tokenizer(
+    pieces: list[str], scores: list[float], *, unk_id: int, normalization: dict[int, str]
+) -> LMTokenizer:
+    """A SentencePiece-unigram tokenizer (XLM-R style) from its pieces and scores, in ``tokenizers``.
+
+    ``normalization`` is a per-codepoint map (codepoint -> replacement), as SentencePiece's NFKC-based
+    table: entries equal to NFKC of their codepoint are done by ``NFKC``; the rest (deletions, spaces) by
+    one regex each; codepoints the map leaves alone but today's NFKC would change are shielded from it
+    (replaced by private-use stand-ins around it). Runs of spaces collapse to one, then Metaspace (U+2581,
+    prepended unless the text starts with a space, no splitting), then Viterbi over the pieces; the
+    sequence is wrapped in <s> ... </s>. NFKC also composes a base letter with a following combining mark,
+    which a per-codepoint map does not: decomposed accents (``e`` + U+0301) can tokenize differently.
+    """
+    import unicodedata
+
+    replaced: dict[str, list[int]] = {}
+    for cp, out in normalization.items():
+        if unicodedata.normalize("NFKC", chr(cp)) != out:
+            replaced.setdefault(out, []).append(cp)
+    shielded = [
+        cp
+        for cp in range(0x110000)
+        if not 0xD800 <= cp < 0xE000 and cp not in normalization and unicodedata.normalize("NFKC", chr(cp)) != chr(cp)
+    ]
+    steps = [
+        normalizers.Replace(Regex("[" + "".join(f"\\x{{{c:x}}}" for c in cps) + "]"), out)
+        for out, cps in replaced.items()
+    ]
+    stand_in = 0xF0000  # supplementary private use area: NFKC leaves it alone
+    steps += [normalizers.Replace(chr(cp), chr(stand_in + i)) for i, cp in enumerate(shielded)]
+    steps.append(normalizers.NFKC())
+    steps += [normalizers.Replace(chr(stand_in + i), chr(cp)) for i, cp in enumerate(shielded)]
+    steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    tok = Tokenizer(models.Unigram([(p, float(s)) for p, s in zip(pieces, scores, strict=True)], unk_id=unk_id))
+    tok.normalizer = normalizers.Sequence(steps)
+    # A character that no piece contains can only be <unk>: isolating it makes each such character one <unk>,
+    # as SentencePiece does (a Unigram model alone fuses a run of them into one), and changes nothing else.
+    covered = sorted({ord(c) for p in pieces if not (p.startswith("<") and p.endswith(">")) for c in p})
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=False),
+            pre_tokenizers.Split(Regex(f"[^{_char_ranges(covered)}]"), behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=False)
+    bos, eos = UNIGRAM_SPECIALS["cls"], UNIGRAM_SPECIALS["sep"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))],
+    )
+    tok.add_special_tokens(list(dict.fromkeys(UNIGRAM_SPECIALS.values())))
+    return LMTokenizer(tok, "unigram", dict(UNIGRAM_SPECIALS))
+
+
+def _char_ranges(codepoints: list[int]) -> str:
+    """A regex character-class body for sorted ``codepoints``, as ranges."""
+    parts, start = [], None
+    for i, cp in enumerate(codepoints):
+        if start is None:
+            start = cp
+        if i + 1 == len(codepoints) or codepoints[i + 1] != cp + 1:
+            parts.append(f"\\x{{{start:x}}}" if start == cp else f"\\x{{{start:x}}}-\\x{{{cp:x}}}")
+            start = None
+    return "".join(parts)
+
+
 @dataclass
 class TokenizerTrainConfig:
     """Train a tokenizer: WordPiece (BERT, one token per CJK character) or byte-level BPE (GPT)."""
@@ -270,7 +349,7 @@ class TokenizerTrainConfig:
     """Corpora: text files (one document per line), .jsonl files (field --jsonl-field) or builtin:NAME."""
     out: str
     """Directory to write tokenizer.json, tokenizer_config.json, special_tokens_map.json into."""
-    kind: TokenizerKind = "wordpiece"
+    kind: TrainableKind = "wordpiece"
     """wordpiece for BERT models, bpe (byte-level) for GPT models."""
     vocab_size: int = 21128
     """Target vocabulary size (WordPiece keeps every character seen, even past this size)."""

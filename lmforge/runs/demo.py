@@ -25,6 +25,7 @@ from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
 from lmforge.metrics import DEFINITIONS
 from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig, PretrainConfig, PretrainData
+from lmforge.runs.convert import convert_builtin
 from lmforge.runs.finetune import finetune
 from lmforge.runs.pretrain import pretrain
 from lmforge.runs.session import holds_out_dir
@@ -32,7 +33,8 @@ from lmforge.train.config import TrainConfig, loop_defaults
 from lmforge.train.optim import OptimConfig
 
 TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
-STAGE_DIRS = ("pretrain", *TASKS)
+STAGE_DIRS = ("pretrain", *TASKS, "e5-small")
+E5 = "e5-small"  # the system name of the built-in multilingual-e5-small rows
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     pre = pretrain(_pretrain_config(cfg, budget, out))
     wall["tokenizer+pretrain"] = round(time.perf_counter() - t, 1)
     speed["pretrain"] = pre["tokens_per_s"]
+    if cfg.with_e5:
+        t = time.perf_counter()
+        convert_builtin("multilingual-e5-small", out / E5 / "model", trim_inputs=pretrain_inputs(out, cfg.limit))
+        wall[f"{E5}/convert"] = round(time.perf_counter() - t, 1)
     tasks: dict[str, dict] = {}
     for data, kind in TASKS.items():
         splits = _limited(load_builtin(data), cfg.limit)
@@ -109,6 +115,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             wall[f"{data}/{init}"] = round(time.perf_counter() - t, 1)
             speed[f"{data}/{init}"] = run["training"]["tokens_per_s"]
             results[init] = {"dev": run["dev"], "test": run["test"], "steps": run["training"]["steps"]}
+        if cfg.with_e5:
+            t = time.perf_counter()
+            run = finetune(_e5_finetune_config(cfg, out, data, kind, splits), kind).to_json()
+            wall[f"{data}/{E5}"] = round(time.perf_counter() - t, 1)
+            speed[f"{data}/{E5}"] = run["training"]["tokens_per_s"]
+            results[E5] = {"dev": run["dev"], "test": run["test"], "steps": run["training"]["steps"]}
         t = time.perf_counter()
         if kind == "classify":
             results["tfidf-svm"] = {"test": tfidf_svm(splits["train"], splits["test"])}
@@ -174,6 +186,28 @@ def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind
     )
 
 
+def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, kind: str, splits: dict):
+    """multilingual-e5-small fine-tuned as configs/classify/e5-small-reviews.yaml and configs/ner/e5-small-peoples-
+    daily.yaml do (bf16, lr 1e-4, mean pooling / CRF), one epoch each, dropout kept at the checkpoint's 0.1."""
+    config = finetune_config(
+        out=out / E5 / data,
+        model=str(out / E5 / "model"),
+        data=data,
+        kind=kind,
+        init="pretrained",
+        epochs=1.0,
+        minutes=0.0,
+        max_len=128,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        splits=splits if cfg.limit else None,
+        lr=1e-4,
+    )
+    training = dataclasses.replace(config.training, precision="bf16")
+    extra = {"pooling": "mean"} if kind == "classify" else {}
+    return dataclasses.replace(config, dropout=None, training=training, **extra)
+
+
 def finetune_config(
     *,
     out: Path,
@@ -187,10 +221,11 @@ def finetune_config(
     seed: int,
     progress: bool,
     splits: dict | None = None,
+    lr: float | None = None,
 ):
-    """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3;
-    batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
-    lr = 1e-3 if kind == "classify" else 2e-3
+    """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3 unless
+    ``lr``; batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
+    lr = lr or (1e-3 if kind == "classify" else 2e-3)
     common = dict(
         out=str(out),
         model=model,
@@ -221,16 +256,26 @@ def _write_splits(directory: Path, splits: dict, kind: str) -> dict[str, str]:
 def report(summary: dict) -> str:
     """report.md: the side-by-side table, wall times, and the stages' plots."""
     sent, ner = summary["tasks"]["reviews-sentiment"], summary["tasks"]["peoples-daily-ner"]
+    e5 = [E5] if E5 in sent else []
     lines = ["# lmforge demo", "", "Test-split scores (same metric code for every system).", ""]
-    lines += ["| task | metric | pretrained BERT | same BERT from scratch | baseline |", "|---|---|---|---|---|"]
+    header = [
+        "task",
+        "metric",
+        "pretrained BERT",
+        "same BERT from scratch",
+        *(["multilingual-e5-small"] if e5 else []),
+        "baseline",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for key in ("accuracy", "macro_f1"):
-        row = [sent[s]["test"][key] for s in ("pretrained", "scratch", "tfidf-svm")]
+        row = [sent[s]["test"][key] for s in ("pretrained", "scratch", *e5, "tfidf-svm")]
         lines.append(f"| reviews-sentiment | {key} | " + " | ".join(f"{v:.4f}" for v in row) + " (TF-IDF + SVM) |")
     for key in ("f1", "precision", "recall"):
-        row = [ner[s]["test"][key] for s in ("pretrained", "scratch", "dictionary")]
+        row = [ner[s]["test"][key] for s in ("pretrained", "scratch", *e5, "dictionary")]
         lines.append(f"| peoples-daily-ner | entity {key} | " + " | ".join(f"{v:.4f}" for v in row) + " (dictionary) |")
     for kind in ner["pretrained"]["test"]["per_type"]:
-        row = [ner[s]["test"]["per_type"].get(kind, {}).get("f1", 0.0) for s in ("pretrained", "scratch", "dictionary")]
+        systems = ("pretrained", "scratch", *e5, "dictionary")
+        row = [ner[s]["test"]["per_type"].get(kind, {}).get("f1", 0.0) for s in systems]
         lines.append(f"| peoples-daily-ner | {kind} F1 | " + " | ".join(f"{v:.4f}" for v in row) + " (dictionary) |")
     p = summary["pretraining"]
     loss = "-" if p["best_val_loss"] is None else f"{p['best_val_loss']:.4f}"

