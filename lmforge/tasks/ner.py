@@ -76,6 +76,7 @@ class NERTask(HeadOnEncoder):
         self.tag_index = {t: i for i, t in enumerate(self.tags)}
         self.scheme = scheme_of(self.tags)
         self.cls_id, self.sep_id, self.pad_id, self.unk_id = (ids[r] for r in ("cls", "sep", "pad", "unk"))
+        self.metaspace_id = tokenizer.tokenizer.token_to_id("\u2581") if tokenizer.kind == "unigram" else None
         self.max_len, self.overlap, self.head, self.dropout = max_len, overlap, head, dropout
         self.selection = ("f1", "max")
         self.eval_batch_size = eval_batch_size
@@ -139,6 +140,11 @@ class NERTask(HeadOnEncoder):
             for token_id, word in zip(enc.ids, enc.word_ids, strict=True):
                 if word is not None:
                     pieces[word].append(token_id)
+            # A SentencePiece tokenizer marks every word with a metaspace; a Chinese character then becomes a bare
+            # "\u2581" piece plus the character, and the tag would sit on the bare piece, the same token for
+            # every character. Dropped when the word has other pieces: one piece per character, tagged itself.
+            if self.metaspace_id is not None:
+                pieces = [[t for t in p if t != self.metaspace_id] or p for p in pieces]
             out.append([p or [self.unk_id] for p in pieces])
         return out
 

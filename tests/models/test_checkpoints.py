@@ -150,3 +150,17 @@ def test_the_demo_adds_e5_rows(tmp_path: Path) -> None:
         assert 0.0 <= summary["tasks"][data]["e5-small"]["test"][metric] <= 1.0
     assert "multilingual-e5-small" in (out / "report.md").read_text()
     assert (out / "e5-small" / "model" / "conversion.json").is_file()
+
+
+def test_ner_tags_each_character_not_its_metaspace(trimmed: Path) -> None:
+    """With a SentencePiece tokenizer every pre-split character gets a metaspace; NER drops a bare one, so each
+    character is one piece that carries its own tag (not the same bare piece for every character)."""
+    from lmforge.tasks.ner import NERTask
+
+    tok = load_tokenizer(trimmed)
+    sentence = {"tokens": list("北京是中国的首都"), "tags": ["B-LOC", "I-LOC", "O", "B-LOC", "I-LOC", "O", "O", "O"]}
+    task = NERTask(tok, ["O", "B-LOC", "I-LOC"], max_len=32, dev_examples=[sentence])
+    (pieces,) = task._subtokens([sentence["tokens"]])
+    bare = tok.tokenizer.token_to_id("\u2581")
+    assert len(pieces) == 8 and all(p and bare not in p for p in pieces)
+    assert [tok.tokenizer.id_to_token(p[0]).lstrip("\u2581") for p in pieces] == sentence["tokens"]
