@@ -236,3 +236,16 @@ def test_a_bug_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     captured = capsys.readouterr()
     assert "Traceback" in captured.err and "an internal invariant failed" in captured.err
     assert "bug in lmforge" in captured.out
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_evaluate_and_predict_refuse_other_runs_before_loading(command: str, tmp_path: Path, capsys) -> None:
+    """A chat model is not scored by `lmforge evaluate` / `predict`: one line naming the directory and what it is."""
+    gpt = ROOT / "tests" / "fixtures" / "generation" / "gpt"
+    (tmp_path / "in.txt").write_text("你好\n", encoding="utf-8")
+    flag = "--data" if command == "evaluate" else "--input"
+    args = [command, "--model", str(gpt), flag, str(tmp_path / "in.txt")]
+    args += ["--output", str(tmp_path / "out.jsonl")] if command == "predict" else []
+    assert main(args) == 2
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{gpt}: lmforge {command}" in text and "a pretrained model directory (no task.json)" in text

@@ -30,8 +30,9 @@ def evaluate(cfg: Config) -> dict:
     from lmforge.data.builtin import load_builtin
     from lmforge.data.readers import check_output_file, read_labelled, read_tagged
     from lmforge.metrics import DEFINITIONS, plot_confusion
-    from lmforge.runs.run_dir import load_run
+    from lmforge.runs.run_dir import load_run, require_task
 
+    task = require_task(cfg.model, ("classify", "ner"), command="lmforge evaluate")
     if cfg.output:
         check_output_file(cfg.output, inputs=[cfg.data])
     run = load_run(cfg.model)
@@ -41,7 +42,7 @@ def evaluate(cfg: Config) -> dict:
         if examples is None:
             raise UserError(f"--data {cfg.data}: split {split!r} is not train, dev or test")
     else:
-        read = run.task.reader(None) or (read_labelled if "labels" in run.task.settings() else read_tagged)
+        read = read_labelled if task == "classify" else read_tagged
         examples, _ = read(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
     metrics = run.task.evaluate(run.model, examples, device=torch.device("cpu"))
     if cfg.output:

@@ -68,6 +68,18 @@ def task_settings(run_dir: str | os.PathLike) -> dict | None:
     return read_json_object(path, what="task file") if path.is_file() else None
 
 
+def require_task(run_dir: str | os.PathLike, tasks: tuple[str, ...], *, command: str) -> str:
+    """The task of the fine-tuned run ``run_dir``, checked (before any weights load) to be one of ``tasks``."""
+    settings = task_settings(run_dir)
+    name = None if settings is None else settings.get("task")
+    if name not in tasks:
+        what = "a pretrained model directory (no task.json)" if settings is None else f"a {name!r} run"
+        raise UserError(
+            f"{run_dir}: {command} takes a {' or '.join(tasks)} run from `lmforge finetune`; this is {what}"
+        )
+    return str(name)
+
+
 def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
     """The task and model of ``run_dir``; ``task`` (when given) is the task the caller needs it to be."""
     run_dir = Path(run_dir)
