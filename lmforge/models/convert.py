@@ -1,10 +1,15 @@
-"""Key maps between lmforge and Hugging Face checkpoints: BERT, GPT-2, Llama and Qwen2.
+"""Key maps between lmforge and Hugging Face checkpoints: BERT, RoBERTa-PreLayerNorm, GPT-2, Llama and Qwen2.
 
 The only module where Hugging Face names live (rule 4 of the architecture page). Each family is a
 list of links, one per lmforge tensor, naming the Hugging Face tensors it is made of: several
 when lmforge fuses them (query, key and value become one ``qkv`` matrix), transposed for GPT-2's
 ``Conv1D`` layers, which store (in, out). The same links convert both ways, so import and export
 cannot drift apart. Only safetensors are read: pickled ``.bin`` checkpoints are refused.
+
+A pre-LN lmforge BERT (``pre_norm``) is Hugging Face's ``RobertaPreLayerNorm`` (Xiong et al. 2020's layout,
+with a final LayerNorm): the same tensors, except that RoBERTa numbers positions from ``pad_token_id + 1``
+(the rows below are unused), so the position table is shifted by that many rows. A model without biases
+(``bias=False``) exports with zero biases, which is the same function.
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ _IGNORED_SUFFIXES = (
     "cls.seq_relationship.bias",
     "cls.predictions.decoder.weight",  # tied to the word embeddings
     "cls.predictions.decoder.bias",  # an alias of cls.predictions.bias
+    "lm_head.decoder.weight",  # RoBERTa: tied to the word embeddings
+    "lm_head.decoder.bias",  # RoBERTa: an alias of lm_head.bias
 )
+ROBERTA_PRE_LN = "roberta-prelayernorm"
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,47 @@ def bert_links(cfg: BertConfig) -> list[Link]:
     return links
 
 
+def prelayernorm_links(cfg: BertConfig) -> list[Link]:
+    """A pre-LN BERT as Hugging Face's RobertaPreLayerNorm (names without the ``roberta_prelayernorm.`` prefix)."""
+    qkv = (cfg.d_model,) * 3
+    links = [
+        Link("embed.word.weight", ("embeddings.word_embeddings.weight",)),
+        Link("embed.position.weight", ("embeddings.position_embeddings.weight",)),
+        Link("embed.token_type.weight", ("embeddings.token_type_embeddings.weight",)),
+        Link("embed.norm.weight", ("embeddings.LayerNorm.weight",)),
+        Link("embed.norm.bias", ("embeddings.LayerNorm.bias",)),
+    ]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
+        att = hf + "attention."
+        for kind in ("weight", "bias"):
+            links += [
+                Link(
+                    ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv
+                ),
+                Link(ours + f"attn.out.{kind}", (att + f"output.dense.{kind}",)),
+                Link(ours + f"attn_norm.{kind}", (att + f"LayerNorm.{kind}",)),
+                Link(ours + f"ffn_norm.{kind}", (hf + f"intermediate.LayerNorm.{kind}",)),
+                Link(ours + f"ffn.up.{kind}", (hf + f"intermediate.dense.{kind}",)),
+                Link(ours + f"ffn.down.{kind}", (hf + f"output.dense.{kind}",)),
+            ]
+    links += [Link("final_norm.weight", ("LayerNorm.weight",)), Link("final_norm.bias", ("LayerNorm.bias",))]
+    if cfg.pooler:
+        links += [
+            Link("pooler.dense.weight", ("pooler.dense.weight",)),
+            Link("pooler.dense.bias", ("pooler.dense.bias",)),
+        ]
+    if cfg.mlm_head:
+        links += [
+            Link("mlm_head.transform.weight", ("lm_head.dense.weight",)),
+            Link("mlm_head.transform.bias", ("lm_head.dense.bias",)),
+            Link("mlm_head.norm.weight", ("lm_head.layer_norm.weight",)),
+            Link("mlm_head.norm.bias", ("lm_head.layer_norm.bias",)),
+            Link("mlm_head.bias", ("lm_head.bias",)),
+        ]
+    return links
+
+
 def gpt2_links(cfg: GPTConfig) -> list[Link]:
     links = [Link("embed.word.weight", ("wte.weight",)), Link("embed.position.weight", ("wpe.weight",))]
     for i in range(cfg.n_layers):
@@ -206,9 +255,11 @@ def llama_links(cfg: GPTConfig) -> list[Link]:
 def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UserError(f"{where}: position_embedding_type={hf['position_embedding_type']!r}; only 'absolute'")
+    pre_norm = hf["model_type"] == ROBERTA_PRE_LN
+    head = "lm_head.dense.weight" if pre_norm else "cls.predictions.transform.dense.weight"
     return BertConfig(
         vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 512),
+        max_seq_len=hf.get("max_position_embeddings", 512) - (_position_offset(hf, where) if pre_norm else 0),
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
         d_model=hf["hidden_size"],
@@ -219,8 +270,17 @@ def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
         norm_eps=hf.get("layer_norm_eps", 1e-12),
         activation=_act(hf.get("hidden_act", "gelu"), where),
         pooler="pooler.dense.weight" in keys,
-        mlm_head="cls.predictions.transform.dense.weight" in keys,
+        mlm_head=head in keys,
+        pre_norm=pre_norm,
     )
+
+
+def _position_offset(hf: dict, where: str) -> int:
+    """Rows of a RoBERTa position table below the first position: RoBERTa counts from pad_token_id + 1."""
+    pad = hf.get("pad_token_id")
+    if pad is None:
+        raise UserError(f"{where}: a RoBERTa config needs pad_token_id (its positions start after it)")
+    return int(pad) + 1
 
 
 def _gpt2_config(hf: dict, where: str) -> GPTConfig:
@@ -283,7 +343,22 @@ def _llama_config(hf: dict, where: str) -> GPTConfig:
 def hf_family(cfg: BertConfig | GPTConfig) -> str:
     """The Hugging Face model_type a lmforge config exports to, or ValueError saying why none fits."""
     if isinstance(cfg, BertConfig):
-        return "bert"
+        if cfg.gated_ffn:
+            raise UserError(
+                "model.gated_ffn=true: no Hugging Face BERT class has a gated feed-forward (BERT and "
+                "RobertaPreLayerNorm use up/act/down); export a model trained with gated_ffn=false"
+            )
+        if cfg.bigram_buckets:
+            raise UserError(
+                f"model.bigram_buckets={cfg.bigram_buckets}: no Hugging Face BERT class has bigram input "
+                "embeddings; export a model trained with bigram_buckets=0"
+            )
+        if cfg.pre_norm and cfg.mlm_head and cfg.activation != "gelu":
+            raise UserError(
+                f"model.activation={cfg.activation!r}: RobertaPreLayerNorm's MLM head applies the exact gelu; "
+                "export a pre-LN model with activation gelu"
+            )
+        return ROBERTA_PRE_LN if cfg.pre_norm else "bert"
     plain_heads = cfg.kv_heads == cfg.n_heads and cfg.dim_per_head * cfg.n_heads == cfg.d_model
     if cfg.positions == "learned":
         if (
@@ -306,7 +381,7 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
 
 def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
     family = hf_family(cfg)
-    return {"bert": bert_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
+    return {"bert": bert_links, ROBERTA_PRE_LN: prelayernorm_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +396,12 @@ def from_hf(
     if kind == "bert":
         tensors = _strip_prefix(tensors, ("bert.",))
         cfg: BertConfig | GPTConfig = _bert_config(hf_cfg, set(tensors), source)
+    elif kind == ROBERTA_PRE_LN:
+        tensors = _strip_prefix(tensors, ("roberta_prelayernorm.",))
+        cfg = _bert_config(hf_cfg, set(tensors), source)
+        position = "embeddings.position_embeddings.weight"
+        if position in tensors:
+            tensors = {**tensors, position: tensors[position][_position_offset(hf_cfg, source) :]}
     elif kind == "gpt2":
         tensors = _strip_prefix(tensors, ("transformer.",))
         cfg = _gpt2_config(hf_cfg, source)
@@ -328,7 +409,9 @@ def from_hf(
         tensors = _strip_prefix(tensors, ("model.",))
         cfg = _llama_config(hf_cfg, source)
     else:
-        raise UserError(f"{source}: model_type={kind!r} is not supported; supported: bert, gpt2, llama, qwen2")
+        raise UserError(
+            f"{source}: model_type={kind!r} is not supported; supported: bert, {ROBERTA_PRE_LN}, gpt2, llama, qwen2"
+        )
     links = _links(cfg)
     used = {name for link in links for name in link.theirs}
     if getattr(cfg, "tie_embeddings", False):
@@ -360,7 +443,11 @@ def to_hf(
     family = hf_family(cfg)
     hf: dict[str, Tensor] = {}
     for link in _links(cfg):
-        value = tensors[link.ours]
+        value = tensors.get(link.ours)
+        if value is None and isinstance(cfg, BertConfig) and not cfg.bias and link.ours.endswith(".bias"):
+            weight = tensors[link.ours[: -len("bias")] + "weight"]
+            value = weight.new_zeros(weight.shape[0])  # a layer without bias is the same layer with a zero bias
+        value = tensors[link.ours] if value is None else value
         parts = value.split(list(link.sizes), dim=0) if link.sizes else (value,)
         for name, part in zip(link.theirs, parts, strict=True):
             hf[name] = (part.t() if link.conv1d else part).contiguous()
@@ -368,6 +455,14 @@ def to_hf(
         prefix = "bert." if cfg.mlm_head else ""
         hf = {(k if k.startswith("cls.") else prefix + k): v for k, v in hf.items()}
         return _bert_hf_config(cfg, token_ids), hf
+    if family == ROBERTA_PRE_LN:
+        hf_cfg = _bert_hf_config(cfg, token_ids)
+        offset = _position_offset(hf_cfg, "export")
+        position = "embeddings.position_embeddings.weight"
+        hf[position] = torch.cat((hf[position].new_zeros(offset, cfg.d_model), hf[position]))
+        prefix = "roberta_prelayernorm." if cfg.mlm_head else ""
+        hf = {(k if k.startswith("lm_head.") else prefix + k): v for k, v in hf.items()}
+        return hf_cfg, hf
     if family == "gpt2":
         hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
         return _gpt2_hf_config(cfg, token_ids), hf
@@ -385,11 +480,14 @@ def _common(token_ids: dict[str, int | None]) -> dict:
 
 
 def _bert_hf_config(cfg: BertConfig, token_ids: dict[str, int | None]) -> dict:
+    name = "RobertaPreLayerNorm" if cfg.pre_norm else "Bert"
+    if cfg.pre_norm and token_ids.get("pad") is None:
+        raise UserError("a pre-LN BERT exports as RobertaPreLayerNorm, which needs the tokenizer's pad id")
     return {
-        "architectures": ["BertForMaskedLM" if cfg.mlm_head else "BertModel"],
-        "model_type": "bert",
+        "architectures": [f"{name}ForMaskedLM" if cfg.mlm_head else f"{name}Model"],
+        "model_type": ROBERTA_PRE_LN if cfg.pre_norm else "bert",
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
+        "max_position_embeddings": cfg.max_seq_len + (int(token_ids["pad"]) + 1 if cfg.pre_norm else 0),
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "hidden_size": cfg.d_model,

@@ -51,6 +51,7 @@ class Embeddings(nn.Module):
 
     BERT uses all of them (word + position + token type, then LayerNorm); GPT-2 uses word +
     position; Llama-style models use the word embedding alone (positions come from RoPE).
+    ``bigram_buckets`` adds a hashed embedding of (previous token, token): ``bigram_ids`` gives the rows.
     """
 
     def __init__(
@@ -62,9 +63,11 @@ class Embeddings(nn.Module):
         type_vocab_size: int = 0,
         norm: nn.Module | None = None,
         dropout: float = 0.0,
+        bigram_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.word = nn.Embedding(vocab_size, d_model)
+        self.bigram = nn.Embedding(bigram_buckets, d_model) if bigram_buckets else None
         self.position = nn.Embedding(max_positions, d_model) if max_positions else None
         self.token_type = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
         self.norm = norm
@@ -74,6 +77,8 @@ class Embeddings(nn.Module):
         self, input_ids: Tensor, position_ids: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> Tensor:
         x = self.word(input_ids)  # (B, T, D)
+        if self.bigram is not None:
+            x = x + self.bigram(bigram_ids(input_ids, self.bigram.num_embeddings))
         if self.position is not None:
             if position_ids is None:
                 raise UserError("position_ids are required with learned position embeddings")
@@ -91,6 +96,20 @@ class Embeddings(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x)
+
+
+_BIGRAM_PRIME = 1_000_003  # > any vocabulary size, so (previous, token) -> previous * P + token is one-to-one
+
+
+def bigram_ids(input_ids: Tensor, buckets: int) -> Tensor:
+    """Hash bucket (B, T) of each (previous token, token) pair of ``input_ids`` (B, T).
+
+    The first position pairs with "no previous token" (-1). The pair's integer (previous + 1) * P + token is
+    one-to-one for vocabularies under P, then reduced modulo ``buckets`` (the hashing trick, Weinberger et
+    al. 2009): distinct pairs share a row only through that modulo.
+    """
+    previous = torch.cat((torch.full_like(input_ids[:, :1], -1), input_ids[:, :-1]), dim=1)
+    return ((previous + 1) * _BIGRAM_PRIME + input_ids) % buckets
 
 
 class RotaryEmbedding(nn.Module):

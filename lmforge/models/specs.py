@@ -34,6 +34,14 @@ class ModelSpec:
     """Longest sequence the model accepts."""
     dropout: float | None = None
     """Dropout (BERT: also on attention probabilities)."""
+    pre_norm: bool | None = None
+    """BERT sizes: pre-LN blocks with a final LayerNorm (Xiong et al. 2020)."""
+    gated_ffn: bool | None = None
+    """BERT sizes: GEGLU feed-forward (Shazeer 2020)."""
+    bias: bool | None = None
+    """BERT sizes: biases in the attention and feed-forward projections."""
+    bigram_buckets: int | None = None
+    """BERT sizes: rows of the hashed (previous token, token) embedding table; 0 = none."""
 
     def build(self, vocab_size: int):
         """The model config: the named size with this spec's overrides."""
@@ -44,6 +52,9 @@ class ModelSpec:
         changes = {k: v for k, v in dataclasses.asdict(self).items() if k != "size" and v is not None}
         if "n_kv_heads" in changes and isinstance(cfg, BertConfig):
             raise UserError("model.n_kv_heads applies to GPT sizes only")
+        bert_only = sorted(k for k in ("pre_norm", "gated_ffn", "bias", "bigram_buckets") if k in changes)
+        if bert_only and not isinstance(cfg, BertConfig):
+            raise UserError(f"model.{bert_only[0]} applies to BERT sizes only (model.size={self.size!r} is a GPT)")
         if isinstance(cfg, BertConfig) and "dropout" in changes:
             changes["attn_dropout"] = changes["dropout"]
         return dataclasses.replace(cfg, **changes)

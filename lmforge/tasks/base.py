@@ -113,6 +113,11 @@ def lm_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums.get("correct", 0.0) / n}
 
 
+def flops_d_ff(cfg: Any) -> int:
+    """The feed-forward width to count FLOPs with: a gated feed-forward has three matrices, not two."""
+    return cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff
+
+
 def transformer_train_flops(
     *, n_layers: int, d_model: int, d_ff: int, n_tokens: int, seq_len: int, head_rows: int, head_flops_per_row: float
 ) -> float:

@@ -25,7 +25,7 @@ from lmforge.errors import UserError
 from lmforge.metrics import classification_metrics
 from lmforge.models.heads import EncoderWithHead, SequenceClassifier
 from lmforge.models.registry import encoder_for_finetuning
-from lmforge.tasks.base import HeadOnEncoder, LossOutput, fit_max_len, transformer_train_flops
+from lmforge.tasks.base import HeadOnEncoder, LossOutput, fit_max_len, flops_d_ff, transformer_train_flops
 
 Encoded = tuple  # (ids int32 array, segment ids int8 array or None, label index or -1) of one example
 
@@ -202,7 +202,7 @@ class ClassificationTask(HeadOnEncoder):
             return transformer_train_flops(
                 n_layers=cfg.n_layers,
                 d_model=d,
-                d_ff=cfg.d_ff,
+                d_ff=flops_d_ff(cfg),
                 n_tokens=B * T,
                 seq_len=T,
                 head_rows=B,
@@ -211,13 +211,13 @@ class ClassificationTask(HeadOnEncoder):
         dense = transformer_train_flops(
             n_layers=cfg.n_layers - 1,
             d_model=d,
-            d_ff=cfg.d_ff,
+            d_ff=flops_d_ff(cfg),
             n_tokens=B * T,
             seq_len=T,
             head_rows=B,
             head_flops_per_row=head,
         )
-        return dense + 3.0 * (B * T * 4 * d * d + B * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
+        return dense + 3.0 * (B * T * 4 * d * d + B * (4 * d * d + 4 * d * flops_d_ff(cfg) + 4 * T * d))
 
     # --- inference ---------------------------------------------------------------------------
     @torch.inference_mode()

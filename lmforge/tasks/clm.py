@@ -16,7 +16,7 @@ from torch import nn
 from lmforge.data.shards import TokenWindows
 from lmforge.models.gpt import GPTConfig
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
-from lmforge.tasks.base import LossOutput, lm_metrics, transformer_train_flops
+from lmforge.tasks.base import LossOutput, flops_d_ff, lm_metrics, transformer_train_flops
 
 
 class CLMTask:
@@ -58,7 +58,7 @@ def clm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
 def clm_train_flops(cfg: GPTConfig, batch: dict[str, Any]) -> float:
     """Training FLOPs of a batch: every position runs the whole stack and the vocabulary head."""
     B, T = batch["input_ids"].shape
-    d_ff = cfg.d_ff * 3 // 2 if cfg.gated_ffn else cfg.d_ff  # a gated FFN has three matrices, not two
+    d_ff = flops_d_ff(cfg)
     return transformer_train_flops(
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,

@@ -33,7 +33,7 @@ from torch import Tensor
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.models.electra import Electra
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
-from lmforge.tasks.base import LossOutput, transformer_train_flops
+from lmforge.tasks.base import LossOutput, flops_d_ff, transformer_train_flops
 from lmforge.tasks.mlm import MLMTask
 
 
@@ -130,7 +130,7 @@ def electra_train_flops(model: Electra, batch: dict[str, Any]) -> float:
     disc = transformer_train_flops(
         n_layers=model.cfg.n_layers,
         d_model=d,
-        d_ff=model.cfg.d_ff,
+        d_ff=flops_d_ff(model.cfg),
         n_tokens=B * T,
         seq_len=T,
         head_rows=B * T,
@@ -139,7 +139,7 @@ def electra_train_flops(model: Electra, batch: dict[str, Any]) -> float:
     gen = transformer_train_flops(
         n_layers=g.n_layers,
         d_model=g.d_model,
-        d_ff=g.d_ff,
+        d_ff=flops_d_ff(g),
         n_tokens=B * T,
         seq_len=T,
         head_rows=n,

@@ -38,7 +38,7 @@ from lmforge.errors import UserError
 from lmforge.models.bert import Bert
 from lmforge.models.heads import pool
 from lmforge.models.registry import bert_config_of, load_encoder_weights
-from lmforge.tasks.base import FinetuneDefaults, LossOutput, fit_max_len, transformer_train_flops
+from lmforge.tasks.base import FinetuneDefaults, LossOutput, fit_max_len, flops_d_ff, transformer_train_flops
 
 Pooling = Literal["cls", "mean"]
 INDEX_SIZE = 2000  # labelled training texts that k-NN evaluation searches
@@ -224,7 +224,7 @@ class EmbeddingTask(FinetuneDefaults):
         return transformer_train_flops(
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
-            d_ff=cfg.d_ff,
+            d_ff=flops_d_ff(cfg),
             n_tokens=N * T,
             seq_len=T,
             head_rows=0,

@@ -23,7 +23,7 @@ from lmforge.data.tokenizer import LMTokenizer
 from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
-from lmforge.tasks.base import LossOutput, lm_metrics, transformer_train_flops
+from lmforge.tasks.base import LossOutput, flops_d_ff, lm_metrics, transformer_train_flops
 
 
 class _WindowsWithWords(Sequence):
@@ -130,14 +130,15 @@ def mlm_train_flops(cfg: BertConfig, batch: dict[str, Any]) -> float:
     queries, output projection, feed-forward and head run at the N masked rows only."""
     B, T = batch["input_ids"].shape
     n, d = batch["n_targets"], cfg.d_model
+    d_ff = flops_d_ff(cfg)
     dense = transformer_train_flops(
         n_layers=cfg.n_layers - 1,
         d_model=d,
-        d_ff=cfg.d_ff,
+        d_ff=d_ff,
         n_tokens=B * T,
         seq_len=T,
         head_rows=n,
         head_flops_per_row=2 * d * cfg.vocab_size + 2 * d * d,
     )
-    last = 3.0 * (B * T * 4 * d * d + n * (4 * d * d + 4 * d * cfg.d_ff + 4 * T * d))
+    last = 3.0 * (B * T * 4 * d * d + n * (4 * d * d + 4 * d * d_ff + 4 * T * d))
     return dense + last

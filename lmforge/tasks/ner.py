@@ -28,7 +28,7 @@ from lmforge.errors import UserError
 from lmforge.metrics import entity_metrics, entity_spans, scheme_of
 from lmforge.models.heads import CRF, EncoderWithHead, TokenClassifier, bio_transitions
 from lmforge.models.registry import encoder_for_finetuning
-from lmforge.tasks.base import IGNORE, HeadOnEncoder, LossOutput, fit_max_len, transformer_train_flops
+from lmforge.tasks.base import IGNORE, HeadOnEncoder, LossOutput, fit_max_len, flops_d_ff, transformer_train_flops
 
 
 def tag_set(examples: Sequence[dict]) -> list[str]:
@@ -252,7 +252,7 @@ class NERTask(HeadOnEncoder):
         return transformer_train_flops(
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
-            d_ff=cfg.d_ff,
+            d_ff=flops_d_ff(cfg),
             n_tokens=B * T,
             seq_len=T,
             head_rows=B * T,

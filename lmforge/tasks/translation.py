@@ -34,7 +34,7 @@ from lmforge.metrics import translation_metrics
 from lmforge.models.bert import BertConfig
 from lmforge.models.registry import load_encoder_weights, read_config
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from lmforge.tasks.base import IGNORE, FinetuneDefaults, LossOutput, transformer_train_flops
+from lmforge.tasks.base import IGNORE, FinetuneDefaults, LossOutput, flops_d_ff, transformer_train_flops
 
 Encoded = tuple  # (source ids int32 array, target ids int32 array) of one example
 
@@ -239,7 +239,7 @@ class TranslationTask(FinetuneDefaults):
         enc = transformer_train_flops(
             n_layers=cfg.encoder.n_layers,
             d_model=cfg.d_model,
-            d_ff=cfg.encoder.d_ff,
+            d_ff=flops_d_ff(cfg.encoder),
             n_tokens=B * S,
             seq_len=S,
             head_rows=0,
