@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -178,10 +179,19 @@ def test_ner_finetune_with_crf_and_predict_spans(tmp_path: Path, tiny_bert: Path
         assert row["text"][entity["start"] : entity["end"]] == entity["text"]
 
 
-def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--limit", "60", "--pretrain-steps", "60", "--out", str(out), "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
+def _metrics(results: dict) -> dict:
+    return {data: {system: r["test"] for system, r in systems.items()} for data, systems in results["tasks"].items()}
+
+
+def test_miniature_demo_end_to_end_gives_the_same_metrics_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from lmforge.runs import demo
+
+    args = ["demo", "--quick", "--limit", "60", "--pretrain-steps", "60", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    results = json.loads((tmp_path / "first" / "results.json").read_text())
     sentiment, ner = results["tasks"]["reviews-sentiment"], results["tasks"]["peoples-daily-ner"]
     assert set(sentiment) == {"pretrained", "scratch", "tfidf-svm"}
     assert set(ner) == {"pretrained", "scratch", "dictionary"}
@@ -191,8 +201,19 @@ def test_miniature_demo_end_to_end(tmp_path: Path) -> None:
         assert {"f1", "precision", "recall", "per_type"} <= set(system["test"])
     assert results["wall_seconds"]["total"] > 0 and results["tokens_per_s"]["pretrain"] > 0
     assert results["pretraining"]["steps"] == 60
-    report = (out / "report.md").read_text()
-    assert "| reviews-sentiment | accuracy |" in report and "(dictionary)" in report
+    assert results["budget"]["planned_minutes"] == demo.BUDGETS["quick"].planned_minutes
+    assert results["slower_than_planned"] is False
+    report = (tmp_path / "first" / "report.md").read_text()
+    assert "| reviews-sentiment | accuracy |" in report and "(dictionary)" in report and "Wall time" in report
+
+    # Budgets are steps and epochs: a second run, here on a "machine" planned to be far faster, gives the same
+    # metrics (and warns that it ran slower than planned).
+    monkeypatch.setitem(demo.BUDGETS, "quick", dataclasses.replace(demo.BUDGETS["quick"], planned_minutes=1e-4))
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    assert "longer than the planned" in " ".join(capsys.readouterr().out.split())
+    again = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert again["slower_than_planned"] is True
+    assert _metrics(again) == _metrics(results)
 
 
 def test_finetune_resumes_from_its_run_directory(tmp_path: Path, tiny_bert: Path) -> None:

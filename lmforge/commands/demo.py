@@ -23,4 +23,10 @@ def run(cfg: DemoConfig) -> None:
             rows.append([data, key, f"{values[0]:.4f}", f"{values[1]:.4f}", f"{values[2]:.4f} ({baseline})"])
     title = f"lmforge demo: test scores ({cfg.out}/results.json, {cfg.out}/report.md)"
     print_table(title, ["task", "metric", "pretrained", "scratch", "baseline"], rows)
-    console.print(f"total wall time {summary['wall_seconds']['total'] / 60:.1f} min")
+    total, planned = summary["wall_seconds"]["total"] / 60, summary["budget"]["planned_minutes"]
+    console.print(f"total wall time {total:.1f} min (planned: at most {planned:g} min on 2 cores)")
+    if summary["slower_than_planned"]:
+        console.print(
+            f"[yellow]warning:[/yellow] this run took {total:.1f} min, longer than the planned {planned:g}: the "
+            "machine is slower or busy. The metrics do not depend on it (every budget is steps or epochs)."
+        )

@@ -195,7 +195,6 @@ def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
             kind=kind,
             init=init,
             epochs=cfg.classify_epochs if kind == "classify" else cfg.ner_epochs,
-            minutes=0.0,
             max_len=cfg.seq_len,
             seed=seed,
             progress=cfg.progress,

@@ -247,7 +247,7 @@ class DemoConfig:
     limit: int = 0
     """Use only the first N examples of each split (0 = all): for smoke tests."""
     pretrain_steps: int | None = None
-    """Pretraining steps instead of the budget's (its wall-time cap still applies)."""
+    """Pretraining steps instead of the budget's."""
     seed: int = 1234
     """Seed for every stage."""
     progress: bool = True

@@ -1,0 +1,250 @@
+"""Which budget-pretraining changes make a from-scratch bert-tiny pay off downstream (issue 17's ablation).
+
+Every arm pretrains bert-tiny with the masked LM on ``pretrain-zh`` for the same number of steps (64 x 128
+tokens each) from one shared tokenizer and shard set, then fine-tunes the encoder with the demo's recipe on
+``reviews-sentiment`` and ``peoples-daily-ner`` (``runs/demo.finetune_config``); ``--scratch-arms`` also
+fine-tune their architecture from random initialisation. Arms: the demo's recipe before the ablation
+(``baseline``: post-LN, 15% masking, lr 2e-3 cosine to 10%, clip 1.0), each single change of the
+budget-pretraining literature on top of it, and all of them together:
+
+- ``pre-ln``: pre-LN blocks with a final LayerNorm (Xiong et al. 2020);
+- ``geglu``: gated GELU feed-forward, same d_ff (Shazeer 2020; Cramming, Geiping & Goldstein 2022);
+- ``no-bias``: no biases in the attention and feed-forward projections (Cramming);
+- ``mask-30``: 30% of the tokens masked instead of 15% (Wettig et al. 2023, "Should You Mask 15%?");
+- ``decay-clip``: the learning rate decays linearly to 0 over the budget and gradients are clipped at 0.5
+  (Cramming; Izsak et al. 2021);
+- ``bigram``: hashed character-bigram input embeddings (32,768 rows);
+- ``all``: every change above.
+
+The recipe is chosen on the dev splits (never test). Every finished stage is kept (a run directory with
+its results.json): running the command again continues where it stopped, and ``--seeds`` / ``--arms`` may
+grow between runs. Output: ``OUT/results.json``, ``OUT/report.md`` and ``OUT/ablation.png``.
+
+Run (about 13 minutes per arm and seed on a 2-core AMD EPYC):
+    .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --seeds 1
+    .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --seeds 1 2 3 --arms baseline all
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+from lmforge.config import write_json
+from lmforge.data.builtin import load_builtin
+from lmforge.runs.config import COMPARE_TASKS as TASKS
+from lmforge.runs.demo import (
+    BASELINE_RECIPE,
+    BUDGETS,
+    PretrainRecipe,
+    finetune_config,
+    pretrain_config,
+    pretrain_inputs,
+)
+from lmforge.runs.finetune import finetune
+from lmforge.runs.pretrain import prepare_corpus, pretrain
+from lmforge.train import checkpoint, distributed
+
+
+def _with(recipe: PretrainRecipe, model: dict | None = None, **changes) -> PretrainRecipe:
+    spec = dataclasses.replace(recipe.model, **(model or {}))
+    return dataclasses.replace(recipe, model=spec, **changes)
+
+
+CHANGES: dict[str, dict] = {
+    "pre-ln": {"model": {"pre_norm": True}},
+    "geglu": {"model": {"gated_ffn": True}},
+    "no-bias": {"model": {"bias": False}},
+    "mask-30": {"mask_prob": 0.3},
+    "decay-clip": {"schedule": "linear", "min_lr_ratio": 0.0, "grad_clip": 0.5},
+    "bigram": {"model": {"bigram_buckets": 32768}},
+}
+
+
+def _all_changes() -> PretrainRecipe:
+    recipe = BASELINE_RECIPE
+    for change in CHANGES.values():
+        recipe = _with(recipe, **change)
+    return recipe
+
+
+ARMS: dict[str, PretrainRecipe] = {
+    "baseline": BASELINE_RECIPE,
+    **{name: _with(BASELINE_RECIPE, **change) for name, change in CHANGES.items()},
+    "all": _all_changes(),
+}
+SCRATCH = "scratch"
+
+
+def run_arm(out: Path, name: str, seed: int, steps: int, corpus: Path, progress: bool, limit: int) -> dict:
+    """Pretrain arm ``name`` with ``seed`` (or reuse the finished run), then fine-tune it on both tasks."""
+    pcfg = pretrain_config(
+        ARMS[name],
+        out=out / "pretrain" / f"{name}-seed{seed}",
+        steps=steps,
+        seq_len=128,
+        seed=seed,
+        inputs=pretrain_inputs(out, limit),
+        progress=progress,
+        tokenizer=str(corpus / "tokenizer"),
+        shards=str(corpus / "data"),
+    )
+    pre = checkpoint.finished_or_run(Path(pcfg.out), lambda: pretrain(pcfg), finished="model_weights")
+    found = {"arm": name, "seed": seed, "pretraining": {k: pre.get(k) for k in ("steps", "seconds", "tokens_per_s")}}
+    found["pretraining"]["best_val_loss"] = pre.get("best_val_loss")
+    found.update(finetune_both(out, pcfg.out, name, seed, "pretrained", progress, limit))
+    return found
+
+
+def finetune_both(out: Path, model: str, name: str, seed: int, init: str, progress: bool, limit: int = 0) -> dict:
+    """The demo's fine-tuning of ``model`` (or of its architecture from random initialisation) on both tasks."""
+    budget = BUDGETS["default"]
+    found = {}
+    for data, (kind, _) in TASKS.items():
+        run_dir = out / "finetune" / (f"{name}-{SCRATCH}" if init == SCRATCH else name) / f"seed{seed}" / data
+        ft = finetune_config(
+            out=run_dir,
+            model=model,
+            data=data,
+            kind=kind,
+            init=init,
+            epochs=budget.classify_epochs if kind == "classify" else budget.ner_epochs,
+            max_len=128,
+            seed=seed,
+            progress=progress,
+            splits={k: v[:limit] for k, v in load_builtin(data).items()} if limit else None,
+        )
+        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished="test")
+        scalars = {
+            split: {k: v for k, v in r[split].items() if isinstance(v, (int, float))} for split in ("dev", "test")
+        }
+        found[data] = {**scalars, "seconds": r["training"]["seconds"]}
+    return found
+
+
+def _spread(values: list[float]) -> dict:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{arm: {task: {dev, test: spread of the task's metric}, "pretraining_minutes", "seeds"}}."""
+    found: dict[str, dict] = {}
+    for name in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == name]
+        row: dict = {"seeds": [r["seed"] for r in mine]}
+        for data, (_, metric) in TASKS.items():
+            row[data] = {split: _spread([r[data][split][metric] for r in mine]) for split in ("dev", "test")}
+        if "pretraining" in mine[0]:
+            row["pretraining_minutes"] = _spread([r["pretraining"]["seconds"] / 60 for r in mine])
+        row["finetune_minutes"] = _spread([sum(r[d]["seconds"] for d in TASKS) / 60 for r in mine])
+        found[name] = row
+    return found
+
+
+def choose(summary: dict) -> str:
+    """The arm with the best mean dev score summed over both tasks (dev only: test never chooses)."""
+    arms = [a for a in summary if not a.endswith(SCRATCH)]
+    return max(arms, key=lambda a: sum(summary[a][d]["dev"]["mean"] for d in TASKS))
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['mean']:.4f}" if len(s["values"]) == 1 else f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def report(summary: dict, steps: int, chosen: str) -> str:
+    lines = [
+        "# Pretraining ablation: bert-tiny, masked LM on pretrain-zh",
+        "",
+        f"{steps:,} pretraining steps of 64 x 128 tokens per arm, then the demo's fine-tuning. Scores: mean ± sample "
+        "standard deviation over seeds. The recipe is chosen by the dev scores.",
+        "",
+        "| arm | seeds | sentiment dev acc | sentiment test acc | NER dev F1 | NER test F1 | pretrain min "
+        "| finetune min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        pre = f"{s['pretraining_minutes']['mean']:.1f}" if "pretraining_minutes" in s else "-"
+        sent, ner = s["reviews-sentiment"], s["peoples-daily-ner"]
+        lines.append(
+            f"| {name} | {len(s['seeds'])} | {_fmt(sent['dev'])} | {_fmt(sent['test'])} | {_fmt(ner['dev'])} "
+            f"| {_fmt(ner['test'])} | {pre} | {s['finetune_minutes']['mean']:.1f} |"
+        )
+    lines += ["", f"Chosen by dev: **{chosen}**.", "", "![ablation](ablation.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Test score per arm (bar = mean, dots = seeds) for each task, the baseline's mean as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, (data, (_, metric)) in zip(axes, TASKS.items(), strict=True):
+        for i, n in enumerate(names):
+            s = summary[n][data]["test"]
+            ax.bar(i, s["mean"], yerr=s["std"], color="C1" if n.endswith(SCRATCH) else "C0", alpha=0.6, capsize=4)
+            ax.scatter([i] * len(s["values"]), s["values"], color="black", s=12, zorder=3)
+        if "baseline" in summary:
+            ax.axhline(summary["baseline"][data]["test"]["mean"], color="gray", linestyle="--", linewidth=1)
+        values = [v for n in names for v in summary[n][data]["test"]["values"]]
+        ax.set_ylim(min(values) - 0.02, max(values) + 0.01)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(f"{data}: test {metric}")
+    fig.suptitle("bert-tiny pretraining ablation (blue: pretrained, orange: same model from scratch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--scratch-arms", nargs="*", default=["baseline", "all"], choices=list(ARMS))
+    parser.add_argument("--steps", type=int, default=BUDGETS["default"].pretrain_steps)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="first N examples of each split (smoke tests)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    settings = out / "settings.json"
+    if settings.is_file() and json.loads(settings.read_text())["steps"] != args.steps:
+        raise SystemExit(f"{settings}: this directory holds an ablation with other --steps; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(settings, {"steps": args.steps})
+    corpus = out / "corpus"
+    first = pretrain_config(
+        BASELINE_RECIPE,
+        out=corpus,
+        steps=1,
+        seq_len=128,
+        seed=1,
+        inputs=pretrain_inputs(out, args.limit),
+        progress=False,
+    )
+    prepare_corpus(first, corpus, distributed.Dist())
+    runs = []
+    for seed in args.seeds:
+        for name in args.arms:
+            runs.append(run_arm(out, name, seed, args.steps, corpus, args.progress, args.limit))
+            if name in args.scratch_arms:
+                model = str(out / "pretrain" / f"{name}-seed{seed}")  # scratch reads only its config and tokenizer
+                scratch = finetune_both(out, model, name, seed, SCRATCH, args.progress, args.limit)
+                runs.append({"arm": f"{name}-{SCRATCH}", "seed": seed, **scratch})
+            summary = aggregate(runs)
+            chosen = choose(summary)
+            write_json(out / "results.json", {"steps": args.steps, "runs": runs, "summary": summary, "chosen": chosen})
+            (out / "report.md").write_text(report(summary, args.steps, chosen), encoding="utf-8")
+            plot(summary, out / "ablation.png")
+    print((out / "report.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
