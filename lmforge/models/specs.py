@@ -35,13 +35,13 @@ class ModelSpec:
     dropout: float | None = None
     """Dropout (BERT: also on attention probabilities)."""
     pre_norm: bool | None = None
-    """BERT sizes: pre-LN blocks with a final LayerNorm (Xiong et al. 2020)."""
+    """BERT sizes: pre-LN blocks with a final LayerNorm (Xiong et al. 2020); None = the size's (post-LN)."""
     gated_ffn: bool | None = None
-    """BERT sizes: GEGLU feed-forward (Shazeer 2020)."""
+    """BERT sizes: GEGLU feed-forward (Shazeer 2020); None = the size's (plain GELU)."""
     bias: bool | None = None
-    """BERT sizes: biases in the attention and feed-forward projections."""
+    """BERT sizes: biases in the attention and feed-forward projections; None = the size's (with)."""
     bigram_buckets: int | None = None
-    """BERT sizes: rows of the hashed (previous token, token) embedding table; 0 = none."""
+    """BERT sizes: rows of the hashed (previous token, token) embedding table; 0 or None = no table."""
 
     def build(self, vocab_size: int):
         """The model config: the named size with this spec's overrides."""

@@ -75,7 +75,7 @@ DEMO_RECIPE = BASELINE_RECIPE
 # bert-tiny (2 x 128): on 2 cores it trains ~5x faster than bert-mini (54k vs 11k tokens/s in MLM), and
 # within minutes more epochs beat more capacity (shared/FINDINGS.md "Fine-tuning on 2 cores").
 BUDGETS = {
-    "default": Budget("bert-tiny", 1800, 3.0, 3.0, planned_minutes=15.0),
+    "default": Budget("bert-tiny", 1500, 3.0, 3.0, planned_minutes=15.0),
     # 400 steps, not fewer: an MLM stopped in its first ~200 steps has collapsed representations (every token
     # state nearly the same) and fine-tunes worse than random initialisation (FINDINGS.md).
     "quick": Budget("bert-tiny", 400, 0.3, 0.15, planned_minutes=3.0, seq_len=64),
