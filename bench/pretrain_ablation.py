@@ -92,6 +92,7 @@ def run_arm(out: Path, name: str, seed: int, steps: int, corpus: Path, progress:
         progress=progress,
         tokenizer=str(corpus / "tokenizer"),
         shards=str(corpus / "data"),
+        eval_every=200,  # the validation curve of every arm (the demo validates at the end only)
     )
     pre = checkpoint.finished_or_run(Path(pcfg.out), lambda: pretrain(pcfg), finished="model_weights")
     found = {"arm": name, "seed": seed, "pretraining": {k: pre.get(k) for k in ("steps", "seconds", "tokens_per_s")}}

@@ -98,6 +98,17 @@ def test_accumulated_micro_batches_equal_the_big_batch(task: MLMTask, tmp_path: 
             torch.testing.assert_close(results[micro][name], value, atol=2e-6, rtol=1e-5, msg=name)
 
 
+def test_evaluation_draws_no_training_randomness(task: MLMTask, tmp_path: Path) -> None:
+    """Validating every step or never trains the same weights (the demo validates at the end only)."""
+    trained = {}
+    for every in (1, 0):
+        model = _model(task, dropout=0.1)
+        fit(model, task, _cfg(max_steps=4, eval_every=every), run_dir=tmp_path / f"every{every}")
+        trained[every] = model.state_dict()
+    for name, value in trained[1].items():
+        assert torch.equal(trained[0][name], value), name
+
+
 def test_summary_accounts_tokens_flops_and_writes_the_run_files(task: MLMTask, tmp_path: Path) -> None:
     summary = fit(_model(task), task, _cfg(max_steps=3, eval_every=2), run_dir=tmp_path)
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 64
