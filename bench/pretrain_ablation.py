@@ -34,6 +34,7 @@ import json
 import statistics
 from pathlib import Path
 
+from lmforge.baselines import dictionary_ner, tfidf_svm
 from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
 from lmforge.runs.config import COMPARE_TASKS as TASKS
@@ -153,11 +154,21 @@ def choose(summary: dict) -> str:
     return max(arms, key=lambda a: sum(summary[a][d]["dev"]["mean"] for d in TASKS))
 
 
+def baselines(limit: int) -> dict[str, float]:
+    """Test scores of TF-IDF + SVM (sentiment) and the training-entity dictionary (NER), the demo's baselines."""
+    found = {}
+    for data, (kind, metric) in TASKS.items():
+        splits = {k: v[:limit] if limit else v for k, v in load_builtin(data).items()}
+        score = tfidf_svm if kind == "classify" else dictionary_ner
+        found[data] = score(splits["train"], splits["test"])[metric]
+    return found
+
+
 def _fmt(s: dict) -> str:
     return f"{s['mean']:.4f}" if len(s["values"]) == 1 else f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
-def report(summary: dict, steps: int, chosen: str) -> str:
+def report(summary: dict, steps: int, chosen: str, base: dict[str, float]) -> str:
     lines = [
         "# Pretraining ablation: bert-tiny, masked LM on pretrain-zh",
         "",
@@ -175,12 +186,22 @@ def report(summary: dict, steps: int, chosen: str) -> str:
             f"| {name} | {len(s['seeds'])} | {_fmt(sent['dev'])} | {_fmt(sent['test'])} | {_fmt(ner['dev'])} "
             f"| {_fmt(ner['test'])} | {pre} | {s['finetune_minutes']['mean']:.1f} |"
         )
-    lines += ["", f"Chosen by dev: **{chosen}**.", "", "![ablation](ablation.png)", ""]
+    lines += [
+        "",
+        f"Baselines (test): TF-IDF + SVM sentiment accuracy {base['reviews-sentiment']:.4f}, training-entity "
+        f"dictionary NER F1 {base['peoples-daily-ner']:.4f}.",
+        "",
+        f"Chosen by dev: **{chosen}**.",
+        "",
+        "![ablation](ablation.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Test score per arm (bar = mean, dots = seeds) for each task, the baseline's mean as a line."""
+def plot(summary: dict, path: Path, base: dict[str, float]) -> None:
+    """Test score per arm (bar = mean, dots = seeds) for each task; lines: the baseline arm, the non-neural
+    baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +216,10 @@ def plot(summary: dict, path: Path) -> None:
             ax.scatter([i] * len(s["values"]), s["values"], color="black", s=12, zorder=3)
         if "baseline" in summary:
             ax.axhline(summary["baseline"][data]["test"]["mean"], color="gray", linestyle="--", linewidth=1)
-        values = [v for n in names for v in summary[n][data]["test"]["values"]]
+        other = "TF-IDF + SVM" if data == "reviews-sentiment" else "dictionary"
+        ax.axhline(base[data], color="C3", linestyle=":", linewidth=1.5, label=other)
+        ax.legend(loc="lower right")
+        values = [v for n in names for v in summary[n][data]["test"]["values"]] + [base[data]]
         ax.set_ylim(min(values) - 0.02, max(values) + 0.01)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(f"{data}: test {metric}")
@@ -232,6 +256,7 @@ def main() -> None:
         progress=False,
     )
     prepare_corpus(first, corpus, distributed.Dist())
+    base = baselines(args.limit)
     runs = []
     for seed in args.seeds:
         for name in args.arms:
@@ -242,9 +267,10 @@ def main() -> None:
                 runs.append({"arm": f"{name}-{SCRATCH}", "seed": seed, **scratch})
             summary = aggregate(runs)
             chosen = choose(summary)
-            write_json(out / "results.json", {"steps": args.steps, "runs": runs, "summary": summary, "chosen": chosen})
-            (out / "report.md").write_text(report(summary, args.steps, chosen), encoding="utf-8")
-            plot(summary, out / "ablation.png")
+            results = {"steps": args.steps, "runs": runs, "summary": summary, "chosen": chosen, "baselines": base}
+            write_json(out / "results.json", results)
+            (out / "report.md").write_text(report(summary, args.steps, chosen, base), encoding="utf-8")
+            plot(summary, out / "ablation.png", base)
     print((out / "report.md").read_text(encoding="utf-8"))
 
 
