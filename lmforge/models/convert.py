@@ -117,6 +117,9 @@ def _act(name: str, where: str) -> str:
 
 
 def bert_links(cfg: BertConfig) -> list[Link]:
+    """A BERT as Hugging Face's ``Bert*``, or with ``pre_norm`` as ``RobertaPreLayerNorm*`` (names without the
+    ``bert.`` / ``roberta_prelayernorm.`` prefix). The two differ only in where the LayerNorms sit and are named,
+    the final LayerNorm and the MLM head's names."""
     qkv = (cfg.d_model,) * 3
     links = [
         Link("embed.word.weight", ("embeddings.word_embeddings.weight",)),
@@ -125,6 +128,10 @@ def bert_links(cfg: BertConfig) -> list[Link]:
         Link("embed.norm.weight", ("embeddings.LayerNorm.weight",)),
         Link("embed.norm.bias", ("embeddings.LayerNorm.bias",)),
     ]
+    # post-LN: the norm after each residual sum; pre-LN: the norm in front of each branch
+    attn_norm, ffn_norm = (
+        ("LayerNorm", "intermediate.LayerNorm") if cfg.pre_norm else ("output.LayerNorm", "output.LayerNorm")
+    )
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
         att = hf + "attention."
@@ -134,65 +141,30 @@ def bert_links(cfg: BertConfig) -> list[Link]:
                     ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv
                 ),
                 Link(ours + f"attn.out.{kind}", (att + f"output.dense.{kind}",)),
-                Link(ours + f"attn_norm.{kind}", (att + f"output.LayerNorm.{kind}",)),
+                Link(ours + f"attn_norm.{kind}", (att + f"{attn_norm}.{kind}",)),
                 Link(ours + f"ffn.up.{kind}", (hf + f"intermediate.dense.{kind}",)),
                 Link(ours + f"ffn.down.{kind}", (hf + f"output.dense.{kind}",)),
-                Link(ours + f"ffn_norm.{kind}", (hf + f"output.LayerNorm.{kind}",)),
+                Link(ours + f"ffn_norm.{kind}", (hf + f"{ffn_norm}.{kind}",)),
             ]
+    if cfg.pre_norm:
+        links += [Link("final_norm.weight", ("LayerNorm.weight",)), Link("final_norm.bias", ("LayerNorm.bias",))]
     if cfg.pooler:
         links += [
             Link("pooler.dense.weight", ("pooler.dense.weight",)),
             Link("pooler.dense.bias", ("pooler.dense.bias",)),
         ]
     if cfg.mlm_head:
-        t = "cls.predictions.transform."
+        head, norm, bias = (
+            ("lm_head.", "layer_norm", "lm_head.bias")
+            if cfg.pre_norm
+            else ("cls.predictions.transform.", "LayerNorm", "cls.predictions.bias")
+        )
         links += [
-            Link("mlm_head.transform.weight", (t + "dense.weight",)),
-            Link("mlm_head.transform.bias", (t + "dense.bias",)),
-            Link("mlm_head.norm.weight", (t + "LayerNorm.weight",)),
-            Link("mlm_head.norm.bias", (t + "LayerNorm.bias",)),
-            Link("mlm_head.bias", ("cls.predictions.bias",)),
-        ]
-    return links
-
-
-def prelayernorm_links(cfg: BertConfig) -> list[Link]:
-    """A pre-LN BERT as Hugging Face's RobertaPreLayerNorm (names without the ``roberta_prelayernorm.`` prefix)."""
-    qkv = (cfg.d_model,) * 3
-    links = [
-        Link("embed.word.weight", ("embeddings.word_embeddings.weight",)),
-        Link("embed.position.weight", ("embeddings.position_embeddings.weight",)),
-        Link("embed.token_type.weight", ("embeddings.token_type_embeddings.weight",)),
-        Link("embed.norm.weight", ("embeddings.LayerNorm.weight",)),
-        Link("embed.norm.bias", ("embeddings.LayerNorm.bias",)),
-    ]
-    for i in range(cfg.n_layers):
-        ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
-        att = hf + "attention."
-        for kind in ("weight", "bias"):
-            links += [
-                Link(
-                    ours + f"attn.qkv.{kind}", tuple(att + f"self.{n}.{kind}" for n in ("query", "key", "value")), qkv
-                ),
-                Link(ours + f"attn.out.{kind}", (att + f"output.dense.{kind}",)),
-                Link(ours + f"attn_norm.{kind}", (att + f"LayerNorm.{kind}",)),
-                Link(ours + f"ffn_norm.{kind}", (hf + f"intermediate.LayerNorm.{kind}",)),
-                Link(ours + f"ffn.up.{kind}", (hf + f"intermediate.dense.{kind}",)),
-                Link(ours + f"ffn.down.{kind}", (hf + f"output.dense.{kind}",)),
-            ]
-    links += [Link("final_norm.weight", ("LayerNorm.weight",)), Link("final_norm.bias", ("LayerNorm.bias",))]
-    if cfg.pooler:
-        links += [
-            Link("pooler.dense.weight", ("pooler.dense.weight",)),
-            Link("pooler.dense.bias", ("pooler.dense.bias",)),
-        ]
-    if cfg.mlm_head:
-        links += [
-            Link("mlm_head.transform.weight", ("lm_head.dense.weight",)),
-            Link("mlm_head.transform.bias", ("lm_head.dense.bias",)),
-            Link("mlm_head.norm.weight", ("lm_head.layer_norm.weight",)),
-            Link("mlm_head.norm.bias", ("lm_head.layer_norm.bias",)),
-            Link("mlm_head.bias", ("lm_head.bias",)),
+            Link("mlm_head.transform.weight", (head + "dense.weight",)),
+            Link("mlm_head.transform.bias", (head + "dense.bias",)),
+            Link("mlm_head.norm.weight", (head + f"{norm}.weight",)),
+            Link("mlm_head.norm.bias", (head + f"{norm}.bias",)),
+            Link("mlm_head.bias", (bias,)),
         ]
     return links
 
@@ -381,7 +353,7 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
 
 def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
     family = hf_family(cfg)
-    return {"bert": bert_links, ROBERTA_PRE_LN: prelayernorm_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
+    return {"bert": bert_links, ROBERTA_PRE_LN: bert_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
