@@ -231,7 +231,8 @@ def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
     head = "lm_head.dense.weight" if pre_norm else "cls.predictions.transform.dense.weight"
     return BertConfig(
         vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 512) - (_position_offset(hf, where) if pre_norm else 0),
+        max_seq_len=hf.get("max_position_embeddings", 512)
+        - (_position_offset(hf.get("pad_token_id"), where) if pre_norm else 0),
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
         d_model=hf["hidden_size"],
@@ -247,12 +248,11 @@ def _bert_config(hf: dict, keys: set[str], where: str) -> BertConfig:
     )
 
 
-def _position_offset(hf: dict, where: str) -> int:
+def _position_offset(pad_token_id: int | None, where: str) -> int:
     """Rows of a RoBERTa position table below the first position: RoBERTa counts from pad_token_id + 1."""
-    pad = hf.get("pad_token_id")
-    if pad is None:
-        raise UserError(f"{where}: a RoBERTa config needs pad_token_id (its positions start after it)")
-    return int(pad) + 1
+    if pad_token_id is None:
+        raise UserError(f"{where}: RobertaPreLayerNorm needs a pad token id (its positions start after it)")
+    return int(pad_token_id) + 1
 
 
 def _gpt2_config(hf: dict, where: str) -> GPTConfig:
@@ -373,7 +373,7 @@ def from_hf(
         cfg = _bert_config(hf_cfg, set(tensors), source)
         position = "embeddings.position_embeddings.weight"
         if position in tensors:
-            tensors = {**tensors, position: tensors[position][_position_offset(hf_cfg, source) :]}
+            tensors = {**tensors, position: tensors[position][_position_offset(hf_cfg.get("pad_token_id"), source) :]}
     elif kind == "gpt2":
         tensors = _strip_prefix(tensors, ("transformer.",))
         cfg = _gpt2_config(hf_cfg, source)
@@ -415,11 +415,11 @@ def to_hf(
     family = hf_family(cfg)
     hf: dict[str, Tensor] = {}
     for link in _links(cfg):
-        value = tensors.get(link.ours)
-        if value is None and isinstance(cfg, BertConfig) and not cfg.bias and link.ours.endswith(".bias"):
+        if link.ours not in tensors and isinstance(cfg, BertConfig) and not cfg.bias and link.ours.endswith(".bias"):
             weight = tensors[link.ours[: -len("bias")] + "weight"]
             value = weight.new_zeros(weight.shape[0])  # a layer without bias is the same layer with a zero bias
-        value = tensors[link.ours] if value is None else value
+        else:
+            value = tensors[link.ours]
         parts = value.split(list(link.sizes), dim=0) if link.sizes else (value,)
         for name, part in zip(link.theirs, parts, strict=True):
             hf[name] = (part.t() if link.conv1d else part).contiguous()
@@ -429,7 +429,7 @@ def to_hf(
         return _bert_hf_config(cfg, token_ids), hf
     if family == ROBERTA_PRE_LN:
         hf_cfg = _bert_hf_config(cfg, token_ids)
-        offset = _position_offset(hf_cfg, "export")
+        offset = hf_cfg["max_position_embeddings"] - cfg.max_seq_len
         position = "embeddings.position_embeddings.weight"
         hf[position] = torch.cat((hf[position].new_zeros(offset, cfg.d_model), hf[position]))
         prefix = "roberta_prelayernorm." if cfg.mlm_head else ""
@@ -453,13 +453,12 @@ def _common(token_ids: dict[str, int | None]) -> dict:
 
 def _bert_hf_config(cfg: BertConfig, token_ids: dict[str, int | None]) -> dict:
     name = "RobertaPreLayerNorm" if cfg.pre_norm else "Bert"
-    if cfg.pre_norm and token_ids.get("pad") is None:
-        raise UserError("a pre-LN BERT exports as RobertaPreLayerNorm, which needs the tokenizer's pad id")
+    offset = _position_offset(token_ids.get("pad"), "export of a pre-LN BERT") if cfg.pre_norm else 0
     return {
         "architectures": [f"{name}ForMaskedLM" if cfg.mlm_head else f"{name}Model"],
         "model_type": ROBERTA_PRE_LN if cfg.pre_norm else "bert",
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len + (int(token_ids["pad"]) + 1 if cfg.pre_norm else 0),
+        "max_position_embeddings": cfg.max_seq_len + offset,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "hidden_size": cfg.d_model,

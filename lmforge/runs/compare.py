@@ -183,38 +183,57 @@ def _pretraining_summary(s: dict, run_dir: Path) -> dict:
 def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
     """Fine-tune the encoder of (``name``, ``seed``) on every task (or from scratch): {task: test metrics}."""
     out = Path(cfg.out)
-    model = str(out / "pretrain" / f"{name}-seed{seed}")  # scratch runs read only its config and tokenizer
+    return finetune_on_tasks(
+        out / "finetune" / (SCRATCH if init == SCRATCH else name) / f"seed{seed}",
+        model=str(out / "pretrain" / f"{name}-seed{seed}"),  # scratch runs read only its config and tokenizer
+        init=init,
+        seed=seed,
+        epochs={"classify": cfg.classify_epochs, "ner": cfg.ner_epochs},
+        max_len=cfg.seq_len,
+        progress=cfg.progress,
+        limit=cfg.limit,
+    )
+
+
+def finetune_on_tasks(
+    root: Path, *, model: str, init: str, seed: int, epochs: dict[str, float], max_len: int, progress: bool, limit: int
+) -> dict:
+    """The demo's fine-tuning of ``model`` (or, with ``init="scratch"``, of its architecture from random
+    initialisation) on every task of ``TASKS``, each in ``root / TASK``; a finished run found there is reused.
+    ``epochs``: per task kind (classify, ner). Returns {task: {"test", "dev": scalar metrics, "steps", "seconds"}}."""
     found = {}
     for data, (kind, _) in TASKS.items():
-        splits = {k: v[: cfg.limit] for k, v in load_builtin(data).items()} if cfg.limit else None
-        run_dir = out / "finetune" / (SCRATCH if init == SCRATCH else name) / f"seed{seed}" / data
+        splits = {k: v[:limit] for k, v in load_builtin(data).items()} if limit else None
+        run_dir = root / data
         ft = finetune_config(
             out=run_dir,
             model=model,
             data=data,
             kind=kind,
             init=init,
-            epochs=cfg.classify_epochs if kind == "classify" else cfg.ner_epochs,
-            max_len=cfg.seq_len,
+            epochs=epochs[kind],
+            max_len=max_len,
             seed=seed,
-            progress=cfg.progress,
+            progress=progress,
             splits=splits,
         )
         r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished="test")
         found[data] = {
-            "test": _scalars(r["test"]),
-            "dev": _scalars(r["dev"]),
+            "test": scalars(r["test"]),
+            "dev": scalars(r["dev"]),
             "steps": r["training"]["steps"],
             "seconds": r["training"]["seconds"],
         }
     return found
 
 
-def _scalars(metrics: dict) -> dict:
+def scalars(metrics: dict) -> dict:
+    """The numbers of a metrics dict (per-type tables and lists left out)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -227,13 +246,13 @@ def aggregate(runs: list[dict]) -> dict:
     found: dict[str, dict] = {}
     for name in dict.fromkeys(r["objective"] for r in runs):
         mine = [r for r in runs if r["objective"] == name]
-        found[name] = {data: _spread([r[data]["test"][metric] for r in mine]) for data, (_, metric) in TASKS.items()}
+        found[name] = {data: spread([r[data]["test"][metric] for r in mine]) for data, (_, metric) in TASKS.items()}
         if "pretraining" in mine[0]:
-            found[name]["pretraining_minutes"] = _spread([r["pretraining"]["seconds"] / 60 for r in mine])
-            found[name]["pretraining_minutes_at_median_speed"] = _spread(
+            found[name]["pretraining_minutes"] = spread([r["pretraining"]["seconds"] / 60 for r in mine])
+            found[name]["pretraining_minutes_at_median_speed"] = spread(
                 [r["pretraining"]["seconds_at_median_speed"] / 60 for r in mine]
             )
-            found[name]["pretraining_pflops"] = _spread([r["pretraining"]["train_flops"] / 1e15 for r in mine])
+            found[name]["pretraining_pflops"] = spread([r["pretraining"]["train_flops"] / 1e15 for r in mine])
             found[name]["pretraining_steps"] = mine[0]["pretraining"]["steps"]
     return found
 

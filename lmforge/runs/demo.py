@@ -48,8 +48,8 @@ class Budget:
     classify_epochs: float
     ner_epochs: float
     planned_minutes: float
-    """Wall time of the whole demo on the slower machine kind we have seen (2-core AMD EPYC, ~31k MLM tokens/s for
-    bert-tiny): the demo warns when it runs longer."""
+    """The planned wall time of the whole demo on the slower machine kind we have seen (2-core AMD EPYC, ~24k MLM
+    tokens/s for bert-tiny with the bigram table): the demo warns when it runs longer."""
     seq_len: int = 128
 
 
@@ -82,8 +82,9 @@ DEMO_RECIPE = dataclasses.replace(
 
 # bert-tiny (2 x 128): on 2 cores it trains ~5x faster than bert-mini (54k vs 11k tokens/s in MLM), and
 # within minutes more epochs beat more capacity (shared/FINDINGS.md "Fine-tuning on 2 cores"). The default's
-# 1,500 pretraining steps are the ablation's; NER gets 2 epochs (the ablation's fine-tuning had 3) so that the
-# whole demo fits 15 minutes on the slower 2-core machine (pretraining ~6.5 min, 4 fine-tunings ~7 min).
+# 1,500 pretraining steps are the ablation's; NER gets 2 epochs (the ablation's fine-tuning had 3) to save time.
+# Measured on the slower 2-core machine: 16.0 min (tokenizer + pretraining 8.6, four fine-tunings 7.0), one
+# minute over the plan; ~1,200 pretraining steps would fit (estimated from 0.34 s per step), not yet measured.
 BUDGETS = {
     "default": Budget("bert-tiny", 1500, 3.0, 2.0, planned_minutes=15.0),
     # 400 steps, not fewer: an MLM stopped in its first ~200 steps has collapsed representations (every token
@@ -124,7 +125,7 @@ def pretrain_config(
 
     ``eval_every``: validation every N steps (0 = at the end only). Evaluation draws no training randomness, so
     it changes the weights only when an earlier evaluation beats the last (the best checkpoint is kept); the demo
-    evaluates at the end only, which saves ~2 of its minutes (1,600 validation sequences per evaluation).
+    evaluates at the end only (each evaluation reads 1,600 validation sequences).
     """
     optim = OptimConfig(
         lr=recipe.lr,
