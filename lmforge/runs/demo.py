@@ -81,12 +81,12 @@ DEMO_RECIPE = dataclasses.replace(
 )
 
 # bert-tiny (2 x 128): on 2 cores it trains ~5x faster than bert-mini (54k vs 11k tokens/s in MLM), and
-# within minutes more epochs beat more capacity (shared/FINDINGS.md "Fine-tuning on 2 cores"). The default's
-# 1,500 pretraining steps are the ablation's; NER gets 2 epochs (the ablation's fine-tuning had 3) to save time.
-# Measured on the slower 2-core machine: 16.0 min (tokenizer + pretraining 8.6, four fine-tunings 7.0), one
-# minute over the plan; ~1,200 pretraining steps would fit (estimated from 0.34 s per step), not yet measured.
+# within minutes more epochs beat more capacity (shared/FINDINGS.md "Fine-tuning on 2 cores"). The ablation
+# pretrained for 1,500 steps; with them the demo took 16.0 min on the slower 2-core machine (tokenizer +
+# pretraining 8.6, four fine-tunings 7.0), so the default pretrains for 1,200 (0.34 s per step there) and NER
+# gets 2 epochs (the ablation's fine-tuning had 3).
 BUDGETS = {
-    "default": Budget("bert-tiny", 1500, 3.0, 2.0, planned_minutes=15.0),
+    "default": Budget("bert-tiny", 1200, 3.0, 2.0, planned_minutes=15.0),
     # 400 steps, not fewer: an MLM stopped in its first ~200 steps has collapsed representations (every token
     # state nearly the same) and fine-tunes worse than random initialisation (FINDINGS.md).
     "quick": Budget("bert-tiny", 400, 0.3, 0.15, planned_minutes=3.0, seq_len=64),
