@@ -16,7 +16,7 @@ $(PY):
 # Reinstall only when the package metadata changes; an already importable torch is kept as it is.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,data,models]"
+	$(PIP) install --quiet -e ".[dev,data,models,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -122,9 +122,14 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.convert:run_list",
     ),
     "export": Command(
-        "Export a lmforge model or run directory to the Hugging Face layout",
+        "Export a model or run directory to the Hugging Face layout, or a BERT run to ONNX",
         "lmforge.commands.export:Config",
         "lmforge.commands.export:run",
+    ),
+    "quantize": Command(
+        "Copy a classify / NER / embed run with int8 weights for CPU inference",
+        "lmforge.commands.quantize:Config",
+        "lmforge.commands.quantize:run",
     ),
     "data list": Command(
         "List the built-in corpora with their split sizes",

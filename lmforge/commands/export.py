@@ -1,4 +1,5 @@
-"""``lmforge export RUN_DIR --to hf``: write a lmforge model or run directory in the transformers layout."""
+"""``lmforge export RUN_DIR --to hf|onnx``: a lmforge model or run directory in the transformers layout, or a
+BERT run as an ONNX encoder graph plus its head and tokenizer (run by ONNX Runtime: inference/onnx.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated, Literal
 import tyro
 
 from lmforge.commands._console import console
+from lmforge.errors import UserError
 
 
 @dataclass
@@ -20,11 +22,19 @@ class Config:
     """lmforge model or run directory to export."""
     out: str
     """Directory to write."""
-    to: Literal["hf"] = "hf"
-    """Target format: hf = Hugging Face transformers layout."""
+    to: Literal["hf", "onnx"] = "hf"
+    """Target format: hf = Hugging Face transformers layout; onnx = a copy of a classify / NER / embed run
+    whose encoder is an ONNX graph (dynamic batch and length) that predict, evaluate and serve run with
+    ONNX Runtime."""
+    int8: bool = False
+    """With --to onnx: quantize the graph with ONNX Runtime's dynamic int8 quantizer."""
 
 
 def export(cfg: Config) -> Path:
+    if cfg.to == "onnx":
+        return export_onnx(cfg)
+    if cfg.int8:
+        raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
     from safetensors.torch import save_file
 
     from lmforge.config import write_json
@@ -54,5 +64,21 @@ def export(cfg: Config) -> Path:
     return out
 
 
+def export_onnx(cfg: Config) -> Path:
+    from lmforge.inference.onnx import OPSET
+    from lmforge.inference.onnx import export_onnx as write_graph
+    from lmforge.models.registry import load_model
+    from lmforge.runs.run_dir import write_compressed
+
+    def write(out: Path) -> dict:
+        write_graph(load_model(cfg.run_dir), out, int8=cfg.int8)
+        return {}
+
+    precision = "int8" if cfg.int8 else "fp32"
+    backend = {"backend": "onnx", "precision": precision, "opset": OPSET, "runtime": "onnxruntime"}
+    return write_compressed(cfg.run_dir, cfg.out, backend, write)
+
+
 def run(cfg: Config) -> None:
-    console.print(f"[green]wrote[/green] Hugging Face model directory {export(cfg)}")
+    what = "ONNX copy" if cfg.to == "onnx" else "Hugging Face model directory"
+    console.print(f"[green]wrote[/green] {what} {export(cfg)}")

@@ -83,7 +83,8 @@ class Embeddings(nn.Module):
             if position_ids is None:
                 raise UserError("position_ids are required with learned position embeddings")
             limit = self.position.num_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
+            # A value check reads the tensor: skipped while torch.compile / torch.export trace (no values there).
+            if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= limit:
                 raise UserError(
                     f"position {int(position_ids.max())} is past max_seq_len={limit}; "
                     f"use sequences of at most {limit} tokens"
@@ -270,9 +271,12 @@ class Attention(nn.Module):
             return self._attend(q, *memory_kv, mask=mask, is_causal=False)
         if queries is not None:
             q_dim = self.split[0]
-            bias = self.qkv.bias
-            q = F.linear(queries, self.qkv.weight[:q_dim], None if bias is None else bias[:q_dim])
-            kv = F.linear(x, self.qkv.weight[q_dim:], None if bias is None else bias[q_dim:])
+            if isinstance(self.qkv, nn.Linear):  # project each part only from the rows that need it
+                bias = self.qkv.bias
+                q = F.linear(queries, self.qkv.weight[:q_dim], None if bias is None else bias[:q_dim])
+                kv = F.linear(x, self.qkv.weight[q_dim:], None if bias is None else bias[q_dim:])
+            else:  # a packed projection (int8, inference/int8.py) cannot be sliced: project, then keep the parts
+                q, kv = self.qkv(queries)[..., :q_dim], self.qkv(x)[..., q_dim:]
             k, v = kv.split(self.split[1:], dim=-1)
             x = queries
         else:

@@ -10,6 +10,12 @@ RUN_DIR/results.json, report.md, *.png    what the run measured (runs/results.py
 RUN_DIR/checkpoints/, metrics.jsonl, .lock the loop's state (train/checkpoint.py, train/logging.py, runs/session.py)
 ```
 
+A compressed copy of a BERT run (``lmforge quantize``, ``lmforge export --to onnx``) holds the same
+config.json, head, task.json and tokenizer, ``backend.json`` (written last: the copy is complete) and, in
+place of model.safetensors, the encoder for its backend: ``model.int8.safetensors`` (inference/int8.py)
+or ``encoder.onnx`` (inference/onnx.py). ``load_run`` reads it like any run, so ``predict``,
+``evaluate`` and ``serve`` take it unchanged.
+
 ``load_run(dir)`` reads ``task.json`` (a directory without one is a pretrained model: a BERT loads as
 an embedder of first-token vectors, a GPT as a plain chat/generation model), rebuilds the task through
 ``TASKS``, loads the model and its head, and returns both in eval mode on the CPU. Reading touches only
@@ -20,6 +26,8 @@ server loads runs through this module alone.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +38,14 @@ from torch import nn
 from lmforge.config import read_json_object, write_json
 from lmforge.data.tokenizer import copy_tokenizer_files
 from lmforge.errors import UserError
-from lmforge.models.bert import Bert
-from lmforge.models.gpt import GPT
-from lmforge.models.registry import CONFIG_FILE, check_state, load_model, read_safetensors, save_model
+from lmforge.models.bert import BertConfig
+from lmforge.models.gpt import GPTConfig
+from lmforge.models.registry import CONFIG_FILE, load_model, read_safetensors, save_model
 from lmforge.tasks import task_entry
 
-HEAD_FILE, TASK_FILE, RECIPE_FILE = "head.safetensors", "task.json", "config.yaml"
+HEAD_FILE, TASK_FILE, RECIPE_FILE, BACKEND_FILE = "head.safetensors", "task.json", "config.yaml", "backend.json"
+BACKENDS = ("int8", "onnx")
+COMPRESSIBLE = ("classify", "ner", "embed")
 
 
 @dataclass
@@ -80,6 +90,31 @@ def require_task(run_dir: str | os.PathLike, tasks: tuple[str, ...], *, command:
     return str(name)
 
 
+def backend_of(run_dir: str | os.PathLike) -> dict | None:
+    """``backend.json`` of a compressed copy, checked, or None for a PyTorch fp32 directory."""
+    path = Path(run_dir) / BACKEND_FILE
+    if not path.is_file():
+        return None
+    backend = read_json_object(path, what="backend file")
+    if backend.get("backend") not in BACKENDS:
+        raise UserError(f"{path}: backend={backend.get('backend')!r} is not one of {list(BACKENDS)}")
+    return backend
+
+
+def load_base(run_dir: str | os.PathLike) -> nn.Module:
+    """The model of a model or run directory for its backend: PyTorch fp32, int8, or ONNX Runtime."""
+    backend = backend_of(run_dir)
+    if backend is None:
+        return load_model(run_dir)
+    if backend["backend"] == "int8":
+        from lmforge.inference.int8 import load_int8
+
+        return load_int8(run_dir, list(backend.get("quantized", [])))
+    from lmforge.inference.onnx import load_onnx
+
+    return load_onnx(run_dir)
+
+
 def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
     """The task and model of ``run_dir``; ``task`` (when given) is the task the caller needs it to be."""
     run_dir = Path(run_dir)
@@ -87,11 +122,11 @@ def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
         raise UserError(f"{run_dir}: not a model or run directory (no {CONFIG_FILE})")
     settings = task_settings(run_dir)
     finetuned = settings is not None
-    base = load_model(run_dir)
+    base = load_base(run_dir)
     if settings is None:  # a pretrained model directory
-        if not isinstance(base, (Bert, GPT)):
+        if not isinstance(base.cfg, (BertConfig, GPTConfig)):
             raise UserError(f"{run_dir}: no {TASK_FILE}; pass a run directory written by `lmforge finetune`")
-        name = "embed" if isinstance(base, Bert) else "chat"
+        name = "embed" if isinstance(base.cfg, BertConfig) else "chat"
         settings = {
             "task": name,
             "max_len": min(128, base.cfg.max_seq_len) if name == "embed" else base.cfg.max_seq_len,
@@ -103,18 +138,57 @@ def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
     loaded = entry.load().from_settings(run_dir, settings)
     model = loaded.assemble(base)
     if model is not base:
-        _load_head(run_dir, model, base)
+        _load_head(run_dir, model)
     return Run(name, loaded, model.eval(), run_dir, finetuned)
 
 
-def _load_head(run_dir: Path, model: nn.Module, base: nn.Module) -> None:
-    expected = {k for k in model.state_dict() if not k.startswith("encoder.")}
+def _load_head(run_dir: Path, model: nn.Module) -> None:
+    """The head tensors (everything outside ``model.encoder``) from head.safetensors, checked by name and shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     path = run_dir / HEAD_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: no {HEAD_FILE} (the task head that {TASK_FILE} names)")
     head = read_safetensors(path)
-    if set(head) != expected:
+    if set(head) != set(expected):
         raise UserError(f"{path}: head tensors {sorted(head)} do not match {TASK_FILE} (expected {sorted(expected)})")
-    encoder_state = {f"encoder.{k}": v for k, v in base.state_dict().items()}
-    check_state(model, {**encoder_state, **head}, source=str(path))
-    model.load_state_dict({**encoder_state, **head})
+    misshaped = [f"{k}: file {tuple(v.shape)} vs {want}" for k, v in head.items() if tuple(v.shape) != (want := expected[k])]
+    if misshaped:
+        raise UserError(f"{path}: mis-shaped head tensors: {'; '.join(misshaped)}")
+    for name, child in model.named_children():  # the encoder's own loading is left alone (it may be int8)
+        if name != "encoder":
+            child.load_state_dict({k.removeprefix(f"{name}."): v for k, v in head.items() if k.startswith(f"{name}.")})
+
+
+def write_compressed(
+    source: str | os.PathLike, out: str | os.PathLike, backend: dict, write_encoder: Callable[[Path], dict]
+) -> Path:
+    """A copy of the BERT run (or pretrained BERT directory) ``source`` in ``out`` for another backend:
+    config.json, the tokenizer, task.json and head.safetensors copied, the encoder written by
+    ``write_encoder(out)`` (which returns more backend.json fields), then backend.json. Checked before any
+    work: the source is an fp32 run of a task that has an encoder to compress, and ``out`` is new, empty,
+    or an earlier compressed copy (a training run there is never overwritten)."""
+    source, out = Path(source), Path(out)
+    if not (source / CONFIG_FILE).is_file():
+        raise UserError(f"--model {source}: not a model or run directory (no {CONFIG_FILE})")
+    earlier = backend_of(source)
+    if earlier is not None:
+        raise UserError(f"--model {source}: already a {earlier['backend']} copy; pass the fp32 run it came from")
+    settings = task_settings(source)
+    name = "embed" if settings is None else settings.get("task")
+    if name not in COMPRESSIBLE:
+        raise UserError(f"{source}: a {name!r} run; {backend['backend']} takes {', '.join(COMPRESSIBLE)} runs")
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out}: the source directory itself; write the copy to a new directory")
+    if out.exists() and any(out.iterdir()) and backend_of(out) is None:
+        raise UserError(f"--out {out}: exists and is not a compressed copy; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BACKEND_FILE).unlink(missing_ok=True)  # an unfinished copy has none
+    for stale in ("model.safetensors", "model.int8.safetensors", "encoder.onnx"):
+        (out / stale).unlink(missing_ok=True)
+    for file in (CONFIG_FILE, TASK_FILE, HEAD_FILE):
+        if (source / file).is_file():
+            shutil.copyfile(source / file, out / file)
+    copy_tokenizer_files(source, out)
+    more = write_encoder(out)
+    write_json(out / BACKEND_FILE, {**backend, **more, "source": str(source)})
+    return out
