@@ -151,7 +151,8 @@ def _load_head(run_dir: Path, model: nn.Module) -> None:
     head = read_safetensors(path)
     if set(head) != set(expected):
         raise UserError(f"{path}: head tensors {sorted(head)} do not match {TASK_FILE} (expected {sorted(expected)})")
-    misshaped = [f"{k}: file {tuple(v.shape)} vs {want}" for k, v in head.items() if tuple(v.shape) != (want := expected[k])]
+    shapes = {k: tuple(v.shape) for k, v in head.items()}
+    misshaped = [f"{k}: file {shape} vs {expected[k]}" for k, shape in shapes.items() if shape != expected[k]]
     if misshaped:
         raise UserError(f"{path}: mis-shaped head tensors: {'; '.join(misshaped)}")
     for name, child in model.named_children():  # the encoder's own loading is left alone (it may be int8)
