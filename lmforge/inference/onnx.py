@@ -91,7 +91,7 @@ def export_onnx(encoder: Bert, directory: str | os.PathLike, *, int8: bool = Fal
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter's and quantizer's progress lines and warnings (INFO on the root logger) kept off the console."""
-    loggers = {logging.getLogger(): logging.WARNING, logging.getLogger("torch.onnx"): logging.ERROR}
+    loggers = {logging.getLogger(): logging.ERROR, logging.getLogger("torch.onnx"): logging.ERROR}
     levels = {logger: logger.level for logger in loggers}
     for logger, level in loggers.items():
         logger.setLevel(level)
