@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.config import read_json_object, write_json
-from lmforge.data.tokenizer import copy_tokenizer_files
+from lmforge.data.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
@@ -160,6 +160,13 @@ def _load_head(run_dir: Path, model: nn.Module) -> None:
             child.load_state_dict({k.removeprefix(f"{name}."): v for k, v in head.items() if k.startswith(f"{name}.")})
 
 
+_COPY_FILES = {CONFIG_FILE, TASK_FILE, HEAD_FILE, BACKEND_FILE, "model.int8.safetensors", "encoder.onnx"}
+
+
+def _part_of_a_copy(name: str) -> bool:
+    return name in _COPY_FILES or name in TOKENIZER_FILES or ".tmp" in name
+
+
 def write_compressed(
     source: str | os.PathLike, out: str | os.PathLike, backend: dict, write_encoder: Callable[[Path], dict]
 ) -> Path:
@@ -180,8 +187,12 @@ def write_compressed(
         raise UserError(f"{source}: a {name!r} run; {backend['backend']} takes {', '.join(COMPRESSIBLE)} runs")
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out}: the source directory itself; write the copy to a new directory")
-    if out.exists() and any(out.iterdir()) and backend_of(out) is None:
-        raise UserError(f"--out {out}: exists and is not a compressed copy; choose a new directory")
+    if out.exists() and backend_of(out) is None:
+        foreign = sorted(p.name for p in out.iterdir() if not _part_of_a_copy(p.name))
+        if foreign:  # an interrupted copy holds only the copy's own files: it may be written again
+            raise UserError(
+                f"--out {out}: exists and is not a compressed copy (it holds {foreign[:3]}); choose a new one"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / BACKEND_FILE).unlink(missing_ok=True)  # an unfinished copy has none
     for stale in ("model.safetensors", "model.int8.safetensors", "encoder.onnx"):

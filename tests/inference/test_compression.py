@@ -193,6 +193,10 @@ def test_refusals_come_before_any_work(runs, tmp_path: Path, capsys) -> None:
     assert main(["quantize", "--model", str(first), "--out", str(tmp_path / "again")]) == 2
     assert "already a int8 copy" in _said(capsys)
     assert not (tmp_path / "again").exists()
+    # an interrupted copy (no backend.json yet) is written again
+    (first / "backend.json").unlink()
+    assert main(["quantize", "--model", str(runs["classify"]), "--out", str(first)]) == 0
+    assert (first / "backend.json").is_file()
     # --int8 belongs to --to onnx
     assert main(["export", "--int8", str(runs["classify"]), "--out", str(tmp_path / "hf")]) == 2
     assert "--int8 applies to --to onnx only" in _said(capsys)
