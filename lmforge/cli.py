@@ -61,6 +61,11 @@ COMMANDS: dict[str, Command] = {
     "finetune translate": _finetune("TranslateTrainConfig", "Train a Transformer encoder-decoder for translation"),
     "finetune chat": _finetune("ChatTrainConfig", "Fine-tune a GPT on conversations (loss on assistant turns)"),
     "finetune embed": _finetune("EmbedTrainConfig", "Fine-tune a BERT into a sentence embedder with SimCSE"),
+    "distill": Command(
+        "Distil a fine-tuned classify run (teacher) into a smaller BERT (student)",
+        "lmforge.runs.config:DistillClassifyConfig",
+        "lmforge.commands.distill:run",
+    ),
     "evaluate": Command(
         "Evaluate a fine-tuned run directory on labelled data",
         "lmforge.commands.evaluate:Config",

@@ -83,6 +83,40 @@ class ClassifyConfig(EncoderFinetuneConfig):
 
 
 @dataclass
+class DistillClassifyConfig(ClassifyConfig):
+    """Distil a fine-tuned classify run (the teacher) into a smaller model (Hinton et al. 2015): the student
+    learns the teacher's temperature-softened class probabilities on the labelled texts and on unlabelled
+    in-domain texts that the teacher labels, plus the hard labels. The teacher's logits are computed once
+    per text and cached in OUT/teacher/ (resumable). The result is a normal classify run."""
+
+    model: str
+    """The student: a pretrained lmforge BERT directory (with its own tokenizer) or, with --init scratch, the
+    architecture and tokenizer to train from random initialisation."""
+    teacher: str = ""
+    """The teacher: a classify run directory from `lmforge finetune classify` (or an int8 / ONNX copy of one)."""
+    unlabelled: list[str] = field(default_factory=list)
+    """Unlabelled texts the teacher labels: .txt files (one text per line) or builtin:NAME (the texts of its
+    train split; long documents are cut at sentence ends to max_len characters)."""
+    unlabelled_limit: int = 20000
+    """At most this many unlabelled texts (the first ones, in file order)."""
+    temperature: float = 2.0
+    """Softmax temperature of the soft targets (the soft loss is scaled by temperature**2)."""
+    alpha: float = 0.5
+    """Weight of the soft loss on labelled texts (1 - alpha on the hard labels); unlabelled texts have the
+    soft loss only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.teacher:
+            raise UserError("--teacher is required: a classify run directory from `lmforge finetune classify`")
+        check_range("unlabelled_limit", self.unlabelled_limit, at_least=0)
+        if not self.temperature > 0:
+            raise UserError(f"temperature={self.temperature!r} must be > 0")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha={self.alpha!r} must be between 0 and 1")
+
+
+@dataclass
 class NERConfig(EncoderFinetuneConfig):
     """Fine-tune a BERT for named-entity recognition (CoNLL or JSONL tokens/tags, BIO or BIOES)."""
 

@@ -53,6 +53,15 @@ TASKS: dict[str, TaskEntry] = {
         config="lmforge.runs.config:ClassifyConfig",
         use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
     ),
+    "distill-classify": TaskEntry(
+        "distill-classify",
+        "finetune",
+        "lmforge.tasks.distill:DistilledClassification",
+        "bert",
+        builtin="classify",
+        config="lmforge.runs.config:DistillClassifyConfig",
+        use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
+    ),
     "ner": TaskEntry(
         "ner",
         "finetune",

@@ -223,9 +223,14 @@ class ClassificationTask(HeadOnEncoder):
     @torch.inference_mode()
     def _run(self, model: nn.Module, items: list[Encoded], device: torch.device) -> tuple[np.ndarray, float]:
         """Class probabilities (N, C) in item order, and the summed loss over labelled items."""
+        logits, loss_sum = self._logits(model, items, device)
+        return torch.from_numpy(logits).softmax(-1).numpy(), loss_sum
+
+    @torch.inference_mode()
+    def _logits(self, model: nn.Module, items: list[Encoded], device: torch.device) -> tuple[np.ndarray, float]:
         was_training = model.training
         model.eval()
-        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        out = np.zeros((len(items), len(self.labels)), dtype=np.float32)
         loss_sum = 0.0
         for index in length_sorted_batches([len(it[0]) for it in items], self.eval_batch_size):
             batch = self.collate([items[i] for i in index])
@@ -234,9 +239,13 @@ class ClassificationTask(HeadOnEncoder):
             labels = batch["labels"]
             if (labels >= 0).all():
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            probs[index] = logits.softmax(-1).cpu().numpy()
+            out[index] = logits.cpu().numpy()
         model.train(was_training)
-        return probs, loss_sum
+        return out, loss_sum
+
+    def class_logits(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> np.ndarray:
+        """(N, C) class logits of ``{"text"[, "text_pair"]}`` examples, in order (a distillation teacher's)."""
+        return self._logits(model, self.encode(examples, split="predict", need_labels=False), device)[0]
 
     def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
         """Loss and classification metrics on ``examples`` (default: the dev set)."""

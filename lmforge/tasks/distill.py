@@ -1,0 +1,158 @@
+"""Knowledge distillation of a classification teacher into a student (Hinton, Vinyals & Dean 2015).
+
+The student's loss on a labelled text is ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) *
+CE(s, label)`` and on an unlabelled text ``T^2 * KL(...)`` alone, with ``t`` and ``s`` the teacher's and the
+student's logits at temperature ``T`` (the ``T^2`` keeps the soft gradients' scale independent of ``T``).
+Unlabelled in-domain texts that the teacher labels are the task-specific data augmentation that makes task
+distillation work (TinyBERT, Jiao et al. 2020, who generate them; here they are the user's texts).
+
+The teacher's logits are computed once per text by ``runs/distill.py`` and cached in ``OUT/teacher/``; this
+task reads them, checked against the texts they belong to. The teacher scores texts, not ids, so the
+student's tokenizer may differ from the teacher's. The run is a normal classify run (task.json is
+ClassificationTask's), so predict, evaluate, serve, quantize and export take it as any classifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.builtin import load_builtin
+from lmforge.data.readers import read_text_lines
+from lmforge.errors import UserError
+from lmforge.models.registry import read_safetensors
+from lmforge.tasks.base import LossOutput
+from lmforge.tasks.classification import ClassificationTask
+
+TEACHER_DIR = "teacher"
+MANIFEST = "manifest.json"
+CHUNK = 2048  # texts per cached file: a killed labelling run loses at most one chunk
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per row, (B, C) logits -> (B,)."""
+    t = temperature
+    log_p = F.log_softmax(teacher.float() / t, dim=-1)
+    log_q = F.log_softmax(student.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * (t * t)
+
+
+def unlabelled_texts(sources: Sequence[str], *, limit: int, max_chars: int) -> list[dict]:
+    """``{"text"}`` examples from .txt files (one text per line) and ``builtin:NAME`` corpora (their train
+    texts), in order, at most ``limit``. Texts longer than ``max_chars`` are cut at sentence ends (then hard)."""
+    out: list[dict] = []
+    for source in sources:
+        if source.startswith("builtin:"):
+            lines = (ex["text"] for ex in load_builtin(source.removeprefix("builtin:"))["train"] if ex.get("text"))
+        elif Path(source).is_file():
+            lines = read_text_lines(source)
+        else:
+            raise UserError(f"--unlabelled {source}: no such file (a .txt with one text per line, or builtin:NAME)")
+        for line in lines:
+            for piece in _pieces(line.strip(), max_chars):
+                if len(out) >= limit:
+                    return out
+                out.append({"text": piece})
+    return out
+
+
+def distill_examples(cfg: Any, train: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """The labelled training examples and the unlabelled ones of a distillation recipe (``cfg``:
+    ``DistillClassifyConfig``), cut to ``cfg.max_len`` (or 128) characters; the teacher labels both, in order."""
+    return list(train), unlabelled_texts(cfg.unlabelled, limit=cfg.unlabelled_limit, max_chars=cfg.max_len or 128)
+
+
+def _pieces(text: str, max_chars: int) -> list[str]:
+    if len(text) <= max_chars:
+        return [text] if text else []
+    pieces, current = [], ""
+    for sentence in _SENTENCE_END.split(text):
+        if current and len(current) + len(sentence) > max_chars:
+            pieces.append(current)
+            current = ""
+        current += sentence
+        while len(current) > max_chars:
+            pieces.append(current[:max_chars])
+            current = current[max_chars:]
+    return [p for p in [*pieces, current] if p.strip()]
+
+
+def texts_digest(examples: Sequence[dict]) -> str:
+    """SHA-256 of the texts (and text pairs) in order: what a teacher cache belongs to."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["text"], ex.get("text_pair")], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def read_teacher_logits(run_dir: Path, examples: Sequence[dict], labels: list[str]) -> np.ndarray:
+    """The cached teacher logits (N, C) of ``examples``, checked to be for these texts and labels."""
+    directory = run_dir / TEACHER_DIR
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{directory}: no teacher logits; `lmforge distill` computes them before training")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("texts_sha256") != texts_digest(examples) or manifest.get("labels") != labels:
+        raise UserError(f"{path}: the cached teacher logits are for other texts or labels; use a new --out")
+    chunks = [directory / f"chunk-{i:05d}.safetensors" for i in range(manifest["chunks"])]
+    missing = [c.name for c in chunks if not c.is_file()]
+    if missing:
+        raise UserError(f"{directory}: teacher logits incomplete (missing {missing[:3]}); run `lmforge distill` again")
+    logits = np.concatenate([read_safetensors(c)["logits"].numpy() for c in chunks]) if chunks else np.zeros((0, 0))
+    if logits.shape != (len(examples), len(labels)):
+        raise UserError(f"{directory}: teacher logits of shape {logits.shape}, expected {(len(examples), len(labels))}")
+    return logits
+
+
+class DistilledClassification(ClassificationTask):
+    """ClassificationTask whose training items carry the teacher's logits; unlabelled items have label -1."""
+
+    name = "classify"
+
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
+        task, model = super().for_finetuning(cfg, splits, run_dir)
+        labelled, unlabelled = distill_examples(cfg, splits["train"])
+        teacher = read_teacher_logits(run_dir, [*labelled, *unlabelled], task.labels)
+        extra = task.encode(unlabelled, split="unlabelled", need_labels=False)
+        items = [*task.train_items, *extra]
+        task.train_items = [(*item, teacher[i]) for i, item in enumerate(items)]
+        task.train_lengths = [len(item[0]) for item in task.train_items]
+        task.temperature, task.alpha = cfg.temperature, cfg.alpha
+        task.n_unlabelled = len(extra)
+        return task, model
+
+    def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        batch = super().collate(items, generator=generator)
+        if items and len(items[0]) == 4:  # training items; dev items have no teacher logits
+            batch["teacher"] = torch.from_numpy(np.stack([it[3] for it in items]))
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        if "teacher" not in batch:
+            return super().loss(model, batch)
+        logits = self.logits(model, batch).float()
+        labels = batch["labels"]
+        labelled = labels >= 0
+        soft = soft_target_loss(logits, batch["teacher"], self.temperature)
+        hard = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        per_text = torch.where(labelled, self.alpha * soft + (1 - self.alpha) * hard, soft)
+        correct = ((logits.argmax(-1) == labels) & labelled).sum()
+        return LossOutput(per_text.sum(), {"correct": float(correct), "labelled": float(labelled.sum())})
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["n_targets"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / max(sums.get("labelled", n), 1.0)}
+
+    def extras(self) -> dict:
+        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}

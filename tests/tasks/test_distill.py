@@ -1,0 +1,134 @@
+"""`lmforge distill`: the soft-target loss by hand, the unlabelled-text reader, the cached teacher logits (and
+their resumption), and a tiny distillation that beats the same student trained without the teacher."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data.readers import write_jsonl
+from lmforge.errors import UserError
+from lmforge.runs.run_dir import load_run
+from lmforge.tasks.distill import CHUNK, soft_target_loss, unlabelled_texts
+
+FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eval-every", "0", "--max-len", "32"]
+
+
+def test_soft_target_loss_is_t_squared_times_kl_by_hand() -> None:
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    t = 2.0
+    for row in range(2):
+        p = torch.softmax(teacher[row] / t, -1)
+        q = torch.softmax(student[row] / t, -1)
+        by_hand = t * t * sum(float(p[c] * torch.log(p[c] / q[c])) for c in range(3))
+        assert float(soft_target_loss(student, teacher, t)[row]) == pytest.approx(by_hand, rel=1e-5)
+    assert soft_target_loss(teacher, teacher, t).abs().max() < 1e-6  # no loss when the student agrees
+
+
+def test_unlabelled_texts_cut_long_documents_at_sentence_ends(tmp_path: Path) -> None:
+    path = tmp_path / "u.txt"
+    path.write_text(
+        "短句。\n" + "第一句很长很长。第二句也很长很长！第三句？\n\n" + "无标点" * 10 + "\n", encoding="utf-8"
+    )
+    texts = [ex["text"] for ex in unlabelled_texts([str(path)], limit=100, max_chars=10)]
+    assert texts[0] == "短句。"
+    assert texts[1:4] == ["第一句很长很长。", "第二句也很长很长！", "第三句？"]
+    assert all(len(t) <= 10 for t in texts) and "".join(texts[4:]) == "无标点" * 10
+    assert len(unlabelled_texts([str(path)], limit=2, max_chars=10)) == 2
+    with pytest.raises(UserError, match="no such file"):
+        unlabelled_texts([str(tmp_path / "missing.txt")], limit=1, max_chars=10)
+
+
+# A synthetic task on review characters: "pos" when the text holds 好, else "neg". A teacher trained on 1,200
+# labelled texts knows it; a student with 24 labelled texts alone does not, and learns it from the teacher's
+# soft labels on 1,200 unlabelled texts.
+def _texts(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pool = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
+    out = []
+    for _ in range(n):
+        chars = [rng.choice(pool) for _ in range(rng.randint(6, 14))]
+        positive = rng.random() < 0.5
+        if positive:
+            chars.insert(rng.randrange(len(chars) + 1), "好")
+        out.append({"text": "".join(chars), "label": "pos" if positive else "neg"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distill")
+    files = {"big": _texts(1200, 1), "small": _texts(24, 2), "dev": _texts(200, 3), "test": _texts(400, 4)}
+    for name, rows in files.items():
+        write_jsonl(root / f"{name}.jsonl", rows)
+    (root / "unlabelled.txt").write_text("\n".join(ex["text"] for ex in _texts(1200, 5)) + "\n", encoding="utf-8")
+    common = ["--model", str(tiny_bert), "--dev", str(root / "dev.jsonl"), "--test", str(root / "test.jsonl")]
+    teacher = ["finetune", "classify", "--train", str(root / "big.jsonl"), "--out", str(root / "teacher")]
+    assert main([*teacher, *common, "--epochs", "6", "--training.optim.lr", "1e-3", *FAST]) == 0
+    return {"root": root, "teacher": root / "teacher", "bert": tiny_bert, "common": common}
+
+
+def _test_accuracy(run_dir: Path) -> float:
+    return json.loads((run_dir / "results.json").read_text())["test"]["accuracy"]
+
+
+def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
+    root, common = synthetic["root"], synthetic["common"]
+    student = ["--train", str(root / "small.jsonl"), *common, "--training.optim.lr", "1e-3", *FAST]
+    assert main(["finetune", "classify", "--out", str(root / "alone"), "--epochs", "60", *student]) == 0
+    distil = ["distill", "--teacher", str(synthetic["teacher"]), "--unlabelled", str(root / "unlabelled.txt")]
+    assert main([*distil, "--out", str(root / "distilled"), "--epochs", "5", *student]) == 0
+    teacher, alone, distilled = (_test_accuracy(root / n) for n in ("teacher", "alone", "distilled"))
+    assert teacher >= 0.9, teacher
+    assert distilled >= alone + 0.1, (teacher, alone, distilled)
+    run = load_run(root / "distilled")  # a normal classify run
+    assert run.name == "classify" and run.task.labels == ["neg", "pos"]
+    report = json.loads((root / "distilled" / "results.json").read_text())
+    assert report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "unlabelled": 1200}
+
+
+def test_cached_teacher_logits_resume_and_are_never_mixed(synthetic, tmp_path: Path) -> None:
+    from lmforge.runs.distill import teacher_logits
+
+    texts = [{"text": ex["text"]} for ex in _texts(CHUNK + 10, 6)]
+    cache = tmp_path / "teacher"
+    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], progress=False)
+    first = (cache / "chunk-00001.safetensors").read_bytes()
+    (cache / "chunk-00001.safetensors").unlink()  # a run killed while labelling the second chunk
+    stamp = (cache / "chunk-00000.safetensors").stat().st_mtime_ns
+    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], progress=False)
+    assert (cache / "chunk-00001.safetensors").read_bytes() == first  # redone, the same numbers
+    assert (cache / "chunk-00000.safetensors").stat().st_mtime_ns == stamp  # the finished chunk was kept
+    with pytest.raises(UserError, match="differ in"):
+        teacher_logits(str(synthetic["teacher"]), texts[:-1], cache, ["neg", "pos"], progress=False)
+
+
+def test_a_teacher_of_another_task_or_labels_is_refused_before_work(synthetic, tmp_path: Path, capsys) -> None:
+    root = synthetic["root"]
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"text": ex["text"], "label": "x" if ex["label"] == "pos" else "y"} for ex in _texts(40, 7)])
+    args = ["distill", "--teacher", str(synthetic["teacher"]), "--model", str(synthetic["bert"]), *FAST]
+    assert main([*args, "--train", str(other), "--out", str(tmp_path / "a")]) == 2
+    assert "are not the training data's" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                *args[:2],
+                str(synthetic["bert"]),
+                *args[3:],
+                "--train",
+                str(root / "small.jsonl"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert "not a classify run directory" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "teacher").exists()
