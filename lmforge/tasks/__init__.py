@@ -33,6 +33,10 @@ class TaskEntry:
     """Pretraining: mask whole words (the shards record word starts)."""
     use: str | None = None
     """How to use a finished run (``{out}`` is its directory), printed after fine-tuning."""
+    saves_as: str | None = None
+    """The task whose run this one writes, when another (distillation writes a classify run)."""
+    command: str | None = None
+    """Its command when not ``finetune NAME``."""
 
     def load(self) -> type:
         module, _, name = self.cls.partition(":")
@@ -61,6 +65,8 @@ TASKS: dict[str, TaskEntry] = {
         builtin="classify",
         config="lmforge.runs.config:DistillClassifyConfig",
         use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
+        saves_as="classify",
+        command="distill",
     ),
     "ner": TaskEntry(
         "ner",
