@@ -83,7 +83,7 @@ DEMO_RECIPE = dataclasses.replace(
 # bert-tiny (2 x 128): on 2 cores it trains ~5x faster than bert-mini (54k vs 11k tokens/s in MLM), and
 # within minutes more epochs beat more capacity (shared/FINDINGS.md "Fine-tuning on 2 cores"). The ablation
 # pretrained for 1,500 steps; with them the demo took 16.0 min on the slower 2-core machine (tokenizer +
-# pretraining 8.6, four fine-tunings 7.0), so the default pretrains for 1,200 (0.34 s per step there) and NER
+# pretraining 8.6, four fine-tunings 7.0), so the default pretrains for 1,200 (14.6 min measured there) and NER
 # gets 2 epochs (the ablation's fine-tuning had 3).
 BUDGETS = {
     "default": Budget("bert-tiny", 1200, 3.0, 2.0, planned_minutes=15.0),
