@@ -24,9 +24,11 @@ The recipe is chosen on the dev splits (never test): the best summed dev score, 
 its results.json): running the command again continues where it stopped, and ``--seeds`` / ``--arms`` may
 grow between runs. Output: ``OUT/results.json``, ``OUT/report.md`` and ``OUT/ablation.png``.
 
-Run (about 10 minutes per arm and seed on a 2-core AMD EPYC):
+Run (about 10 minutes per arm and seed on a 2-core AMD EPYC), then aggregate everything finished:
     .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --seeds 1
-    .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --seeds 1 2 3 --arms baseline all
+    .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --seeds 1 2 3 --arms baseline bigram \
+        --scratch-arms baseline bigram
+    .venv/bin/python bench/pretrain_ablation.py --out runs/ablation --report
 """
 
 from __future__ import annotations
@@ -122,6 +124,26 @@ def finetune_both(out: Path, model: str, name: str, seed: int, init: str, progre
         progress=progress,
         limit=limit,
     )
+
+
+def _finished(path: Path, key: str) -> bool:
+    done = path / "results.json"
+    return done.is_file() and key in json.loads(done.read_text(encoding="utf-8"))
+
+
+def finished_pairs(out: Path) -> list[tuple[str, int, bool]]:
+    """(arm, seed, with its scratch row) of every arm and seed whose pretraining and fine-tuning have finished
+    under ``out``, in the order of ``ARMS`` then seed: what ``--report`` aggregates without training anything."""
+    found = []
+    for name in ARMS:
+        for pre in sorted((out / "pretrain").glob(f"{name}-seed*"), key=lambda p: int(p.name.rsplit("seed", 1)[1])):
+            seed = int(pre.name.rsplit("seed", 1)[1])
+            tuned = [out / "finetune" / name / f"seed{seed}" / data for data in TASKS]
+            if not (_finished(pre, "model_weights") and all(_finished(t, "test") for t in tuned)):
+                continue
+            scratch = [out / "finetune" / f"{name}-{SCRATCH}" / f"seed{seed}" / data for data in TASKS]
+            found.append((name, seed, all(_finished(t, "test") for t in scratch)))
+    return found
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -239,6 +261,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="first N examples of each split (smoke tests)")
+    parser.add_argument(
+        "--report", action="store_true", help="aggregate every finished arm and seed under --out; train nothing"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     settings = out / "settings.json"
@@ -258,20 +283,23 @@ def main() -> None:
     )
     prepare_corpus(first, corpus, distributed.Dist())
     base = baselines(args.limit)
+    if args.report:
+        plan = finished_pairs(out)
+    else:
+        plan = [(name, seed, name in args.scratch_arms) for seed in args.seeds for name in args.arms]
     runs = []
-    for seed in args.seeds:
-        for name in args.arms:
-            runs.append(run_arm(out, name, seed, args.steps, corpus, args.progress, args.limit))
-            if name in args.scratch_arms:
-                model = str(out / "pretrain" / f"{name}-seed{seed}")  # scratch reads only its config and tokenizer
-                scratch = finetune_both(out, model, name, seed, SCRATCH, args.progress, args.limit)
-                runs.append({"arm": f"{name}-{SCRATCH}", "seed": seed, **scratch})
-            summary = aggregate(runs)
-            chosen = choose(summary)
-            results = {"steps": args.steps, "runs": runs, "summary": summary, "chosen": chosen, "baselines": base}
-            write_json(out / "results.json", results)
-            (out / "report.md").write_text(report(summary, args.steps, chosen, base), encoding="utf-8")
-            plot(summary, out / "ablation.png", base)
+    for name, seed, with_scratch in plan:
+        runs.append(run_arm(out, name, seed, args.steps, corpus, args.progress, args.limit))
+        if with_scratch:
+            model = str(out / "pretrain" / f"{name}-seed{seed}")  # scratch reads only its config and tokenizer
+            scratch = finetune_both(out, model, name, seed, SCRATCH, args.progress, args.limit)
+            runs.append({"arm": f"{name}-{SCRATCH}", "seed": seed, **scratch})
+        summary = aggregate(runs)
+        chosen = choose(summary)
+        results = {"steps": args.steps, "runs": runs, "summary": summary, "chosen": chosen, "baselines": base}
+        write_json(out / "results.json", results)
+        (out / "report.md").write_text(report(summary, args.steps, chosen, base), encoding="utf-8")
+        plot(summary, out / "ablation.png", base)
     print((out / "report.md").read_text(encoding="utf-8"))
 
 
