@@ -18,7 +18,11 @@ def run(cfg: FinetuneConfig) -> None:
     from lmforge.runs.finetune import finetune
 
     task = task_of(cfg)
-    result = finetune(cfg, task)
+    show(finetune(cfg, task), task, cfg)
+
+
+def show(result, task: str, cfg: FinetuneConfig) -> None:
+    """The result's table, the time it took and how to use the run (first process only)."""
     if result is None or not is_main_process():
         return
     header, rows = result.table()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from lmforge.tasks.classification import label_set
 from lmforge.tasks.distill import CHUNK, MANIFEST, TEACHER_DIR, distill_examples, texts_digest
 
 TASK = "distill-classify"
+log = logging.getLogger("lmforge.distill")
 
 
 def distill(cfg: DistillClassifyConfig, *, progress: bool = True) -> FinetuneResult | None:
@@ -80,4 +82,10 @@ def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels:
         save_file({"logits": torch.from_numpy(logits).contiguous()}, str(tmp))
         os.replace(tmp, target)
         if progress:
-            print(f"teacher: {min((i + 1) * CHUNK, len(texts)):,} / {len(texts):,} texts ({n + 1}/{len(todo)} chunks)")
+            log.info(
+                "teacher: %s / %s texts (%d/%d chunks)",
+                f"{min((i + 1) * CHUNK, len(texts)):,}",
+                f"{len(texts):,}",
+                n + 1,
+                len(todo),
+            )
