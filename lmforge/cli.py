@@ -61,9 +61,14 @@ COMMANDS: dict[str, Command] = {
     "finetune translate": _finetune("TranslateTrainConfig", "Train a Transformer encoder-decoder for translation"),
     "finetune chat": _finetune("ChatTrainConfig", "Fine-tune a GPT on conversations (loss on assistant turns)"),
     "finetune embed": _finetune("EmbedTrainConfig", "Fine-tune a BERT into a sentence embedder with SimCSE"),
-    "distill": Command(
+    "distill classify": Command(
         "Distil a fine-tuned classify run (teacher) into a smaller BERT (student)",
         "lmforge.runs.config:DistillClassifyConfig",
+        "lmforge.commands.distill:run",
+    ),
+    "distill ner": Command(
+        "Distil a fine-tuned NER run (teacher) into a smaller BERT (student)",
+        "lmforge.runs.config:DistillNERConfig",
         "lmforge.commands.distill:run",
     ),
     "evaluate": Command(

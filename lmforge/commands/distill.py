@@ -1,12 +1,12 @@
-"""``lmforge distill``: a classify teacher's soft targets (cached) into a smaller student (``runs/distill.py``)."""
+"""``lmforge distill classify|ner``: a teacher's soft targets (cached) into a smaller student (``runs/distill.py``)."""
 
 from __future__ import annotations
 
 from lmforge.commands.finetune import show
-from lmforge.runs.config import DistillClassifyConfig
+from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 
 
-def run(cfg: DistillClassifyConfig) -> None:
-    from lmforge.runs.distill import TASK, distill
+def run(cfg: DistillClassifyConfig | DistillNERConfig) -> None:
+    from lmforge.runs.distill import distill, task_of
 
-    show(distill(cfg, progress=cfg.training.progress), TASK, cfg)
+    show(distill(cfg, progress=cfg.training.progress), task_of(cfg), cfg)

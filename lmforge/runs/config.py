@@ -83,17 +83,16 @@ class ClassifyConfig(EncoderFinetuneConfig):
 
 
 @dataclass
-class DistillClassifyConfig(ClassifyConfig):
-    """Distil a fine-tuned classify run (the teacher) into a smaller model (Hinton et al. 2015): the student
-    learns the teacher's temperature-softened class probabilities on the labelled texts and on unlabelled
-    in-domain texts that the teacher labels, plus the hard labels. The teacher's logits are computed once
-    per text and cached in OUT/teacher/ (resumable). The result is a normal classify run."""
+class Distillation:
+    """What distillation adds to a fine-tuning config (``DistillClassifyConfig``, ``DistillNERConfig``): the
+    teacher, the unlabelled texts it labels and the loss mix (Hinton et al. 2015). It comes first among the
+    bases, so its fields follow the task's in the command line and every one has a default."""
 
     model: str
     """The student: a pretrained lmforge BERT directory (with its own tokenizer) or, with --init scratch, the
     architecture and tokenizer to train from random initialisation."""
     teacher: str = ""
-    """The teacher: a classify run directory from `lmforge finetune classify` (or an int8 / ONNX copy of one)."""
+    """The teacher: a run directory of the same task from `lmforge finetune` (or an int8 / ONNX copy of one)."""
     unlabelled: list[str] = field(default_factory=list)
     """Unlabelled texts the teacher labels: .txt files (one text per line) or builtin:NAME (the texts of its
     train split; long documents are cut at sentence ends to max_len characters)."""
@@ -106,14 +105,22 @@ class DistillClassifyConfig(ClassifyConfig):
     soft loss only."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # the task config's checks (the next base)
         if not self.teacher:
-            raise UserError("--teacher is required: a classify run directory from `lmforge finetune classify`")
+            raise UserError("--teacher is required: a run directory of the same task from `lmforge finetune`")
         check_range("unlabelled_limit", self.unlabelled_limit, at_least=0)
         if not self.temperature > 0:
             raise UserError(f"temperature={self.temperature!r} must be > 0")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"alpha={self.alpha!r} must be between 0 and 1")
+
+
+@dataclass
+class DistillClassifyConfig(Distillation, ClassifyConfig):
+    """Distil a fine-tuned classify run (the teacher) into a smaller model (Hinton et al. 2015): the student
+    learns the teacher's temperature-softened class probabilities on the labelled texts and on unlabelled
+    in-domain texts that the teacher labels, plus the hard labels. The teacher's logits are computed once
+    per text and cached in OUT/teacher/ (resumable). The result is a normal classify run."""
 
 
 @dataclass
@@ -130,6 +137,14 @@ def _chat_training() -> TrainConfig:
     return loop_defaults(
         batch=16, every=50, log_every=10, lr=3e-4, warmup=30, schedule="cosine", min_lr_ratio=0.1, patience=4
     )
+
+
+@dataclass
+class DistillNERConfig(Distillation, NERConfig):
+    """Distil a fine-tuned NER run (the teacher) into a smaller model: the student's per-token tag scores learn
+    the teacher's tag marginals (through its CRF) at a temperature on the labelled sentences and on
+    unlabelled texts the teacher tags, plus the gold tags. The teacher's rows are computed once per text and
+    cached in OUT/teacher/ (resumable). The result is a normal NER run."""
 
 
 @dataclass

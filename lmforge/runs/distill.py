@@ -1,12 +1,14 @@
-"""The distillation recipe (``lmforge distill``): label the texts with the teacher once, then fine-tune the student.
+"""The distillation recipe (``lmforge distill classify|ner``): label the texts with the teacher once, then
+fine-tune the student.
 
-1. hold ``--out`` (``runs/session.locked``) and check the teacher before any work: a classify run whose
-   labels are the training data's;
-2. the teacher's logits of every training text and every unlabelled text (``tasks/distill.py``), in
-   chunks of ``CHUNK`` texts written atomically to ``OUT/teacher/`` with a manifest naming the texts'
-   SHA-256 and the teacher: a killed run keeps its finished chunks, and running it again resumes;
-3. the one fine-tuning recipe (``runs/finetune.py``) with ``DistilledClassification``, whose loss mixes
-   the cached soft targets with the hard labels. The result is a normal classify run.
+1. hold ``--out`` (``runs/session.locked``) and check the teacher before any work: a run of the same task
+   whose labels (or tags) are the training data's;
+2. the teacher's rows for every training text and every unlabelled text (``tasks/distill.py``: class
+   logits per text, tag log-marginals per token), in chunks of ``CHUNK`` texts written atomically to
+   ``OUT/teacher/`` with a manifest naming the texts' SHA-256 and the teacher: a killed run keeps its
+   finished chunks, and running it again resumes;
+3. the one fine-tuning recipe (``runs/finetune.py``) with ``DistilledClassification`` or ``DistilledNER``,
+   whose loss mixes the cached soft targets with the gold labels. The result is a normal classify / NER run.
 """
 
 from __future__ import annotations
@@ -16,44 +18,61 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from lmforge.config import write_json
 from lmforge.errors import UserError
-from lmforge.runs.config import DistillClassifyConfig
+from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 from lmforge.runs.finetune import finetune, load_splits
 from lmforge.runs.results import FinetuneResult
 from lmforge.runs.run_dir import load_run, task_settings
 from lmforge.runs.session import locked
-from lmforge.tasks.classification import label_set
 from lmforge.tasks.distill import CHUNK, MANIFEST, TEACHER_DIR, distill_examples, texts_digest
 
-TASK = "distill-classify"
 log = logging.getLogger("lmforge.distill")
 
 
-def distill(cfg: DistillClassifyConfig, *, progress: bool = True) -> FinetuneResult | None:
+def task_of(cfg: DistillClassifyConfig | DistillNERConfig) -> str:
+    """The TASKS name of a distillation config: ``distill-ner`` or ``distill-classify``."""
+    return "distill-ner" if isinstance(cfg, DistillNERConfig) else "distill-classify"
+
+
+def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = True) -> FinetuneResult | None:
     """Label with the teacher (cached), then train the student; the result (None on other processes)."""
+    task = "ner" if isinstance(cfg, DistillNERConfig) else "classify"
     settings = task_settings(cfg.teacher)
-    if settings is None or settings.get("task") != "classify":
-        raise UserError(f"--teacher {cfg.teacher}: not a classify run directory (from `lmforge finetune classify`)")
+    if settings is None or settings.get("task") != task:
+        raise UserError(f"--teacher {cfg.teacher}: not a {task} run directory (from `lmforge finetune {task}`)")
     out = Path(cfg.out)
     with locked(out):
-        splits, _ = load_splits(cfg, "classify")
-        labels = label_set(splits["train"])
-        if list(settings["labels"]) != labels:
-            raise UserError(
-                f"--teacher {cfg.teacher}: its labels {settings['labels']} are not the training data's {labels}"
-            )
+        splits, _ = load_splits(cfg, task)
+        if task == "ner":
+            from lmforge.tasks.ner import tag_set
+
+            labels, key = tag_set(splits["train"]), "tags"
+        else:
+            from lmforge.tasks.classification import label_set
+
+            labels, key = label_set(splits["train"]), "labels"
+        if list(settings[key]) != labels:
+            raise UserError(f"--teacher {cfg.teacher}: its {key} {settings[key]} are not the training data's {labels}")
         labelled, unlabelled = distill_examples(cfg, splits["train"])
         teacher_logits(cfg.teacher, [*labelled, *unlabelled], out / TEACHER_DIR, labels, progress=progress)
-        return finetune(cfg, TASK)
+        return finetune(cfg, task_of(cfg))
+
+
+def _teacher_rows(run, chunk: list[dict]) -> list[np.ndarray]:
+    cpu = torch.device("cpu")
+    if run.task.name == "ner":
+        return run.task.tag_log_probs(run.model, chunk, device=cpu)
+    return list(run.task.class_logits(run.model, chunk, device=cpu)[:, None, :])
 
 
 def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels: list[str], *, progress: bool) -> None:
-    """Write the teacher's logits of ``texts`` to ``directory`` (chunk files + manifest), skipping the chunks
-    a previous run finished; a cache for other texts or another teacher is refused, not mixed in."""
+    """Write the teacher's rows for ``texts`` to ``directory`` (chunk files + manifest), skipping the chunks a
+    previous run finished; a cache for other texts or another teacher is refused, not mixed in."""
     manifest = {
         "teacher": str(Path(teacher_dir).resolve()),
         "labels": labels,
@@ -73,13 +92,16 @@ def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels:
     todo = [i for i in range(manifest["chunks"]) if not (directory / f"chunk-{i:05d}.safetensors").is_file()]
     if not todo:
         return
-    run = load_run(teacher_dir, task="classify")
+    run = load_run(teacher_dir)
     for n, i in enumerate(todo):
-        chunk = texts[i * CHUNK : (i + 1) * CHUNK]
-        logits = run.task.class_logits(run.model, chunk, device=torch.device("cpu"))
+        rows = _teacher_rows(run, texts[i * CHUNK : (i + 1) * CHUNK])
+        tensors = {
+            "logits": torch.from_numpy(np.concatenate(rows)).float().contiguous(),
+            "rows": torch.tensor([len(r) for r in rows], dtype=torch.int64),
+        }
         target = directory / f"chunk-{i:05d}.safetensors"
         tmp = target.with_name(target.name + ".tmp")
-        save_file({"logits": torch.from_numpy(logits).contiguous()}, str(tmp))
+        save_file(tensors, str(tmp))
         os.replace(tmp, target)
         if progress:
             log.info(

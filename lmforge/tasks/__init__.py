@@ -34,7 +34,7 @@ class TaskEntry:
     use: str | None = None
     """How to use a finished run (``{out}`` is its directory), printed after fine-tuning."""
     saves_as: str | None = None
-    """The task whose run this one writes, when another (distillation writes a classify run)."""
+    """The task whose run this one writes, when another (distillation writes a classify or NER run)."""
     command: str | None = None
     """Its command when not ``finetune NAME``."""
 
@@ -66,7 +66,7 @@ TASKS: dict[str, TaskEntry] = {
         config="lmforge.runs.config:DistillClassifyConfig",
         use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
         saves_as="classify",
-        command="distill",
+        command="distill classify",
     ),
     "ner": TaskEntry(
         "ner",
@@ -76,6 +76,17 @@ TASKS: dict[str, TaskEntry] = {
         builtin="ner",
         config="lmforge.runs.config:NERConfig",
         use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
+    ),
+    "distill-ner": TaskEntry(
+        "distill-ner",
+        "finetune",
+        "lmforge.tasks.distill:DistilledNER",
+        "bert",
+        builtin="ner",
+        config="lmforge.runs.config:DistillNERConfig",
+        use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
+        saves_as="ner",
+        command="distill ner",
     ),
     "translate": TaskEntry(
         "translate",

@@ -1,15 +1,25 @@
-"""Knowledge distillation of a classification teacher into a student (Hinton, Vinyals & Dean 2015).
+"""Knowledge distillation of a fine-tuned teacher into a student: classification and NER (Hinton, Vinyals &
+Dean 2015).
 
 The student's loss on a labelled text is ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) *
-CE(s, label)`` and on an unlabelled text ``T^2 * KL(...)`` alone, with ``t`` and ``s`` the teacher's and the
-student's logits at temperature ``T`` (the ``T^2`` keeps the soft gradients' scale independent of ``T``).
-Unlabelled in-domain texts that the teacher labels are the task-specific data augmentation that makes task
-distillation work (TinyBERT, Jiao et al. 2020, who generate them; here they are the user's texts).
+hard`` and on an unlabelled text ``T^2 * KL(...)`` alone, with ``t`` and ``s`` the teacher's and the student's
+scores at temperature ``T`` (the ``T^2`` keeps the soft gradients' scale independent of ``T``) and ``hard`` the
+task's own loss on the gold labels. Unlabelled in-domain texts that the teacher labels are the task-specific
+data augmentation that makes task distillation work (TinyBERT, Jiao et al. 2020, who generate them; here
+they are the user's texts).
 
-The teacher's logits are computed once per text by ``runs/distill.py`` and cached in ``OUT/teacher/``; this
-task reads them, checked against the texts they belong to. The teacher scores texts, not ids, so the
-student's tokenizer may differ from the teacher's. The run is a normal classify run (task.json is
-ClassificationTask's), so predict, evaluate, serve, quantize and export take it as any classifier.
+- Classification: ``t`` are the teacher's class logits, one row per text.
+- NER: one row per token (the data's tokens: characters for Chinese), ``t`` the log of the teacher's
+  posterior tag marginals (forward-backward through its CRF; its softmax without one), matched by the
+  student's per-token tag scores (its CRF emissions): posterior distillation (Wang et al. 2020,
+  "Structure-Level Knowledge Distillation for Multilingual Sequence Labeling"). The CRF's transitions learn
+  from the gold tags. Unlabelled text becomes tokens the way the training data's are: characters when every
+  training token is one character, else whitespace-separated words.
+
+The teacher's rows are computed once per text by ``runs/distill.py`` and cached in ``OUT/teacher/``; these
+tasks read them, checked against the texts they belong to. The teacher scores texts and tokens, not ids, so
+the student's tokenizer may differ from the teacher's. The run is a normal classify or NER run (task.json is
+the plain task's), so predict, evaluate, serve, quantize and export take it as any other.
 """
 
 from __future__ import annotations
@@ -30,8 +40,9 @@ from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import read_text_lines
 from lmforge.errors import UserError
 from lmforge.models.registry import read_safetensors
-from lmforge.tasks.base import LossOutput
+from lmforge.tasks.base import IGNORE, LossOutput
 from lmforge.tasks.classification import ClassificationTask
+from lmforge.tasks.ner import NERTask
 
 TEACHER_DIR = "teacher"
 MANIFEST = "manifest.json"
@@ -40,7 +51,7 @@ _SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per row, (B, C) logits -> (B,)."""
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per row: (..., C) scores -> (...)."""
     t = temperature
     log_p = F.log_softmax(teacher.float() / t, dim=-1)
     log_q = F.log_softmax(student.float() / t, dim=-1)
@@ -68,8 +79,17 @@ def unlabelled_texts(sources: Sequence[str], *, limit: int, max_chars: int) -> l
 
 def distill_examples(cfg: Any, train: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """The labelled training examples and the unlabelled ones of a distillation recipe (``cfg``:
-    ``DistillClassifyConfig``), cut to ``cfg.max_len`` (or 128) characters; the teacher labels both, in order."""
-    return list(train), unlabelled_texts(cfg.unlabelled, limit=cfg.unlabelled_limit, max_chars=cfg.max_len or 128)
+    ``DistillClassifyConfig`` or ``DistillNERConfig``), cut to ``cfg.max_len`` (or 128) characters; the teacher
+    labels both, in order. For NER the unlabelled texts become ``{"tokens"}`` like the training sentences."""
+    unlabelled = unlabelled_texts(cfg.unlabelled, limit=cfg.unlabelled_limit, max_chars=cfg.max_len or 128)
+    if train and "tokens" in train[0]:
+        by_character = all(len(t) == 1 for ex in train for t in ex["tokens"])
+        unlabelled = [
+            {"tokens": [c for c in ex["text"] if not c.isspace()] if by_character else ex["text"].split()}
+            for ex in unlabelled
+        ]
+        unlabelled = [ex for ex in unlabelled if ex["tokens"]]
+    return list(train), unlabelled
 
 
 def _pieces(text: str, max_chars: int) -> list[str]:
@@ -88,15 +108,17 @@ def _pieces(text: str, max_chars: int) -> list[str]:
 
 
 def texts_digest(examples: Sequence[dict]) -> str:
-    """SHA-256 of the texts (and text pairs) in order: what a teacher cache belongs to."""
+    """SHA-256 of the texts (text pairs, or token lists) in order: what a teacher cache belongs to."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex["text"], ex.get("text_pair")], ensure_ascii=False).encode())
+        key = ex["tokens"] if "tokens" in ex else [ex["text"], ex.get("text_pair")]
+        h.update(json.dumps(key, ensure_ascii=False).encode())
     return h.hexdigest()
 
 
-def read_teacher_logits(run_dir: Path, examples: Sequence[dict], labels: list[str]) -> np.ndarray:
-    """The cached teacher logits (N, C) of ``examples``, checked to be for these texts and labels."""
+def read_teacher_rows(run_dir: Path, examples: Sequence[dict], labels: list[str]) -> list[np.ndarray]:
+    """The cached teacher rows of ``examples``, one (rows, C) array per example (one row per text for
+    classification, per token for NER), checked to be for these texts and labels."""
     directory = run_dir / TEACHER_DIR
     path = directory / MANIFEST
     if not path.is_file():
@@ -108,10 +130,20 @@ def read_teacher_logits(run_dir: Path, examples: Sequence[dict], labels: list[st
     missing = [c.name for c in chunks if not c.is_file()]
     if missing:
         raise UserError(f"{directory}: teacher logits incomplete (missing {missing[:3]}); run `lmforge distill` again")
-    logits = np.concatenate([read_safetensors(c)["logits"].numpy() for c in chunks]) if chunks else np.zeros((0, 0))
-    if logits.shape != (len(examples), len(labels)):
-        raise UserError(f"{directory}: teacher logits of shape {logits.shape}, expected {(len(examples), len(labels))}")
-    return logits
+    out: list[np.ndarray] = []
+    for c in chunks:
+        tensors = read_safetensors(c)
+        logits, rows = tensors["logits"].numpy(), tensors["rows"].numpy()
+        if logits.ndim != 2 or logits.shape[1] != len(labels) or rows.sum() != len(logits):
+            raise UserError(f"{c}: logits of shape {logits.shape} for {rows.sum()} rows of {len(labels)} labels")
+        out.extend(np.split(logits, np.cumsum(rows)[:-1]))
+    if len(out) != len(examples) or any(len(r) != _rows(ex) for r, ex in zip(out, examples, strict=True)):
+        raise UserError(f"{directory}: teacher rows for {len(out)} texts do not match the {len(examples)} texts")
+    return out
+
+
+def _rows(example: dict) -> int:
+    return len(example["tokens"]) if "tokens" in example else 1
 
 
 class DistilledClassification(ClassificationTask):
@@ -123,7 +155,7 @@ class DistilledClassification(ClassificationTask):
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
         labelled, unlabelled = distill_examples(cfg, splits["train"])
-        teacher = read_teacher_logits(run_dir, [*labelled, *unlabelled], task.labels)
+        teacher = [r[0] for r in read_teacher_rows(run_dir, [*labelled, *unlabelled], task.labels)]
         extra = task.encode(unlabelled, split="unlabelled", need_labels=False)
         items = [*task.train_items, *extra]
         task.train_items = [(*item, teacher[i]) for i, item in enumerate(items)]
@@ -153,6 +185,55 @@ class DistilledClassification(ClassificationTask):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["n_targets"], 1.0)
         return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / max(sums.get("labelled", n), 1.0)}
+
+    def extras(self) -> dict:
+        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}
+
+
+class DistilledNER(NERTask):
+    """NERTask whose training windows carry the teacher's per-token rows; unlabelled windows have no tags."""
+
+    name = "ner"
+
+    @classmethod
+    def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
+        task, model = super().for_finetuning(cfg, splits, run_dir)
+        labelled, unlabelled = distill_examples(cfg, splits["train"])
+        teacher = read_teacher_rows(run_dir, [*labelled, *unlabelled], task.tags)
+        extra = [
+            (*w[:3], (w[3][0] + len(labelled), *w[3][1:]))
+            for w in task.windows(unlabelled, split="unlabelled", need_tags=False)
+        ]
+        task.train_items = [(*w, teacher[w[3][0]][w[3][1] : w[3][2]]) for w in [*task.train_items, *extra]]
+        task.train_lengths = [len(w[0]) for w in task.train_items]
+        task.temperature, task.alpha = cfg.temperature, cfg.alpha
+        task.n_unlabelled = len(unlabelled)
+        return task, model
+
+    def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        batch = super().collate(items, generator=generator)
+        if items and len(items[0]) == 5:  # training windows; dev windows have no teacher rows
+            teacher = torch.zeros((*batch["word_mask"].shape, len(self.tags)))
+            for b, w in enumerate(items):
+                teacher[b, : len(w[4])] = torch.from_numpy(w[4])
+            batch["teacher"] = teacher
+            batch["n_targets"] = int(batch["word_mask"].sum())  # every token has a soft target
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        if "teacher" not in batch:
+            return super().loss(model, batch)
+        emissions = self._emissions(self._scores(model, batch), batch)  # (B, W, C)
+        mask = batch["word_mask"]
+        soft = (soft_target_loss(emissions, batch["teacher"], self.temperature) * mask).sum(1)  # (B,)
+        labelled = (batch["tags"] != IGNORE).any(1)
+        if model.crf is None:
+            hard = F.cross_entropy(emissions.transpose(1, 2), batch["tags"].long(), reduction="none").sum(1)
+        else:
+            tags = torch.where(labelled[:, None], batch["tags"], 0)
+            hard = -model.crf.log_likelihood(emissions, tags, mask)
+        per_window = torch.where(labelled, self.alpha * soft + (1 - self.alpha) * hard, soft)
+        return LossOutput(per_window.sum())
 
     def extras(self) -> dict:
         return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}

@@ -287,16 +287,33 @@ class NERTask(HeadOnEncoder):
 
     def _merge(self, items: list[Window], results, n_sentences: list[int]) -> list[tuple[list[str], np.ndarray]]:
         """Tags and scores per sentence, each token from the window where it is farthest from an edge."""
-        tags = [np.zeros(n, dtype=np.int64) for n in n_sentences]
-        scores = [np.zeros(n, dtype=np.float32) for n in n_sentences]
-        depth = [np.full(n, -1) for n in n_sentences]
-        for (_, _, _, (sent, s, e)), (row, prob) in zip(items, results, strict=True):
-            j = np.arange(s, e)
-            centrality = np.minimum(j - s, e - 1 - j)
-            better = centrality > depth[sent][s:e]
-            tags[sent][s:e][better], scores[sent][s:e][better] = row[better], prob[better]
-            depth[sent][s:e][better] = centrality[better]
+        tags = merge_windows(items, [row for row, _ in results], n_sentences)
+        scores = merge_windows(items, [prob for _, prob in results], n_sentences)
         return [([self.tags[i] for i in t], p) for t, p in zip(tags, scores, strict=True)]
+
+    @torch.inference_mode()
+    def tag_log_probs(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[np.ndarray]:
+        """Per ``{"tokens"}`` example, (n_tokens, n_tags) float32 log-probabilities of each tag at each token:
+        the CRF's marginals (forward-backward) or the softmax, each token from the window where it is
+        farthest from an edge (what a distillation teacher hands its student)."""
+        if not examples:
+            return []
+        was_training = model.training
+        model.eval()
+        items = self.windows([{"tokens": ex["tokens"]} for ex in examples], split="teacher", need_tags=False)
+        rows: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for index in length_sorted_batches([len(w[0]) for w in items], self.eval_batch_size):
+            batch = to_device(self.collate([items[i] for i in index]), device)
+            emissions = self._emissions(self._scores(model, batch), batch)  # (B, W, C)
+            if model.crf is None:
+                log_p = emissions.log_softmax(-1)
+            else:
+                log_p = model.crf.marginals(emissions, batch["word_mask"]).clamp(min=1e-30).log()
+            log_p = log_p.cpu().numpy()
+            for b, k in enumerate(index):
+                rows[k] = log_p[b, : len(items[k][1])]
+        model.train(was_training)
+        return [r.astype(np.float32) for r in merge_windows(items, rows, [len(ex["tokens"]) for ex in examples])]
 
     def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict:
         """Loss per token and strict entity-level metrics on ``examples`` (default: the dev set)."""
@@ -329,6 +346,20 @@ class NERTask(HeadOnEncoder):
                 entities.append({"type": kind, "start": start, "end": end, "text": text[start:end], "score": score})
             out.append({"entities": entities, "tags": tags if spans else []})
         return out
+
+
+def merge_windows(items: Sequence[Window], rows: Sequence[np.ndarray], n_sentences: list[int]) -> list[np.ndarray]:
+    """Per-token rows of every window (``rows[k]``: (W, ...) for window ``k``) into per-sentence arrays, each
+    token's row from the window where it sits farthest from an edge (the first such window on ties)."""
+    out = [np.zeros((n, *rows[0].shape[1:]), dtype=rows[0].dtype) for n in n_sentences] if rows else []
+    depth = [np.full(n, -1) for n in n_sentences]
+    for (_, _, _, (sent, s, e)), row in zip(items, rows, strict=True):
+        j = np.arange(s, e)
+        centrality = np.minimum(j - s, e - 1 - j)
+        better = centrality > depth[sent][s:e]
+        out[sent][s:e][better] = row[better]
+        depth[sent][s:e][better] = centrality[better]
+    return out
 
 
 def _joined(tokens: Sequence[str]) -> str:

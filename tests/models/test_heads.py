@@ -58,6 +58,21 @@ def test_viterbi_matches_enumeration(crf: CRF) -> None:
         assert paths[b] == list(best)
 
 
+def test_marginals_match_enumeration(crf: CRF) -> None:
+    emissions = torch.randn(3, 5, 3)
+    mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    got = crf.marginals(emissions, mask)
+    for b, length in enumerate((5, 3, 1)):
+        paths = list(itertools.product(range(3), repeat=length))
+        with torch.no_grad():
+            p = torch.softmax(torch.stack([_path_score(crf, emissions[b], q) for q in paths]), 0)
+        expected = torch.zeros(5, 3)
+        for prob, path in zip(p, paths, strict=True):
+            for t, tag in enumerate(path):
+                expected[t, tag] += prob
+        torch.testing.assert_close(got[b], expected)  # padded steps: 0
+
+
 def test_training_the_crf_raises_the_likelihood_of_the_gold_tags(crf: CRF) -> None:
     emissions = torch.randn(4, 6, 3)
     tags = torch.randint(0, 3, (4, 6))

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,14 @@ def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
     root, common = synthetic["root"], synthetic["common"]
     student = ["--train", str(root / "small.jsonl"), *common, "--training.optim.lr", "1e-3", *FAST]
     assert main(["finetune", "classify", "--out", str(root / "alone"), "--epochs", "60", *student]) == 0
-    distil = ["distill", "--teacher", str(synthetic["teacher"]), "--unlabelled", str(root / "unlabelled.txt")]
+    distil = [
+        "distill",
+        "classify",
+        "--teacher",
+        str(synthetic["teacher"]),
+        "--unlabelled",
+        str(root / "unlabelled.txt"),
+    ]
     assert main([*distil, "--out", str(root / "distilled"), "--epochs", "5", *student]) == 0
     teacher, alone, distilled = (_test_accuracy(root / n) for n in ("teacher", "alone", "distilled"))
     assert teacher >= 0.9, teacher
@@ -113,22 +121,106 @@ def test_a_teacher_of_another_task_or_labels_is_refused_before_work(synthetic, t
     root = synthetic["root"]
     other = tmp_path / "other.jsonl"
     write_jsonl(other, [{"text": ex["text"], "label": "x" if ex["label"] == "pos" else "y"} for ex in _texts(40, 7)])
-    args = ["distill", "--teacher", str(synthetic["teacher"]), "--model", str(synthetic["bert"]), *FAST]
+    args = ["distill", "classify", "--teacher", str(synthetic["teacher"]), "--model", str(synthetic["bert"]), *FAST]
     assert main([*args, "--train", str(other), "--out", str(tmp_path / "a")]) == 2
     assert "are not the training data's" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                *args[:2],
-                str(synthetic["bert"]),
-                *args[3:],
-                "--train",
-                str(root / "small.jsonl"),
-                "--out",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 2
-    )
+    not_a_teacher = [*args[:3], str(synthetic["bert"]), *args[4:]]  # a pretrained model, not a classify run
+    assert main([*not_a_teacher, "--train", str(root / "small.jsonl"), "--out", str(tmp_path / "b")]) == 2
     assert "not a classify run directory" in capsys.readouterr().out
     assert not (tmp_path / "b" / "teacher").exists()
+
+
+# A synthetic NER task: a person is a "surname" (one of 20 characters) and the character after it. A teacher
+# tagged on 600 sentences knows every surname; a student with 10 tagged sentences sees at most 10 of them, and
+# learns the rest from the teacher's tag marginals on 600 untagged texts.
+SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
+
+
+def _sentences(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pool = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
+    out = []
+    for _ in range(n):
+        tokens = [rng.choice(pool) for _ in range(rng.randint(6, 12))]
+        at = rng.randrange(len(tokens) - 1)
+        tokens[at : at + 2] = [rng.choice(SURNAMES), rng.choice(pool)]
+        tags = ["O"] * len(tokens)
+        tags[at : at + 2] = ["B-PER", "I-PER"]
+        out.append({"tokens": tokens, "tags": tags})
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_ner(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict:
+    from lmforge.data.readers import write_conll
+
+    root = tmp_path_factory.mktemp("distill-ner")
+    files = {
+        "big": _sentences(600, 11),
+        "small": _sentences(10, 12),
+        "dev": _sentences(100, 13),
+        "test": _sentences(200, 14),
+    }
+    for name, rows in files.items():
+        write_conll(root / f"{name}.conll", rows)
+    (root / "unlabelled.txt").write_text(
+        "\n".join("".join(ex["tokens"]) for ex in _sentences(600, 15)) + "\n", encoding="utf-8"
+    )
+    common = ["--model", str(tiny_bert), "--dev", str(root / "dev.conll"), "--test", str(root / "test.conll")]
+    teacher = ["finetune", "ner", "--train", str(root / "big.conll"), "--out", str(root / "teacher")]
+    assert main([*teacher, *common, "--epochs", "20", "--training.optim.lr", "3e-3", *FAST]) == 0
+    return {"root": root, "teacher": root / "teacher", "common": common}
+
+
+def test_a_distilled_ner_student_beats_the_same_student_alone(synthetic_ner) -> None:
+    root, common = synthetic_ner["root"], synthetic_ner["common"]
+    student = ["--train", str(root / "small.conll"), *common, "--training.optim.lr", "3e-3", *FAST]
+    # the same number of updates (about 380): one batch per epoch alone, 610 / 32 batches per epoch distilled
+    assert main(["finetune", "ner", "--out", str(root / "alone"), "--epochs", "380", *student]) == 0
+    distil = [
+        "distill",
+        "ner",
+        "--teacher",
+        str(synthetic_ner["teacher"]),
+        "--unlabelled",
+        str(root / "unlabelled.txt"),
+    ]
+    assert main([*distil, "--out", str(root / "distilled"), "--epochs", "20", *student]) == 0
+    f1 = {
+        n: json.loads((root / n / "results.json").read_text())["test"]["f1"] for n in ("teacher", "alone", "distilled")
+    }
+    assert f1["teacher"] >= 0.9, f1
+    assert f1["distilled"] >= f1["alone"] + 0.1, f1
+    run = load_run(root / "distilled")  # a normal NER run
+    assert run.name == "ner" and run.task.tags == ["O", "B-PER", "I-PER"]
+    report = json.loads((root / "distilled" / "results.json").read_text())
+    assert report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "unlabelled": 600}
+
+
+def test_ner_teacher_rows_are_per_token_tag_marginals(synthetic_ner) -> None:
+    from lmforge.tasks.distill import read_teacher_rows
+
+    root = synthetic_ner["root"]
+    run = load_run(synthetic_ner["teacher"])
+    long = {"tokens": list("王一" + "房间服务酒店干净位置交通" * 8)}  # 98 tokens: several windows of 32
+    examples = [*_sentences(3, 16), long]
+    rows = run.task.tag_log_probs(run.model, examples, device=torch.device("cpu"))
+    assert [r.shape for r in rows] == [(len(ex["tokens"]), 3) for ex in examples]
+    for r in rows:
+        np.testing.assert_allclose(np.exp(r).sum(1), 1.0, atol=1e-4)  # a distribution over tags per token
+    viterbi = run.task.predict(run.model, examples, device=torch.device("cpu"))
+    agree = np.mean(
+        [
+            t == run.task.tags[i]
+            for r, p in zip(rows, viterbi, strict=True)
+            for t, i in zip(p["tags"], r.argmax(1), strict=True)
+        ]
+    )
+    assert agree >= 0.95  # the most probable tag per token is (nearly always) Viterbi's
+    unlabelled = [{"tokens": list(line)} for line in (root / "unlabelled.txt").read_text(encoding="utf-8").split()]
+    texts = [*_sentences(10, 12), *unlabelled]  # what the distillation run labelled: characters of each line
+    cached = read_teacher_rows(root / "distilled", texts, ["O", "B-PER", "I-PER"])
+    assert [len(r) for r in cached] == [len(ex["tokens"]) for ex in texts]
+    np.testing.assert_allclose(cached[-1], run.task.tag_log_probs(run.model, texts[-1:], device=torch.device("cpu"))[0])
+    with pytest.raises(UserError, match="other texts"):
+        read_teacher_rows(root / "distilled", texts[:-1], ["O", "B-PER", "I-PER"])
