@@ -98,6 +98,12 @@ class Distillation:
     train split; long documents are cut at sentence ends to max_len characters)."""
     unlabelled_limit: int = 20000
     """At most this many unlabelled texts (the first ones, in file order)."""
+    augment: int = 0
+    """Variants of every labelled training text for the teacher to label, made by TinyBERT's data augmentation
+    (Jiao et al. 2020): Chinese characters replaced by a masked LM's top-15 guesses with probability 0.4;
+    0 = none."""
+    augment_model: str | None = None
+    """The masked LM of --augment: an lmforge BERT with its MLM head (a pretraining run); None = the student."""
     temperature: float = 2.0
     """Softmax temperature of the soft targets (the soft loss is scaled by temperature**2)."""
     alpha: float = 0.5
@@ -105,10 +111,10 @@ class Distillation:
     soft loss only."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # the task config's checks (the next base)
-        if not self.teacher:
-            raise UserError("--teacher is required: a run directory of the same task from `lmforge finetune`")
+        super().__post_init__()  # the task config's checks (the next base); --teacher: in runs/distill.py,
+        # since a recipe file may leave it to the command line
         check_range("unlabelled_limit", self.unlabelled_limit, at_least=0)
+        check_range("augment", self.augment, at_least=0)
         if not self.temperature > 0:
             raise UserError(f"temperature={self.temperature!r} must be > 0")
         if not 0 <= self.alpha <= 1:

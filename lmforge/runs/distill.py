@@ -3,10 +3,11 @@ fine-tune the student.
 
 1. hold ``--out`` (``runs/session.locked``) and check the teacher before any work: a run of the same task
    whose labels (or tags) are the training data's;
-2. the teacher's rows for every training text and every unlabelled text (``tasks/distill.py``: class
-   logits per text, tag log-marginals per token), in chunks of ``CHUNK`` texts written atomically to
-   ``OUT/teacher/`` with a manifest naming the texts' SHA-256 and the teacher: a killed run keeps its
-   finished chunks, and running it again resumes;
+2. the ``--augment`` variants of the training texts (TinyBERT's masked-LM character replacement, made once
+   and kept in ``OUT/teacher/``), then the teacher's rows for every training, unlabelled and augmented
+   text (``tasks/distill.py``: class logits per text, tag log-marginals per token), in chunks of ``CHUNK``
+   texts written atomically to ``OUT/teacher/`` with a manifest naming the texts' SHA-256 and the teacher:
+   a killed run keeps its finished chunks, and running it again resumes;
 3. the one fine-tuning recipe (``runs/finetune.py``) with ``DistilledClassification`` or ``DistilledNER``,
    whose loss mixes the cached soft targets with the gold labels. The result is a normal classify / NER run.
 """
@@ -42,6 +43,8 @@ def task_of(cfg: DistillClassifyConfig | DistillNERConfig) -> str:
 def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = True) -> FinetuneResult | None:
     """Label with the teacher (cached), then train the student; the result (None on other processes)."""
     task = "ner" if isinstance(cfg, DistillNERConfig) else "classify"
+    if not cfg.teacher:
+        raise UserError(f"--teacher is required: a {task} run directory from `lmforge finetune {task}`")
     settings = task_settings(cfg.teacher)
     if settings is None or settings.get("task") != task:
         raise UserError(f"--teacher {cfg.teacher}: not a {task} run directory (from `lmforge finetune {task}`)")
@@ -58,7 +61,7 @@ def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = T
             labels, key = label_set(splits["train"]), "labels"
         if list(settings[key]) != labels:
             raise UserError(f"--teacher {cfg.teacher}: its {key} {settings[key]} are not the training data's {labels}")
-        labelled, unlabelled = distill_examples(cfg, splits["train"])
+        labelled, unlabelled = distill_examples(cfg, splits["train"], out)
         teacher_logits(cfg.teacher, [*labelled, *unlabelled], out / TEACHER_DIR, labels, progress=progress)
         return finetune(cfg, task_of(cfg))
 

@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.config import write_json
+from lmforge.data.batching import pad, padding_mask
 from lmforge.data.builtin import load_builtin
-from lmforge.data.readers import read_text_lines
+from lmforge.data.readers import read_jsonl, read_text_lines, write_jsonl
 from lmforge.errors import UserError
 from lmforge.models.registry import read_safetensors
 from lmforge.tasks.base import IGNORE, LossOutput
@@ -46,6 +48,7 @@ from lmforge.tasks.ner import NERTask
 
 TEACHER_DIR = "teacher"
 MANIFEST = "manifest.json"
+AUGMENTED = "augmented.jsonl"  # the --augment variants, with their settings in augmented.jsonl.json
 CHUNK = 2048  # texts per cached file: a killed labelling run loses at most one chunk
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
 
@@ -77,10 +80,12 @@ def unlabelled_texts(sources: Sequence[str], *, limit: int, max_chars: int) -> l
     return out
 
 
-def distill_examples(cfg: Any, train: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+def distill_examples(cfg: Any, train: Sequence[dict], run_dir: Path) -> tuple[list[dict], list[dict]]:
     """The labelled training examples and the unlabelled ones of a distillation recipe (``cfg``:
-    ``DistillClassifyConfig`` or ``DistillNERConfig``), cut to ``cfg.max_len`` (or 128) characters; the teacher
-    labels both, in order. For NER the unlabelled texts become ``{"tokens"}`` like the training sentences."""
+    ``DistillClassifyConfig`` or ``DistillNERConfig``): the ``--unlabelled`` texts cut to ``cfg.max_len`` (or
+    128) characters, then the ``--augment`` variants of the labelled ones (made once, kept in
+    ``run_dir/teacher/``). The teacher labels both, in order. For NER the unlabelled texts become
+    ``{"tokens"}`` like the training sentences."""
     unlabelled = unlabelled_texts(cfg.unlabelled, limit=cfg.unlabelled_limit, max_chars=cfg.max_len or 128)
     if train and "tokens" in train[0]:
         by_character = all(len(t) == 1 for ex in train for t in ex["tokens"])
@@ -89,7 +94,125 @@ def distill_examples(cfg: Any, train: Sequence[dict]) -> tuple[list[dict], list[
             for ex in unlabelled
         ]
         unlabelled = [ex for ex in unlabelled if ex["tokens"]]
+    if cfg.augment:
+        unlabelled += augmented(cfg, train, run_dir / TEACHER_DIR)
     return list(train), unlabelled
+
+
+def augmented(cfg: Any, train: Sequence[dict], directory: Path) -> list[dict]:
+    """``cfg.augment`` MLM variants of every training example (``mlm_augment``), read from ``directory`` when a
+    previous run made them with the same settings, else made and written there (atomically)."""
+    source = cfg.augment_model or cfg.model
+    settings = {
+        "copies": cfg.augment,
+        "seed": cfg.training.seed,
+        "model": str(Path(source).resolve()),
+        "labelled_sha256": texts_digest(train),
+    }
+    path, meta = directory / AUGMENTED, directory / (AUGMENTED + ".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) == settings:
+        return list(read_jsonl(path))
+    rows = mlm_augment(train, source, copies=cfg.augment, seed=cfg.training.seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, rows)
+    write_json(meta, settings)
+    return rows
+
+
+AUGMENT_P, AUGMENT_TOP_K = 0.4, 15  # TinyBERT's p_t and K
+AUGMENT_PASSES = 3  # each masks ~13% of the characters: about the 15% the MLM was pretrained on
+_IDEOGRAPH = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@torch.inference_mode()
+def mlm_augment(
+    examples: Sequence[dict], model_dir: str, *, copies: int, seed: int, batch_size: int = 64
+) -> list[dict]:
+    """TinyBERT's data augmentation (Jiao et al. 2020, §3.3) for Chinese: ``copies`` variants of each example
+    (``{"text"[, "text_pair"]}`` or ``{"tokens"}``) in which every Chinese character is, with probability 0.4,
+    replaced by one of the 15 characters a masked LM ranks most probable at its place (uniformly; never
+    itself). TinyBERT masks one word at a time (a pass per word: too slow on 2 cores); here the chosen
+    characters are split at random into three groups, each masked together and predicted in one pass that
+    sees the earlier passes' replacements: ~13% masked per pass, near the 15% the MLM was pretrained on.
+
+    ``model_dir``: an lmforge BERT with its MLM head (e.g. the student's pretraining). Deterministic given
+    ``seed``. Labels are not kept: the teacher labels the variants. Written here because no maintained
+    library does masked-LM character replacement for Chinese offline (nlpaug and TextAttack wrap models
+    from the Hugging Face hub)."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.bert import Bert
+    from lmforge.models.registry import load_model
+
+    model = load_model(model_dir)
+    if not isinstance(model, Bert) or model.mlm_head is None:
+        raise UserError(f"--augment-model {model_dir}: augmentation needs a BERT with its MLM head (a pretraining run)")
+    tokenizer = load_tokenizer(model_dir)
+    special = {r: tokenizer.token_id(r) for r in ("mask", "cls", "sep", "pad")}
+    if None in special.values():
+        raise UserError(f"--augment-model {model_dir}: its tokenizer lacks [MASK], [CLS], [SEP] or [PAD]")
+    mask_id = special["mask"]
+    vocab = tokenizer.tokenizer.get_vocab()
+    allowed = torch.zeros(len(vocab), dtype=torch.bool)
+    allowed[[i for t, i in vocab.items() if len(t) == 1 and _IDEOGRAPH.match(t)]] = True
+    window = model.cfg.max_seq_len - 2
+    generator = torch.Generator().manual_seed(seed)
+    fields = [f for f in ("tokens", "text", "text_pair") if examples and f in examples[0]]
+    out = [dict(ex) for ex in examples for _ in range(copies)]
+    for field in fields:
+        pieces = [list(ex[field]) if ex.get(field) else [] for ex in out]  # characters (or NER tokens)
+        groups = []  # per variant: {index in pieces: the pass that replaces it}
+        for chars, enc in zip(pieces, _encode(tokenizer, pieces), strict=True):
+            eligible = [w for w in _single_pieces(enc, window) if _IDEOGRAPH.fullmatch(chars[w])]
+            draw = torch.rand(len(eligible), generator=generator).tolist()
+            when = torch.randint(AUGMENT_PASSES, (len(eligible),), generator=generator).tolist()
+            groups.append({w: g for w, r, g in zip(eligible, draw, when, strict=True) if r < AUGMENT_P})
+        for step in range(AUGMENT_PASSES):  # each pass sees the characters the earlier passes put in
+            jobs = []  # (variant, ids, [(position in ids, index in pieces)])
+            for v, enc in enumerate(_encode(tokenizer, pieces)):
+                first = _single_pieces(enc, window)
+                chosen = sorted((first[w] + 1, w) for w, g in groups[v].items() if g == step)
+                if chosen:
+                    jobs.append((v, [special["cls"], *enc.ids[:window], special["sep"]], chosen))
+            for start in range(0, len(jobs), batch_size):
+                part = jobs[start : start + batch_size]
+                ids = pad([j[1] for j in part], special["pad"])
+                original = ids.clone()
+                rows = torch.tensor([b for b, j in enumerate(part) for _ in j[2]])
+                cols = torch.tensor([pos for j in part for pos, _ in j[2]])
+                ids[rows, cols] = mask_id
+                select = rows * ids.shape[1] + cols  # ascending: rows in order, positions ascending in a row
+                mask = padding_mask([len(j[1]) for j in part], ids.shape[1])
+                logits = model.mlm_logits(model(ids, attention_mask=mask, select=select)).float()
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                logits[torch.arange(len(cols)), original[rows, cols]] = float("-inf")  # never the character itself
+                top = logits.topk(AUGMENT_TOP_K, dim=-1).indices  # (N, K)
+                picks = top[torch.arange(len(cols)), torch.randint(AUGMENT_TOP_K, (len(cols),), generator=generator)]
+                k = 0
+                for v, _, chosen in part:
+                    for _, w in chosen:
+                        pieces[v][w] = tokenizer.tokenizer.id_to_token(int(picks[k]))
+                        k += 1
+        for ex, chars in zip(out, pieces, strict=True):
+            if ex.get(field):
+                ex[field] = chars if field == "tokens" else "".join(chars)
+    for ex in out:
+        ex.pop("label", None), ex.pop("tags", None), ex.pop("source", None)
+    return out
+
+
+def _encode(tokenizer, pieces: list[list[str]]) -> list:
+    return tokenizer.tokenizer.encode_batch(
+        [p or ["[UNK]"] for p in pieces], is_pretokenized=True, add_special_tokens=False
+    )
+
+
+def _single_pieces(enc, window: int) -> dict[int, int]:
+    """index in the pieces -> its position among the ids, for pieces that are one sub-token inside the window."""
+    positions: dict[int, list[int]] = {}
+    for pos, word in enumerate(enc.word_ids[:window]):
+        if word is not None:
+            positions.setdefault(word, []).append(pos)
+    return {w: ps[0] for w, ps in positions.items() if len(ps) == 1}
 
 
 def _pieces(text: str, max_chars: int) -> list[str]:
@@ -154,7 +277,7 @@ class DistilledClassification(ClassificationTask):
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
-        labelled, unlabelled = distill_examples(cfg, splits["train"])
+        labelled, unlabelled = distill_examples(cfg, splits["train"], run_dir)
         teacher = [r[0] for r in read_teacher_rows(run_dir, [*labelled, *unlabelled], task.labels)]
         extra = task.encode(unlabelled, split="unlabelled", need_labels=False)
         items = [*task.train_items, *extra]
@@ -198,7 +321,7 @@ class DistilledNER(NERTask):
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
-        labelled, unlabelled = distill_examples(cfg, splits["train"])
+        labelled, unlabelled = distill_examples(cfg, splits["train"], run_dir)
         teacher = read_teacher_rows(run_dir, [*labelled, *unlabelled], task.tags)
         extra = [
             (*w[:3], (w[3][0] + len(labelled), *w[3][1:]))

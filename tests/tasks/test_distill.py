@@ -224,3 +224,44 @@ def test_ner_teacher_rows_are_per_token_tag_marginals(synthetic_ner) -> None:
     np.testing.assert_allclose(cached[-1], run.task.tag_log_probs(run.model, texts[-1:], device=torch.device("cpu"))[0])
     with pytest.raises(UserError, match="other texts"):
         read_teacher_rows(root / "distilled", texts[:-1], ["O", "B-PER", "I-PER"])
+
+
+def test_mlm_augment_replaces_about_40_percent_of_chinese_characters_and_nothing_else(tiny_bert: Path) -> None:
+    from lmforge.tasks.distill import mlm_augment
+
+    texts = [
+        {"text": "房间很干净，服务也不错。Wi-Fi 速度 100M！", "label": "pos"},
+        {"text": "价格一般", "label": "neg"},
+    ]
+    out = mlm_augment(texts * 50, str(tiny_bert), copies=2, seed=3)
+    assert len(out) == 200 and all(set(ex) == {"text"} for ex in out)  # labels dropped: the teacher labels them
+    assert out == mlm_augment(texts * 50, str(tiny_bert), copies=2, seed=3)  # deterministic
+    assert out != mlm_augment(texts * 50, str(tiny_bert), copies=2, seed=4)
+    replaced = total = 0
+    for i, ex in enumerate(out):
+        original = texts[(i // 2) % 2]["text"]
+        assert len(ex["text"]) == len(original)
+        for a, b in zip(original, ex["text"], strict=True):
+            chinese = "\u4e00" <= a <= "\u9fff"
+            assert chinese or a == b  # punctuation, Latin letters, digits and spaces stay
+            if chinese:
+                total += 1
+                replaced += a != b
+                assert "\u4e00" <= b <= "\u9fff"  # a Chinese character for a Chinese character
+    assert 0.3 < replaced / total < 0.5, replaced / total
+
+
+def test_augmented_ner_sentences_keep_their_tokens_aligned_and_are_made_once(synthetic_ner, tmp_path: Path) -> None:
+    from lmforge.runs.config import DistillNERConfig
+    from lmforge.tasks.distill import AUGMENTED, TEACHER_DIR, distill_examples
+
+    train = _sentences(10, 12)
+    cfg = DistillNERConfig(out=str(tmp_path), model=synthetic_ner["common"][1], teacher="t", augment=3)
+    labelled, unlabelled = distill_examples(cfg, train, tmp_path)
+    assert labelled == train and len(unlabelled) == 30
+    assert [len(ex["tokens"]) for ex in unlabelled] == [len(ex["tokens"]) for ex in train for _ in range(3)]
+    path = tmp_path / TEACHER_DIR / AUGMENTED
+    stamp = path.stat().st_mtime_ns
+    assert distill_examples(cfg, train, tmp_path)[1] == unlabelled and path.stat().st_mtime_ns == stamp  # reused
+    cfg.training.seed += 1  # other settings: made again
+    assert distill_examples(cfg, train, tmp_path)[1] != unlabelled and path.stat().st_mtime_ns != stamp
