@@ -86,29 +86,25 @@ class ClassifyConfig(EncoderFinetuneConfig):
 class Distillation:
     """What distillation adds to a fine-tuning config (``DistillClassifyConfig``, ``DistillNERConfig``): the
     teacher, the unlabelled texts it labels and the loss mix (Hinton et al. 2015). It comes first among the
-    bases, so its fields follow the task's in the command line and every one has a default."""
+    bases, so its fields follow the task's in the command line and every one has a default. Field docstrings
+    are one line each: tyro keeps their line breaks in --help."""
 
     model: str
-    """The student: a pretrained lmforge BERT directory (with its own tokenizer) or, with --init scratch, the
-    architecture and tokenizer to train from random initialisation."""
+    """The student: a pretrained lmforge BERT directory with its tokenizer (or, with --init scratch, its shape)."""
     teacher: str = ""
-    """The teacher: a run directory of the same task from `lmforge finetune` (or an int8 / ONNX copy of one)."""
+    """Required: a run directory of the same task from `lmforge finetune` (or an int8 / ONNX copy of one)."""
     unlabelled: list[str] = field(default_factory=list)
-    """Unlabelled texts the teacher labels: .txt files (one text per line) or builtin:NAME (the texts of its
-    train split; long documents are cut at sentence ends to max_len characters)."""
+    """Texts the teacher labels: .txt files (a text per line) or builtin:NAME; cut to max_len characters."""
     unlabelled_limit: int = 20000
     """At most this many unlabelled texts (the first ones, in file order)."""
     augment: int = 0
-    """Variants of every labelled training text for the teacher to label, made by TinyBERT's data augmentation
-    (Jiao et al. 2020): Chinese characters replaced by a masked LM's top-15 guesses with probability 0.4;
-    0 = none."""
+    """Variants per training text for the teacher to label: TinyBERT's masked-LM character replacement; 0 = none."""
     augment_model: str | None = None
     """The masked LM of --augment: an lmforge BERT with its MLM head (a pretraining run); None = the student."""
     temperature: float = 2.0
     """Softmax temperature of the soft targets (the soft loss is scaled by temperature**2)."""
     alpha: float = 0.5
-    """Weight of the soft loss on labelled texts (1 - alpha on the hard labels); unlabelled texts have the
-    soft loss only."""
+    """Weight of the soft loss on labelled texts (1 - alpha on the gold labels); unlabelled: the soft loss only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the task config's checks (the next base); --teacher: in runs/distill.py,
