@@ -134,27 +134,33 @@ class CRF(nn.Module):
             alpha = torch.where(mask[:, t, None], nxt, alpha)
         return torch.logsumexp(alpha + self.end, dim=1)
 
-    @torch.no_grad()
-    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        """p(tag at step t = c | emissions) per step (B, T, C) by forward-backward; padded steps are 0."""
+    def log_marginals(self, emissions: Tensor, mask: Tensor, *, temperature: float = 1.0) -> Tensor:
+        """log p(tag at step t = c | emissions) per step (B, T, C) by forward-backward, differentiable; padded
+        steps are 0. ``temperature`` divides every score (emissions, transitions, start, end) first: the
+        marginals of the softened CRF, which distillation matches at T > 1."""
         mask = self._check(emissions, mask)
-        emissions = emissions.float()
         trans, start = self._scores()
+        emissions, trans, start, end = (x / temperature for x in (emissions.float(), trans, start, self.end))
         T = emissions.shape[1]
         alphas = [start + emissions[:, 0]]  # alpha_t[c]: log-sum over tag prefixes ending in c at t
         for t in range(1, T):
             nxt = torch.logsumexp(alphas[-1].unsqueeze(2) + trans.unsqueeze(0), dim=1) + emissions[:, t]
             alphas.append(torch.where(mask[:, t, None], nxt, alphas[-1]))
-        log_z = torch.logsumexp(alphas[-1] + self.end, dim=1)  # (B,)
-        beta = self.end.expand_as(alphas[0])  # beta_t[c]: log-sum over tag suffixes after c at t
+        log_z = torch.logsumexp(alphas[-1] + end, dim=1)  # (B,)
+        beta = end.expand_as(alphas[0])  # beta_t[c]: log-sum over tag suffixes after c at t
         betas = [beta]
         for t in range(T - 2, -1, -1):
             # beta_t[i] = logsumexp_j(trans[i, j] + emission[t + 1, j] + beta_{t+1}[j]); the last real step: end
             back = torch.logsumexp(trans.unsqueeze(0) + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2)
-            beta = torch.where(mask[:, t + 1, None], back, self.end.expand_as(back))
+            beta = torch.where(mask[:, t + 1, None], back, end.expand_as(back))
             betas.append(beta)
         log_p = torch.stack(alphas, 1) + torch.stack(betas[::-1], 1) - log_z[:, None, None]
-        return log_p.exp() * mask[:, :, None]
+        return log_p * mask[:, :, None]
+
+    @torch.no_grad()
+    def marginals(self, emissions: Tensor, mask: Tensor) -> Tensor:
+        """p(tag at step t = c | emissions) per step (B, T, C); padded steps are 0."""
+        return self.log_marginals(emissions, mask).exp() * mask[:, :, None]
 
     @torch.no_grad()
     def decode(self, emissions: Tensor, mask: Tensor) -> list[list[int]]:

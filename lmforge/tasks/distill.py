@@ -11,9 +11,10 @@ they are the user's texts).
 - Classification: ``t`` are the teacher's class logits, one row per text.
 - NER: one row per token (the data's tokens: characters for Chinese), ``t`` the log of the teacher's
   posterior tag marginals (forward-backward through its CRF; its softmax without one), matched by the
-  student's per-token tag scores (its CRF emissions): posterior distillation (Wang et al. 2020,
-  "Structure-Level Knowledge Distillation for Multilingual Sequence Labeling"). The CRF's transitions learn
-  from the gold tags. Unlabelled text becomes tokens the way the training data's are: characters when every
+  student's own marginals through its CRF, differentiable and softened by dividing every CRF score by
+  ``T`` (its softmax at ``T`` without a CRF): posterior distillation (Wang et al. 2020, "Structure-Level
+  Knowledge Distillation for Multilingual Sequence Labeling"). Matching the student's emissions instead,
+  with the CRF's transitions added on top at decoding, did worse (docs/FINDINGS.md). Unlabelled text becomes tokens the way the training data's are: characters when every
   training token is one character, else whitespace-separated words.
 
 The teacher's rows are computed once per text by ``runs/distill.py`` and cached in ``OUT/teacher/``; these
@@ -348,7 +349,14 @@ class DistilledNER(NERTask):
             return super().loss(model, batch)
         emissions = self._emissions(self._scores(model, batch), batch)  # (B, W, C)
         mask = batch["word_mask"]
-        soft = (soft_target_loss(emissions, batch["teacher"], self.temperature) * mask).sum(1)  # (B,)
+        t = self.temperature
+        if model.crf is None:
+            soft = soft_target_loss(emissions, batch["teacher"], t)
+        else:  # the student's own tag marginals through its CRF, softened like the teacher's
+            log_q = model.crf.log_marginals(emissions, mask, temperature=t)
+            log_p = F.log_softmax(batch["teacher"].float() / t, dim=-1)
+            soft = (log_p.exp() * (log_p - log_q)).sum(-1) * (t * t)
+        soft = (soft * mask).sum(1)  # (B,)
         labelled = (batch["tags"] != IGNORE).any(1)
         if model.crf is None:
             hard = F.cross_entropy(emissions.transpose(1, 2), batch["tags"].long(), reduction="none").sum(1)

@@ -73,6 +73,22 @@ def test_marginals_match_enumeration(crf: CRF) -> None:
         torch.testing.assert_close(got[b], expected)  # padded steps: 0
 
 
+def test_log_marginals_at_a_temperature_are_the_softened_crfs_and_differentiable(crf: CRF) -> None:
+    emissions = torch.randn(1, 4, 3, requires_grad=True)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    got = crf.log_marginals(emissions, mask, temperature=2.0)
+    paths = list(itertools.product(range(3), repeat=4))
+    with torch.no_grad():
+        p = torch.softmax(torch.stack([_path_score(crf, emissions[0], q) for q in paths]) / 2.0, 0)
+    expected = torch.zeros(4, 3)
+    for prob, path in zip(p, paths, strict=True):
+        for t, tag in enumerate(path):
+            expected[t, tag] += prob
+    torch.testing.assert_close(got[0].exp(), expected)
+    got[0, 1, 2].backward()  # a student's soft loss trains its emissions and transitions through it
+    assert emissions.grad.abs().sum() > 0 and crf.transitions.grad.abs().sum() > 0
+
+
 def test_training_the_crf_raises_the_likelihood_of_the_gold_tags(crf: CRF) -> None:
     emissions = torch.randn(4, 6, 3)
     tags = torch.randint(0, 3, (4, 6))
