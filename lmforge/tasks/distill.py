@@ -14,8 +14,9 @@ they are the user's texts).
   student's own marginals through its CRF, differentiable and softened by dividing every CRF score by
   ``T`` (its softmax at ``T`` without a CRF): posterior distillation (Wang et al. 2020, "Structure-Level
   Knowledge Distillation for Multilingual Sequence Labeling"). Matching the student's emissions instead,
-  with the CRF's transitions added on top at decoding, did worse (docs/FINDINGS.md). Unlabelled text becomes tokens the way the training data's are: characters when every
-  training token is one character, else whitespace-separated words.
+  with the CRF's transitions added on top at decoding, did worse (docs/FINDINGS.md). Unlabelled text
+  becomes tokens the way the training data's are: characters when every training token is one character,
+  else whitespace-separated words.
 
 The teacher's rows are computed once per text by ``runs/distill.py`` and cached in ``OUT/teacher/``; these
 tasks read them, checked against the texts they belong to. The teacher scores texts and tokens, not ids, so
