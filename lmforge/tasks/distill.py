@@ -271,7 +271,21 @@ def _rows(example: dict) -> int:
     return len(example["tokens"]) if "tokens" in example else 1
 
 
-class DistilledClassification(ClassificationTask):
+class _Distilled:
+    """What both distilled tasks add: the loss mix, and the run report's ``distillation`` entry."""
+
+    temperature: float
+    alpha: float
+    n_unlabelled: int
+
+    def _distilling(self, cfg: Any, n_unlabelled: int) -> None:
+        self.temperature, self.alpha, self.n_unlabelled = cfg.temperature, cfg.alpha, n_unlabelled
+
+    def extras(self) -> dict:
+        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}
+
+
+class DistilledClassification(_Distilled, ClassificationTask):
     """ClassificationTask whose training items carry the teacher's logits; unlabelled items have label -1."""
 
     name = "classify"
@@ -285,8 +299,7 @@ class DistilledClassification(ClassificationTask):
         items = [*task.train_items, *extra]
         task.train_items = [(*item, teacher[i]) for i, item in enumerate(items)]
         task.train_lengths = [len(item[0]) for item in task.train_items]
-        task.temperature, task.alpha = cfg.temperature, cfg.alpha
-        task.n_unlabelled = len(extra)
+        task._distilling(cfg, len(extra))
         return task, model
 
     def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -311,11 +324,8 @@ class DistilledClassification(ClassificationTask):
         n = max(sums["n_targets"], 1.0)
         return {"loss": sums["loss_sum"] / n, "accuracy": sums.get("correct", 0.0) / max(sums.get("labelled", n), 1.0)}
 
-    def extras(self) -> dict:
-        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}
 
-
-class DistilledNER(NERTask):
+class DistilledNER(_Distilled, NERTask):
     """NERTask whose training windows carry the teacher's per-token rows; unlabelled windows have no tags."""
 
     name = "ner"
@@ -331,8 +341,7 @@ class DistilledNER(NERTask):
         ]
         task.train_items = [(*w, teacher[w[3][0]][w[3][1] : w[3][2]]) for w in [*task.train_items, *extra]]
         task.train_lengths = [len(w[0]) for w in task.train_items]
-        task.temperature, task.alpha = cfg.temperature, cfg.alpha
-        task.n_unlabelled = len(unlabelled)
+        task._distilling(cfg, len(unlabelled))
         return task, model
 
     def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -366,6 +375,3 @@ class DistilledNER(NERTask):
             hard = -model.crf.log_likelihood(emissions, tags, mask)
         per_window = torch.where(labelled, self.alpha * soft + (1 - self.alpha) * hard, soft)
         return LossOutput(per_window.sum())
-
-    def extras(self) -> dict:
-        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}
