@@ -1,17 +1,27 @@
-"""Decoding speed of lmforge's ``Generator`` vs transformers' ``generate`` on the same GPT weights.
+"""Decoding speed of lmforge's ``Generator`` vs transformers' ``generate`` on the same GPT weights, per precision.
 
 Both sides hold the same GPT-2-style decoder (d_model 256, 4 layers, 4 heads, vocabulary 21128:
 gpt-tiny with bert-base-chinese's vocabulary size, unless --model names an lmforge GPT directory),
 in this process, with the same thread count and allocator. Greedy decoding of 128 new tokens from
 a 16-token prompt, at batch 1 and batch 8; rounds alternate (lmforge, then transformers) and the
-medians are compared. transformers runs ``GPT2LMHeadModel.generate`` with its defaults (dynamic KV
-cache). Before timing, both sides' token ids are checked to be identical, so the two decode the
-very same sequences.
+medians are compared. transformers runs ``GPT2LMHeadModel.generate`` in fp32 with its defaults (dynamic
+KV cache). Before timing, lmforge's fp32 token ids are checked to be identical to transformers', so the
+two decode the very same sequences.
 
-    python bench/generate_vs_hf.py [--rounds 5] [--threads 2] [--new-tokens 128] [--model DIR] [--out FILE]
+Precisions (``models/decoding.py``): ``fp32`` (exact), ``int8-head`` (int8 vocabulary matrix, bf16 inputs),
+``bf16`` (everything in bf16); the inexact two only where bf16 arithmetic is fast (``--precisions`` defaults
+to the ones this machine runs). Each case also reports the weight bytes read per decoding step, that rate
+as a share of this machine's measured read bandwidth (a 512 MB fp32 sum, best of 5), and for the inexact
+paths the share of greedy tokens equal to lmforge fp32's over 128 new tokens from 20 prompts (the first 16
+tokens of 20 ``pretrain-zh`` texts with --model, else random ids; random weights make near-ties common, so
+agreement is only meaningful on a trained model).
+
+    python bench/generate_vs_hf.py [--rounds 5] [--threads 2] [--new-tokens 128] [--model DIR]
+        [--precisions fp32 int8-head bf16] [--out FILE]
 
 Writes bench/results/generate_vs_hf.json in the shape of the other benchmarks:
-{"machine": {...}, "cases": {"batch1": {"lmforge", "hf", "unit", "ratio", "settings"}, "batch8": {...}}}
+{"machine": {...}, "cases": {"batch1": {"lmforge", "hf", "unit", "ratio", "settings"}, "batch8": {...},
+"int8-head-batch1": {..., "token_agreement"}, ...}} (the fp32 cases keep their old names).
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import torch
 import transformers
 
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
+from lmforge.errors import UserError
 from lmforge.inference.generate import GenerationConfig, Generator
 from lmforge.models.convert import to_hf
+from lmforge.models.decoding import PRECISIONS, resolve_precision
 from lmforge.models.gpt import GPT
 from lmforge.models.registry import load_model
 from lmforge.models.sizes import model_size
@@ -102,49 +114,114 @@ def _run_hf(hf, prompts: torch.Tensor, new_tokens: int, eos: int) -> tuple[float
     return seconds, rows
 
 
+def _read_bandwidth() -> float:
+    """Bytes/s of reading a 512 MB fp32 tensor (sum), best of 5: this machine's memory read rate."""
+    x = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def _step_bytes(gen: Generator) -> int:
+    """Weight bytes one decoding step reads: every layer's matrices and vectors, and the vocabulary matrix once
+    (the token and position tables are read a row per sequence: not counted)."""
+    layers = sum(p.numel() * p.element_size() for n, p in gen.model.named_parameters() if not n.startswith("embed."))
+    head = gen.head
+    if head.precision == "int8-head":
+        return layers + head.int8.numel() + head.scale.numel() * head.scale.element_size()
+    return layers + head.weight.numel() * head.weight.element_size()
+
+
+def _agreement(exact: list[list[int]], fast: list[list[int]]) -> float:
+    """Share of positions where two greedy continuations agree (a row counts up to its shorter length and the
+    longer's extra tokens count as disagreements)."""
+    same = sum(sum(a == b for a, b in zip(x, y, strict=False)) for x, y in zip(exact, fast, strict=True))
+    return same / max(sum(max(len(x), len(y)) for x, y in zip(exact, fast, strict=True)), 1)
+
+
+def _agreement_prompts(model_dir: str | None, tok, vocab: int, eos: int) -> list[list[int]]:
+    if model_dir:
+        from lmforge.data.builtin import load_builtin
+
+        texts = [ex["text"] for ex in load_builtin("pretrain-zh")["train"][:200]]
+        ids = [tok.encode(t)[:PROMPT_LEN] for t in texts]
+        return [p for p in ids if len(p) == PROMPT_LEN][:20]
+    return _prompts(20, vocab, eos).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--model", default=None, help="an lmforge GPT directory (default: random gpt-tiny)")
+    parser.add_argument("--precisions", nargs="*", default=None, choices=PRECISIONS, help="default: what runs here")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ours, tok, hf = _models(args.model)
-    gen = Generator(ours, tok)
-    eos = gen.eos_id
+    precisions = args.precisions or [p for p in PRECISIONS if _runs_here(p)]
+    gens = {p: Generator(ours, tok, precision=p) for p in precisions}
+    exact = gens.get("fp32") or Generator(ours, tok)
+    eos = exact.eos_id
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    bandwidth = _read_bandwidth()
+    agree_prompts = _agreement_prompts(args.model, tok, ours.cfg.vocab_size, eos)
+    reference = [o.token_ids for o in exact.generate(agree_prompts, cfg)]
     cases = {}
     for batch in (1, 8):
         prompts = _prompts(batch, ours.cfg.vocab_size, eos)
-        _, mine = _run_ours(gen, prompts, cfg)  # warm-up, and the parity check
+        _, mine = _run_ours(exact, prompts, cfg)  # warm-up, and the parity check
         _, theirs = _run_hf(hf, prompts, args.new_tokens, eos)
         if mine != theirs:
             raise SystemExit(f"batch {batch}: lmforge and transformers decoded different tokens")
-        n_tokens = sum(len(r) for r in mine)
-        ours_rounds, hf_rounds = [], []
+        n_hf = sum(len(r) for r in theirs)
+        for gen in gens.values():
+            _run_ours(gen, prompts, cfg)  # warm-up
+        rounds: dict[str, list[float]] = {p: [] for p in gens}
+        hf_rounds: list[float] = []
         for _ in range(args.rounds):
-            ours_rounds.append(n_tokens / _run_ours(gen, prompts, cfg)[0])
-            hf_rounds.append(n_tokens / _run_hf(hf, prompts, args.new_tokens, eos)[0])
-        lm, ref = statistics.median(ours_rounds), statistics.median(hf_rounds)
-        cases[f"batch{batch}"] = {
-            "lmforge": lm,
-            "hf": ref,
-            "unit": "new tokens/s",
-            "ratio": lm / ref,
-            "settings": {
-                "batch": batch,
-                "prompt_tokens": PROMPT_LEN,
-                "new_tokens": args.new_tokens,
-                "generated_tokens": n_tokens,
-                "decoding": "greedy",
-                "rounds": args.rounds,
-                "lmforge_rounds": ours_rounds,
-                "hf_rounds": hf_rounds,
-            },
-        }
-        print(f"batch {batch}: lmforge {lm:,.0f} vs transformers {ref:,.0f} new tokens/s = {lm / ref:.2f}x")
+            for p, gen in gens.items():
+                seconds, out = _run_ours(gen, prompts, cfg)
+                rounds[p].append(sum(len(r) for r in out) / seconds)
+            hf_rounds.append(n_hf / _run_hf(hf, prompts, args.new_tokens, eos)[0])
+        ref = statistics.median(hf_rounds)
+        for p, gen in gens.items():
+            lm = statistics.median(rounds[p])
+            step_bytes = _step_bytes(gen)
+            steps_per_s = lm / batch
+            case = {
+                "lmforge": lm,
+                "hf": ref,
+                "unit": "new tokens/s",
+                "ratio": lm / ref,
+                "precision": p,
+                "weight_bytes_per_step": step_bytes,
+                "weight_bytes_per_token": step_bytes / batch,
+                "bandwidth_share": step_bytes * steps_per_s / bandwidth,
+                "settings": {
+                    "batch": batch,
+                    "prompt_tokens": PROMPT_LEN,
+                    "new_tokens": args.new_tokens,
+                    "decoding": "greedy",
+                    "rounds": args.rounds,
+                    "lmforge_rounds": rounds[p],
+                    "hf_rounds": hf_rounds,
+                },
+            }
+            if p != "fp32":
+                case["token_agreement"] = _agreement(reference, [o.token_ids for o in gen.generate(agree_prompts, cfg)])
+                case["agreement_settings"] = {"prompts": len(agree_prompts), "new_tokens": args.new_tokens}
+            cases[f"batch{batch}" if p == "fp32" else f"{p}-batch{batch}"] = case
+            agree = f", tokens equal to fp32 {case['token_agreement']:.1%}" if "token_agreement" in case else ""
+            print(
+                f"{p} batch {batch}: lmforge {lm:,.0f} vs transformers {ref:,.0f} new tokens/s = {lm / ref:.2f}x; "
+                f"{step_bytes / 1e6:.1f} MB per step, {case['bandwidth_share']:.0%} of {bandwidth / 1e9:.1f} GB/s"
+                f"{agree}"
+            )
     machine = {
         "processor": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -153,10 +230,19 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "allocator": "glibc malloc" if "libtcmalloc" not in os.environ.get("LD_PRELOAD", "") else "tcmalloc",
         "model": args.model or "random gpt-tiny (4 x 256, vocab 21128)",
+        "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "cases": cases}, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
+
+
+def _runs_here(precision: str) -> bool:
+    try:
+        resolve_precision(precision, torch.device("cpu"))
+    except UserError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

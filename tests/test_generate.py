@@ -268,3 +268,41 @@ def test_golden_outputs_of_tiny_checkpoints(name) -> None:
     for case in golden:
         cfg = GenerationConfig(**case["config"])
         assert [g.text for g in gen.generate(case["inputs"], cfg)] == case["outputs"], case["config"]
+
+
+def test_decoding_precision_is_chosen_at_run_time(monkeypatch) -> None:
+    from lmforge.errors import UserError
+    from lmforge.models import decoding
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: False)
+    assert decoding.resolve_precision("auto", cpu) == "fp32"  # bf16 is emulated, ~4x slower: the exact path
+    with pytest.raises(UserError, match="needs bf16 arithmetic"):
+        decoding.resolve_precision("bf16", cpu)
+    assert decoding.resolve_precision("auto", torch.device("cuda")) == "int8-head"
+    monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: True)
+    assert decoding.resolve_precision("auto", cpu) == "int8-head"
+    assert decoding.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(UserError, match="must be one of"):
+        decoding.resolve_precision("fp8", cpu)
+
+
+@pytest.mark.parametrize("precision", ["int8-head", "bf16"])
+def test_inexact_decoding_precisions_stay_close_to_fp32(precision, monkeypatch) -> None:
+    """The first step's logits of each inexact path against fp32's (by how much a prompt's logits move), and
+    that generation runs end to end with the KV cache in the path's dtype."""
+    monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: True)  # correct anywhere, fast only there
+    model = _gpt()
+    prompts = [[5, 9, 2, 7, 11], [3, 4]]  # left padding too
+    exact, fast = Generator(model, IdsTokenizer()), Generator(model, IdsTokenizer(), precision=precision)
+    assert fast.precision == precision
+    reference = exact._steps(prompts, 1, 4).first()
+    steps = fast._steps(prompts, 1, 4)
+    logits = steps.first()
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    scale = reference.abs().max()
+    assert (logits - reference).abs().max() <= 0.02 * scale, precision
+    assert steps.cache.keys.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    out = fast.generate(prompts, GenerationConfig(max_new_tokens=6))
+    assert [len(o.token_ids) <= 6 for o in out] == [True, True]
+    assert next(model.parameters()).dtype == torch.float32  # the source model is left as it was

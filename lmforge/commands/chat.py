@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lmforge.commands._console import write_stdout
 from lmforge.errors import UserError
@@ -27,6 +28,8 @@ class GenerateConfig:
     """With a chat model: continue the prompt as plain text instead of answering it as a user message."""
     system: str | None = None
     """With a chat model: a system message before the prompt."""
+    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding: fp32 (exact), int8-head (int8 vocabulary matrix), bf16; auto: int8-head where bf16 is fast."""
     generation: GenerationConfig = field(default_factory=_chat_sampling)
 
 
@@ -38,10 +41,12 @@ class ChatConfig:
     """Run directory from `lmforge finetune chat` (or any GPT whose tokenizer has the chat tokens)."""
     system: str | None = None
     """A system message that starts every conversation."""
+    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding: fp32 (exact), int8-head (int8 vocabulary matrix), bf16; auto: int8-head where bf16 is fast."""
     generation: GenerationConfig = field(default_factory=_chat_sampling)
 
 
-def open_session(model_dir: str, *, system: str | None = None):
+def open_session(model_dir: str, *, system: str | None = None, precision: str = "fp32"):
     """A ``ChatSession`` over the GPT of ``model_dir`` (a chat run, or a pretrained GPT directory)."""
     from lmforge.inference.chat import ChatSession
     from lmforge.runs.run_dir import load_run
@@ -49,12 +54,12 @@ def open_session(model_dir: str, *, system: str | None = None):
     run = load_run(model_dir)
     if run.name != "chat":
         raise UserError(f"{model_dir}: chat and generate need a GPT model directory (this is a {run.name!r} run)")
-    return ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, system=system)
+    return ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, system=system, precision=precision)
 
 
 def generate(cfg: GenerateConfig, write: Callable[[str], None]) -> str:
     """Stream the continuation of ``cfg.prompt`` through ``write``; returns the whole text."""
-    session = open_session(cfg.model, system=cfg.system)
+    session = open_session(cfg.model, system=cfg.system, precision=cfg.precision)
     if session.is_chat_model and not cfg.raw:
         pieces = session.reply(cfg.prompt, cfg.generation)
     else:
@@ -68,7 +73,7 @@ def generate(cfg: GenerateConfig, write: Callable[[str], None]) -> str:
 
 def chat_loop(cfg: ChatConfig, read: Callable[[], str], write: Callable[[str], None]) -> int:
     """The interactive loop: ``read`` returns the next user line (EOFError ends); returns the turns answered."""
-    session = open_session(cfg.model, system=cfg.system)
+    session = open_session(cfg.model, system=cfg.system, precision=cfg.precision)
     if not session.is_chat_model:
         write(f"note: {cfg.model} has no chat fine-tuning (task.json); replies may not follow the conversation\n")
     write("chat: type a message; /reset starts over, /quit ends\n")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -34,6 +34,8 @@ class ServeConfig:
     limits: tyro.conf.OmitArgPrefixes[Limits] = field(default_factory=Limits)
     graceful_s: float = 30.0
     """On shutdown, how long in-flight requests may take to finish."""
+    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding of chat / translation models: fp32 (exact), int8-head, bf16; auto: int8-head where bf16 is fast."""
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -54,7 +56,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 def load_models(cfg: ServeConfig) -> dict:
     from lmforge.serve.models import load_served
 
-    return {name: load_served(name, path) for name, path in parse_models(cfg.model).items()}
+    return {name: load_served(name, path, precision=cfg.precision) for name, path in parse_models(cfg.model).items()}
 
 
 def run(cfg: ServeConfig) -> None:

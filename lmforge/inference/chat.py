@@ -83,11 +83,19 @@ class ChatSession:
     ``generate`` then wraps a prompt as a user turn instead of continuing it as plain text.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: LMTokenizer, *, is_chat_model: bool, system: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: LMTokenizer,
+        *,
+        is_chat_model: bool,
+        system: str | None = None,
+        precision: str = "fp32",
+    ):
         chat_tokens(tokenizer)
         self.model, self.tokenizer, self.is_chat_model = model, tokenizer, is_chat_model
         self.im_end = tokenizer.token_id("im_end")
-        self.generator = Generator(model, tokenizer, copy_weights=False)
+        self.generator = Generator(model, tokenizer, copy_weights=False, precision=precision)
         self.system = system
         self.history: list[dict] = []
 

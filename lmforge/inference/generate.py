@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.errors import UserError
 from lmforge.inference.config import GenerationConfig
-from lmforge.models.decoding import GPTSteps, OutputProjection, Seq2SeqSteps, Steps, decoding_layout, output_weight
+from lmforge.models.decoding import (
+    GPTSteps,
+    OutputProjection,
+    Seq2SeqSteps,
+    Steps,
+    decoding_layout,
+    output_weight,
+    resolve_precision,
+)
 from lmforge.models.gpt import GPT
 from lmforge.models.seq2seq import Seq2Seq
 
@@ -120,7 +128,9 @@ class Generator:
     layout (``decoding_layout``); ``copy_weights=False`` relayouts the model itself instead (for a
     model used only for inference), and ``refresh()`` re-reads the weights after training steps.
     ``tokenizer`` decodes the output (and, for a GPT, encodes the prompts); ``source_tokenizer``
-    encodes the sources of an encoder-decoder (default: ``tokenizer``). ``start_id`` is the token a
+    encodes the sources of an encoder-decoder (default: ``tokenizer``). ``precision`` (``models/decoding.py``'s
+    PRECISIONS, or ``auto``): ``fp32`` decodes exactly; ``int8-head`` and ``bf16`` read fewer bytes per token
+    where bf16 arithmetic is fast, and may pick other tokens where two are nearly tied. ``start_id`` is the token a
     decoder starts from (encoder-decoder; default: the end token, as in Marian and BART).
     """
 
@@ -133,6 +143,7 @@ class Generator:
         start_id: int | None = None,
         source_special_tokens: bool = False,
         copy_weights: bool = True,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, (GPT, Seq2Seq)):
             raise UserError(f"generation needs a GPT or an encoder-decoder model, not {type(model).__name__}")
@@ -146,13 +157,16 @@ class Generator:
         pad = tokenizer.token_id("pad")
         self.pad_id = eos if pad is None else pad
         self.start_id = eos if start_id is None else start_id
+        self.precision = resolve_precision(precision, next(model.parameters()).device)
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the model's weights (call after they change, e.g. between training steps)."""
         model = copy.deepcopy(self.source_model) if self.copy_weights else self.source_model
+        if self.precision == "bf16":
+            model = model.to(torch.bfloat16)
         self.model = decoding_layout(model.eval())
-        self.head = OutputProjection(output_weight(self.model))
+        self.head = OutputProjection(output_weight(self.model), self.precision)
 
     # --- public entry points ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ faster. Rounding is torch's (``torch.quantize_per_channel``); only the file layo
 Activation range: torch.ao's module quantizes inputs to 7 bits (``reduce_range=True``), which keeps the
 u8 x s8 pair sums of AVX2 / AVX-512 ``vpmaddubsw`` from saturating 16 bits. CPUs with VNNI
 (``avx512_vnni`` / ``avx_vnni``) multiply-accumulate into 32 bits, so there the inputs get all 8 bits
-(chosen at run time from the CPU flags). On e5-small fine-tuned on reviews (dev split, 2-core EPYC), the
+(chosen at run time: ``ops/cpu_features.py``). On e5-small fine-tuned on reviews (dev split, 2-core EPYC), the
 int8 labels matched fp32 on 97.8% of texts with 7 bits and on 99.1% with 8, at the same speed.
 
 On disk, safetensors only (torch.ao's own state dict holds packed C++ objects that would need pickle):
@@ -38,19 +38,11 @@ from torch import Tensor, nn
 from lmforge.errors import UserError
 from lmforge.models.bert import Bert
 from lmforge.models.registry import build_model, read_config, read_safetensors
+from lmforge.ops.cpu_features import has_vnni
 
 INT8_WEIGHTS_FILE = "model.int8.safetensors"
 ENGINE = "torch.ao.nn.quantized.dynamic.Linear (fbgemm/x86), per-row symmetric int8 weights, dynamic int8 inputs"
 """Recorded in backend.json; the input width (7 or 8 bits) is the loading CPU's, not stored."""
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has 8-bit dot products into 32-bit sums (AVX-512 VNNI or AVX-VNNI), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 @functools.cache
@@ -60,7 +52,7 @@ def _dynamic_linear() -> type[nn.Module]:
         warnings.simplefilter("ignore")
         from torch.ao.nn.quantized.dynamic import Linear
 
-    reduce_range = not cpu_has_vnni()
+    reduce_range = not has_vnni()
 
     class Int8Linear(Linear):
         def forward(self, x: Tensor) -> Tensor:

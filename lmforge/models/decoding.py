@@ -7,8 +7,9 @@ encoder-decoder projects its cross-attention keys/values once per source.
 
 Speed at small batch on a CPU is bound by reading the weights, not by FLOPs (FINDINGS):
 ``decoding_layout`` stores each projection in the layout a matrix-vector product reads fastest,
-and ``OutputProjection`` keeps the vocabulary matrix both ways. Only the memory layout changes:
-the outputs are exactly the model's.
+and ``OutputProjection`` keeps the vocabulary matrix both ways. In fp32 only the memory layout changes:
+the outputs are exactly the model's. ``PRECISIONS`` names the two inexact paths that read fewer bytes
+(int8 vocabulary matrix; everything in bf16), chosen at run time by ``resolve_precision``.
 """
 
 from __future__ import annotations
@@ -19,26 +20,68 @@ from torch import Tensor, nn
 from lmforge.models.gpt import GPT
 from lmforge.models.seq2seq import Seq2Seq
 
+PRECISIONS = ("fp32", "int8-head", "bf16")
+"""Decoding precisions: ``fp32`` (exact: the reference and the default); ``int8-head``: fp32 layers, the
+vocabulary projection with int8 weights (one scale per row) and bf16 inputs; ``bf16``: every weight, the
+KV cache and the activations in bf16. The inexact two need bf16 arithmetic (``ops/cpu_features.has_bf16`` on
+a CPU, or a GPU); ``auto`` picks ``int8-head`` there and ``fp32`` elsewhere (FINDINGS: the big matrix is where
+the bytes are; the small ones ran slower in bf16 at batch 1)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The decoding precision for ``precision`` (one of PRECISIONS or ``auto``) on ``device``."""
+    from lmforge.errors import UserError
+    from lmforge.ops.cpu_features import has_bf16
+
+    if precision not in (*PRECISIONS, "auto"):
+        raise UserError(f"precision={precision!r} must be one of {', '.join((*PRECISIONS, 'auto'))}")
+    fast = device.type == "cuda" or has_bf16()
+    if precision == "auto":
+        return "int8-head" if fast else "fp32"
+    if precision != "fp32" and not fast:
+        raise UserError(
+            f"precision={precision!r} needs bf16 arithmetic (a GPU, or a CPU with avx512_bf16 / amx_bf16); "
+            "this CPU emulates it, ~4x slower than fp32: use fp32 or auto"
+        )
+    return precision
+
 
 class OutputProjection:
-    """Vocabulary logits ``h @ W.T`` for (N, D) hidden states, in the faster layout for N."""
+    """Vocabulary logits ``h @ W.T`` (fp32) for (N, D) hidden states, in the faster layout for N.
 
-    def __init__(self, weight: Tensor) -> None:
-        self.weight = weight.detach()  # (V, D) as the model stores it: faster for several rows
-        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row
+    ``precision`` (PRECISIONS): ``fp32`` keeps the matrix both ways; ``bf16`` stores it in bf16; ``int8-head``
+    as int8 with one fp32-derived scale per vocabulary row (symmetric, the largest |w| -> 127), multiplied by
+    ``torch._weight_int8pack_mm`` with bf16 inputs (the int8 weight-only kernel of gpt-fast; with fp32 inputs
+    it is slower than fp32 on CPUs).
+    """
+
+    def __init__(self, weight: Tensor, precision: str = "fp32") -> None:
+        self.precision = precision
+        weight = weight.detach()
+        self.weight = weight if precision == "fp32" else weight.bfloat16()  # (V, D): faster for several rows
+        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row in fp32
+        if precision == "int8-head":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            self.int8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.scale = scale.bfloat16()
+            self.weight = self.weight_t = None  # only the int8 copy is read
 
     @property
     def vocab_size(self) -> int:
-        return self.weight.shape[0]
+        return (self.int8 if self.precision == "int8-head" else self.weight).shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        return (self.int8 if self.precision == "int8-head" else self.weight).device
 
     def __call__(self, h: Tensor) -> Tensor:
+        if self.precision == "int8-head":
+            return torch._weight_int8pack_mm(h.bfloat16().contiguous(), self.int8, self.scale).float()
+        h = h.to(self.weight.dtype)
         if h.shape[0] == 1:
-            return h @ self.weight_t  # (1, V)
-        return (self.weight @ h.t()).t()  # (N, V)
+            return (h @ self.weight_t).float()  # (1, V)
+        return (self.weight @ h.t()).t().float()  # (N, V)
 
 
 def decoding_layout(model: nn.Module) -> nn.Module:

@@ -73,8 +73,9 @@ class Served:
         return {"id": self.name, "object": "model", "owned_by": "lmforge", "task": self.task, "run_dir": self.run_dir}
 
 
-def load_served(name: str, run_dir: str | Path) -> Served:
-    """Load ``run_dir`` for serving under ``name`` (``runs/run_dir.load_run``); its task decides the endpoints."""
+def load_served(name: str, run_dir: str | Path, *, precision: str = "fp32") -> Served:
+    """Load ``run_dir`` for serving under ``name`` (``runs/run_dir.load_run``); its task decides the endpoints;
+    ``precision`` is the decoding precision of a chat or translation model (``models/decoding.py``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--model {name}={run_dir}: no such directory")
@@ -89,8 +90,9 @@ def load_served(name: str, run_dir: str | Path) -> Served:
             source_tokenizer=run.task.src_tok,
             source_special_tokens=run.task.source_special_tokens,
             copy_weights=False,
+            precision=precision,
         )
     elif run.name == "chat":
-        served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned)
+        served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, precision=precision)
         served.generator = served.session.generator
     return served

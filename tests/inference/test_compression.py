@@ -215,7 +215,8 @@ def test_only_encoder_tasks_are_compressed(tmp_path: Path) -> None:
 def test_int8_linear_uses_all_8_input_bits_on_vnni_cpus() -> None:
     """torch.ao's module quantizes inputs to 7 bits; ours keeps 8 where VNNI sums into 32 bits, which halves
     the input rounding error (measured against the same int8 weights in fp32). Elsewhere it keeps 7."""
-    from lmforge.inference.int8 import _dynamic_linear, _quantized_linear, cpu_has_vnni
+    from lmforge.inference.int8 import _dynamic_linear, _quantized_linear
+    from lmforge.ops.cpu_features import has_vnni
 
     torch.manual_seed(0)
     w, x = torch.randn(96, 256), torch.randn(64, 256)
@@ -231,4 +232,4 @@ def test_int8_linear_uses_all_8_input_bits_on_vnni_cpus() -> None:
     }
     ours = (layer(x) - exact).abs().mean().item()
     assert errors[8] < 0.7 * errors[7]  # one more bit: about half the rounding error
-    assert ours == pytest.approx(errors[8 if cpu_has_vnni() else 7], rel=1e-6)
+    assert ours == pytest.approx(errors[8 if has_vnni() else 7], rel=1e-6)
