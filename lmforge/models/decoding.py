@@ -58,22 +58,15 @@ class OutputProjection:
     def __init__(self, weight: Tensor, precision: str = "fp32") -> None:
         self.precision = precision
         weight = weight.detach()
-        self.weight = weight if precision == "fp32" else weight.bfloat16()  # (V, D): faster for several rows
-        self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row in fp32
-        if precision == "int8-head":
+        self.vocab_size, self.device = weight.shape[0], weight.device
+        if precision == "int8-head":  # only the int8 copy is read
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             self.int8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
             self.scale = scale.bfloat16()
-            self.weight = self.weight_t = None  # only the int8 copy is read
-
-    @property
-    def vocab_size(self) -> int:
-        return (self.int8 if self.precision == "int8-head" else self.weight).shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return (self.int8 if self.precision == "int8-head" else self.weight).device
+        else:
+            self.weight = weight if precision == "fp32" else weight.bfloat16()  # (V, D): faster for several rows
+            self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row in fp32
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.precision == "int8-head":

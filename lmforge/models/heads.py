@@ -127,12 +127,18 @@ class CRF(nn.Module):
         return score - self._log_partition(emissions, mask, trans, start)
 
     def _log_partition(self, emissions: Tensor, mask: Tensor, trans: Tensor, start: Tensor) -> Tensor:
-        alpha = start + emissions[:, 0]  # (B, C)
+        return torch.logsumexp(self._alphas(emissions, mask, trans, start)[-1] + self.end, dim=1)
+
+    @staticmethod
+    def _alphas(emissions: Tensor, mask: Tensor, trans: Tensor, start: Tensor) -> list[Tensor]:
+        """Forward scores per step: alpha_t[c] = log-sum over tag prefixes ending in c at t (B, C) each; a padded
+        step repeats the last real one."""
+        alphas = [start + emissions[:, 0]]
         for t in range(1, emissions.shape[1]):
             # alpha'[j] = logsumexp_i(alpha[i] + trans[i, j]) + emission[t, j]
-            nxt = torch.logsumexp(alpha.unsqueeze(2) + trans.unsqueeze(0), dim=1) + emissions[:, t]  # (B, C)
-            alpha = torch.where(mask[:, t, None], nxt, alpha)
-        return torch.logsumexp(alpha + self.end, dim=1)
+            nxt = torch.logsumexp(alphas[-1].unsqueeze(2) + trans.unsqueeze(0), dim=1) + emissions[:, t]
+            alphas.append(torch.where(mask[:, t, None], nxt, alphas[-1]))
+        return alphas
 
     def log_marginals(self, emissions: Tensor, mask: Tensor, *, temperature: float = 1.0) -> Tensor:
         """log p(tag at step t = c | emissions) per step (B, T, C) by forward-backward, differentiable; padded
@@ -142,10 +148,7 @@ class CRF(nn.Module):
         trans, start = self._scores()
         emissions, trans, start, end = (x / temperature for x in (emissions.float(), trans, start, self.end))
         T = emissions.shape[1]
-        alphas = [start + emissions[:, 0]]  # alpha_t[c]: log-sum over tag prefixes ending in c at t
-        for t in range(1, T):
-            nxt = torch.logsumexp(alphas[-1].unsqueeze(2) + trans.unsqueeze(0), dim=1) + emissions[:, t]
-            alphas.append(torch.where(mask[:, t, None], nxt, alphas[-1]))
+        alphas = self._alphas(emissions, mask, trans, start)
         log_z = torch.logsumexp(alphas[-1] + end, dim=1)  # (B,)
         beta = end.expand_as(alphas[0])  # beta_t[c]: log-sum over tag suffixes after c at t
         betas = [beta]

@@ -1,4 +1,5 @@
-"""What this CPU can do fast, read once from /proc/cpuinfo: the run-time choices of int8 and bf16 paths.
+"""What this CPU is and can do fast, read once from /proc/cpuinfo: its name (the key of cached peak FLOP/s)
+and the run-time choices of int8 and bf16 paths.
 
 - ``has_vnni``: 8-bit dot products summed into 32 bits (AVX-512 VNNI, AVX-VNNI): int8 inputs may use all 8 bits.
 - ``has_bf16``: bf16 dot products (AVX-512 BF16, AMX-BF16): bf16 matmuls run ~2x fp32's speed. Without them
@@ -10,20 +11,34 @@ On a machine without /proc/cpuinfo (not Linux) every answer is False: the exact 
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty where there is none."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo; empty where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line); empty where there is none."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 9B14"), not just the architecture; the platform's name where /proc has none."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def has_vnni() -> bool:

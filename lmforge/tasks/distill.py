@@ -197,9 +197,7 @@ def mlm_augment(
         for ex, chars in zip(out, pieces, strict=True):
             if ex.get(field):
                 ex[field] = chars if field == "tokens" else "".join(chars)
-    for ex in out:
-        ex.pop("label", None), ex.pop("tags", None), ex.pop("source", None)
-    return out
+    return [{k: v for k, v in ex.items() if k not in ("label", "tags", "source")} for ex in out]
 
 
 def _encode(tokenizer, pieces: list[list[str]]) -> list:
@@ -279,9 +277,14 @@ class _Distilled:
     n_unlabelled: int
     teacher: str
 
-    def _distilling(self, cfg: Any, n_unlabelled: int) -> None:
-        self.temperature, self.alpha, self.n_unlabelled = cfg.temperature, cfg.alpha, n_unlabelled
-        self.teacher = cfg.teacher
+    def _teacher_data(self, cfg: Any, train: Sequence[dict], run_dir: Path, labels: list[str]):
+        """The labelled and unlabelled examples and the cached teacher rows of each (in that order); keeps the
+        loss settings of ``cfg``."""
+        labelled, unlabelled = distill_examples(cfg, train, run_dir)
+        rows = read_teacher_rows(run_dir, [*labelled, *unlabelled], labels)
+        self.temperature, self.alpha, self.teacher = cfg.temperature, cfg.alpha, cfg.teacher
+        self.n_unlabelled = len(unlabelled)
+        return labelled, unlabelled, rows
 
     def extras(self) -> dict:
         entry = {"teacher": self.teacher, "temperature": self.temperature, "alpha": self.alpha}
@@ -296,13 +299,10 @@ class DistilledClassification(_Distilled, ClassificationTask):
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
-        labelled, unlabelled = distill_examples(cfg, splits["train"], run_dir)
-        teacher = [r[0] for r in read_teacher_rows(run_dir, [*labelled, *unlabelled], task.labels)]
-        extra = task.encode(unlabelled, split="unlabelled", need_labels=False)
-        items = [*task.train_items, *extra]
-        task.train_items = [(*item, teacher[i]) for i, item in enumerate(items)]
+        _, unlabelled, teacher = task._teacher_data(cfg, splits["train"], run_dir, task.labels)
+        items = [*task.train_items, *task.encode(unlabelled, split="unlabelled", need_labels=False)]
+        task.train_items = [(*item, teacher[i][0]) for i, item in enumerate(items)]  # one row per text
         task.train_lengths = [len(item[0]) for item in task.train_items]
-        task._distilling(cfg, len(extra))
         return task, model
 
     def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -336,15 +336,13 @@ class DistilledNER(_Distilled, NERTask):
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
-        labelled, unlabelled = distill_examples(cfg, splits["train"], run_dir)
-        teacher = read_teacher_rows(run_dir, [*labelled, *unlabelled], task.tags)
+        labelled, unlabelled, teacher = task._teacher_data(cfg, splits["train"], run_dir, task.tags)
         extra = [
             (*w[:3], (w[3][0] + len(labelled), *w[3][1:]))
             for w in task.windows(unlabelled, split="unlabelled", need_tags=False)
         ]
         task.train_items = [(*w, teacher[w[3][0]][w[3][1] : w[3][2]]) for w in [*task.train_items, *extra]]
         task.train_lengths = [len(w[0]) for w in task.train_items]
-        task._distilling(cfg, len(unlabelled))
         return task, model
 
     def collate(self, items: list, *, generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -12,32 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.ops.cpu_features import cpu_name
+
 log = logging.getLogger("lmforge.train")
 METRICS = "metrics.jsonl"
-
-
-def _cpu_name() -> str:
-    """The CPU model ("AMD EPYC 9B14"), not just the architecture: a cached peak is only valid on the same kind."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, *, size: int = 2048, seconds: float = 1.0) -> float:
     """Matmul FLOP/s of this device at ``dtype`` (a square ``size`` matmul, best of a short run)."""
     cache = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "peak_flops.json"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     key = f"{device.type}:{name}:{torch.get_num_threads()}:{dtype}"
     try:
         known = json.loads(cache.read_text())
