@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -139,10 +140,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
 
 
+def temporary_name(path: Path) -> Path:
+    """A temporary file beside ``path``, its name unique to this process and thread, to write then ``os.replace``.
+
+    A shared name would let two writers of the same file (the processes of a torchrun job preparing one run
+    directory) write into one temporary file, and a reader then see it half written after the rename.
+    """
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -150,6 +160,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_yaml(path: str | os.PathLike, cfg: Any) -> None:
     """Write the resolved config of a run (a dataclass or a dict) as YAML, atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.config import temporary_name
 from lmforge.errors import UserError
 
 
@@ -97,7 +98,7 @@ def read_conll(path: str | os.PathLike) -> Iterator[dict]:
 
 def _atomic_write(path: Path, lines: Iterable[str]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     n = 0
     with tmp.open("w", encoding="utf-8") as f:
         for line in lines:

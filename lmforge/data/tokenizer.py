@@ -25,7 +25,7 @@ from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.config import read_json_object, write_json, write_yaml
+from lmforge.config import read_json_object, temporary_name, write_json, write_yaml
 from lmforge.errors import UserError
 
 TokenizerKind = Literal["wordpiece", "bpe", "unigram"]  # unigram: imported checkpoints (XLM-R pieces)
@@ -49,12 +49,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy whichever tokenizer files ``src`` has into ``dst``; returns their names."""
+    """Copy whichever tokenizer files ``src`` has into ``dst`` (each atomically, tokenizer.json last: its presence
+    means the directory is complete); returns their names."""
     src, dst = Path(src), Path(dst)
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
-            shutil.copyfile(src / name, dst / name)
+            tmp = temporary_name(dst / name)
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
             copied.append(name)
     return copied
 
@@ -193,12 +196,13 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 
 
 def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_length: int = 512) -> Path:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``directory``."""
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``directory``, each atomically.
+
+    tokenizer.json comes last: callers take its presence to mean the directory is complete (a resumed run
+    reloads it), so it must never exist beside a missing or older tokenizer_config.json.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "tokenizer.json.tmp"
-    tok.tokenizer.save(str(tmp))
-    os.replace(tmp, directory / "tokenizer.json")
     roles = {
         "pad": "pad_token",
         "unk": "unk_token",
@@ -225,6 +229,9 @@ def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", special_map)
+    tmp = temporary_name(directory / "tokenizer.json")
+    tok.tokenizer.save(str(tmp))
+    os.replace(tmp, directory / "tokenizer.json")
     return directory
 
 

@@ -308,21 +308,25 @@ class TranslationTask(FinetuneDefaults):
 
 
 def _tokenizers(cfg: Any, run_dir: Path, train: list[dict]) -> tuple[LMTokenizer, LMTokenizer]:
-    """(source, target) tokenizers, saved into the run directory."""
+    """(source, target) tokenizers, saved into the run directory.
+
+    Every process of a torchrun job comes here and may write the same files: each is written atomically under a
+    name of its own (``config.temporary_name``) with tokenizer.json last, and training on the same texts gives
+    the same tokenizer, so a process that finds tokenizer.json reads a complete, identical directory.
+    """
     if cfg.model and cfg.tokenizer:
         raise UserError(
             "--model (a pretrained BERT encoder) brings its own source tokenizer; give --tokenizer only without --model"
         )
-    target_dir = run_dir
     if cfg.tokenizer:
         tgt = load_tokenizer(cfg.tokenizer)
-        copy_tokenizer_files(cfg.tokenizer, target_dir)
-    elif (target_dir / "tokenizer.json").is_file():  # resuming
-        tgt = load_tokenizer(target_dir)
+        copy_tokenizer_files(cfg.tokenizer, run_dir)
+    elif (run_dir / "tokenizer.json").is_file():  # resuming, or another process saved it
+        tgt = load_tokenizer(run_dir)
     else:
         sides = ("tgt",) if cfg.model else ("src", "tgt")
         tgt = train_tokenizer(lambda: (ex[s] for ex in train for s in sides), kind="bpe", vocab_size=cfg.vocab_size)
-        save_tokenizer(tgt, target_dir, model_max_length=cfg.max_len)
+        save_tokenizer(tgt, run_dir, model_max_length=cfg.max_len)
     if not cfg.model:
         return tgt, tgt
     source_dir = run_dir / SOURCE_TOKENIZER_DIR

@@ -91,6 +91,25 @@ def test_save_and_load_round_trip(tmp_path: Path, wordpiece_dir: Path) -> None:
     assert again.tokenizer.to_str() == tok.tokenizer.to_str() and again.specials == tok.specials
 
 
+def test_tokenizer_json_is_written_last(tmp_path: Path, bpe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed runs (and other processes of a distributed one) take tokenizer.json to mean the directory is
+    complete: a save stopped before the configs are written must leave no tokenizer.json behind."""
+    import lmforge.data.tokenizer as tokenizer_module
+
+    tok = load_tokenizer(bpe_dir)
+
+    def stopped(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer_module, "write_json", stopped)
+    with pytest.raises(OSError, match="disk full"):
+        save_tokenizer(tok, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "tokenizer.json").exists()
+    monkeypatch.undo()
+    save_tokenizer(tok, tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy").token_id("eos") == tok.token_id("eos") is not None
+
+
 def test_missing_tokenizer_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lmforge tokenizer train"):
         load_tokenizer(tmp_path)
