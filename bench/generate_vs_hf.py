@@ -8,16 +8,16 @@ medians are compared. transformers runs ``GPT2LMHeadModel.generate`` in fp32 wit
 KV cache). Before timing, lmforge's fp32 token ids are checked to be identical to transformers', so the
 two decode the very same sequences.
 
-Precisions (``models/decoding.py``): ``fp32`` (exact), ``int8-head`` (int8 vocabulary matrix, bf16 inputs),
-``bf16`` (everything in bf16); the inexact two only where bf16 arithmetic is fast (``--precisions`` defaults
-to the ones this machine runs). Each case also reports the weight bytes read per decoding step, that rate
-as a share of this machine's measured read bandwidth (a 512 MB fp32 sum, best of 5), and for the inexact
-paths the share of greedy tokens equal to lmforge fp32's over 128 new tokens from 20 prompts (the first 16
-tokens of 20 ``pretrain-zh`` texts with --model, else random ids; random weights make near-ties common, so
-agreement is only meaningful on a trained model).
+Precisions (``models/decoding.py``): ``fp32`` (exact), ``int8`` (every matrix int8 weight-only, bf16 inputs),
+``int8-head`` (the vocabulary matrix alone), ``bf16`` (everything in bf16); the inexact three only where bf16
+arithmetic is fast (``--precisions`` defaults to the ones this machine runs). Each case also reports the
+weight bytes read per decoding step, that rate as a share of this machine's measured read bandwidth (a 512 MB
+fp32 sum, best of 5), and for the inexact paths the share of greedy tokens equal to lmforge fp32's over 128
+new tokens from 20 prompts (the first 16 tokens of 20 ``pretrain-zh`` texts with --model, else random ids;
+random weights make near-ties common, so agreement is only meaningful on a trained model).
 
     python bench/generate_vs_hf.py [--rounds 5] [--threads 2] [--new-tokens 128] [--model DIR]
-        [--precisions fp32 int8-head bf16] [--out FILE]
+        [--precisions fp32 int8 int8-head bf16] [--out FILE]
 
 Writes bench/results/generate_vs_hf.json in the shape of the other benchmarks:
 {"machine": {...}, "cases": {"batch1": {"lmforge", "hf", "unit", "ratio", "settings"}, "batch8": {...},
@@ -128,9 +128,10 @@ def _read_bandwidth() -> float:
 def _step_bytes(gen: Generator) -> int:
     """Weight bytes one decoding step reads: every layer's matrices and vectors, and the vocabulary matrix once
     (the token and position tables are read a row per sequence: not counted)."""
-    layers = sum(p.numel() * p.element_size() for n, p in gen.model.named_parameters() if not n.startswith("embed."))
+    tensors = [*gen.model.named_parameters(), *gen.model.named_buffers()]  # int8 layers hold buffers
+    layers = sum(t.numel() * t.element_size() for n, t in tensors if not n.startswith(("embed.", "rotary.")))
     head = gen.head
-    if head.precision == "int8-head":
+    if head.quantized:
         return layers + head.int8.numel() + head.scale.numel() * head.scale.element_size()
     return layers + head.weight.numel() * head.weight.element_size()
 

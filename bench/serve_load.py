@@ -28,6 +28,12 @@ the default 1 MB body limit, and reports the bytes the server took before answer
 its RSS before and after; into bench/results/serve_upload.json.
 
     .venv/bin/python bench/serve_load.py --upload-mb 300 --classify RUN --chat RUN
+
+``--gain COMPRESSED_RUN`` serves the classify and chat phases twice, from the fp32 models and from compressed
+ones (a ``lmforge quantize`` / ``lmforge export --to onnx`` copy of --classify; the chat model decoded at
+``--precision``, default int8), and reports requests/s of each and the ratio; into bench/results/serve_gain.json.
+
+    .venv/bin/python bench/serve_load.py --gain runs/e5-sent-int8 --classify runs/e5-sent --chat runs/gpt-tiny-zh
 """
 
 from __future__ import annotations
@@ -64,10 +70,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: dict[str, str], *, queue_size: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    models: dict[str, str], *, queue_size: int, max_batch: int, precision: str = "fp32"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     lmforge = Path(sys.executable).with_name("lmforge")
     args = [str(lmforge), "serve", "--port", str(port), "--queue-size", str(queue_size), "--max-batch", str(max_batch)]
+    args += ["--precision", precision]
     for name, path in models.items():
         args += ["--model", f"{name}={path}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -336,6 +345,52 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def gain(args: argparse.Namespace) -> None:
+    """classify and chat phases on a server of the fp32 models, then on one of the compressed ones (same clients,
+    same seconds, one server at a time); requests/s and latency of each and the ratio, into
+    bench/results/serve_gain.json."""
+    setups = {
+        "fp32": ({"classify": args.classify, "chat": args.chat}, "fp32"),
+        "compressed": ({"classify": args.gain, "chat": args.chat}, args.precision),
+    }
+    results: dict = {"threads": os.cpu_count(), "settings": vars(args)}
+    for name, (models, precision) in setups.items():
+        proc, url = start_server(models, queue_size=64, max_batch=32, precision=precision)
+        try:
+            asyncio.run(run_phase(url, classify_request, clients=4, seconds=2, pid=proc.pid))  # warm-up
+            asyncio.run(run_phase(url, chat_request, clients=1, seconds=2, pid=proc.pid))
+            results[name] = {
+                "classify": asyncio.run(
+                    run_phase(url, classify_request, clients=args.clients, seconds=args.seconds, pid=proc.pid)
+                ),
+                "chat": asyncio.run(
+                    run_phase(url, chat_request, clients=args.chat_clients, seconds=args.seconds, pid=proc.pid)
+                ),
+            }
+        finally:
+            stop(proc)
+    results["cases"] = {
+        phase: {
+            "lmforge": results["compressed"][phase]["ok_per_s"],
+            "hf": None,
+            "baseline": results["fp32"][phase]["ok_per_s"],
+            "unit": "requests/s",
+            "ratio": results["compressed"][phase]["ok_per_s"] / max(results["fp32"][phase]["ok_per_s"], 1e-9),
+        }
+        for phase in ("classify", "chat")
+    }
+    out = Path(args.out if args.out != DEFAULT_OUT else Path(DEFAULT_OUT).with_name("serve_gain.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for phase in ("classify", "chat"):
+        a, b = results["fp32"][phase], results["compressed"][phase]
+        print(
+            f"{phase:9s} fp32 {a['ok_per_s']:7.1f} ok/s p50 {a['p50_ms']:7.1f} ms | compressed {b['ok_per_s']:7.1f} "
+            f"ok/s p50 {b['p50_ms']:7.1f} ms | {results['cases'][phase]['ratio']:.2f}x"
+        )
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classify", required=True, help="a classification run directory (lmforge finetune classify)")
@@ -349,7 +404,17 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=0.0, help="minutes of mixed traffic on one server")
     parser.add_argument("--upload-mb", type=float, default=0.0, help="one chunked upload of this many MB")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument(
+        "--gain",
+        metavar="COMPRESSED_CLASSIFY_RUN",
+        help="compare instead: classify and chat served as given (fp32) and compressed (this `lmforge quantize` or "
+        "`lmforge export --to onnx` copy of --classify; chat at --precision)",
+    )
+    parser.add_argument("--precision", default="int8", help="with --gain: the chat model's decoding precision")
     args = parser.parse_args()
+    if args.gain:
+        gain(args)
+        return
     if args.upload_mb:
         upload(args)
         return

@@ -279,15 +279,15 @@ def test_decoding_precision_is_chosen_at_run_time(monkeypatch) -> None:
     assert decoding.resolve_precision("auto", cpu) == "fp32"  # bf16 is emulated, ~4x slower: the exact path
     with pytest.raises(UserError, match="needs bf16 arithmetic"):
         decoding.resolve_precision("bf16", cpu)
-    assert decoding.resolve_precision("auto", torch.device("cuda")) == "int8-head"
+    assert decoding.resolve_precision("auto", torch.device("cuda")) == "int8"
     monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: True)
-    assert decoding.resolve_precision("auto", cpu) == "int8-head"
+    assert decoding.resolve_precision("auto", cpu) == "int8"
     assert decoding.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(UserError, match="must be one of"):
         decoding.resolve_precision("fp8", cpu)
 
 
-@pytest.mark.parametrize("precision", ["int8-head", "bf16"])
+@pytest.mark.parametrize("precision", ["int8", "int8-head", "bf16"])
 def test_inexact_decoding_precisions_stay_close_to_fp32(precision, monkeypatch) -> None:
     """The first step's logits of each inexact path against fp32's (by how much a prompt's logits move), and
     that generation runs end to end with the KV cache in the path's dtype."""
@@ -306,3 +306,36 @@ def test_inexact_decoding_precisions_stay_close_to_fp32(precision, monkeypatch) 
     out = fast.generate(prompts, GenerationConfig(max_new_tokens=6))
     assert [len(o.token_ids) <= 6 for o in out] == [True, True]
     assert next(model.parameters()).dtype == torch.float32  # the source model is left as it was
+
+
+def test_int8_weight_linear_is_the_linear_layer_up_to_its_rounding() -> None:
+    """Per-row int8 weights with bf16 inputs: each output within the rounding bound of its row (half a step of
+    the row's scale per weight, times |x|, plus bf16's relative 2^-8 on the inputs), on a (B, T, D) input."""
+    from lmforge.models.decoding import Int8WeightLinear, int8_weights
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 3, 64)
+    fast = Int8WeightLinear(linear)
+    with torch.no_grad():
+        exact = linear(x)
+        y = fast(x)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    scale = fast.scale.float()
+    weight_bound = x.abs().sum(-1, keepdim=True) * scale / 2  # (B, T, out)
+    input_bound = (x.abs() @ linear.weight.abs().t()) * 2**-8
+    assert ((y - exact).abs() <= 1.05 * (weight_bound + input_bound) + 1e-3).all()
+    model = int8_weights(_seq2seq())  # every linear layer, cross-attention's too
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_int8_decoding_runs_on_untied_heads_and_encoder_decoders(monkeypatch) -> None:
+    monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: True)
+    torch.manual_seed(2)
+    untied = _gpt(tie_embeddings=False, positions="rope", norm="rmsnorm", gated_ffn=True, activation="silu")
+    for model, inputs in ((untied, [[5, 9, 2], [7]]), (_seq2seq(), [[7, 3, 9, EOS], [4, EOS]])):
+        exact = Generator(model, IdsTokenizer())
+        fast = Generator(model, IdsTokenizer(), precision="int8")
+        reference, logits = exact._steps(inputs, 1, 4).first(), fast._steps(inputs, 1, 4).first()
+        assert (logits - reference).abs().max() <= 0.02 * reference.abs().max()
+        assert all(len(o.token_ids) <= 5 for o in fast.generate(inputs, GenerationConfig(max_new_tokens=5)))

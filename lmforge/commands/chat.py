@@ -28,8 +28,9 @@ class GenerateConfig:
     """With a chat model: continue the prompt as plain text instead of answering it as a user message."""
     system: str | None = None
     """With a chat model: a system message before the prompt."""
-    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
-    """Decoding: fp32 (exact), int8-head (int8 vocabulary matrix), bf16; auto: int8-head where bf16 is fast."""
+    precision: Literal["fp32", "int8", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding: fp32 (exact), int8 (int8 weights), int8-head (int8 vocabulary matrix), bf16; auto: int8 where bf16
+    is fast, else fp32."""
     generation: GenerationConfig = field(default_factory=_chat_sampling)
 
 
@@ -41,8 +42,9 @@ class ChatConfig:
     """Run directory from `lmforge finetune chat` (or any GPT whose tokenizer has the chat tokens)."""
     system: str | None = None
     """A system message that starts every conversation."""
-    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
-    """Decoding: fp32 (exact), int8-head (int8 vocabulary matrix), bf16; auto: int8-head where bf16 is fast."""
+    precision: Literal["fp32", "int8", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding: fp32 (exact), int8 (int8 weights), int8-head (int8 vocabulary matrix), bf16; auto: int8 where bf16
+    is fast, else fp32."""
     generation: GenerationConfig = field(default_factory=_chat_sampling)
 
 

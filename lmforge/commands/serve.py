@@ -34,8 +34,9 @@ class ServeConfig:
     limits: tyro.conf.OmitArgPrefixes[Limits] = field(default_factory=Limits)
     graceful_s: float = 30.0
     """On shutdown, how long in-flight requests may take to finish."""
-    precision: Literal["fp32", "int8-head", "bf16", "auto"] = "fp32"
-    """Decoding of chat / translation models: fp32 (exact), int8-head, bf16; auto: int8-head where bf16 is fast."""
+    precision: Literal["fp32", "int8", "int8-head", "bf16", "auto"] = "fp32"
+    """Decoding of chat / translation models: fp32 (exact), int8 (int8 weights), int8-head, bf16; auto: int8 where
+    bf16 is fast, else fp32."""
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:

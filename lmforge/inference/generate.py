@@ -36,6 +36,7 @@ from lmforge.models.decoding import (
     Seq2SeqSteps,
     Steps,
     decoding_layout,
+    int8_weights,
     output_weight,
     resolve_precision,
 )
@@ -129,7 +130,7 @@ class Generator:
     model used only for inference), and ``refresh()`` re-reads the weights after training steps.
     ``tokenizer`` decodes the output (and, for a GPT, encodes the prompts); ``source_tokenizer``
     encodes the sources of an encoder-decoder (default: ``tokenizer``). ``precision`` (``models/decoding.py``'s
-    PRECISIONS, or ``auto``): ``fp32`` decodes exactly; ``int8-head`` and ``bf16`` read fewer bytes per token
+    PRECISIONS, or ``auto``): ``fp32`` decodes exactly; ``int8``, ``int8-head`` and ``bf16`` read fewer bytes per token
     where bf16 arithmetic is fast, and may pick other tokens where two are nearly tied. ``start_id`` is the token a
     decoder starts from (encoder-decoder; default: the end token, as in Marian and BART).
     """
@@ -167,6 +168,8 @@ class Generator:
             model = model.to(torch.bfloat16)
         self.model = decoding_layout(model.eval())
         self.head = OutputProjection(output_weight(self.model), self.precision)
+        if self.precision == "int8":  # after the head read its matrix: an untied lm_head is a Linear too
+            int8_weights(self.model)
 
     # --- public entry points ---------------------------------------------------------------------
 

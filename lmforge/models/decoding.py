@@ -9,7 +9,9 @@ Speed at small batch on a CPU is bound by reading the weights, not by FLOPs (FIN
 ``decoding_layout`` stores each projection in the layout a matrix-vector product reads fastest,
 and ``OutputProjection`` keeps the vocabulary matrix both ways. In fp32 only the memory layout changes:
 the outputs are exactly the model's. ``PRECISIONS`` names the two inexact paths that read fewer bytes
-(int8 vocabulary matrix; everything in bf16), chosen at run time by ``resolve_precision``.
+(int8 vocabulary matrix; every matrix int8; everything in bf16), chosen at run time by ``resolve_precision``.
+The int8 matrices are weight-only (one scale per output row, gpt-fast's ``int8`` scheme), multiplied by
+``torch._weight_int8pack_mm`` with bf16 inputs; norms, attention, the residual stream and the cache stay fp32.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from torch import Tensor, nn
 from lmforge.models.gpt import GPT
 from lmforge.models.seq2seq import Seq2Seq
 
-PRECISIONS = ("fp32", "int8-head", "bf16")
-"""Decoding precisions: ``fp32`` (exact: the reference and the default); ``int8-head``: fp32 layers, the
-vocabulary projection with int8 weights (one scale per row) and bf16 inputs; ``bf16``: every weight, the
-KV cache and the activations in bf16. The inexact two need bf16 arithmetic (``ops/cpu_features.has_bf16`` on
-a CPU, or a GPU); ``auto`` picks ``int8-head`` there and ``fp32`` elsewhere (FINDINGS: the big matrix is where
-the bytes are; the small ones ran slower in bf16 at batch 1)."""
+PRECISIONS = ("fp32", "int8", "int8-head", "bf16")
+"""Decoding precisions: ``fp32`` (exact: the reference and the default); ``int8``: every linear layer and the
+vocabulary projection with int8 weights (one scale per output row) and bf16 inputs, the rest fp32;
+``int8-head``: the vocabulary projection alone so; ``bf16``: every weight, the KV cache and the activations in
+bf16. The inexact three need bf16 arithmetic (``ops/cpu_features.has_bf16`` on a CPU, or a GPU); ``auto`` picks
+``int8`` there and ``fp32`` elsewhere (FINDINGS: int8 weight-only matrix-vector products ran 2-4x faster than
+fp32's at batch 1 and 8, bf16's slower than fp32's for the small matrices)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -37,7 +40,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise UserError(f"precision={precision!r} must be one of {', '.join((*PRECISIONS, 'auto'))}")
     fast = device.type == "cuda" or has_bf16()
     if precision == "auto":
-        return "int8-head" if fast else "fp32"
+        return "int8" if fast else "fp32"
     if precision != "fp32" and not fast:
         raise UserError(
             f"precision={precision!r} needs bf16 arithmetic (a GPU, or a CPU with avx512_bf16 / amx_bf16); "
@@ -46,11 +49,47 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of a (out, in) matrix with one scale per row (the largest |w| -> 127): (int8, bf16 scales),
+    the operands of ``torch._weight_int8pack_mm``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.bfloat16()
+
+
+class Int8WeightLinear(nn.Module):
+    """A linear layer for decoding with int8 weights (``quantize_rows``) and bf16 inputs; fp32 out, fp32 bias."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        int8, scale = quantize_rows(linear.weight)
+        self.register_buffer("int8", int8)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).bfloat16().contiguous()
+        y = torch._weight_int8pack_mm(flat, self.int8, self.scale).float()
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def int8_weights(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` with an ``Int8WeightLinear`` (in place)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8WeightLinear(child))
+    return model
+
+
 class OutputProjection:
     """Vocabulary logits ``h @ W.T`` (fp32) for (N, D) hidden states, in the faster layout for N.
 
-    ``precision`` (PRECISIONS): ``fp32`` keeps the matrix both ways; ``bf16`` stores it in bf16; ``int8-head``
-    as int8 with one fp32-derived scale per vocabulary row (symmetric, the largest |w| -> 127), multiplied by
+    ``precision`` (PRECISIONS): ``fp32`` keeps the matrix both ways; ``bf16`` stores it in bf16; ``int8`` and
+    ``int8-head`` as int8 with one scale per vocabulary row (``quantize_rows``), multiplied by
     ``torch._weight_int8pack_mm`` with bf16 inputs (the int8 weight-only kernel of gpt-fast; with fp32 inputs
     it is slower than fp32 on CPUs).
     """
@@ -59,17 +98,15 @@ class OutputProjection:
         self.precision = precision
         weight = weight.detach()
         self.vocab_size, self.device = weight.shape[0], weight.device
-        if precision == "int8-head":  # only the int8 copy is read
-            w = weight.float()
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            self.int8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            self.scale = scale.bfloat16()
+        self.quantized = precision in ("int8", "int8-head")
+        if self.quantized:  # only the int8 copy is read
+            self.int8, self.scale = quantize_rows(weight)
         else:
             self.weight = weight if precision == "fp32" else weight.bfloat16()  # (V, D): faster for several rows
             self.weight_t = self.weight.t().contiguous()  # (D, V): ~3x faster for a single row in fp32
 
     def __call__(self, h: Tensor) -> Tensor:
-        if self.precision == "int8-head":
+        if self.quantized:
             return torch._weight_int8pack_mm(h.bfloat16().contiguous(), self.int8, self.scale).float()
         h = h.to(self.weight.dtype)
         if h.shape[0] == 1:
