@@ -81,6 +81,11 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.predict:Config",
         "lmforge.commands.predict:run",
     ),
+    "explain": Command(
+        "Explain a classify / NER / embed run's outputs: token attributions, JSONL + HTML + PNG",
+        "lmforge.commands.explain:Config",
+        "lmforge.commands.explain:run",
+    ),
     "translate": Command(
         "Translate a file with a translation run directory",
         "lmforge.commands.translate:Config",

@@ -1,0 +1,90 @@
+"""``lmforge explain``: token attributions of a classify, NER or embedding run for a text or a file of texts,
+as JSONL plus an HTML page and a PNG beside it (``tasks/explain.py``, ``tasks/explain_views.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lmforge.commands._console import console
+from lmforge.errors import UserError
+
+
+@dataclass
+class Config:
+    """Explain a run's predictions: which tokens drove them (Integrated Gradients, gradient x input, occlusion, or
+    attention rollout), aligned to the characters of each text."""
+
+    model: str
+    """Run directory from `lmforge finetune classify|ner|embed`."""
+    output: str
+    """JSONL to write, one line per explanation (NER: one per entity; embed: one per text of the pair); the HTML
+    page and the PNG are written beside it (same name, .html and .png)."""
+    input: str | None = None
+    """Texts: .txt (one per line), .jsonl / .csv / .tsv with a 'text' field ('text_pair' for an embedding run)."""
+    text: str | None = None
+    """One text, instead of --input."""
+    text_pair: str | None = None
+    """With --text and an embedding run: the second text (the similarity of the two is explained)."""
+    method: Literal["ig", "grad-x-input", "occlusion", "attention"] = "ig"
+    """ig: Integrated Gradients on the embeddings; grad-x-input; occlusion ([MASK] per token); attention: rollout."""
+    label: str | None = None
+    """Classification: the label to explain (default: the predicted one)."""
+    steps: int = 50
+    """Integrated Gradients' interpolation steps (more: a smaller completeness gap)."""
+    baseline: Literal["pad", "mask"] = "pad"
+    """Integrated Gradients' baseline: every text token replaced by [PAD] or by [MASK]."""
+    png: bool = True
+    """Also draw the PNG (needs a CJK font: apt install fonts-wqy-microhei)."""
+
+
+def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
+    """Write the explanations; returns (count, HTML path, PNG path or None)."""
+    from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
+    from lmforge.runs.run_dir import require_task
+
+    if (cfg.input is None) == (cfg.text is None):
+        raise UserError("give exactly one of --input FILE and --text TEXT")
+    if cfg.text_pair is not None and cfg.text is None:
+        raise UserError("--text-pair goes with --text (a file gives each row's text_pair column)")
+    if cfg.steps < 1:
+        raise UserError(f"--steps {cfg.steps}: must be a positive integer")
+    task = require_task(cfg.model, ("classify", "ner", "embed"), command="lmforge explain")
+    if cfg.label is not None and task != "classify":
+        raise UserError(f"--label is for classification runs; {cfg.model} is a {task!r} run")
+    out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])
+    html_path, png_path = out.with_suffix(".html"), out.with_suffix(".png") if cfg.png else None
+    from lmforge.tasks.explain_views import cjk_font, render_html, render_png
+
+    font = cjk_font() if cfg.png else None  # refused before any work when there is none
+    if cfg.text is not None:
+        examples = [{"text": cfg.text, **({"text_pair": cfg.text_pair} if cfg.text_pair else {})}]
+    else:
+        examples, _ = read_labelled(cfg.input, need_label=False)
+    if task == "embed":
+        missing = [i + 1 for i, ex in enumerate(examples) if not ex.get("text_pair")]
+        if missing:
+            where = "--text-pair" if cfg.text is not None else f"{cfg.input}: rows {missing[:5]} have no text_pair"
+            raise UserError(f"an embedding run explains the similarity of two texts: {where}")
+
+    from lmforge.runs.run_dir import load_run
+    from lmforge.tasks.explain import explain
+
+    run = load_run(cfg.model)
+    explanations, rows = [], []
+    for i, ex in enumerate(examples):
+        for e in explain(run, ex, method=cfg.method, label=cfg.label, steps=cfg.steps, baseline=cfg.baseline):
+            explanations.append(e)
+            rows.append({"input": i, **e.to_json()})
+    write_jsonl(out, rows)
+    html_path.write_text(render_html(explanations, title=f"lmforge explain · {cfg.model} · {cfg.method}"), "utf-8")
+    if png_path is not None:
+        render_png(explanations, png_path, font=font)
+    return len(rows), html_path, png_path
+
+
+def run(cfg: Config) -> None:
+    n, html_path, png_path = explain_file(cfg)
+    shown = f"{html_path}" + (f" and {png_path}" if png_path else "")
+    console.print(f"[green]wrote[/green] {n} explanations to {cfg.output}; view them in {shown}")

@@ -1,0 +1,452 @@
+"""Token attributions: which input tokens drove a classify, NER or embedding model's output.
+
+Four methods, each a score per input token for one scalar output (the predicted class's probability; the
+mean probability of an entity's predicted tags; the cosine similarity of two texts):
+
+- ``ig``: Integrated Gradients (Sundararajan et al. 2017) on the embedding layer's output, from a baseline
+  whose every text token is [PAD] (or [MASK]) and whose [CLS] / [SEP] stay: the scores sum to
+  f(x) - f(baseline) (completeness), up to the Riemann sum's error (reported as ``delta``);
+- ``grad-x-input``: the gradient times the embedding layer's output (Shrikumar et al. 2016), one backward;
+- ``occlusion``: f(x) - f(x with the token replaced by [MASK]) (Zeiler & Fergus 2014), one forward per token;
+- ``attention``: attention rollout (Abnar & Zuidema 2020): each layer's head-averaged attention, plus the
+  identity for the residual connection and renormalised, multiplied through the layers; the score of a token
+  is the rolled-out attention to it from the output's position(s) ([CLS], an entity's tokens, or all tokens
+  when the model mean-pools). Unsigned, and not a gradient: a view, whose faithfulness ``bench/explain_faithfulness.py``
+  measures like the others'.
+
+The first three come from Captum (``LayerIntegratedGradients``, ``LayerGradientXActivation``,
+``FeatureAblation``). The attention maps and the rollout are written here: SDPA returns no probabilities and
+Captum has no rollout, so ``attention_maps`` recomputes each self-attention's probabilities from the layer's own
+projections of the input it was given (a forward hook), with its own mask.
+
+Every score is aligned to character offsets of the original text: a sub-token's (start, end) from the
+tokenizer; NER reports one score per word (the sum of its sub-tokens'), as it tags words.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import UserError
+from lmforge.models.layers import Attention, Embeddings, apply_rotary
+
+METHODS = ("ig", "grad-x-input", "occlusion", "attention")
+TASKS = ("classify", "ner", "embed")
+
+
+@dataclass
+class TokenScore:
+    """One input token (a sub-token, or an NER word) with its characters in the text and its score."""
+
+    token: str
+    start: int
+    end: int
+    score: float
+
+
+@dataclass
+class Explanation:
+    """The attribution of one output to the tokens of one text.
+
+    ``target``: the explained output (a label; "TYPE text" of an entity; "similarity to: OTHER"); ``value``: that
+    output's value on the text (a probability or a cosine); ``delta`` (ig): f(x) - f(baseline) - sum of scores.
+    """
+
+    text: str
+    target: str
+    method: str
+    value: float
+    tokens: list[TokenScore]
+    delta: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Encoded:
+    """One text as the model sees it: ids (1, T), token types or None, and per position its token, offsets and
+    whether it is a special token."""
+
+    ids: Tensor
+    types: Tensor | None
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    special: list[bool]
+
+    @property
+    def mask(self) -> Tensor:
+        return torch.ones_like(self.ids)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The BERT inside a task model (``EncoderWithHead``) or the model itself (an embedding run)."""
+    return getattr(model, "encoder", model)
+
+
+def embedding_layer(model: nn.Module) -> Embeddings:
+    return encoder_of(model).embed
+
+
+# --- attention maps and rollout --------------------------------------------------------------------
+
+
+def attention_maps(model: nn.Module, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Self-attention probabilities of every layer and head of the encoder, (L, B, H, T, T) (rows: queries).
+
+    Recomputed in a forward hook from each ``Attention``'s own query/key projections of its input and from
+    the mask it was called with, so they are the probabilities its SDPA used (checked against its output in
+    the tests). Rows of padding queries are those SDPA computed too; only rows of real tokens are meaningful.
+    """
+    encoder = encoder_of(model)
+    captured: list[Tensor] = []
+
+    def hook(module: Attention, args: tuple, kwargs: dict, _output: Tensor) -> None:
+        x = args[0]
+        q, k, _ = module.qkv(x).split(module.split, dim=-1)
+        B, T, _ = x.shape
+        q = q.view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
+        k = k.view(B, T, module.n_kv_heads, module.head_dim).transpose(1, 2)
+        rope = kwargs.get("rope")
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if module.n_kv_heads != module.n_heads:
+            k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(module.head_dim)  # (B, H, T, T)
+        allowed = kwargs.get("mask")
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif kwargs.get("is_causal"):
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        captured.append(scores.float().softmax(-1))
+
+    attentions = [m for m in encoder.modules() if isinstance(m, Attention) and not m.cross]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attentions]
+    try:
+        with torch.no_grad():
+            encoder(ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(captured)
+
+
+def attention_rollout(maps: Tensor, real: Tensor | None = None) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of one sequence's maps (L, H, T, T): (T, T), row i = how much
+    position i's output draws on each input position through all layers.
+
+    Per layer: the heads' mean, plus the identity (the residual path), rows renormalised to sum to 1; then the
+    product of the layers, the last on the left. ``real`` (T,) bool keeps real tokens only (padding columns are
+    dropped before renormalising; their rows and columns come out 0).
+    """
+    L, _, T, _ = maps.shape
+    keep = torch.ones(T, dtype=torch.bool) if real is None else real.bool()
+    rolled = torch.eye(T, dtype=torch.float64)
+    for layer in range(L):
+        a = maps[layer].mean(0).double() * keep[None, :]  # (T, T), padding keys dropped
+        a = 0.5 * a / a.sum(-1, keepdim=True).clamp(min=1e-12) + 0.5 * torch.eye(T, dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True)
+        rolled = a @ rolled
+    rolled = rolled * keep[None, :] * keep[:, None]
+    return rolled.float()
+
+
+# --- attribution of one scalar function of the ids ---------------------------------------------------
+
+
+Scalar = Callable[..., Tensor]  # (ids (N, T), mask (N, T), types) -> (N,)
+
+
+def attribute(
+    method: str,
+    forward: Scalar,
+    model: nn.Module,
+    enc: Encoded,
+    *,
+    baseline_id: int,
+    occlusion_id: int,
+    rows: Sequence[int] = (0,),
+    steps: int = 50,
+) -> tuple[np.ndarray, float | None]:
+    """Scores (T,) of ``method`` for ``forward`` at ``enc``, and for ``ig`` the completeness gap.
+
+    ``baseline_id`` replaces the text tokens in IG's baseline; ``occlusion_id`` replaces one token at a time;
+    ``rows`` are the positions whose output is explained (for ``attention``). Special tokens score 0.
+    """
+    from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegratedGradients
+
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    special = torch.tensor(enc.special)
+    args = (enc.mask, enc.types)
+    delta = None
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "ig":
+            baseline = enc.ids.masked_fill(~special[None, :], baseline_id)
+            ig = LayerIntegratedGradients(forward, embedding_layer(model))
+            attr, gap = ig.attribute(
+                enc.ids,
+                baselines=baseline,
+                additional_forward_args=args,
+                n_steps=steps,
+                internal_batch_size=steps,
+                return_convergence_delta=True,
+            )
+            scores, delta = attr.sum(-1)[0], float(gap[0])
+        elif method == "grad-x-input":
+            attr = LayerGradientXActivation(forward, embedding_layer(model)).attribute(
+                enc.ids, additional_forward_args=args
+            )
+            scores = attr.sum(-1)[0]
+        elif method == "occlusion":
+            groups = torch.arange(enc.ids.shape[1])[None, :]
+            with torch.no_grad():
+                attr = FeatureAblation(forward).attribute(
+                    enc.ids, baselines=occlusion_id, additional_forward_args=args, feature_mask=groups
+                )
+            scores = attr[0].float()
+        else:
+            rolled = attention_rollout(attention_maps(model, enc.ids, enc.mask)[:, 0])
+            scores = rolled[list(rows)].mean(0)
+    finally:
+        model.train(was_training)
+    out = scores.detach().double().numpy()
+    out[special.numpy()] = 0.0
+    if delta is not None:  # the gap of the text tokens' scores alone (the specials' are ~0: kept in the baseline)
+        delta = float(delta - scores.detach().double().numpy()[special.numpy()].sum())
+    return out, delta
+
+
+# --- tasks ---------------------------------------------------------------------------------------------
+
+
+def _encode_text(tokenizer, text: str, *, max_len: int, cls_id: int, sep_id: int) -> Encoded:
+    """[CLS] text [SEP], as the classification and embedding tasks encode one text (truncated to ``max_len``)."""
+    enc = tokenizer.tokenizer.encode(text, add_special_tokens=False)
+    budget = max_len - 2
+    ids = [cls_id, *enc.ids[:budget], sep_id]
+    tokens = ["[CLS]", *enc.tokens[:budget], "[SEP]"]
+    offsets = [(0, 0), *[tuple(o) for o in enc.offsets[:budget]], (0, 0)]
+    special = [True, *([False] * min(len(enc.ids), budget)), True]
+    return Encoded(torch.tensor([ids]), None, tokens, offsets, special)
+
+
+def _token_scores(enc: Encoded, scores: np.ndarray, text: str) -> list[TokenScore]:
+    return [
+        TokenScore(text[s:e] or tok, int(s), int(e), float(v))
+        for tok, (s, e), sp, v in zip(enc.tokens, enc.offsets, enc.special, scores, strict=True)
+        if not sp
+    ]
+
+
+def explain_classification(
+    run, text: str, *, method: str, label: str | None = None, steps: int = 50, baseline: str = "pad"
+) -> Explanation:
+    """Attribution of the probability of ``label`` (default: the predicted one) to the tokens of ``text``."""
+    task, model = run.task, run.model
+    enc = _encode_text(task.tokenizer, text, max_len=task.max_len, cls_id=task.cls_id, sep_id=task.sep_id)
+    expected = task.encode([{"text": text}], split="explain", need_labels=False)[0][0]
+    assert enc.ids[0].tolist() == expected.tolist(), "explain encodes texts as the task does"
+
+    def probs(ids: Tensor, mask: Tensor, types: Tensor | None) -> Tensor:
+        return task.logits(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}).softmax(-1)
+
+    with torch.no_grad():
+        p = probs(enc.ids, enc.mask, None)[0]
+    if label is None:
+        target = int(p.argmax())
+    elif label in task.labels:
+        target = task.labels.index(label)
+    else:
+        raise UserError(f"--label {label!r} is not one of this model's labels: {', '.join(task.labels)}")
+    rows = [0] if model.head.pooling != "mean" else [i for i, s in enumerate(enc.special) if not s]
+    scores, delta = attribute(
+        method,
+        lambda ids, mask, types: probs(ids, mask, types)[:, target],
+        model,
+        enc,
+        baseline_id=_baseline_id(task.tokenizer, baseline),
+        occlusion_id=_baseline_id(task.tokenizer, "mask"),
+        rows=rows,
+        steps=steps,
+    )
+    return Explanation(
+        text,
+        task.labels[target],
+        method,
+        float(p[target]),
+        _token_scores(enc, scores, text),
+        delta,
+        {"probabilities": {lab: round(float(v), 6) for lab, v in zip(task.labels, p, strict=True)}},
+    )
+
+
+def explain_entities(run, text: str, *, method: str, steps: int = 50, baseline: str = "pad") -> list[Explanation]:
+    """One explanation per predicted entity of ``text``: the mean probability of its predicted tags (the CRF's
+    marginals, or the softmax without one), attributed to every word of the sentence, inside and outside it."""
+    from lmforge.metrics import entity_spans
+    from lmforge.tasks.ner import words_with_offsets
+
+    task, model = run.task, run.model
+    words, spans = words_with_offsets(task.tokenizer, {"text": text})
+    if not words:
+        return []
+    window = task.windows([{"tokens": words}], split="explain", need_tags=False)
+    if len(window) > 1:
+        raise UserError(
+            f"explain: a text of {len(words)} words is longer than the model's window ({task.max_len} sub-tokens); "
+            "explain it in shorter pieces"
+        )
+    ids, first, _, _ = window[0]
+    word_pos = torch.tensor(first, dtype=torch.long)[None, :]  # (1, W) each word's first sub-token
+    # each sub-token belongs to the word whose first sub-token is the last at or before it
+    owner = np.searchsorted(first, np.arange(len(ids)), side="right") - 1
+    enc = Encoded(
+        torch.tensor(ids, dtype=torch.long)[None, :],
+        None,
+        [task.tokenizer.tokenizer.id_to_token(int(i)) or "" for i in ids],
+        [(0, 0)] * len(ids),
+        [True, *([False] * (len(ids) - 2)), True],
+    )
+
+    def tag_probs(ids: Tensor, mask: Tensor, types: Tensor | None) -> Tensor:  # (N, W, C)
+        scores = model(ids, attention_mask=mask).float()
+        emissions = scores.gather(1, word_pos.expand(ids.shape[0], -1)[:, :, None].expand(-1, -1, scores.shape[-1]))
+        if model.crf is None:
+            return emissions.softmax(-1)
+        return model.crf.log_marginals(emissions, torch.ones(emissions.shape[:2], dtype=torch.bool)).exp()
+
+    predicted = task.predict(model, [{"text": text}], device=torch.device("cpu"))[0]
+    tags = [task.tag_index[t] for t in predicted["tags"]]
+    out = []
+    for kind, s, e in entity_spans(predicted["tags"], task.scheme):
+        chosen = torch.tensor(tags[s:e])
+
+        def target(ids: Tensor, mask: Tensor, types: Tensor | None, s=s, e=e, chosen=chosen) -> Tensor:
+            return (
+                tag_probs(ids, mask, types)[:, s:e]
+                .gather(2, chosen[None, :, None].expand(ids.shape[0], -1, 1))
+                .mean((1, 2))
+            )
+
+        with torch.no_grad():
+            value = float(target(enc.ids, enc.mask, None)[0])
+        scores, delta = attribute(
+            method,
+            target,
+            model,
+            enc,
+            baseline_id=_baseline_id(task.tokenizer, baseline),
+            occlusion_id=_baseline_id(task.tokenizer, "mask"),
+            rows=[int(first[w]) for w in range(s, e)],
+            steps=steps,
+        )
+        per_word = np.zeros(len(words))
+        np.add.at(per_word, owner[1:-1], scores[1:-1])
+        start, end = spans[s][0], spans[e - 1][1]
+        tokens = [TokenScore(w, int(a), int(b), float(v)) for w, (a, b), v in zip(words, spans, per_word, strict=True)]
+        out.append(
+            Explanation(
+                text,
+                f"{kind} {text[start:end]}",
+                method,
+                value,
+                tokens,
+                delta,
+                {"type": kind, "start": start, "end": end, "inside": [int(i) for i in range(s, e)]},
+            )
+        )
+    return out
+
+
+def explain_similarity(
+    run, text: str, other: str, *, method: str, steps: int = 50, baseline: str = "pad"
+) -> Explanation:
+    """Attribution of the cosine similarity of ``text`` and ``other`` (an embedding run) to the tokens of
+    ``text``, ``other``'s vector held fixed (call again with the two swapped for ``other``'s tokens)."""
+    task, model = run.task, run.model
+    enc = _encode_text(task.tokenizer, text, max_len=task.max_len, cls_id=_cls(task), sep_id=_sep(task))
+    with torch.no_grad():
+        fixed = F.normalize(task.embed(model, *_ids_mask(task, other)).float(), dim=-1)  # (1, D)
+
+    def similarity(ids: Tensor, mask: Tensor, types: Tensor | None) -> Tensor:
+        return (F.normalize(task.embed(model, ids, mask).float(), dim=-1) * fixed).sum(-1)
+
+    with torch.no_grad():
+        value = float(similarity(enc.ids, enc.mask, None)[0])
+    rows = [0] if task.pooling == "cls" else [i for i, s in enumerate(enc.special) if not s]
+    scores, delta = attribute(
+        method,
+        similarity,
+        model,
+        enc,
+        baseline_id=_baseline_id(task.tokenizer, baseline),
+        occlusion_id=_baseline_id(task.tokenizer, "mask"),
+        rows=rows,
+        steps=steps,
+    )
+    return Explanation(text, f"similarity to: {other}", method, value, _token_scores(enc, scores, text), delta)
+
+
+def _ids_mask(task, text: str) -> tuple[Tensor, Tensor]:
+    ids = torch.tensor(task.encode_texts([text])[0], dtype=torch.long)[None, :]
+    return ids, torch.ones_like(ids)
+
+
+def _cls(task) -> int:
+    return task.tokenizer.token_id("cls")
+
+
+def _sep(task) -> int:
+    return task.tokenizer.token_id("sep")
+
+
+def _baseline_id(tokenizer, kind: str) -> int:
+    """The id of [PAD] or [MASK] (IG's baseline token; occlusion uses [MASK])."""
+    if kind not in ("pad", "mask"):
+        raise UserError(f"--baseline {kind!r} must be 'pad' or 'mask'")
+    found = tokenizer.token_id(kind)
+    if found is None:
+        raise UserError(f"the tokenizer has no [{kind.upper()}] token for the baseline; use the other one")
+    return found
+
+
+def explain(
+    run,
+    example: dict[str, Any],
+    *,
+    method: str,
+    label: str | None = None,
+    steps: int = 50,
+    baseline: str = "pad",
+) -> list[Explanation]:
+    """The explanations of one input (``{"text"}``; an embedding run also needs ``"text_pair"``) for the run's
+    task: one for classification and similarity, one per predicted entity for NER."""
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    if run.name == "classify":
+        return [
+            explain_classification(run, example["text"], method=method, label=label, steps=steps, baseline=baseline)
+        ]
+    if run.name == "ner":
+        return explain_entities(run, example["text"], method=method, steps=steps, baseline=baseline)
+    if run.name == "embed":
+        other = example.get("text_pair")
+        if not other:
+            raise UserError("an embedding model explains the similarity of two texts: give each input a text_pair")
+        return [
+            explain_similarity(run, example["text"], other, method=method, steps=steps, baseline=baseline),
+            explain_similarity(run, other, example["text"], method=method, steps=steps, baseline=baseline),
+        ]
+    raise UserError(f"explain works on {', '.join(TASKS)} runs, not {run.name!r}")
