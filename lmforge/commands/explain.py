@@ -42,7 +42,7 @@ class Config:
 def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
     """Write the explanations; returns (count, HTML path, PNG path or None)."""
     from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
-    from lmforge.runs.run_dir import require_task
+    from lmforge.runs.run_dir import require_task, task_settings
 
     if (cfg.input is None) == (cfg.text is None):
         raise UserError("give exactly one of --input FILE and --text TEXT")
@@ -50,7 +50,10 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         raise UserError("--text-pair goes with --text (a file gives each row's text_pair column)")
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: must be a positive integer")
-    task = require_task(cfg.model, ("classify", "ner", "embed"), command="lmforge explain")
+    if task_settings(cfg.model) is None:  # a pretrained BERT directory: its sentence vectors (load_run checks it)
+        task = "embed"
+    else:
+        task = require_task(cfg.model, ("classify", "ner", "embed"), command="lmforge explain")
     if cfg.label is not None and task != "classify":
         raise UserError(f"--label is for classification runs; {cfg.model} is a {task!r} run")
     out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])

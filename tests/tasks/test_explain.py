@@ -1,0 +1,228 @@
+"""`lmforge explain`: Integrated Gradients' completeness, attention maps against the model's own attention, rollout
+by hand, offsets of mixed Chinese/English text, attributions that find a planted cue, and the command end to end
+for classify, NER and embedding runs (JSONL, HTML, PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data.readers import write_conll, write_jsonl
+from lmforge.errors import UserError
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.runs.run_dir import load_run
+from lmforge.tasks.explain import (
+    METHODS,
+    attention_maps,
+    attention_rollout,
+    explain,
+    explain_classification,
+)
+
+FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eval-every", "0", "--max-len", "32"]
+POOL = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
+
+
+def _texts(n: int, seed: int) -> list[dict]:
+    """Random characters; a positive text has one 好 somewhere (the only cue)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        chars = [rng.choice(POOL) for _ in range(rng.randint(6, 14))]
+        positive = rng.random() < 0.5
+        if positive:
+            chars.insert(rng.randrange(len(chars) + 1), "好")
+        out.append({"text": "".join(chars), "label": "pos" if positive else "neg"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("explain")
+    write_jsonl(root / "train.jsonl", _texts(600, 1))
+    write_jsonl(root / "dev.jsonl", _texts(100, 2))
+    classify = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(root / "train.jsonl")]
+    args = [*classify, "--dev", str(root / "dev.jsonl"), "--out", str(root / "classify"), "--epochs", "5"]
+    assert main([*args, "--training.optim.lr", "1e-3", *FAST]) == 0
+    rng = random.Random(3)
+    sentences = []
+    for _ in range(300):
+        tokens = [rng.choice(POOL) for _ in range(rng.randint(6, 12))]
+        at = rng.randrange(len(tokens) - 1)
+        tokens[at : at + 2] = [rng.choice("王李张刘陈杨黄赵"), rng.choice(POOL)]
+        tags = ["O"] * len(tokens)
+        tags[at : at + 2] = ["B-PER", "I-PER"]
+        sentences.append({"tokens": tokens, "tags": tags})
+    write_conll(root / "train.conll", sentences[:250])
+    write_conll(root / "dev.conll", sentences[250:])
+    ner = ["finetune", "ner", "--model", str(tiny_bert), "--train", str(root / "train.conll")]
+    ner += ["--dev", str(root / "dev.conll"), "--out", str(root / "ner"), "--epochs", "15"]
+    assert main([*ner, "--training.optim.lr", "3e-3", *FAST]) == 0
+    return {"root": root, "classify": root / "classify", "ner": root / "ner", "bert": tiny_bert}
+
+
+def test_integrated_gradients_are_complete(runs) -> None:
+    """The scores sum to f(x) - f(baseline): within 1% of that difference at 300 steps (the Riemann sum's error)."""
+    run = load_run(runs["classify"])
+    text = "房间干净好位置不错"
+    ex = explain_classification(run, text, method="ig", steps=300)
+    total = sum(t.score for t in ex.tokens)
+    task, model = run.task, run.model
+    ids = task.encode([{"text": text}], split="t", need_labels=False)[0][0]
+    base = torch.tensor([[ids[0], *([task.pad_id] * (len(ids) - 2)), ids[-1]]])
+    with torch.no_grad():
+        batch = {"input_ids": base, "attention_mask": torch.ones_like(base), "token_type_ids": None}
+        f_base = float(task.logits(model, batch).softmax(-1)[0, task.labels.index(ex.target)])
+    gap = ex.value - f_base
+    assert abs(gap) > 0.05, "a difference worth attributing"
+    assert abs(total - gap) <= 0.01 * abs(gap)
+    assert abs(ex.delta) <= 0.01 * abs(gap)
+    assert [t.token for t in ex.tokens] == list(text) and [(t.start, t.end) for t in ex.tokens] == [
+        (i, i + 1) for i in range(len(text))
+    ]
+
+
+def test_attention_maps_are_the_probabilities_the_model_used() -> None:
+    """Rows sum to 1 over real keys, padding keys get 0, and probabilities @ values reproduce the layer's output."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, dropout=0.0)
+    model = Bert(cfg).eval()
+    ids = torch.tensor([[2, 11, 12, 13, 3, 0, 0], [2, 14, 15, 16, 17, 18, 3]])
+    mask = (torch.arange(7)[None, :] < torch.tensor([[5], [7]])).long()
+    maps = attention_maps(model, ids, mask)  # (L, B, H, T, T)
+    assert maps.shape == (2, 2, 4, 7, 7)
+    torch.testing.assert_close(maps[:, 0, :, :5].sum(-1), torch.ones(2, 4, 5))
+    assert maps[:, 0, :, :5, 5:].abs().max() == 0
+    attn = model.layers[0].attn
+    x = model.embed(ids, torch.arange(7).expand(2, 7))
+    _, _, v = attn.qkv(x).split(attn.split, dim=-1)
+    v = v.view(2, 7, 4, 8).transpose(1, 2)
+    expected = attn.out((maps[0] @ v).transpose(1, 2).reshape(2, 7, 32))
+    with torch.no_grad():
+        built = model.embed(ids, torch.arange(7).expand(2, 7))
+        from lmforge.models.layers import build_attention_mask
+
+        sdpa_mask, _ = build_attention_mask(mask, q_len=7, k_len=7, causal=False)
+        actual = attn(built, mask=sdpa_mask)
+    torch.testing.assert_close(expected[0, :5], actual[0, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected[1], actual[1], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rollout_by_hand() -> None:
+    """Two layers, one head, three tokens: A_l' = (0.5 A_l + 0.5 I), rows renormalised; rollout = A_2' A_1'."""
+    a1 = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.6, 0.2], [0.0, 0.0, 1.0]])
+    a2 = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]])
+    maps = torch.stack([a1, a2])[:, None]  # (L=2, H=1, 3, 3)
+    r1 = 0.5 * a1 + 0.5 * torch.eye(3)
+    r2 = 0.5 * a2 + 0.5 * torch.eye(3)
+    torch.testing.assert_close(attention_rollout(maps), r2 @ r1)
+    # layer 1 row 0 by hand: 0.5*[0.5, 0.5, 0] + 0.5*[1, 0, 0] = [0.75, 0.25, 0]; layer 2 row 0 = [1, 0, 0]
+    torch.testing.assert_close(attention_rollout(maps)[0], torch.tensor([0.75, 0.25, 0.0]))
+    # a padding position: its column is dropped and the rows renormalised without it
+    masked = attention_rollout(maps, real=torch.tensor([True, True, False]))
+    assert masked[:, 2].abs().max() == 0 and masked[2].abs().max() == 0
+    torch.testing.assert_close(masked[:2, :2].sum(-1), torch.ones(2))
+
+
+def test_scores_line_up_with_the_characters_of_mixed_text(runs) -> None:
+    run = load_run(runs["classify"])
+    text = "The room 很好, price OK 价格不错"
+    for method in METHODS:
+        ex = explain_classification(run, text, method=method, steps=8)
+        for t in ex.tokens:
+            assert text[t.start : t.end] == t.token, (method, t)
+        assert any(t.token == "很" for t in ex.tokens) and any(text[t.start : t.end] == "好" for t in ex.tokens)
+        latin = [t.token for t in ex.tokens if t.token.isascii() and t.token.strip(",")]
+        assert "".join(latin).lower().replace("##", "") in ("theroompriceok", "theroomprice,ok"), latin
+
+
+def test_every_method_finds_the_planted_cue(runs) -> None:
+    """The classifier learned that 好 alone makes a text positive: on positive test texts it predicts positive, the
+    top-scored character is 好 for every gradient and occlusion method."""
+    run = load_run(runs["classify"])
+    positives = [ex["text"] for ex in _texts(80, 9) if ex["label"] == "pos"][:20]
+    for method in ("ig", "grad-x-input", "occlusion"):
+        hits = 0
+        for text in positives:
+            ex = explain_classification(run, text, method=method, label="pos", steps=20)
+            hits += max(ex.tokens, key=lambda t: t.score).token == "好"
+        assert hits >= 0.9 * len(positives), (method, hits)
+
+
+def test_ner_explanations_score_each_word_of_the_sentence(runs) -> None:
+    run = load_run(runs["ner"])
+    text = "房间王服务干净"  # 王 starts a PER in every training sentence
+    for method in METHODS:
+        exps = explain(run, {"text": text}, method=method, steps=16)
+        assert exps, "an entity was predicted"
+        for ex in exps:
+            assert [t.token for t in ex.tokens] == list(text)
+            assert ex.target.startswith("PER ") and 0.0 <= ex.value <= 1.0
+            inside = ex.extra["inside"]
+            assert text[ex.extra["start"] : ex.extra["end"]] == "".join(text[i] for i in inside)
+    ig = explain(run, {"text": text}, method="ig", steps=200)[0]
+    assert abs(ig.delta) <= 0.01 * max(abs(sum(t.score for t in ig.tokens)), 1e-3)
+
+
+def test_explain_command_writes_jsonl_html_and_png(runs, tmp_path: Path) -> None:
+    from lmforge.tasks.explain_views import CJK_FONTS, cjk_font
+
+    try:
+        cjk_font()
+    except UserError:
+        if os.environ.get("CI"):
+            raise  # .ci/run installs fonts-wqy-microhei: a missing font there is a defect
+        pytest.skip(f"no CJK font ({', '.join(CJK_FONTS)}) on this machine: apt install fonts-wqy-microhei")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("房间干净好位置不错\n价格一般 but OK\n", encoding="utf-8")
+    out = tmp_path / "out" / "classify.jsonl"
+    assert main(["explain", "--model", str(runs["classify"]), "--input", str(texts), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["input"] for r in rows] == [0, 1] and rows[0]["method"] == "ig"
+    assert rows[0]["tokens"][0] == {"token": "房", "start": 0, "end": 1, "score": rows[0]["tokens"][0]["score"]}
+    page = out.with_suffix(".html").read_text(encoding="utf-8")
+    assert page.count('<div class="ex">') == 2 and 'title="+' in page and "<script" not in page
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    ner_out = tmp_path / "ner.jsonl"
+    args = ["explain", "--model", str(runs["ner"]), "--text", "房间王服务干净", "--output", str(ner_out)]
+    assert main([*args, "--method", "occlusion", "--no-png"]) == 0
+    assert json.loads(ner_out.read_text(encoding="utf-8").splitlines()[0])["target"].startswith("PER ")
+    assert not ner_out.with_suffix(".png").exists()
+    embed_out = tmp_path / "embed.jsonl"
+    args = ["explain", "--model", str(runs["bert"]), "--text", "房间干净", "--text-pair", "房间很干净"]
+    assert main([*args, "--output", str(embed_out), "--no-png", "--method", "grad-x-input"]) == 0
+    pair = [json.loads(line) for line in embed_out.read_text(encoding="utf-8").splitlines()]
+    assert [p["text"] for p in pair] == ["房间干净", "房间很干净"]
+    assert pair[0]["value"] == pytest.approx(pair[1]["value"])  # one cosine, seen from each side
+
+
+def test_explain_refuses_bad_requests_before_any_work(runs, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "x.jsonl")
+    cases = [
+        (["--model", str(runs["classify"]), "--output", out], "exactly one of --input"),
+        (["--model", str(runs["classify"]), "--text", "好", "--label", "maybe", "--output", out], "not one of"),
+        (["--model", str(runs["ner"]), "--text", "好", "--label", "pos", "--output", out], "--label is for"),
+        (["--model", str(runs["bert"]), "--text", "好", "--output", out, "--no-png"], "text_pair|--text-pair"),
+        (["--model", str(runs["classify"]), "--text", "好", "--steps", "0", "--output", out], "--steps 0"),
+    ]
+    for args, message in cases:
+        assert main(["explain", *args]) != 0
+        captured = capsys.readouterr()
+        said = captured.out + captured.err
+        assert any(m in said for m in message.split("|")), (args, said)
+    assert not Path(out).exists()
+
+
+def test_rollout_rows_of_a_real_model_are_distributions(runs) -> None:
+    run = load_run(runs["classify"])
+    ids = torch.tensor([run.task.encode([{"text": "房间干净好"}], split="t", need_labels=False)[0][0].tolist()])
+    rolled = attention_rollout(attention_maps(run.model, ids, torch.ones_like(ids))[:, 0])
+    np.testing.assert_allclose(rolled.sum(-1).numpy(), 1.0, rtol=1e-5)
