@@ -71,6 +71,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
         scores = {"dev": dev}
         if splits.get("test"):
             scores["test"] = task.evaluate_test(model, splits["test"], device=d.device)
+        explained = explain_for_report(run_dir, task, model, splits.get("test") or splits.get("dev") or [])
         result = FinetuneResult(
             task=task_name,
             model=cfg.model,
@@ -80,13 +81,57 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
             columns=task.report_columns,
             data=data_report(cfg, splits, reports, task),
             training=summary,
-            extras=task.extras(),
+            extras={**task.extras(), **({"explained": explained} if explained else {})},
             init=getattr(cfg, "init", None),
             wall_seconds=round(time.perf_counter() - started, 2),
         )
         write_json(run_dir / "results.json", result.to_json())
         write_report(run_dir, result)
     return result
+
+
+def explain_for_report(run_dir: Path, task, model: nn.Module, examples: list[dict]) -> list[dict]:
+    """A few correctly and wrongly predicted examples explained by Integrated Gradients (classify and NER runs):
+    written to explanations.jsonl / .html / .png in ``run_dir`` and returned as report rows (the top tokens
+    of each explanation). The PNG needs a CJK font; without one the report says how to get it."""
+    if task.name not in ("classify", "ner") or not examples:
+        return []
+    from lmforge.data.readers import write_jsonl
+    from lmforge.runs.run_dir import Run
+    from lmforge.tasks.explain import explained_examples
+    from lmforge.tasks.explain_views import cjk_font, render_html, render_png
+
+    model = model.to("cpu").eval()
+    rows = explained_examples(Run(task.name, task, model, run_dir, True), examples)
+    if not rows:
+        return []
+    flat = [e for r in rows for e in r["explanations"]]
+    write_jsonl(
+        run_dir / "explanations.jsonl", ({"kind": r["kind"], **e.to_json()} for r in rows for e in r["explanations"])
+    )
+    (run_dir / "explanations.html").write_text(render_html(flat, title=f"{run_dir.name}: why?"), encoding="utf-8")
+    try:
+        render_png(flat, run_dir / "explanations.png", font=cjk_font())
+        png = "explanations.png"
+    except UserError as e:
+        png = str(e)
+    report = []
+    for r in rows:
+        for e in r["explanations"] or [None]:
+            top = [] if e is None else sorted(e.tokens, key=lambda t: -t.score)[:3]
+            report.append(
+                {
+                    "kind": r["kind"],
+                    "text": r["text"],
+                    "gold": r["gold"],
+                    "predicted": r["predicted"],
+                    "target": None if e is None else e.target,
+                    "value": None if e is None else round(e.value, 4),
+                    "top_tokens": [[t.token, round(t.score, 4)] for t in top],
+                    "png": png,
+                }
+            )
+    return report
 
 
 def choose_weights(model: nn.Module, task, run_dir: Path, summary: dict, average_last: int, device: torch.device):

@@ -95,8 +95,37 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
     ]
     final_split = "test" if "test" in r.scores else "dev"
     lines += _task_sections(run_dir, r.scores.get(final_split) or {}, final_split)
+    lines += _explained_section(r.extras.get("explained") or [], final_split)
     lines += ["Definitions: see `definitions` in results.json."]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _explained_section(rows: list[dict], split: str) -> list[str]:
+    """Why? A few explained examples: the picture (or why there is none) and the top tokens of each output."""
+    if not rows:
+        return []
+    png = rows[0]["png"]
+    lines = [
+        f"## Why? Explained {split} examples",
+        "",
+        "Integrated Gradients on the embeddings (`lmforge explain`), for the first correctly and wrongly predicted "
+        f"{split} examples: red tokens raise the explained output, blue ones lower it. All of them: "
+        "explanations.html and explanations.jsonl.",
+        "",
+        "![explanations](explanations.png)" if png == "explanations.png" else f"(no picture: {png})",
+        "",
+        "| | text | gold | predicted | explained output | tokens that raised it most |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gold = r["gold"] if isinstance(r["gold"], str) else ", ".join(r["gold"]) or "-"
+        guess = r["predicted"] if isinstance(r["predicted"], str) else ", ".join(r["predicted"]) or "-"
+        target = "-" if r["target"] is None else f"{r['target']} ({r['value']:.3f})"
+        top = ", ".join(f"{t} {s:+.3f}" for t, s in r["top_tokens"]) or "-"
+        text = r["text"] if len(r["text"]) <= 60 else r["text"][:60] + "…"
+        cells = [r["kind"], text, gold, guess, target, top]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return [*lines, ""]
 
 
 def _task_sections(run_dir: Path, final: dict, split: str) -> list[str]:

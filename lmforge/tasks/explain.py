@@ -26,6 +26,7 @@ tokenizer; NER reports one score per word (the sum of its sub-tokens'), as it ta
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -450,3 +451,150 @@ def explain(
             explain_similarity(run, other, example["text"], method=method, steps=steps, baseline=baseline),
         ]
     raise UserError(f"explain works on {', '.join(TASKS)} runs, not {run.name!r}")
+
+
+# --- faithfulness ----------------------------------------------------------------------------------------
+
+ERASER_BINS = (0.01, 0.05, 0.10, 0.20, 0.50)  # DeYoung et al. 2020's token fractions for AOPC
+
+
+def faithfulness(
+    run,
+    text: str,
+    *,
+    method: str,
+    ks: Sequence[int] = (1, 2, 3, 4, 5),
+    random_draws: int = 10,
+    steps: int = 50,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How much the predicted class's probability depends on the tokens ``method`` ranks first (classification).
+
+    - deletion curve: the drop p(y|x) - p(y|x without the top-k tokens), k in ``ks``, and the same for k random
+      tokens (mean of ``random_draws``); tokens are deleted, as ERASER does, [CLS] / [SEP] kept;
+    - ERASER (DeYoung et al. 2020), over the top ``ERASER_BINS`` fractions of the tokens (at least one):
+      comprehensiveness p(y|x) - p(y|x without them) and sufficiency p(y|x) - p(y|only them), each averaged over
+      the bins (AOPC). Higher comprehensiveness and lower sufficiency are more faithful.
+    """
+    task, model = run.task, run.model
+    enc = _encode_text(task.tokenizer, text, max_len=task.max_len, cls_id=task.cls_id, sep_id=task.sep_id)
+    ids = enc.ids[0].tolist()
+    text_positions = [i for i, s in enumerate(enc.special) if not s]
+
+    def probabilities(variants: list[list[int]]) -> np.ndarray:
+        from lmforge.data.batching import pad, padding_mask
+
+        batch = pad([np.asarray(v, dtype=np.int64) for v in variants], task.pad_id)
+        mask = padding_mask([len(v) for v in variants], batch.shape[1])
+        with torch.no_grad():
+            out = task.logits(model, {"input_ids": batch, "attention_mask": mask, "token_type_ids": None})
+        return out.float().softmax(-1).numpy()
+
+    full = probabilities([ids])[0]
+    target = int(full.argmax())
+    rows = [0] if model.head.pooling != "mean" else text_positions
+
+    def prob_of(ids_, mask_, types_):
+        batch = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": types_}
+        return task.logits(model, batch).softmax(-1)[:, target]
+
+    scores, _ = attribute(
+        method,
+        prob_of,
+        model,
+        enc,
+        baseline_id=_baseline_id(task.tokenizer, "pad"),
+        occlusion_id=_baseline_id(task.tokenizer, "mask"),
+        rows=rows,
+        steps=steps,
+    )
+    order = sorted(text_positions, key=lambda i: -scores[i])  # most supporting first; ties by position
+
+    def without(drop: set[int]) -> list[int]:
+        return [t for i, t in enumerate(ids) if i not in drop]
+
+    def only(keep: set[int]) -> list[int]:
+        return [t for i, t in enumerate(ids) if enc.special[i] or i in keep]
+
+    rng = random.Random(seed)
+    n = len(text_positions)
+    usable = [k for k in ks if k < n]
+    variants = [without(set(order[:k])) for k in usable]
+    randoms = [[without(set(rng.sample(text_positions, k))) for _ in range(random_draws)] for k in usable]
+    sizes = [max(1, round(b * n)) for b in ERASER_BINS]
+    comp = [without(set(order[:s])) for s in sizes]
+    suff = [only(set(order[:s])) for s in sizes]
+    everything = [*variants, *(v for r in randoms for v in r), *comp, *suff]
+    p = probabilities(everything)[:, target] if everything else np.zeros(0)
+    p0 = float(full[target])
+    top = p[: len(usable)]
+    rand = p[len(usable) : len(usable) * (1 + random_draws)].reshape(len(usable), random_draws).mean(1)
+    rest = p[len(usable) * (1 + random_draws) :]
+    return {
+        "label": task.labels[target],
+        "probability": p0,
+        "tokens": n,
+        "deletion_top": {k: p0 - float(v) for k, v in zip(usable, top, strict=True)},
+        "deletion_random": {k: p0 - float(v) for k, v in zip(usable, rand, strict=True)},
+        "comprehensiveness": float(np.mean(p0 - rest[: len(sizes)])),
+        "sufficiency": float(np.mean(p0 - rest[len(sizes) :])),
+    }
+
+
+# --- explained examples for a run's report --------------------------------------------------------------
+
+
+def explained_examples(
+    run, examples: Sequence[dict], *, per_kind: int = 2, steps: int = 32, scan: int = 200
+) -> list[dict[str, Any]]:
+    """Integrated Gradients for the first ``per_kind`` correctly and wrongly predicted of the first ``scan``
+    labelled examples (classification: the predicted label; NER: every predicted entity of the sentence), as rows
+    ``{"kind": "correct"|"wrong", "text", "gold", "predicted", "explanations": [Explanation, ...]}``. NER
+    sentences longer than the model's window are passed over."""
+    from lmforge.metrics import entity_spans
+
+    task = run.task
+    scanned = list(examples[:scan])
+    if run.name == "ner":
+        texts = [
+            {"text": "".join(ex["tokens"]) if all(len(t) == 1 for t in ex["tokens"]) else " ".join(ex["tokens"])}
+            for ex in scanned
+        ]
+    else:
+        texts = [{"text": ex["text"]} for ex in scanned if not ex.get("text_pair")]
+        scanned = [ex for ex in scanned if not ex.get("text_pair")]
+    predicted = task.predict(run.model, texts, device=torch.device("cpu"))
+    rows: list[dict[str, Any]] = []
+    counts = {"correct": 0, "wrong": 0}
+    for ex, text, pred in zip(scanned, texts, predicted, strict=True):
+        if run.name == "ner":
+            gold = sorted(f"{k} {text['text'][s:e]}" for k, s, e in _char_entities(ex, entity_spans, task.scheme))
+            guess = sorted(f"{e['type']} {e['text']}" for e in pred["entities"])
+            kind = "correct" if gold == guess else "wrong"
+        else:
+            gold, guess = ex["label"], pred["label"]
+            kind = "correct" if gold == guess else "wrong"
+        if counts[kind] >= per_kind:
+            continue
+        try:
+            explanations = explain(run, text, method="ig", steps=steps)
+        except UserError:  # longer than one window
+            continue
+        counts[kind] += 1
+        rows.append(
+            {"kind": kind, "text": text["text"], "gold": gold, "predicted": guess, "explanations": explanations}
+        )
+        if all(c >= per_kind for c in counts.values()):
+            break
+    return rows
+
+
+def _char_entities(example: dict, entity_spans, scheme: str) -> list[tuple[str, int, int]]:
+    """Gold entities of a ``{"tokens", "tags"}`` sentence as (type, start, end) character offsets of its text."""
+    tokens = example["tokens"]
+    sep = 0 if all(len(t) == 1 for t in tokens) else 1
+    starts, pos = [], 0
+    for t in tokens:
+        starts.append(pos)
+        pos += len(t) + sep
+    return [(k, starts[s], starts[e - 1] + len(tokens[e - 1])) for k, s, e in entity_spans(example["tags"], scheme)]

@@ -226,3 +226,18 @@ def test_rollout_rows_of_a_real_model_are_distributions(runs) -> None:
     ids = torch.tensor([run.task.encode([{"text": "房间干净好"}], split="t", need_labels=False)[0][0].tolist()])
     rolled = attention_rollout(attention_maps(run.model, ids, torch.ones_like(ids))[:, 0])
     np.testing.assert_allclose(rolled.sum(-1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_deleting_the_top_token_hurts_more_than_a_random_one(runs) -> None:
+    """On positive texts whose only cue is 好, IG's top token is the cue: deleting it drops p(pos) far more than
+    deleting a random character; sufficiency of its top tokens is small, comprehensiveness large."""
+    from lmforge.tasks.explain import faithfulness
+
+    run = load_run(runs["classify"])
+    positives = [ex["text"] for ex in _texts(60, 21) if ex["label"] == "pos"][:12]
+    results = [faithfulness(run, t, method="ig", steps=20) for t in positives]
+    assert all(r["label"] == "pos" for r in results)
+    top = np.mean([r["deletion_top"][1] for r in results])
+    rand = np.mean([r["deletion_random"][1] for r in results])
+    assert top > 0.3 and top > 3 * rand, (top, rand)
+    assert np.mean([r["comprehensiveness"] for r in results]) > np.mean([r["sufficiency"] for r in results])
