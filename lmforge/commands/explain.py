@@ -54,6 +54,9 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         task = "embed"
     else:
         task = require_task(cfg.model, ("classify", "ner", "embed"), command="lmforge explain")
+    from lmforge.tasks.explain import refuse_compressed
+
+    refuse_compressed(cfg.model)
     if cfg.label is not None and task != "classify":
         raise UserError(f"--label is for classification runs; {cfg.model} is a {task!r} run")
     out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI) and the web page: handlers over the served models, no model code.
 
 Endpoints: ``POST /v1/classify``, ``/v1/ner``, ``/v1/translate`` (``{"model", "input": [...]}`` ->
-``{"model", "data": [...]}``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
+``{"model", "data": [...]}``), ``/v1/explain`` (``{"model", "input", "method", "label", "steps"}``: token
+attributions, ``tasks/explain.py``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
 response shapes (``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
 ``/healthz``, ``/metrics`` (Prometheus text) and the page at ``/``. The OpenAPI schema is at
 ``/openapi.json``.
@@ -41,12 +42,20 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.errors import UserError
 from lmforge.inference.config import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
 from lmforge.serve.errors import BODY_CUT, APIError, BodyLimit, error_response
 from lmforge.serve.limits import Limits
 from lmforge.serve.models import Served
-from lmforge.serve.schema import ChatRequest, EmbeddingRequest, InputRequest, TranslateRequest, param_path
+from lmforge.serve.schema import (
+    ChatRequest,
+    EmbeddingRequest,
+    ExplainRequest,
+    InputRequest,
+    TranslateRequest,
+    param_path,
+)
 
 __all__ = ["Limits", "create_app"]
 
@@ -93,14 +102,17 @@ class _Gateway:
             )
             metrics.queue.labels(name).set_function(lambda b=self.batchers[name]: b.depth)
 
-    def served(self, name: str, task: str) -> Served:
+    def served(self, name: str, task: str | tuple[str, ...]) -> Served:
+        """The model called ``name``, which must serve ``task`` (or one of several)."""
         if name not in self.models:
             served = ", ".join(self.models)
             raise APIError(
                 404, f"model {name!r} is not served; served: {served}", param="model", kind="not_found_error"
             )
-        if self.models[name].task != task:
-            raise APIError(400, f"model {name!r} serves {self.models[name].task}, not {task}", param="model")
+        tasks = (task,) if isinstance(task, str) else task
+        if self.models[name].task not in tasks:
+            wanted = " or ".join(tasks)
+            raise APIError(400, f"model {name!r} serves {self.models[name].task}, not {wanted}", param="model")
         return self.models[name]
 
     def _busy(self, name: str) -> APIError:
@@ -158,6 +170,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     _add_guard(app, gateway)
     _add_info_routes(app, gateway)
     _add_encoder_routes(app, gateway)
+    _add_explain_route(app, gateway)
     _add_chat_route(app, gateway)
     page = resources.files("lmforge.serve") / "static"
     app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
@@ -254,6 +267,29 @@ def _add_encoder_routes(app: FastAPI, gateway: _Gateway) -> None:
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return {"object": "list", "model": m.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _add_explain_route(app: FastAPI, gateway: _Gateway) -> None:
+    limits = gateway.limits
+
+    @app.post("/v1/explain")
+    async def explain(req: ExplainRequest) -> dict:
+        m = gateway.served(req.model, ("classify", "ner", "embed"))
+        items = _inputs([req.input], limits)
+        example = _example(items[0], 0, pairs=m.task != "ner")
+        if m.task == "embed" and "text_pair" not in example:
+            raise APIError(
+                422, "an embedding model explains the similarity of two texts: [text, text_pair]", param="input"
+            )
+        if m.task != "classify" and req.label is not None:
+            raise APIError(422, f"label is for classification models; {req.model!r} serves {m.task}", param="label")
+        try:
+            data = await gateway.call_alone(
+                m.name, lambda: m.explain(example, method=req.method, label=req.label, steps=req.steps)
+            )
+        except UserError as e:
+            raise APIError(422, str(e)) from None
+        return {"model": m.name, "method": req.method, "data": data}
 
 
 def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:

@@ -47,6 +47,14 @@ class Served:
     def embed(self, texts: list[str]) -> list[list[float]]:
         return self.handler.vectors(self.model, texts, device=CPU).tolist()
 
+    def explain(self, example: dict, *, method: str, label: str | None, steps: int) -> list[dict]:
+        """``tasks/explain.explain`` of one input: token scores with character offsets, as JSON."""
+        from lmforge.runs.run_dir import Run
+        from lmforge.tasks.explain import explain
+
+        run = Run(self.task, self.handler, self.model, Path(self.run_dir), True)
+        return [e.to_json() for e in explain(run, example, method=method, label=label, steps=steps)]
+
     def count_tokens(self, texts: list[str]) -> int:
         tok = self.handler.tokenizer if hasattr(self.handler, "tokenizer") else self.session.tokenizer
         return sum(len(tok.encode(t, special_tokens=False)) for t in texts)

@@ -66,3 +66,13 @@ class ChatRequest(_Lenient):
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**64, description="sampling seed: the same reply for the same seed")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+class ExplainRequest(_Lenient):
+    model: Text
+    input: Text | list[Text] = Field(description="a text, or [text, text_pair] (embedding models: two texts)")
+    method: Literal["ig", "grad-x-input", "occlusion", "attention"] = "ig"
+    label: Text | None = None
+    """Classification: the label to explain (default: the predicted one)."""
+    steps: int = Field(32, ge=1, le=64)
+    """Integrated Gradients' steps (each one a forward and backward pass)."""

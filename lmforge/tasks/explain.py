@@ -423,6 +423,20 @@ def _baseline_id(tokenizer, kind: str) -> int:
     return found
 
 
+def refuse_compressed(run_dir) -> None:
+    """Explanations need the fp32 PyTorch model (gradients, attention probabilities): an int8 or ONNX copy is
+    refused, naming the run to explain instead."""
+    from lmforge.runs.run_dir import backend_of
+
+    backend = backend_of(run_dir) if run_dir is not None else None
+    if backend is not None:
+        source = backend.get("source") or "the run it was made from"
+        raise UserError(
+            f"{run_dir} is an {backend['backend']} copy: explanations need the fp32 model's gradients and attention; "
+            f"explain {source} instead"
+        )
+
+
 def explain(
     run,
     example: dict[str, Any],
@@ -436,6 +450,7 @@ def explain(
     task: one for classification and similarity, one per predicted entity for NER."""
     if method not in METHODS:
         raise UserError(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    refuse_compressed(run.directory)
     if run.name == "classify":
         return [
             explain_classification(run, example["text"], method=method, label=label, steps=steps, baseline=baseline)

@@ -147,6 +147,13 @@ def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, ser
             "max_tokens",
         ),
         ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "n"),
+        ("/v1/explain", {"model": "translate", "input": "x"}, 400, "model"),
+        ("/v1/explain", {"model": "nope", "input": "x"}, 404, "model"),
+        ("/v1/explain", {"model": "classify", "input": "x", "steps": 65}, 422, "steps"),
+        ("/v1/explain", {"model": "classify", "input": "x", "method": "shap"}, 422, "method"),
+        ("/v1/explain", {"model": "ner", "input": "x", "label": "PER"}, 422, "label"),
+        ("/v1/explain", {"model": "embed", "input": "x"}, 422, "input"),
+        ("/v1/explain", {"model": "classify", "input": "长" * 101}, 413, "input[0]"),
         (
             "/v1/chat/completions",
             {"model": "chat", "messages": [{"role": "robot", "content": "x"}]},
@@ -168,6 +175,34 @@ def test_errors_are_json_naming_the_field(make_app, path: str, body: dict, statu
         error = r.json()["error"]
         assert error["param"] == param and error["code"] == status and error["message"]
         assert client.get("/healthz").status_code == 200  # the server goes on
+
+
+def test_explain_gives_the_attributions_of_the_command(make_app, served) -> None:
+    """/v1/explain answers what tasks/explain.py computes: per token its characters and score; IG's completeness
+    gap is reported; NER explains each predicted entity; an embedding model the similarity of a pair."""
+    from lmforge.runs.run_dir import Run
+    from lmforge.tasks.explain import explain
+
+    text = "这家酒店很干净，服务也好"
+    with TestClient(make_app()) as client:
+        r = client.post("/v1/explain", json={"model": "classify", "input": text, "steps": 16})
+        ner = client.post(
+            "/v1/explain", json={"model": "ner", "input": "国务院总理李鹏今天在北京", "method": "occlusion"}
+        )
+        pair = client.post(
+            "/v1/explain", json={"model": "embed", "input": ["房间干净", "房间很干净"], "method": "attention"}
+        )
+    assert r.status_code == 200 and ner.status_code == 200 and pair.status_code == 200, (r.text, ner.text, pair.text)
+    (got,) = r.json()["data"]
+    m = served["classify"]
+    (want,) = explain(Run(m.task, m.handler, m.model, m.run_dir, True), {"text": text}, method="ig", steps=16)
+    assert got["target"] == want.target and got["delta"] == pytest.approx(want.delta, abs=1e-6)
+    assert [(t["start"], t["end"]) for t in got["tokens"]] == [(t.start, t.end) for t in want.tokens]
+    assert [t["score"] for t in got["tokens"]] == pytest.approx([t.score for t in want.tokens], abs=1e-6)
+    assert all(text[t["start"] : t["end"]] == t["token"] for t in got["tokens"])
+    for e in ner.json()["data"]:
+        assert [t["token"] for t in e["tokens"]] == list("国务院总理李鹏今天在北京")
+    assert [e["text"] for e in pair.json()["data"]] == ["房间干净", "房间很干净"]
 
 
 def test_body_over_the_limit_is_413_and_bad_json_is_422(make_app) -> None:

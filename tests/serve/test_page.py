@@ -32,6 +32,27 @@ KNOWN_ENTITIES = {
 }
 
 
+NER_TEXT = "国务院总理李鹏今天在北京会见了日本客人。"
+KNOWN_EXPLANATION = {
+    "model": "ner",
+    "method": "ig",
+    "data": [
+        {
+            "text": NER_TEXT,
+            "target": "PER 李鹏",
+            "method": "ig",
+            "value": 0.9,
+            "delta": 0.001,
+            "tokens": [
+                {"token": c, "start": i, "end": i + 1, "score": 0.5 if c == "总" else -0.1 if c == "天" else 0.0}
+                for i, c in enumerate(NER_TEXT)
+            ],
+            "extra": {},
+        }
+    ],
+}
+
+
 def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -61,11 +82,20 @@ def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> 
         page.click("#classify-send")
         expect(page.locator("#classify-out .label-row")).to_have_count(2)
         expect(page.locator("#classify .status")).to_contain_text("answered by classify")
+        # why? the real /v1/explain: one line, one shaded span per character, the strongest the full colour
+        page.click("#classify-why")
+        expect(page.locator("#classify .status")).to_contain_text("explained by classify", timeout=20_000)
+        spans = page.locator("#classify-why-out .why-text span")
+        expect(spans).to_have_count(len("房间干净，服务周到"))
+        assert page.locator("#classify-why-out .why-text").inner_text() == "房间干净，服务周到"
+        colours = {spans.nth(i).evaluate("e => e.style.background") for i in range(spans.count())}
+        assert "rgb(255, 64, 64)" in colours or "rgb(64, 115, 255)" in colours, colours
+        page.screenshot(path=str(tmp_path / "classify-why.png"), full_page=True)
 
         # NER: entities highlighted by type, at their character offsets
         page.route("**/v1/ner", lambda route: route.fulfill(json=KNOWN_ENTITIES))
         page.click("nav button[data-tab=ner]")
-        page.fill("#ner-input", "国务院总理李鹏今天在北京会见了日本客人。")
+        page.fill("#ner-input", NER_TEXT)
         page.click("#ner-send")
         marks = page.locator("#ner-out mark.ent")
         expect(marks).to_have_count(2)
@@ -73,6 +103,15 @@ def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> 
         assert [marks.nth(i).get_attribute("data-type") for i in range(2)] == ["PER", "LOC"]
         assert page.locator("#ner-out").inner_text().startswith("国务院总理李鹏")
         page.screenshot(path=str(tmp_path / "ner.png"), full_page=True)
+        # why? for entities: a known answer, drawn at its offsets with red / blue by sign
+        page.route("**/v1/explain", lambda route: route.fulfill(json=KNOWN_EXPLANATION))
+        page.click("#ner-why")
+        expect(page.locator("#ner-why-out .why-line")).to_have_count(1)
+        expect(page.locator("#ner-why-out .why-head")).to_contain_text("PER 李鹏")
+        strongest = page.locator("#ner-why-out .why-text span[data-score='0.5']")
+        assert strongest.inner_text() == "总" and strongest.evaluate("e => e.style.background") == "rgb(255, 64, 64)"
+        lowered = page.locator("#ner-why-out .why-text span[data-score='-0.1']")
+        assert lowered.inner_text() == "天" and lowered.evaluate("e => e.style.background") == "rgb(217, 227, 255)"
 
         page.click("nav button[data-tab=chat]")
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)

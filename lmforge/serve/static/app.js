@@ -191,6 +191,63 @@ $("#ner form").addEventListener("submit", (event) => {
   });
 });
 
+// --- why? token attributions from /v1/explain, shaded like `lmforge explain`'s HTML ---------------------
+function shade(score, scale) {
+  const t = scale > 0 ? Math.min(Math.abs(score) / scale, 1) : 0;
+  const c = (x) => Math.round(255 * x);
+  return score >= 0 ? `rgb(255,${c(1 - 0.75 * t)},${c(1 - 0.75 * t)})` : `rgb(${c(1 - 0.75 * t)},${c(1 - 0.55 * t)},255)`;
+}
+
+function explained(e) {
+  const line = document.createElement("div");
+  line.className = "why-line";
+  const head = document.createElement("div");
+  head.className = "why-head";
+  head.textContent = `${e.target} · ${e.value.toFixed(3)} · ${e.method}`;
+  const body = document.createElement("div");
+  body.className = "why-text";
+  const scale = Math.max(0, ...e.tokens.map((t) => Math.abs(t.score)));
+  let at = 0;
+  [...e.tokens].sort((a, b) => a.start - b.start).forEach((t) => {
+    if (t.start < at) return;
+    body.append(document.createTextNode(e.text.slice(at, t.start)));
+    const span = document.createElement("span");
+    span.style.background = shade(t.score, scale);
+    span.title = `${t.score >= 0 ? "+" : ""}${t.score.toFixed(4)}`;
+    span.dataset.score = String(t.score);
+    span.textContent = e.text.slice(t.start, t.end);
+    body.append(span);
+    at = t.end;
+  });
+  body.append(document.createTextNode(e.text.slice(at)));
+  line.append(head, body);
+  return line;
+}
+
+function whyButton(task) {
+  const button = $(`#${task}-why`);
+  button.addEventListener("click", () => {
+    const panel = $(`#${task}`);
+    const model = $(`#${task} .model`).value;
+    const body = { model, input: $(`#${task}-input`).value, method: $(`#${task}-method`).value };
+    button.disabled = true;
+    const started = performance.now();
+    status(panel, "explaining…");
+    call("v1/explain", body).then((data) => {
+      const out = $(`#${task}-why-out`);
+      out.replaceChildren(...data.data.map(explained));
+      if (!data.data.length) out.textContent = "nothing to explain (no entity found)";
+      status(panel, `explained by ${data.model} in ${Math.round(performance.now() - started)} ms`);
+    }).catch((error) => status(panel, error.message, true)).finally(() => { button.disabled = false; });
+  });
+}
+whyButton("classify");
+whyButton("ner");
+["classify", "ner"].forEach((task) => $(`#${task} form`).addEventListener("submit", () => {
+  $(`#${task}-why-out`).replaceChildren();
+  setTimeout(() => { $(`#${task}-why`).disabled = false; }, 0);
+}));
+
 // --- translation ------------------------------------------------------------------------------------
 $("#translate form").addEventListener("submit", (event) => {
   event.preventDefault();
