@@ -1,4 +1,4 @@
-"""``lmforge explain``: token attributions of a classify, NER or embedding run for a text or a file of texts,
+"""``lmforge explain``: token attributions of a classify, NER, embedding, translation or GPT run for a text or a file,
 as JSONL plus an HTML page and a PNG beside it (``tasks/explain.py``, ``tasks/explain_views.py``)."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ class Config:
     attention rollout), aligned to the characters of each text."""
 
     model: str
-    """Run directory from `lmforge finetune classify|ner|embed`."""
+    """Run directory from `lmforge finetune classify|ner|embed|translate|chat`, or a pretrained BERT / GPT directory."""
     output: str
-    """JSONL to write, one line per explanation (NER: one per entity; embed: one per text of the pair); the HTML
-    page and the PNG are written beside it (same name, .html and .png)."""
+    """JSONL to write, one line per explanation (NER: one per entity; embed: one per text of the pair; translate and
+    chat: one per generated token); the HTML page and the PNG are written beside it (same name, .html, .png)."""
     input: str | None = None
     """Texts: .txt (one per line), .jsonl / .csv / .tsv with a 'text' field ('text_pair' for an embedding run)."""
     text: str | None = None
@@ -28,7 +28,8 @@ class Config:
     text_pair: str | None = None
     """With --text and an embedding run: the second text (the similarity of the two is explained)."""
     method: Literal["ig", "grad-x-input", "occlusion", "attention"] = "ig"
-    """ig: Integrated Gradients on the embeddings; grad-x-input; occlusion ([MASK] per token); attention: rollout."""
+    """ig: Integrated Gradients on the embeddings; grad-x-input; occlusion ([MASK] per token; encoders only); attention:
+    rollout (translate: the decoder's cross-attention)."""
     label: str | None = None
     """Classification: the label to explain (default: the predicted one)."""
     steps: int = 50
@@ -43,6 +44,7 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
     """Write the explanations; returns (count, HTML path, PNG path or None)."""
     from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
     from lmforge.runs.run_dir import require_task, task_settings
+    from lmforge.tasks.explain import TASKS
 
     if (cfg.input is None) == (cfg.text is None):
         raise UserError("give exactly one of --input FILE and --text TEXT")
@@ -50,10 +52,17 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         raise UserError("--text-pair goes with --text (a file gives each row's text_pair column)")
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: must be a positive integer")
-    if task_settings(cfg.model) is None:  # a pretrained BERT directory: its sentence vectors (load_run checks it)
-        task = "embed"
+    if task_settings(cfg.model) is None:  # a pretrained model directory: a BERT's sentence vectors, a GPT's text
+        from lmforge.models.gpt import GPTConfig
+        from lmforge.models.registry import read_config
+
+        task = "chat" if isinstance(read_config(cfg.model), GPTConfig) else "embed"
     else:
-        task = require_task(cfg.model, ("classify", "ner", "embed"), command="lmforge explain")
+        task = require_task(cfg.model, TASKS, command="lmforge explain")
+    if cfg.method == "occlusion" and task in ("translate", "chat"):
+        raise UserError(
+            f"--method occlusion needs a [MASK] token, which {task} models lack: use ig, grad-x-input or attention"
+        )
     from lmforge.tasks.explain import refuse_compressed
 
     refuse_compressed(cfg.model)

@@ -274,9 +274,9 @@ def _add_explain_route(app: FastAPI, gateway: _Gateway) -> None:
 
     @app.post("/v1/explain")
     async def explain(req: ExplainRequest) -> dict:
-        m = gateway.served(req.model, ("classify", "ner", "embed"))
+        m = gateway.served(req.model, ("classify", "ner", "embed", "translate", "chat"))
         items = _inputs([req.input], limits)
-        example = _example(items[0], 0, pairs=m.task != "ner")
+        example = _example(items[0], 0, pairs=m.task in ("classify", "embed"))
         if m.task == "embed" and "text_pair" not in example:
             raise APIError(
                 422, "an embedding model explains the similarity of two texts: [text, text_pair]", param="input"

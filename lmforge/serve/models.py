@@ -52,7 +52,8 @@ class Served:
         from lmforge.runs.run_dir import Run
         from lmforge.tasks.explain import explain
 
-        run = Run(self.task, self.handler, self.model, Path(self.run_dir), True)
+        finetuned = self.session.is_chat_model if self.session is not None else True
+        run = Run(self.task, self.handler, self.model, Path(self.run_dir), finetuned)
         return [e.to_json() for e in explain(run, example, method=method, label=label, steps=steps)]
 
     def count_tokens(self, texts: list[str]) -> int:

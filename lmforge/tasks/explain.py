@@ -40,7 +40,7 @@ from lmforge.errors import UserError
 from lmforge.models.layers import Attention, Embeddings, apply_rotary
 
 METHODS = ("ig", "grad-x-input", "occlusion", "attention")
-TASKS = ("classify", "ner", "embed")
+TASKS = ("classify", "ner", "embed", "translate", "chat")
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Encoded:
     tokens: list[str]
     offsets: list[tuple[int, int]]
     special: list[bool]
+    extra_text: str = ""
+    """The text the offsets point into (generation explanations)."""
 
     @property
     def mask(self) -> Tensor:
@@ -222,6 +224,9 @@ def attribute(
             scores = rolled[list(rows)].mean(0)
     finally:
         model.train(was_training)
+    # a GPT's embedding layer also embeds the generated tokens after the prompt: identical in the baseline, so
+    # their attributions are 0; only the input's positions are scored
+    scores = scores[: enc.ids.shape[1]]
     out = scores.detach().double().numpy()
     out[special.numpy()] = 0.0
     if delta is not None:  # the gap of the text tokens' scores alone (the specials' are ~0: kept in the baseline)
@@ -244,11 +249,20 @@ def _encode_text(tokenizer, text: str, *, max_len: int, cls_id: int, sep_id: int
 
 
 def _token_scores(enc: Encoded, scores: np.ndarray, text: str) -> list[TokenScore]:
-    return [
-        TokenScore(text[s:e] or tok, int(s), int(e), float(v))
-        for tok, (s, e), sp, v in zip(enc.tokens, enc.offsets, enc.special, scores, strict=True)
-        if not sp
-    ]
+    """The text tokens with their scores. Sub-tokens whose characters overlap (byte-level BPE splits one Chinese
+    character into several byte tokens, each with that character's offsets) become one token with the summed
+    score, so every character is shown once."""
+    out: list[TokenScore] = []
+    for tok, (s, e), sp, v in zip(enc.tokens, enc.offsets, enc.special, scores, strict=True):
+        if sp:
+            continue
+        if out and s < out[-1].end:
+            last = out[-1]
+            last.end, last.score = max(last.end, int(e)), last.score + float(v)
+            last.token = text[last.start : last.end]
+            continue
+        out.append(TokenScore(text[s:e] or tok, int(s), int(e), float(v)))
+    return out
 
 
 def explain_classification(
@@ -400,6 +414,169 @@ def explain_similarity(
     return Explanation(text, f"similarity to: {other}", method, value, _token_scores(enc, scores, text), delta)
 
 
+def cross_attention_maps(model: nn.Module, src: Tensor, tgt: Tensor) -> Tensor:
+    """Cross-attention probabilities of an encoder-decoder, (L, B, H, T_tgt, S) (rows: target positions),
+    recomputed in a hook from each cross-attention's query projection and the memory keys it was given."""
+    captured: list[Tensor] = []
+
+    def hook(module: Attention, args: tuple, kwargs: dict, _output: Tensor) -> None:
+        x, (k, _) = args[0], kwargs["memory_kv"]
+        B, T, _ = x.shape
+        q = module.q(x).view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
+        if module.n_kv_heads != module.n_heads:
+            k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(module.head_dim)
+        if kwargs.get("mask") is not None:
+            scores = scores.masked_fill(~kwargs["mask"], float("-inf"))
+        captured.append(scores.float().softmax(-1))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if getattr(m, "cross", False)]
+    try:
+        with torch.no_grad():
+            model(src, tgt, src_mask=torch.ones_like(src))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(captured)
+
+
+def _generated(
+    run, enc: Encoded, target_ids: list[int], prefix: Tensor, logits_of: Callable, *, method: str, steps: int
+) -> list[Explanation]:
+    """One explanation per generated token: the probability the model gives it (teacher-forced on the tokens
+    before it), attributed to the input tokens of ``enc``; ``prefix`` (1, P) + the generated tokens are what the
+    model reads, ``logits_of(ids, mask, types, reading)`` gives (N, P + n, V)."""
+    task = run.task
+    tok = task.tgt_tok if run.name == "translate" else task.tokenizer
+    reading = torch.cat([prefix, torch.tensor([target_ids[:-1]], dtype=torch.long)], dim=1) if target_ids else prefix
+    first = prefix.shape[1] - 1  # the position whose logits predict the first generated token
+    pad = tok.token_id("pad") if tok.token_id("pad") is not None else tok.token_id("eos")
+    text = enc.tokens and "".join(enc.tokens)  # unused for offsets; keeps the type checker quiet
+    del text
+    out = []
+    rows_attention = None
+    if method == "attention":
+        if run.name == "translate":
+            maps = cross_attention_maps(run.model, enc.ids, reading)  # (L, 1, H, T, S)
+            rows_attention = maps[:, 0].mean((0, 1))  # (T, S)
+        else:
+            # the GPT reads the prompt and the tokens generated before each one: rollout over that sequence
+            rows_attention = attention_rollout(attention_maps(run.model, reading, torch.ones_like(reading))[:, 0])
+    source_text = enc.extra_text
+    for n, token in enumerate(target_ids):
+        position = first + n
+
+        def prob(ids: Tensor, mask: Tensor, types: Tensor | None, position=position, token=token) -> Tensor:
+            return logits_of(ids, mask, types, reading)[:, position].float().softmax(-1)[:, token]
+
+        with torch.no_grad():
+            value = float(prob(enc.ids, enc.mask, None)[0])
+        if method == "attention":
+            row = rows_attention[position][: enc.ids.shape[1]].double().numpy().copy()
+            row[np.asarray(enc.special)] = 0.0
+            scores, delta = row, None
+        else:
+            scores, delta = attribute(
+                method, prob, run.model, enc, baseline_id=pad, occlusion_id=pad, rows=[0], steps=steps
+            )
+        piece = tok.decode([token])
+        out.append(
+            Explanation(
+                source_text,
+                f"#{n + 1} {piece!r}",
+                method,
+                value,
+                _token_scores(enc, scores, source_text),
+                delta,
+                {"position": n, "token_id": int(token), "token": piece},
+            )
+        )
+    return out
+
+
+def explain_translation(run, text: str, *, method: str, steps: int = 32, max_new_tokens: int = 64) -> list[Explanation]:
+    """The greedy translation of ``text``; per generated token, how much each source token raised its probability
+    (gradients through the encoder's embeddings) or how much the decoder's cross-attention read it (``attention``:
+    the mean over layers and heads)."""
+    from lmforge.inference.config import GenerationConfig
+
+    if method == "occlusion":
+        raise UserError(
+            "--method occlusion needs a [MASK] token; translation models have none: use ig, grad-x-input or attention"
+        )
+    task, model = run.task, run.model
+    encoding = task.src_tok.tokenizer.encode(text, add_special_tokens=task.source_special_tokens)
+    ids, tokens, offsets = list(encoding.ids), list(encoding.tokens), [tuple(o) for o in encoding.offsets]
+    special = [bool(m) for m in encoding.special_tokens_mask]
+    if not task.source_special_tokens:
+        ids, tokens, offsets, special = [*ids, task.eos_id], [*tokens, "</s>"], [*offsets, (0, 0)], [*special, True]
+    ids, tokens, offsets, special = (
+        ids[: task.max_len],
+        tokens[: task.max_len],
+        offsets[: task.max_len],
+        special[: task.max_len],
+    )
+    enc = Encoded(torch.tensor([ids]), None, tokens, offsets, special)
+    enc.extra_text = text
+    gen = task.generator(model)
+    generated = gen.generate([ids], GenerationConfig(max_new_tokens=min(max_new_tokens, task.max_len)))[0].token_ids
+    prefix = torch.tensor([[gen.start_id]])
+
+    def logits_of(src: Tensor, mask: Tensor, types: Tensor | None, reading: Tensor) -> Tensor:
+        return model(src, reading.expand(src.shape[0], -1), src_mask=mask)
+
+    return _generated(run, enc, generated, prefix, logits_of, method=method, steps=steps)
+
+
+def explain_continuation(
+    run, text: str, *, method: str, steps: int = 32, max_new_tokens: int = 32
+) -> list[Explanation]:
+    """A GPT's greedy continuation of ``text`` (a chat model: its reply to ``text`` as a user turn); per generated
+    token, how much each token of ``text`` raised its probability (or, ``attention``, the rollout from its
+    position to them). The chat template's own tokens score 0."""
+    from lmforge.inference.chat import ChatSession
+    from lmforge.inference.config import GenerationConfig
+
+    if method == "occlusion":
+        raise UserError(
+            "--method occlusion needs a [MASK] token; GPT models have none: use ig, grad-x-input or attention"
+        )
+    task, model = run.task, run.model
+    tok = task.tokenizer
+    encoding = tok.tokenizer.encode(text, add_special_tokens=False)
+    text_ids = list(encoding.ids)
+    if run.finetuned and tok.token_id("im_start") is not None:
+        session = ChatSession(model, tok, is_chat_model=True)
+        ids = session.prompt_ids([{"role": "user", "content": text}], max_new_tokens)
+        at = next((i for i in range(len(ids) - len(text_ids) + 1) if ids[i : i + len(text_ids)] == text_ids), None)
+        if at is None:
+            raise UserError("explain: the text is not tokenized the same inside the chat template; explain it raw")
+        stop = [session.im_end]
+    else:
+        ids, at, stop = text_ids, 0, []
+    if not text_ids:
+        raise UserError("explain: the text has no tokens")
+    n = len(ids)
+    tokens = [tok.tokenizer.id_to_token(i) or "" for i in ids]
+    offsets = [(0, 0)] * n
+    special = [True] * n
+    for j, (o, t) in enumerate(zip(encoding.offsets, encoding.tokens, strict=True)):
+        offsets[at + j], special[at + j], tokens[at + j] = tuple(o), False, t
+    enc = Encoded(torch.tensor([ids]), None, tokens, offsets, special)
+    enc.extra_text = text
+    from lmforge.inference.generate import Generator
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop)
+    generated = Generator(model, tok).generate([ids], cfg)[0].token_ids
+    prefix = torch.tensor([ids])
+
+    def logits_of(prompt: Tensor, mask: Tensor, types: Tensor | None, reading: Tensor) -> Tensor:
+        full = torch.cat([prompt, reading[:, prompt.shape[1] :].expand(prompt.shape[0], -1)], dim=1)
+        return model(full)
+
+    return _generated(run, enc, generated, prefix, logits_of, method=method, steps=steps)
+
+
 def _ids_mask(task, text: str) -> tuple[Tensor, Tensor]:
     ids = torch.tensor(task.encode_texts([text])[0], dtype=torch.long)[None, :]
     return ids, torch.ones_like(ids)
@@ -465,6 +642,10 @@ def explain(
             explain_similarity(run, example["text"], other, method=method, steps=steps, baseline=baseline),
             explain_similarity(run, other, example["text"], method=method, steps=steps, baseline=baseline),
         ]
+    if run.name == "translate":
+        return explain_translation(run, example["text"], method=method, steps=steps)
+    if run.name == "chat":
+        return explain_continuation(run, example["text"], method=method, steps=steps)
     raise UserError(f"explain works on {', '.join(TASKS)} runs, not {run.name!r}")
 
 

@@ -147,7 +147,7 @@ def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, ser
             "max_tokens",
         ),
         ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "n"),
-        ("/v1/explain", {"model": "translate", "input": "x"}, 400, "model"),
+        ("/v1/explain", {"model": "translate", "input": "x", "method": "occlusion"}, 422, None),
         ("/v1/explain", {"model": "nope", "input": "x"}, 404, "model"),
         ("/v1/explain", {"model": "classify", "input": "x", "steps": 65}, 422, "steps"),
         ("/v1/explain", {"model": "classify", "input": "x", "method": "shap"}, 422, "method"),
@@ -203,6 +203,12 @@ def test_explain_gives_the_attributions_of_the_command(make_app, served) -> None
     for e in ner.json()["data"]:
         assert [t["token"] for t in e["tokens"]] == list("国务院总理李鹏今天在北京")
     assert [e["text"] for e in pair.json()["data"]] == ["房间干净", "房间很干净"]
+    with TestClient(make_app()) as client:
+        mt = client.post("/v1/explain", json={"model": "translate", "input": "我爱北京", "method": "attention"})
+        chat = client.post("/v1/explain", json={"model": "chat", "input": "我爱北京", "steps": 8})
+    assert mt.status_code == 200 and chat.status_code == 200, (mt.text, chat.text)
+    for e in [*mt.json()["data"], *chat.json()["data"]]:
+        assert "".join(t["token"] for t in e["tokens"]) == "我爱北京" and e["extra"]["token"]
 
 
 def test_body_over_the_limit_is_413_and_bad_json_is_422(make_app) -> None:

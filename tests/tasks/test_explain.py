@@ -241,3 +241,43 @@ def test_deleting_the_top_token_hurts_more_than_a_random_one(runs) -> None:
     rand = np.mean([r["deletion_random"][1] for r in results])
     assert top > 0.3 and top > 3 * rand, (top, rand)
     assert np.mean([r["comprehensiveness"] for r in results]) > np.mean([r["sufficiency"] for r in results])
+
+
+GENERATION = Path(__file__).resolve().parents[1] / "fixtures" / "generation"
+
+
+def test_translation_and_gpt_explanations_per_generated_token(tmp_path: Path) -> None:
+    """Translate and GPT runs: one explanation per generated token (its teacher-forced probability), the source /
+    prompt characters each shown once (byte-level BPE pieces of a character merged), IG complete, cross-attention
+    rows distributions over the source; occlusion refused (no [MASK])."""
+    import shutil
+
+    from lmforge.tasks.explain import cross_attention_maps
+
+    mt = tmp_path / "mt"
+    shutil.copytree(GENERATION / "seq2seq", mt)
+    settings = {"task": "translate", "src": "zh", "tgt": "en", "max_len": 24, "label_smoothing": 0.1}
+    (mt / "task.json").write_text(json.dumps({**settings, "source_special_tokens": False}))
+    for directory, text in ((mt, "我爱北京天安门"), (GENERATION / "gpt", "我爱北京")):
+        run = load_run(directory)
+        ig = explain(run, {"text": text}, method="ig", steps=64)
+        assert ig, "something was generated"
+        for e in ig:
+            assert "".join(t.token for t in e.tokens) == text
+            assert [(t.start, t.end) for t in e.tokens] == sorted({(t.start, t.end) for t in e.tokens})
+            assert 0.0 <= e.value <= 1.0
+            assert abs(e.delta) <= 0.01 * max(abs(sum(t.score for t in e.tokens)), 0.01), (directory.name, e.delta)
+        attention = explain(run, {"text": text}, method="attention")
+        assert [e.target for e in attention] == [e.target for e in ig]  # the same greedy tokens
+        with pytest.raises(UserError, match="occlusion"):
+            explain(run, {"text": text}, method="occlusion")
+    import dataclasses
+
+    chat = dataclasses.replace(load_run(GENERATION / "gpt"), finetuned=True)  # as a chat model: the ChatML prompt
+    (first, *_) = explain(chat, {"text": "我爱北京"}, method="grad-x-input") or [None]
+    if first is not None:  # the fixture may end its reply at once
+        assert "".join(t.token for t in first.tokens) == "我爱北京"
+    run = load_run(mt)
+    src = torch.tensor([run.task.encode_sources(["我爱北京"])[0][0]])
+    maps = cross_attention_maps(run.model, src, torch.tensor([[2, 5, 7]]))  # (L, 1, H, 3, S)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]))
