@@ -156,6 +156,11 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.data:ExportConfig",
         "lmforge.commands.data:run_export",
     ),
+    "data fetch": Command(
+        "Fetch a corpus shipped outside PyPI once (tang-poems: npm chinese-poetry)",
+        "lmforge.commands.data:FetchConfig",
+        "lmforge.commands.data:run_fetch",
+    ),
 }
 
 

