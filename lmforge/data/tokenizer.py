@@ -7,7 +7,9 @@ Two kinds:
   1,000 characters, which left ~9% [UNK] on Chinese text; see shared/FINDINGS.md).
 - ``bpe`` for GPT: byte-level BPE as in GPT-2 (no unknown token; exact round trips of NFC text),
   pre-tokenized the way Qwen2 does it (NFC, single digits), with an end-of-text token, a padding
-  token and ChatML role tokens (``<|im_start|>``, ``<|im_end|>``) plus a chat template.
+  token and ChatML role tokens (``<|im_start|>``, ``<|im_end|>``) plus a chat template. With
+  ``cjk_characters`` every CJK character and full-width punctuation mark is split off first, so no token spans
+  two (a five-character line is five tokens; classical poems need that to learn their form, FINDINGS).
 
 A tokenizer directory holds ``tokenizer.json`` plus ``tokenizer_config.json`` and
 ``special_tokens_map.json`` so that ``transformers.AutoTokenizer`` loads it unchanged.
@@ -139,11 +141,15 @@ def _train_wordpiece(corpus: Callable[[], Iterable[str]], vocab_size: int, lower
     return tok
 
 
-def _bpe(vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
+def _bpe(vocab_size: int, *, cjk_characters: bool = False) -> tuple[Tokenizer, trainers.Trainer]:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
+    # cjk_characters: every CJK character and full-width punctuation mark its own pre-token first, so no BPE token
+    # spans two of them (the bert-base-chinese convention); else Qwen2's rules, which keep CJK runs whole
+    cjk = [pre_tokenizers.Split(Regex(f"[{_CJK}]"), behavior="isolated")] if cjk_characters else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            *cjk,
             pre_tokenizers.Split(Regex(BPE_PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
@@ -160,10 +166,16 @@ def _bpe(vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
 
 
 def train_tokenizer(
-    corpus: Callable[[], Iterable[str]], *, kind: TokenizerKind, vocab_size: int, lowercase: bool = True
+    corpus: Callable[[], Iterable[str]],
+    *,
+    kind: TokenizerKind,
+    vocab_size: int,
+    lowercase: bool = True,
+    cjk_characters: bool = False,
 ) -> LMTokenizer:
     """Train a tokenizer of ``kind``; ``corpus()`` returns a fresh stream of texts each call
-    (WordPiece reads it twice; nothing is held in memory)."""
+    (WordPiece reads it twice; nothing is held in memory). ``cjk_characters`` (bpe): no token spans two CJK
+    characters (WordPiece always splits them)."""
     if vocab_size < 300 and kind == "bpe":
         raise UserError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 bytes + specials (>= 300)")
     if vocab_size < 10:
@@ -172,7 +184,7 @@ def train_tokenizer(
         tok = _train_wordpiece(corpus, vocab_size, lowercase)
         specials = dict(WORDPIECE_SPECIALS)
     elif kind == "bpe":
-        tok, trainer = _bpe(vocab_size)
+        tok, trainer = _bpe(vocab_size, cjk_characters=cjk_characters)
         tok.train_from_iterator(_nonempty(corpus()), trainer=trainer)
         specials = dict(BPE_SPECIALS)
     else:

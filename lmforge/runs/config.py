@@ -259,6 +259,9 @@ class PretrainData:
     """Tokenizer directory; None = train one into OUT/tokenizer."""
     vocab_size: int = 21128
     """Vocabulary size when a tokenizer is trained here."""
+    cjk_characters: bool = False
+    """GPT (byte-level BPE) tokenizer trained here: every CJK character and full-width punctuation mark its own
+    token, none merged with its neighbours (a BERT's WordPiece always does this)."""
     shards: str | None = None
     """Prepared shard directory; None = prepare (or reuse) OUT/data."""
     seq_len: int = 128

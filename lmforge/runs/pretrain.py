@@ -45,6 +45,7 @@ def _tokenizer_dir(cfg: PretrainConfig, run_dir: Path, d: distributed.Dist) -> P
             lambda: corpus_texts(cfg.data.input, jsonl_field=cfg.data.jsonl_field),
             kind=kind,
             vocab_size=cfg.data.vocab_size,
+            cjk_characters=cfg.data.cjk_characters,
         )
         save_tokenizer(tok, target, model_max_length=cfg.data.seq_len)
     distributed.barrier(d)

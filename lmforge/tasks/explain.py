@@ -269,6 +269,27 @@ def _token_scores(enc: Encoded, scores: np.ndarray, text: str) -> list[TokenScor
     return out
 
 
+def _encoder_attribution(
+    method: str, forward: Scalar, run, enc: Encoded, *, rows: Sequence[int], steps: int, baseline: str
+) -> tuple[float, np.ndarray, float | None, float]:
+    """``attribute`` for an encoder run (IG's baseline of [PAD] or [MASK], occlusion by [MASK]), with f(x) first:
+    (value, scores, delta, the special tokens' share)."""
+    tok = run.task.tokenizer
+    with torch.no_grad():
+        value = float(forward(enc.ids, enc.mask, None)[0])
+    scores, delta, specials = attribute(
+        method,
+        forward,
+        run.model,
+        enc,
+        baseline_id=_baseline_id(tok, baseline),
+        occlusion_id=_baseline_id(tok, "mask"),
+        rows=rows,
+        steps=steps,
+    )
+    return value, scores, delta, specials
+
+
 def explain_classification(
     run, text: str, *, method: str, label: str | None = None, steps: int = 50, baseline: str = "pad"
 ) -> Explanation:
@@ -290,15 +311,14 @@ def explain_classification(
     else:
         raise UserError(f"--label {label!r} is not one of this model's labels: {', '.join(task.labels)}")
     rows = [0] if model.head.pooling != "mean" else [i for i, s in enumerate(enc.special) if not s]
-    scores, delta, specials = attribute(
+    _, scores, delta, specials = _encoder_attribution(
         method,
         lambda ids, mask, types: probs(ids, mask, types)[:, target],
-        model,
+        run,
         enc,
-        baseline_id=_baseline_id(task.tokenizer, baseline),
-        occlusion_id=_baseline_id(task.tokenizer, "mask"),
         rows=rows,
         steps=steps,
+        baseline=baseline,
     )
     return Explanation(
         text,
@@ -362,17 +382,9 @@ def explain_entities(run, text: str, *, method: str, steps: int = 50, baseline: 
                 .mean((1, 2))
             )
 
-        with torch.no_grad():
-            value = float(target(enc.ids, enc.mask, None)[0])
-        scores, delta, specials = attribute(
-            method,
-            target,
-            model,
-            enc,
-            baseline_id=_baseline_id(task.tokenizer, baseline),
-            occlusion_id=_baseline_id(task.tokenizer, "mask"),
-            rows=[int(first[w]) for w in range(s, e)],
-            steps=steps,
+        rows = [int(first[w]) for w in range(s, e)]
+        value, scores, delta, specials = _encoder_attribution(
+            method, target, run, enc, rows=rows, steps=steps, baseline=baseline
         )
         per_word = np.zeros(len(words))
         np.add.at(per_word, owner[1:-1], scores[1:-1])
@@ -411,18 +423,9 @@ def explain_similarity(
     def similarity(ids: Tensor, mask: Tensor, types: Tensor | None) -> Tensor:
         return (F.normalize(task.embed(model, ids, mask).float(), dim=-1) * fixed).sum(-1)
 
-    with torch.no_grad():
-        value = float(similarity(enc.ids, enc.mask, None)[0])
     rows = [0] if task.pooling == "cls" else [i for i, s in enumerate(enc.special) if not s]
-    scores, delta, specials = attribute(
-        method,
-        similarity,
-        model,
-        enc,
-        baseline_id=_baseline_id(task.tokenizer, baseline),
-        occlusion_id=_baseline_id(task.tokenizer, "mask"),
-        rows=rows,
-        steps=steps,
+    value, scores, delta, specials = _encoder_attribution(
+        method, similarity, run, enc, rows=rows, steps=steps, baseline=baseline
     )
     tokens = _token_scores(enc, scores, text)
     extra = {"special_tokens": round(specials, 6)}
@@ -709,16 +712,7 @@ def faithfulness(
         batch = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": types_}
         return task.logits(model, batch).softmax(-1)[:, target]
 
-    scores, _, _ = attribute(
-        method,
-        prob_of,
-        model,
-        enc,
-        baseline_id=_baseline_id(task.tokenizer, "pad"),
-        occlusion_id=_baseline_id(task.tokenizer, "mask"),
-        rows=rows,
-        steps=steps,
-    )
+    _, scores, _, _ = _encoder_attribution(method, prob_of, run, enc, rows=rows, steps=steps, baseline="pad")
     order = sorted(text_positions, key=lambda i: -scores[i])  # most supporting first; ties by position
 
     def without(drop: set[int]) -> list[int]:

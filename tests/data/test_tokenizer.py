@@ -146,3 +146,20 @@ def test_pretrain_wordpiece_covers_the_builtin_tasks(pretrain_wordpiece) -> None
         u, t = counts[name]
         assert u / t <= 0.001, (name, u, t)
     assert pretrain_wordpiece.vocab_size > 5000  # thousands of CJK characters, not the 1,000 default
+
+
+def test_bpe_with_cjk_characters_never_merges_two_of_them(mixed_corpus: Path, tmp_path: Path) -> None:
+    """cjk_characters: every CJK character and full-width punctuation mark is its own token (a poem's line is as
+    many tokens as characters), Latin text still merges, round trips stay exact, and transformers agrees."""
+    corpus = [*read_text_lines(mixed_corpus), "床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 3
+    tok = train_tokenizer(lambda: iter(corpus), kind="bpe", vocab_size=600, cjk_characters=True)
+    text = "床前明月光，疑是地上霜。the model 学习"
+    ids = tok.tokenizer.encode(text).ids
+    pieces = [tok.tokenizer.decode([i]) for i in ids]
+    assert pieces[:12] == list("床前明月光，疑是地上霜。")
+    assert tok.decode(ids) == text
+    merged = train_tokenizer(lambda: iter(corpus), kind="bpe", vocab_size=600)
+    assert len(merged.tokenizer.encode("床前明月光").ids) < 5  # the default keeps CJK runs whole for merges
+    save_tokenizer(tok, tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert hf(text, add_special_tokens=False)["input_ids"] == ids
