@@ -49,26 +49,13 @@ def test_unlabelled_texts_cut_long_documents_at_sentence_ends(tmp_path: Path) ->
 # A synthetic task on review characters: "pos" when the text holds 好, else "neg". A teacher trained on 1,200
 # labelled texts knows it; a student with 24 labelled texts alone does not, and learns it from the teacher's
 # soft labels on 1,200 unlabelled texts.
-def _texts(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    pool = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
-    out = []
-    for _ in range(n):
-        chars = [rng.choice(pool) for _ in range(rng.randint(6, 14))]
-        positive = rng.random() < 0.5
-        if positive:
-            chars.insert(rng.randrange(len(chars) + 1), "好")
-        out.append({"text": "".join(chars), "label": "pos" if positive else "neg"})
-    return out
-
-
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
+def synthetic(cue_texts, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distill")
-    files = {"big": _texts(1200, 1), "small": _texts(24, 2), "dev": _texts(200, 3), "test": _texts(400, 4)}
+    files = {"big": cue_texts(1200, 1), "small": cue_texts(24, 2), "dev": cue_texts(200, 3), "test": cue_texts(400, 4)}
     for name, rows in files.items():
         write_jsonl(root / f"{name}.jsonl", rows)
-    (root / "unlabelled.txt").write_text("\n".join(ex["text"] for ex in _texts(1200, 5)) + "\n", encoding="utf-8")
+    (root / "unlabelled.txt").write_text("\n".join(ex["text"] for ex in cue_texts(1200, 5)) + "\n", encoding="utf-8")
     common = ["--model", str(tiny_bert), "--dev", str(root / "dev.jsonl"), "--test", str(root / "test.jsonl")]
     teacher = ["finetune", "classify", "--train", str(root / "big.jsonl"), "--out", str(root / "teacher")]
     assert main([*teacher, *common, "--epochs", "6", "--training.optim.lr", "1e-3", *FAST]) == 0
@@ -107,10 +94,10 @@ def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
     assert f"Distilled from `{synthetic['teacher']}`" in (root / "distilled" / "report.md").read_text()
 
 
-def test_cached_teacher_logits_resume_and_are_never_mixed(synthetic, tmp_path: Path) -> None:
+def test_cached_teacher_logits_resume_and_are_never_mixed(cue_texts, synthetic, tmp_path: Path) -> None:
     from lmforge.runs.distill import teacher_logits
 
-    texts = [{"text": ex["text"]} for ex in _texts(CHUNK + 10, 6)]
+    texts = [{"text": ex["text"]} for ex in cue_texts(CHUNK + 10, 6)]
     cache = tmp_path / "teacher"
     teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], progress=False)
     first = (cache / "chunk-00001.safetensors").read_bytes()
@@ -123,10 +110,12 @@ def test_cached_teacher_logits_resume_and_are_never_mixed(synthetic, tmp_path: P
         teacher_logits(str(synthetic["teacher"]), texts[:-1], cache, ["neg", "pos"], progress=False)
 
 
-def test_a_teacher_of_another_task_or_labels_is_refused_before_work(synthetic, tmp_path: Path, capsys) -> None:
+def test_a_teacher_of_another_task_or_labels_is_refused_before_work(
+    cue_texts, synthetic, tmp_path: Path, capsys
+) -> None:
     root = synthetic["root"]
     other = tmp_path / "other.jsonl"
-    write_jsonl(other, [{"text": ex["text"], "label": "x" if ex["label"] == "pos" else "y"} for ex in _texts(40, 7)])
+    write_jsonl(other, [{"text": ex["text"], "label": "x" if ex["label"] == "pos" else "y"} for ex in cue_texts(40, 7)])
     args = ["distill", "classify", "--teacher", str(synthetic["teacher"]), "--model", str(synthetic["bert"]), *FAST]
     assert main([*args, "--train", str(other), "--out", str(tmp_path / "a")]) == 2
     assert "are not the training data's" in capsys.readouterr().out

@@ -31,24 +31,11 @@ FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eva
 POOL = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
 
 
-def _texts(n: int, seed: int) -> list[dict]:
-    """Random characters; a positive text has one 好 somewhere (the only cue)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        chars = [rng.choice(POOL) for _ in range(rng.randint(6, 14))]
-        positive = rng.random() < 0.5
-        if positive:
-            chars.insert(rng.randrange(len(chars) + 1), "好")
-        out.append({"text": "".join(chars), "label": "pos" if positive else "neg"})
-    return out
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
+def runs(cue_texts, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("explain")
-    write_jsonl(root / "train.jsonl", _texts(600, 1))
-    write_jsonl(root / "dev.jsonl", _texts(100, 2))
+    write_jsonl(root / "train.jsonl", cue_texts(600, 1))
+    write_jsonl(root / "dev.jsonl", cue_texts(100, 2))
     classify = ["finetune", "classify", "--model", str(tiny_bert), "--train", str(root / "train.jsonl")]
     args = [*classify, "--dev", str(root / "dev.jsonl"), "--out", str(root / "classify"), "--epochs", "5"]
     assert main([*args, "--training.optim.lr", "1e-3", *FAST]) == 0
@@ -165,11 +152,11 @@ def test_scores_line_up_with_the_characters_of_mixed_text(runs) -> None:
         assert "".join(latin).lower().replace("##", "") in ("theroompriceok", "theroomprice,ok"), latin
 
 
-def test_every_method_finds_the_planted_cue(runs) -> None:
+def test_every_method_finds_the_planted_cue(cue_texts, runs) -> None:
     """The classifier learned that 好 alone makes a text positive: on positive test texts it predicts positive, the
     top-scored character is 好 for every gradient and occlusion method."""
     run = load_run(runs["classify"])
-    positives = [ex["text"] for ex in _texts(80, 9) if ex["label"] == "pos"][:20]
+    positives = [ex["text"] for ex in cue_texts(80, 9) if ex["label"] == "pos"][:20]
     for method in ("ig", "grad-x-input", "occlusion"):
         hits = 0
         for text in positives:
@@ -250,13 +237,13 @@ def test_rollout_rows_of_a_real_model_are_distributions(runs) -> None:
     np.testing.assert_allclose(rolled.sum(-1).numpy(), 1.0, rtol=1e-5)
 
 
-def test_deleting_the_top_token_hurts_more_than_a_random_one(runs) -> None:
+def test_deleting_the_top_token_hurts_more_than_a_random_one(cue_texts, runs) -> None:
     """On positive texts whose only cue is 好, IG's top token is the cue: deleting it drops p(pos) far more than
     deleting a random character; sufficiency of its top tokens is small, comprehensiveness large."""
     from lmforge.tasks.explain import faithfulness
 
     run = load_run(runs["classify"])
-    positives = [ex["text"] for ex in _texts(60, 21) if ex["label"] == "pos"][:12]
+    positives = [ex["text"] for ex in cue_texts(60, 21) if ex["label"] == "pos"][:12]
     results = [faithfulness(run, t, method="ig", steps=20) for t in positives]
     assert all(r["label"] == "pos" for r in results)
     top = np.mean([r["deletion_top"][1] for r in results])
