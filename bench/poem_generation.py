@@ -1,6 +1,7 @@
 """How well a GPT trained on tang-poems writes poems: the form share, distinct-n, perplexity and copying.
 
-For the first ``--n`` test poems of ``builtin:tang-poems`` the model is given the end token (a document starts
+For the first ``--n`` test poems of the model's training corpus (``builtin:tang-verse`` or ``builtin:tang-poems``,
+read from its ``config.yaml``; ``--corpus`` to choose) the model is given the end token (a document starts
 after one in the training shards), the title and a newline, and
 samples a body (temperature 0.8, top-p 0.9, fixed seeds; and greedily, a second setting) up to its end token.
 Reported per setting:
@@ -12,7 +13,7 @@ Reported per setting:
 - copied: generated bodies found verbatim in the training split;
 - perplexity of the held-out test poems (every token of title, newline, body and the end token), and samples.
 
-    python bench/poem_generation.py --model runs/gpt-tiny-poems [--n 200] [--out FILE]
+    python bench/poem_generation.py --model runs/gpt-tiny-poems [--n 200] [--corpus NAME] [--out FILE]
 
 Writes bench/results/poem_generation.json.
 """
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lmforge.data.builtin import load_builtin
 from lmforge.data.poems import poem_form
@@ -63,17 +65,28 @@ def perplexity(model, tok, texts: list[str], batch: int = 32) -> float:
     return math.exp(total / count)
 
 
+def training_corpus(model_dir: Path) -> str:
+    """The poem corpus named in a run's ``config.yaml`` (``data.input``)."""
+    config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+    names = [i.removeprefix("builtin:") for i in config["data"]["input"] if i.startswith("builtin:tang-")]
+    if len(names) != 1:
+        raise SystemExit(f"{model_dir}/config.yaml: data.input names no tang-* corpus; pass --corpus")
+    return names[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a GPT directory trained on tang-poems")
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--corpus", choices=["tang-verse", "tang-poems"], help="default: the model's own")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = load_run(args.model, task="chat")
     model, tok = run.model, run.task.tokenizer
-    splits = load_builtin("tang-poems")
+    corpus = args.corpus or training_corpus(Path(args.model))
+    splits = load_builtin(corpus)
     test = splits["test"][: args.n]
     train_bodies = {p["body"] for p in splits["train"]}
     real = [p["body"] for p in test]
@@ -84,6 +97,7 @@ def main() -> None:
     }
     results: dict = {
         "model": args.model,
+        "corpus": corpus,
         "n": len(test),
         "real_test_poems": {
             "form_share": sum(poem_form(b) is not None for b in real) / len(real),

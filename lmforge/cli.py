@@ -245,10 +245,24 @@ def _parse(name: str, rest: list[str]) -> Any:
     return tyro.cli(cls, args=rest, prog=f"lmforge {name}", default=default)
 
 
+def command_name(argv: list[str]) -> str | None:
+    """The command that ``argv`` (the arguments after ``lmforge``) starts with, e.g. "finetune classify"."""
+    return next((n for n in sorted(COMMANDS, key=len, reverse=True) if argv[: len(n.split())] == n.split()), None)
+
+
+def parse(argv: list[str]) -> tuple[str, Any]:
+    """(command, config) for ``argv`` as ``main`` reads it, without running anything: the docs' tests parse every
+    command line of the documentation with it. A bad flag exits as tyro does (SystemExit 2, message on stderr)."""
+    name = command_name(argv)
+    if name is None:
+        raise UserError(f"unknown command {' '.join(argv[:2])!r}; commands: {', '.join(COMMANDS)}")
+    return name, _parse(name, argv[len(name.split()) :])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    name = next((n for n in sorted(COMMANDS, key=len, reverse=True) if argv[: len(n.split())] == n.split()), None)
+    name = command_name(argv)
     if name is None:
         _usage()
         known = argv and argv[0] not in ("-h", "--help")

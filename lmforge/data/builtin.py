@@ -19,6 +19,9 @@ Nothing is downloaded: the ``data`` extra installs the packages that carry the f
 - ``tang-poems`` (npm ``chinese-poetry`` 2.0.1, MIT, fetched once by ``lmforge data fetch tang-poems``): the
   Complete Tang Poems in simplified characters, cleaned and de-duplicated (``data/poems.py``); text is the title,
   a newline and the body.
+- ``tang-verse``: the regulated verse of ``tang-poems`` (the 83% of its poems that ``poems.poem_form`` accepts:
+  every line 5 characters or every line 7, in couplets), in ``tang-poems``' own splits, so neither corpus's test
+  poems are in the other's training split.
 - ``pretrain-zh``: the pretraining corpus, the train texts of ``peoples-daily-text`` and
   ``reviews-sentiment``, minus any text equal to a dev or test text of a built-in task.
 
@@ -223,6 +226,14 @@ def tang_poems() -> Splits:
     return _split(sorted(read_tang(), key=lambda p: (p["text"], p["author"])))
 
 
+@functools.cache
+def tang_verse() -> Splits:
+    """The poems of ``tang_poems`` that ``poem_form`` accepts, split as there."""
+    from lmforge.data.poems import poem_form
+
+    return {split: [p for p in poems if poem_form(p["body"]) is not None] for split, poems in tang_poems().items()}
+
+
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
@@ -233,6 +244,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("tatoeba-cmn-en", "translate", "a Tatoeba TSV you name (--path / LMFORGE_TATOEBA)", tatoeba_cmn_en),
         Builtin("pretrain-zh", "text", "train splits of peoples-daily-text + reviews-sentiment", pretrain_zh),
         Builtin("tang-poems", "text", "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`", tang_poems),
+        Builtin("tang-verse", "text", "the 5/7-character regulated verse of tang-poems", tang_verse),
     )
 }
 

@@ -76,8 +76,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 = off)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """bf16 autocast (CPU and CUDA) or fp16 with loss scaling (CUDA); auto: bf16 on a GPU with bf16 or a CPU with
+    avx512_bf16 / amx_bf16, else fp32 (a CPU without them emulates bf16, ~4x slower than fp32)."""
     compile: bool = False
     """torch.compile every transformer block."""
     deterministic: bool = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -33,6 +34,7 @@ from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches, to_device
 from lmforge.errors import UserError
 from lmforge.models.registry import transformer_blocks
+from lmforge.ops.cpu_features import has_bf16
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
@@ -98,6 +100,15 @@ def _generator(seed: int, *parts: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(hash((seed, *parts)) & 0x7FFF_FFFF_FFFF_FFFF)
     return g
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The training precision ``auto`` stands for on ``device``: bf16 where its arithmetic is fast, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if has_bf16() else "fp32"
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -219,6 +230,8 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
     """Restore a checkpoint (when resuming), wrap the model, build optimizer, schedule, batches and logger."""
     run_dir.mkdir(parents=True, exist_ok=True)
     d = distributed.setup(cfg.device)
+    cfg_precision, precision = cfg.precision, resolve_precision(cfg.precision, d.device)
+    cfg = dataclasses.replace(cfg, precision=precision) if precision != cfg.precision else cfg
     accum = _accumulation(cfg, d)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -249,6 +262,8 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
     logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
     if ckpt is not None:
         logger.info(f"resumed from {ckpt} (step {state.step})")
+    if precision != cfg_precision:
+        logger.info(f"training.precision=auto: {precision} on this {d.device.type}")
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(
         d.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     )

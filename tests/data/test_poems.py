@@ -86,3 +86,26 @@ def test_the_builtin_says_how_to_fetch_it(tmp_path: Path, monkeypatch: pytest.Mo
     write_jsonl(tmp_path / "tang-poems.jsonl", convert(SAMPLE))
     poems = read_tang()
     assert len(poems) == 24 and poems[0]["text"].startswith("帝京篇十首 一\n秦川雄帝宅")
+
+
+def test_tang_verse_is_the_regulated_verse_of_tang_poems_in_its_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.data import builtin
+    from lmforge.data.readers import write_jsonl
+
+    monkeypatch.setenv("LMFORGE_DATA", str(tmp_path))
+    write_jsonl(tmp_path / "tang-poems.jsonl", convert(SAMPLE))
+    builtin.tang_poems.cache_clear()
+    builtin.tang_verse.cache_clear()
+    try:
+        poems, verse = builtin.load_builtin("tang-poems"), builtin.load_builtin("tang-verse")
+    finally:
+        builtin.tang_poems.cache_clear()
+        builtin.tang_verse.cache_clear()
+    everything = [p for split in poems.values() for p in split]
+    regulated = [p for p in everything if poem_form(p["body"]) is not None]
+    assert 0 < len(regulated) < len(everything)  # the sample has irregular poems too
+    for split in ("train", "dev", "test"):
+        assert verse[split] == [p for p in poems[split] if poem_form(p["body"]) is not None]
+    assert sum(len(v) for v in verse.values()) == len(regulated)

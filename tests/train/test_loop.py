@@ -292,3 +292,18 @@ def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None
     losses = [_train_losses(tmp_path / name) for name in ("eager", "compiled")]
     for step, loss in losses[0].items():
         assert abs(losses[1][step] - loss) < 1e-4, step
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(
+    task: MLMTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast_bf16: bool
+) -> None:
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "has_bf16", lambda: fast_bf16)
+    caplog.set_level("INFO", logger="lmforge.train")
+    assert loop.resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
+    summary = fit(_model(task), task, _cfg(precision="auto"), run_dir=tmp_path)
+    chosen = "bf16" if fast_bf16 else "fp32"
+    assert summary["train_config"]["precision"] == chosen
+    assert f"training.precision=auto: {chosen} on this cpu" in caplog.text
