@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-quick demo-e5
+.PHONY: install test lint format clean demo demo-quick demo-e5 docs docs-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(PY):
 # Reinstall only when the package metadata changes; an already importable torch is kept as it is.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,data,models,deploy]"
+	$(PIP) install --quiet -e ".[dev,data,models,deploy,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,13 +35,21 @@ demo-e5: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The tutorial site (docs/zh, docs/en; mkdocs.yml) into build/site, strictly: a broken link or a missing page fails.
+# Open build/site/index.html straight from the disk, or `make docs-serve` for http://127.0.0.1:8001/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8001
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmforge tests bench
-	$(VENV)/bin/ruff format --check lmforge tests bench
+	$(VENV)/bin/ruff check lmforge tests bench docs/hooks
+	$(VENV)/bin/ruff format --check lmforge tests bench docs/hooks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format lmforge tests bench
-	$(VENV)/bin/ruff check --fix lmforge tests bench
+	$(VENV)/bin/ruff format lmforge tests bench docs/hooks
+	$(VENV)/bin/ruff check --fix lmforge tests bench docs/hooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

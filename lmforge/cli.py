@@ -82,7 +82,7 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.predict:run",
     ),
     "explain": Command(
-        "Explain a classify / NER / embed run's outputs: token attributions, JSONL + HTML + PNG",
+        "Explain a run's outputs (classify, NER, embed, translate, GPT): token attributions, JSONL + HTML + PNG",
         "lmforge.commands.explain:Config",
         "lmforge.commands.explain:run",
     ),

@@ -6,8 +6,9 @@ RUN_DIR/tokenizer.json ...                its tokenizer (source_tokenizer/ too w
 RUN_DIR/head.safetensors                  a task head outside the model directory's model (classify, ner)
 RUN_DIR/task.json                         the task's settings: what rebuilds the task (tasks/__init__.py TASKS)
 RUN_DIR/config.yaml                       the recipe as run (``--resume RUN_DIR`` reads it)
-RUN_DIR/results.json, report.md, *.png    what the run measured (runs/results.py)
-RUN_DIR/checkpoints/, metrics.jsonl, .lock the loop's state (train/checkpoint.py, train/logging.py, runs/session.py)
+RUN_DIR/results.json, report.md, *.png    what the run measured (runs/results.py), explanations.* (classify, ner)
+RUN_DIR/trainer_state/step-NNNNNNN/       checkpoints: weights, optimizer, RNG, data order (train/checkpoint.py)
+RUN_DIR/metrics.jsonl, tb/, .lock         the loop's log, TensorBoard (train/logging.py), the lock (runs/session.py)
 ```
 
 A compressed copy of a BERT run (``lmforge quantize``, ``lmforge export --to onnx``) holds the same

@@ -2,6 +2,10 @@
 
 CI installs ``chromium`` with apt-get before ``make test`` (.ci/run), so there this test always runs;
 elsewhere it is skipped when no Chromium is installed (Playwright never downloads a browser here).
+
+The screenshots it takes go to a temporary directory, or to ``$LMFORGE_SCREENSHOTS`` when that is set: the docs'
+pictures of the page (``docs/assets/screenshots``) are made with
+``LMFORGE_SCREENSHOTS=docs/assets/screenshots pytest tests/serve/test_page.py``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ KNOWN_EXPLANATION = {
 def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    shots = Path(os.environ.get("LMFORGE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1100, "height": 800})
@@ -90,7 +97,7 @@ def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> 
         assert page.locator("#classify-why-out .why-text").inner_text() == "房间干净，服务周到"
         colours = {spans.nth(i).evaluate("e => e.style.background") for i in range(spans.count())}
         assert "rgb(255, 64, 64)" in colours or "rgb(64, 115, 255)" in colours, colours
-        page.screenshot(path=str(tmp_path / "classify-why.png"), full_page=True)
+        page.screenshot(path=str(shots / "classify-why.png"), full_page=True)
 
         # NER: entities highlighted by type, at their character offsets
         page.route("**/v1/ner", lambda route: route.fulfill(json=KNOWN_ENTITIES))
@@ -102,7 +109,7 @@ def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> 
         assert [marks.nth(i).inner_text() for i in range(2)] == ["李鹏", "北京"]
         assert [marks.nth(i).get_attribute("data-type") for i in range(2)] == ["PER", "LOC"]
         assert page.locator("#ner-out").inner_text().startswith("国务院总理李鹏")
-        page.screenshot(path=str(tmp_path / "ner.png"), full_page=True)
+        page.screenshot(path=str(shots / "ner.png"), full_page=True)
         # why? for entities: a known answer, drawn at its offsets with red / blue by sign
         page.route("**/v1/explain", lambda route: route.fulfill(json=KNOWN_EXPLANATION))
         page.click("#ner-why")
@@ -114,7 +121,7 @@ def test_chat_classify_and_ner_in_chromium(live_server: str, tmp_path: Path) -> 
         assert lowered.inner_text() == "天" and lowered.evaluate("e => e.style.background") == "rgb(217, 227, 255)"
 
         page.click("nav button[data-tab=chat]")
-        page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
         browser.close()
     assert not errors, errors
-    assert (tmp_path / "chat.png").stat().st_size > 10_000
+    assert (shots / "chat.png").stat().st_size > 10_000

@@ -1,0 +1,59 @@
+"""MkDocs hook: the reference pages are generated from the code at build time, never copied by hand.
+
+A page holding ``<!-- lmforge:commands -->`` gets the command list and every command's ``--help`` exactly as
+``lmforge COMMAND --help`` prints it (tyro, from the config dataclasses and their field docstrings; 100
+columns, no colour). ``<!-- lmforge:run-directory -->`` becomes the run-directory layout of
+``lmforge/runs/run_dir.py``'s docstring, read with ``ast`` so that building the docs imports no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import io
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMANDS_MARK = "<!-- lmforge:commands -->"
+RUN_DIR_MARK = "<!-- lmforge:run-directory -->"
+
+
+def _help(name: str) -> str:
+    import tyro
+
+    from lmforge.cli import config_class
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        tyro.cli(config_class(name), args=["--help"], prog=f"lmforge {name}")
+    return "\n".join(line.rstrip() for line in out.getvalue().strip().splitlines())
+
+
+@functools.cache
+def commands_reference() -> str:
+    from lmforge.cli import COMMANDS
+
+    os.environ["COLUMNS"] = "100"  # the same layout on every machine and terminal
+    width = max(len(n) for n in COMMANDS)
+    listing = "\n".join(f"lmforge {name:<{width}}  {c.summary}" for name, c in COMMANDS.items())
+    parts = ["```text", listing, "```", ""]
+    for name, command in COMMANDS.items():
+        parts += [f"## lmforge {name}", "", command.summary + ".", "", "```text", _help(name), "```", ""]
+    return "\n".join(parts)
+
+
+@functools.cache
+def run_directory_reference() -> str:
+    source = (ROOT / "lmforge" / "runs" / "run_dir.py").read_text(encoding="utf-8")
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    return doc.split("\n", 1)[1].strip().replace("``", "`")
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if COMMANDS_MARK in markdown:
+        markdown = markdown.replace(COMMANDS_MARK, commands_reference())
+    if RUN_DIR_MARK in markdown:
+        markdown = markdown.replace(RUN_DIR_MARK, run_directory_reference())
+    return markdown

@@ -1,0 +1,82 @@
+"""The tutorial site builds strictly and can be read offline: no page loads a script, stylesheet or font from the
+network, the math is rendered by the KaTeX shipped in docs/assets, the search index holds Chinese split into words,
+and the reference pages hold what the code says (every command's ``--help``, the run-directory layout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install -e '.[docs]')")
+sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+import cli_reference  # noqa: E402  (the MkDocs hook, a plain module)
+
+_EXTERNAL = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(https?:)?//[^"]*\"""", re.I)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_both_languages_have_every_page(site: Path) -> None:
+    zh = sorted(p.relative_to(ROOT / "docs" / "zh") for p in (ROOT / "docs" / "zh").rglob("*.md"))
+    en = sorted(p.relative_to(ROOT / "docs" / "en") for p in (ROOT / "docs" / "en").rglob("*.md"))
+    assert zh == en and len(zh) >= 20
+    for page in zh:
+        html = page.with_suffix(".html")
+        assert (site / html).is_file() and (site / "en" / html).is_file(), html
+    assert '<html lang="zh"' in (site / "index.html").read_text(encoding="utf-8")
+    assert '<html lang="en"' in (site / "en" / "index.html").read_text(encoding="utf-8")
+
+
+def test_no_page_loads_anything_from_the_network(site: Path) -> None:
+    offenders = []
+    for page in site.rglob("*.html"):
+        for match in _EXTERNAL.finditer(page.read_text(encoding="utf-8")):
+            offenders.append(f"{page.relative_to(site)}: {match.group(0)[:160]}")
+    assert not offenders, "\n".join(offenders[:20])
+    math = (site / "concepts" / "math.html").read_text(encoding="utf-8")
+    assert "assets/katex/katex.min.js" in math and 'class="arithmatex"' in math
+    for font in re.findall(r"url\((fonts/[^)]+\.woff2)\)", (site / "assets/katex/katex.min.css").read_text()):
+        assert (site / "assets" / "katex" / font).is_file(), font
+    assert "assets/iframe-worker/shim.js" in math  # the offline search's shim, not unpkg.com's
+
+
+def test_the_search_index_splits_chinese_into_words(site: Path) -> None:
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    assert index["config"]["lang"] == ["en"] and "\\u200b" in index["config"]["separator"]
+    text = " ".join(doc["text"] for doc in index["docs"])
+    assert "\u200b掩码\u200b" in text  # jieba cut 全词掩码 / 掩码语言模型 into words
+    assert (site / "search" / "search_index.js").is_file()  # inlined for file:// by the offline plugin
+
+
+def test_the_command_reference_is_the_cli_help(site: Path) -> None:
+    from lmforge.cli import COMMANDS
+
+    reference = cli_reference.commands_reference()
+    for name in COMMANDS:
+        assert f"## lmforge {name}\n" in reference, name
+    assert "usage: lmforge finetune classify" in reference and "--training.precision {fp32,bf16,fp16,auto}" in reference
+    page = (site / "reference" / "commands.html").read_text(encoding="utf-8")
+    assert "usage: lmforge data fetch" in page and "lmforge:commands" not in page
+    layout = (site / "en" / "reference" / "run-directory.html").read_text(encoding="utf-8")
+    assert "trainer_state/step-NNNNNNN/" in layout and "lmforge:run-directory" not in layout
