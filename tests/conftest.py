@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,16 +59,18 @@ def _run_process(cmd: list[str], *, timeout: float = 300, env: dict | None = Non
     A failure shows the command, its exit status and the tail of its output; a command that runs past
     ``timeout`` has its whole process group killed (torchrun's workers too) and shows what it printed.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)}\nran past {timeout} s and was killed; its output:\n{out[-6000:]}")
+    # A private TMPDIR, removed afterwards: torchrun's agent leaves a torchelastic_* directory in it per run.
+    with tempfile.TemporaryDirectory(prefix="lmforge-child-") as scratch:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": scratch, **(env or {})}
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)}\nran past {timeout} s and was killed; its output:\n{out[-6000:]}")
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)}\nexited {proc.returncode}; its output:\n{out[-6000:]}")
     return out
