@@ -290,9 +290,7 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert:
 
 
 @pytest.mark.parametrize("kind", ["classify", "ner"])
-def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind: str) -> None:
-    import os
-    import subprocess
+def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind: str, run_process) -> None:
     import sys
 
     if kind == "classify":
@@ -323,13 +321,9 @@ def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind
         "--training.deterministic",
         *FAST,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     for cmd, out in (([sys.executable, *args], "one"), ([*torchrun, *args], "two")):
-        done = subprocess.run(
-            [*cmd, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        run_process([*cmd, "--out", str(tmp_path / out)], timeout=300)  # OMP_NUM_THREADS=1, a private TMPDIR
     one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
     records = [
         [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")
