@@ -279,7 +279,10 @@ def test_decoding_precision_is_chosen_at_run_time(monkeypatch) -> None:
     assert decoding.resolve_precision("auto", cpu) == "fp32"  # bf16 is emulated, ~4x slower: the exact path
     with pytest.raises(UserError, match="needs bf16 arithmetic"):
         decoding.resolve_precision("bf16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a GPU with bf16 (none is needed here)
     assert decoding.resolve_precision("auto", torch.device("cuda")) == "int8"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # an older GPU: bf16 emulated
+    assert decoding.resolve_precision("auto", torch.device("cuda")) == "fp32"
     monkeypatch.setattr("lmforge.ops.cpu_features.has_bf16", lambda: True)
     assert decoding.resolve_precision("auto", cpu) == "int8"
     assert decoding.resolve_precision("bf16", cpu) == "bf16"

@@ -35,12 +35,19 @@ def _help(name: str) -> str:
 def commands_reference() -> str:
     from lmforge.cli import COMMANDS
 
-    os.environ["COLUMNS"] = "100"  # the same layout on every machine and terminal
     width = max(len(n) for n in COMMANDS)
     listing = "\n".join(f"lmforge {name:<{width}}  {c.summary}" for name, c in COMMANDS.items())
     parts = ["```text", listing, "```", ""]
-    for name, command in COMMANDS.items():
-        parts += [f"## lmforge {name}", "", command.summary + ".", "", "```text", _help(name), "```", ""]
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # the same layout on every machine and terminal
+    try:
+        for name, command in COMMANDS.items():
+            parts += [f"## lmforge {name}", "", command.summary + ".", "", "```text", _help(name), "```", ""]
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return "\n".join(parts)
 
 

@@ -26,19 +26,19 @@ PRECISIONS = ("fp32", "int8", "int8-head", "bf16")
 """Decoding precisions: ``fp32`` (exact: the reference and the default); ``int8``: every linear layer and the
 vocabulary projection with int8 weights (one scale per output row) and bf16 inputs, the rest fp32;
 ``int8-head``: the vocabulary projection alone so; ``bf16``: every weight, the KV cache and the activations in
-bf16. The inexact three need bf16 arithmetic (``ops/cpu_features.has_bf16`` on a CPU, or a GPU); ``auto`` picks
-``int8`` there and ``fp32`` elsewhere (FINDINGS: int8 weight-only matrix-vector products ran 2-4x faster than
-fp32's at batch 1 and 8, bf16's slower than fp32's for the small matrices)."""
+bf16. The inexact three need bf16 arithmetic (``ops/cpu_features.bf16_is_fast``: a GPU, or a CPU with it);
+``auto`` picks ``int8`` there and ``fp32`` elsewhere (FINDINGS: int8 weight-only matrix-vector products ran 2-4x
+faster than fp32's at batch 1 and 8, bf16's slower than fp32's for the small matrices)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The decoding precision for ``precision`` (one of PRECISIONS or ``auto``) on ``device``."""
     from lmforge.errors import UserError
-    from lmforge.ops.cpu_features import has_bf16
+    from lmforge.ops.cpu_features import bf16_is_fast
 
     if precision not in (*PRECISIONS, "auto"):
         raise UserError(f"precision={precision!r} must be one of {', '.join((*PRECISIONS, 'auto'))}")
-    fast = device.type == "cuda" or has_bf16()
+    fast = bf16_is_fast(device)
     if precision == "auto":
         return "int8" if fast else "fp32"
     if precision != "fp32" and not fast:

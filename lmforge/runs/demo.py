@@ -255,7 +255,7 @@ def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind
 
 def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, kind: str, splits: dict):
     """multilingual-e5-small fine-tuned as configs/classify/e5-small-reviews.yaml and configs/ner/e5-small-peoples-
-    daily.yaml do (bf16, lr 1e-4, mean pooling / CRF), one epoch each, dropout kept at the checkpoint's 0.1."""
+    daily.yaml do (precision auto, lr 1e-4, mean pooling / CRF), one epoch each, dropout at the checkpoint's 0.1."""
     config = finetune_config(
         out=out / E5 / data,
         model=str(out / E5 / "model"),
@@ -269,7 +269,7 @@ def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, kind: str, splits
         splits=splits if cfg.limit else None,
         lr=1e-4,
     )
-    training = dataclasses.replace(config.training, precision="bf16")
+    training = dataclasses.replace(config.training, precision="auto")
     extra = {"pooling": "mean"} if kind == "classify" else {}
     return dataclasses.replace(config, dropout=None, training=training, **extra)
 

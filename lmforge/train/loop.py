@@ -34,7 +34,7 @@ from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches, to_device
 from lmforge.errors import UserError
 from lmforge.models.registry import transformer_blocks
-from lmforge.ops.cpu_features import has_bf16
+from lmforge.ops.cpu_features import bf16_is_fast
 from lmforge.tasks.base import LossOutput, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
@@ -102,13 +102,11 @@ def _generator(seed: int, *parts: int) -> torch.Generator:
     return g
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def training_precision(precision: str, device: torch.device) -> str:
     """The training precision ``auto`` stands for on ``device``: bf16 where its arithmetic is fast, else fp32."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if has_bf16() else "fp32"
+    return "bf16" if bf16_is_fast(device) else "fp32"
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -230,7 +228,7 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
     """Restore a checkpoint (when resuming), wrap the model, build optimizer, schedule, batches and logger."""
     run_dir.mkdir(parents=True, exist_ok=True)
     d = distributed.setup(cfg.device)
-    cfg_precision, precision = cfg.precision, resolve_precision(cfg.precision, d.device)
+    cfg_precision, precision = cfg.precision, training_precision(cfg.precision, d.device)
     cfg = dataclasses.replace(cfg, precision=precision) if precision != cfg.precision else cfg
     accum = _accumulation(cfg, d)
     if cfg.deterministic:

@@ -300,9 +300,9 @@ def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(
 ) -> None:
     from lmforge.train import loop
 
-    monkeypatch.setattr(loop, "has_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(loop, "bf16_is_fast", lambda device: fast_bf16)
     caplog.set_level("INFO", logger="lmforge.train")
-    assert loop.resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
+    assert loop.training_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
     summary = fit(_model(task), task, _cfg(precision="auto"), run_dir=tmp_path)
     chosen = "bf16" if fast_bf16 else "fp32"
     assert summary["train_config"]["precision"] == chosen
