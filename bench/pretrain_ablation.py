@@ -39,8 +39,8 @@ import json
 from pathlib import Path
 
 from lmforge.baselines import dictionary_ner, tfidf_svm
-from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
+from lmforge.files import write_json
 from lmforge.runs.compare import finetune_on_tasks, spread
 from lmforge.runs.config import COMPARE_TASKS as TASKS
 from lmforge.runs.demo import (

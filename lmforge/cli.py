@@ -184,7 +184,8 @@ def _usage() -> None:
 
 def _recipe_defaults(cls: type, path: str) -> Any:
     """The recipe at ``path`` as a ``cls`` instance; required fields it leaves out stay required."""
-    from lmforge.config import from_dict, read_yaml
+    from lmforge.config import from_dict
+    from lmforge.files import read_yaml
 
     data = read_yaml(path)
     absent = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]

@@ -3,23 +3,20 @@
 Dataclasses are the schema (their field docstrings become ``--help`` through tyro in ``cli.py``).
 ``from_dict`` builds one from plain data with dacite in strict mode, so an unknown key or a value
 of the wrong type fails at start-up with the key, the value and what is allowed; ``load_yaml``
-does that for a recipe file and names the file.
+does that for a recipe file and names the file. Reading and writing files is ``files.py``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import threading
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 import dacite
-import yaml
 
 from lmforge.errors import UserError
+from lmforge.files import read_yaml
 
 T = TypeVar("T")
 
@@ -81,85 +78,6 @@ def check_range(key: str, value: float | None, *, at_least: float | None = None,
         raise UserError(f"{key}={value!r} must be {bounds}")
 
 
-def read_text_file(path: str | os.PathLike, *, what: str) -> str:
-    """The UTF-8 text of ``path``; missing, a directory or not UTF-8 raises ValueError naming it as ``what``."""
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a {what}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    """A YAML mapping from ``path``; a missing file, bad YAML (file:line:column) or a non-mapping raises ValueError
-    naming it."""
-    text = read_text_file(path, what="config file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        context = getattr(e, "context", None)
-        raise UserError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a mapping of keys to values, not {type(data).__name__}")
-    return data
-
-
-def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
-    """The JSON value in ``path``; a missing, unreadable or malformed file raises ValueError naming it (and the
-    line and column of a syntax error)."""
-    text = read_text_file(path, what=what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in this {what}") from None
-
-
-def read_json_object(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
-    """``read_json`` for a file that must hold a JSON object."""
-    data = read_json(path, what=what)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: this {what} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
 def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
     """Read a YAML recipe into ``cls``; errors name the file."""
     return from_dict(cls, read_yaml(path), where=str(path))
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass (or a dict) as plain data, ready for YAML or JSON."""
-    return cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-
-
-def temporary_name(path: Path) -> Path:
-    """A temporary file beside ``path``, its name unique to this process and thread, to write then ``os.replace``.
-
-    A shared name would let two writers of the same file (the processes of a torchrun job preparing one run
-    directory) write into one temporary file, and a reader then see it half written after the rename.
-    """
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_yaml(path: str | os.PathLike, cfg: Any) -> None:
-    """Write the resolved config of a run (a dataclass or a dict) as YAML, atomically."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from lmforge.config import write_yaml
+from lmforge.files import write_yaml
 from lmforge.runs.compare import CompareConfig, aggregate, claim, report
 
 TINY = ["--limit", "30", "--budget-mlm-steps", "4", "--classify-epochs", "0.5", "--ner-epochs", "0.5", "--no-progress"]

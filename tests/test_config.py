@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import from_dict, load_yaml, write_yaml
+from lmforge.config import from_dict, load_yaml
+from lmforge.files import write_yaml
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 

@@ -26,9 +26,9 @@ class Config:
 def evaluate(cfg: Config) -> dict:
     import torch
 
-    from lmforge.config import write_json
     from lmforge.data.builtin import load_builtin
     from lmforge.data.readers import check_output_file, read_labelled, read_tagged
+    from lmforge.files import write_json
     from lmforge.metrics import DEFINITIONS, plot_confusion
     from lmforge.runs.run_dir import load_run, require_task
 

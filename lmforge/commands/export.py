@@ -37,8 +37,8 @@ def export(cfg: Config) -> Path:
         raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
     from safetensors.torch import save_file
 
-    from lmforge.config import write_json
     from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
+    from lmforge.files import write_json
     from lmforge.models.convert import to_hf
     from lmforge.models.registry import load_model
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config import temporary_name
 from lmforge.errors import UserError
+from lmforge.files import write_lines
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -96,20 +96,8 @@ def read_conll(path: str | os.PathLike) -> Iterator[dict]:
         yield {"tokens": tokens, "tags": tags}
 
 
-def _atomic_write(path: Path, lines: Iterable[str]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
 def write_jsonl(path: str | os.PathLike, examples: Iterable[dict]) -> int:
-    return _atomic_write(Path(path), (json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
+    return write_lines(Path(path), (json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
 
 
 def write_conll(path: str | os.PathLike, examples: Iterable[dict]) -> int:
@@ -119,7 +107,7 @@ def write_conll(path: str | os.PathLike, examples: Iterable[dict]) -> int:
                 raise UserError(f"{path}: CoNLL cannot hold an empty or whitespace token: {ex['tokens']!r}")
             yield "".join(f"{t} {g}\n" for t, g in zip(ex["tokens"], ex["tags"], strict=True)) + "\n"
 
-    return _atomic_write(Path(path), blocks())
+    return write_lines(Path(path), blocks())
 
 
 def write_tsv(path: str | os.PathLike, rows: Iterable[tuple[str, ...]]) -> int:
@@ -129,7 +117,7 @@ def write_tsv(path: str | os.PathLike, rows: Iterable[tuple[str, ...]]) -> int:
                 raise UserError(f"{path}: a field contains a tab or newline: {row!r}")
             yield "\t".join(row) + "\n"
 
-    return _atomic_write(Path(path), lines())
+    return write_lines(Path(path), lines())
 
 
 def check_output_file(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), flag: str = "--output"):

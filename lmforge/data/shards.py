@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.config import read_json_object, write_json
 from lmforge.data.readers import corpus_texts
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import read_json_object, write_json
 
 log = logging.getLogger(__name__)
 META = "meta.json"

@@ -27,8 +27,8 @@ from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.config import read_json_object, temporary_name, write_json, write_yaml
 from lmforge.errors import UserError
+from lmforge.files import atomic_write, read_json_object, write_json, write_yaml
 
 TokenizerKind = Literal["wordpiece", "bpe", "unigram"]  # unigram: imported checkpoints (XLM-R pieces)
 TrainableKind = Literal["wordpiece", "bpe"]
@@ -57,9 +57,8 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     copied = []
     for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
-            tmp = temporary_name(dst / name)
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, dst / name)
+            with atomic_write(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
             copied.append(name)
     return copied
 
@@ -241,9 +240,8 @@ def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", special_map)
-    tmp = temporary_name(directory / "tokenizer.json")
-    tok.tokenizer.save(str(tmp))
-    os.replace(tmp, directory / "tokenizer.json")
+    with atomic_write(directory / "tokenizer.json") as tmp:
+        tok.tokenizer.save(str(tmp))
     return directory
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.errors import UserError
+from lmforge.files import atomic_write
 from lmforge.models.bert import Bert
 from lmforge.models.registry import build_model, read_config, read_safetensors
 from lmforge.ops.cpu_features import has_vnni
@@ -123,9 +124,8 @@ def int8_state(model: nn.Module) -> dict[str, Tensor]:
 def save_int8(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model.int8.safetensors`` (atomically) into ``directory``."""
     path = Path(directory) / INT8_WEIGHTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(int8_state(model), str(tmp), metadata={"format": "pt", "engine": ENGINE})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(int8_state(model), str(tmp), metadata={"format": "pt", "engine": ENGINE})
     return path
 
 

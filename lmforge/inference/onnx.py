@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import UserError
+from lmforge.files import atomic_write
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.registry import read_config
 
@@ -56,7 +57,12 @@ def export_onnx(encoder: Bert, directory: str | os.PathLike, *, int8: bool = Fal
     if not isinstance(encoder, Bert):
         raise UserError(f"ONNX export takes a BERT encoder; this is a {type(encoder).__name__}")
     path = Path(directory) / ONNX_FILE
-    tmp = path.with_name(path.name + ".tmp.onnx")
+    with atomic_write(path, suffix=".onnx") as tmp:
+        _write_graph(encoder, tmp, int8=int8)
+    return path
+
+
+def _write_graph(encoder: Bert, tmp: Path, *, int8: bool) -> None:
     names = _inputs(encoder.cfg)
     example = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
     args = (example, (example > 0).long()) + ((torch.zeros_like(example),) if encoder.cfg.type_vocab_size else ())
@@ -79,13 +85,13 @@ def export_onnx(encoder: Bert, directory: str | os.PathLike, *, int8: bool = Fal
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantized = path.with_name(path.name + ".tmp-int8.onnx")
-        with _quiet():
-            quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
-        tmp.unlink()
-        tmp = quantized
-    os.replace(tmp, path)
-    return path
+        fp32 = tmp.with_name(tmp.name.removesuffix(".onnx") + "-fp32.onnx")
+        os.replace(tmp, fp32)
+        try:
+            with _quiet():
+                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            fp32.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmforge.config import from_dict, read_json_object, write_json
+from lmforge.config import from_dict
 from lmforge.errors import UserError
+from lmforge.files import atomic_write, read_json_object, write_json
 from lmforge.models.bert import Bert, BertConfig, BertLayer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -120,9 +121,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", TYPE_KEY: model_type_of(model)})
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    with atomic_write(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", TYPE_KEY: model_type_of(model)})
     write_json(directory / CONFIG_FILE, config_json(model.cfg))
     return directory
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import optuna
 import torch
 
-from lmforge.config import write_json, write_yaml
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import write_json, write_text, write_yaml
 from lmforge.models.bert import Bert
 from lmforge.models.registry import load_encoder_weights, read_config, save_model
 from lmforge.models.sizes import SIZES
@@ -95,7 +95,7 @@ def run_nas(cfg: NASConfig) -> dict:
         found["retrained"] = _retrain(cfg, found, supernet, build, base, tok_dir, out)
     write_json(out / "results.json", found)
     plot(found, out / "pareto.png")
-    (out / "report.md").write_text(report(found, cfg), encoding="utf-8")
+    write_text(out / "report.md", report(found, cfg))
     return found
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import read_yaml, write_json, write_yaml
 from lmforge.data.builtin import load_builtin
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import read_yaml, write_json, write_text, write_yaml
 from lmforge.runs.config import COMPARE_TASKS as TASKS
 from lmforge.runs.config import OBJECTIVES, SCRATCH, CompareConfig, ModelSpec, PretrainConfig, PretrainData
 from lmforge.runs.demo import finetune_config, pretrain_inputs
@@ -150,7 +150,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     summary["claim"] = claim(summary["summary"])
     write_json(out / "results.json", summary)
     plot(summary, out / "compare.png")
-    (out / "report.md").write_text(report(summary), encoding="utf-8")
+    write_text(out / "report.md", report(summary))
     return summary
 
 

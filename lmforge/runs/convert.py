@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import write_json
 from lmforge.data.readers import corpus_texts
 from lmforge.data.tokenizer import UNIGRAM_SPECIALS, LMTokenizer, save_tokenizer, unigram_tokenizer
+from lmforge.files import write_json
 from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
 from lmforge.models.convert import from_hf
 from lmforge.models.registry import build_model, save_model

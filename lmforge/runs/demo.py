@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.baselines import dictionary_ner, tfidf_svm
-from lmforge.config import write_json
 from lmforge.data.builtin import load_builtin
+from lmforge.files import write_json, write_text
 from lmforge.metrics import DEFINITIONS
 from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig, PretrainConfig, PretrainData
 from lmforge.runs.convert import convert_builtin
@@ -223,7 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "definitions": DEFINITIONS,
     }
     write_json(out / "results.json", summary)
-    (out / "report.md").write_text(report(summary), encoding="utf-8")
+    write_text(out / "report.md", report(summary))
     return summary
 
 
@@ -233,7 +233,7 @@ def pretrain_inputs(out: Path, limit: int) -> list[str]:
         return ["builtin:pretrain-zh"]
     texts = [ex["text"] for ex in load_builtin("pretrain-zh")["train"][: limit * 10]]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain-sample.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    write_text(out / "pretrain-sample.txt", "\n".join(texts) + "\n")
     return [str(out / "pretrain-sample.txt")]
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import write_json
 from lmforge.errors import UserError
+from lmforge.files import atomic_write, write_json
 from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 from lmforge.runs.finetune import finetune, load_splits
 from lmforge.runs.results import FinetuneResult
@@ -103,9 +102,8 @@ def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels:
             "rows": torch.tensor([len(r) for r in rows], dtype=torch.int64),
         }
         target = directory / f"chunk-{i:05d}.safetensors"
-        tmp = target.with_name(target.name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            save_file(tensors, str(tmp))
         if progress:
             log.info(
                 "teacher: %s / %s texts (%d/%d chunks)",

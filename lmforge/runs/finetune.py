@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import write_json, write_yaml
 from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import ReadReport, read_labelled, read_tagged
 from lmforge.errors import UserError
+from lmforge.files import write_json, write_yaml
 from lmforge.models.registry import WEIGHTS_FILE, read_safetensors
 from lmforge.runs.config import FinetuneConfig
 from lmforge.runs.results import FinetuneResult, write_report

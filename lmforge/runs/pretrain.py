@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import write_json, write_yaml
 from lmforge.data.shards import PrepareConfig, prepare
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import atomic_write, write_json, write_text, write_yaml
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.electra import Electra
 from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read_safetensors, save_model
@@ -118,8 +118,8 @@ def _write_model_dir(run_dir: Path, model, summary: dict, tok_dir: Path) -> None
         discriminator.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
         save_model(discriminator, run_dir)
     else:
-        shutil.copyfile(chosen / WEIGHTS_FILE, run_dir / (WEIGHTS_FILE + ".tmp"))
-        (run_dir / (WEIGHTS_FILE + ".tmp")).replace(run_dir / WEIGHTS_FILE)
+        with atomic_write(run_dir / WEIGHTS_FILE) as tmp:
+            shutil.copyfile(chosen / WEIGHTS_FILE, tmp)
         write_json(run_dir / "config.json", config_json(model.cfg))
     copy_tokenizer_files(tok_dir, run_dir)
     summary = {**summary, "model_weights": f"{checkpoint.STATE_DIR}/{chosen.name}"}
@@ -158,4 +158,4 @@ def _write_report(run_dir: Path, s: dict) -> None:
         "tokens for CLM); perplexity = exp(loss); training FLOPs count forward + backward (3x forward) matmul FLOPs",
         "including attention scores; MFU = FLOPs per second / measured peak matmul FLOPs per second.",
     ]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(run_dir / "report.md", "\n".join(lines) + "\n")

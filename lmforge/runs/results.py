@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.files import write_text
 from lmforge.metrics import DEFINITIONS, plot_confusion
 
 SPLITS = ("dev", "test")
@@ -97,7 +98,7 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
     lines += _task_sections(run_dir, r.scores.get(final_split) or {}, final_split)
     lines += _explained_section(r.extras.get("explained") or [], final_split)
     lines += ["Definitions: see `definitions` in results.json."]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _explained_section(rows: list[dict], split: str) -> list[str]:

@@ -36,9 +36,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.config import read_json_object, write_json
 from lmforge.data.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from lmforge.errors import UserError
+from lmforge.files import read_json_object, write_json
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.registry import CONFIG_FILE, load_model, read_safetensors, save_model

@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import write_json
 from lmforge.data.batching import pad, padding_mask
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import read_jsonl, read_text_lines, write_jsonl
 from lmforge.errors import UserError
+from lmforge.files import write_json
 from lmforge.models.registry import read_safetensors
 from lmforge.tasks.base import IGNORE, LossOutput
 from lmforge.tasks.classification import ClassificationTask

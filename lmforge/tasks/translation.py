@@ -311,7 +311,7 @@ def _tokenizers(cfg: Any, run_dir: Path, train: list[dict]) -> tuple[LMTokenizer
     """(source, target) tokenizers, saved into the run directory.
 
     Every process of a torchrun job comes here and may write the same files: each is written atomically under a
-    name of its own (``config.temporary_name``) with tokenizer.json last, and training on the same texts gives
+    name of its own (``files.temporary_name``) with tokenizer.json last, and training on the same texts gives
     the same tokenizer, so a process that finds tokenizer.json reads a complete, identical directory.
     """
     if cfg.model and cfg.tokenizer:

@@ -41,8 +41,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lmforge.config import read_json_object
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.models.registry import check_state, read_safetensors
 
 STATE_DIR = "trainer_state"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmforge.files import write_lines
 from lmforge.ops.cpu_features import cpu_name
 
 log = logging.getLogger("lmforge.train")
@@ -66,7 +67,7 @@ class RunLogger:
         if path.exists():  # resume: keep what the checkpoint had seen, drop the rest
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             kept = [line for line in kept if json.loads(line).get("step", 0) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            write_lines(path, (line + "\n" for line in kept))
         self.metrics = path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import write_json
 from lmforge.data.batching import GlobalBatches, to_device
 from lmforge.errors import UserError
+from lmforge.files import write_json
 from lmforge.models.registry import transformer_blocks
 from lmforge.ops.cpu_features import bf16_is_fast
 from lmforge.tasks.base import LossOutput, Task
