@@ -42,7 +42,7 @@ import torch
 
 from lmforge.cli import main as lmforge
 from lmforge.data.builtin import load_builtin
-from lmforge.runs.run_dir import load_run
+from lmforge.rundir import load_run
 
 RESULTS = Path(__file__).parent / "results" / "distill_e5.json"
 TASKS = {

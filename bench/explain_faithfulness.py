@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from lmforge.data.builtin import load_builtin
-from lmforge.runs.run_dir import load_run
-from lmforge.tasks.explain import METHODS, faithfulness
+from lmforge.explain.attribution import METHODS
+from lmforge.explain.faithfulness import faithfulness
+from lmforge.rundir import load_run
 
 RESULTS = Path(__file__).parent / "results" / "explain_faithfulness.json"
 

@@ -46,7 +46,7 @@ from lmforge.cli import main as lmforge
 from lmforge.data.builtin import load_builtin
 from lmforge.models.convert import to_hf
 from lmforge.models.registry import load_model
-from lmforge.runs.run_dir import load_run, task_settings
+from lmforge.rundir import load_run, task_settings
 
 RESULTS = Path(__file__).parent / "results" / "inference_vs_hf.json"
 BATCH = 32

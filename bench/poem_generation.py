@@ -32,7 +32,7 @@ import yaml
 from lmforge.data.builtin import load_builtin
 from lmforge.data.poems import poem_form
 from lmforge.inference.generate import GenerationConfig, Generator
-from lmforge.runs.run_dir import load_run
+from lmforge.rundir import load_run
 
 RESULTS = Path(__file__).parent / "results" / "poem_generation.json"
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "save_tokenizer": "lmforge.data.tokenizer",
     "train_tokenizer": "lmforge.data.tokenizer",
     "load_builtin": "lmforge.data.builtin",
-    "load_run": "lmforge.runs.run_dir",
+    "load_run": "lmforge.rundir",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,5 +1,8 @@
 """The ``lmforge`` command: command name -> config class and function ("module:name", imported lazily), parse, call.
 
+The per-task commands (``finetune NAME``, ``distill NAME``) come from ``tasks.TASKS``: a new fine-tuning task
+gets its command from its entry there.
+
 Arguments are parsed by tyro from the config dataclasses (their field docstrings are the ``--help``
 text). Every command also takes ``--config RECIPE.yaml``: the recipe is validated strictly (unknown
 keys and bad values fail naming the file and key) and becomes the defaults that command-line flags
@@ -15,7 +18,6 @@ command prints lives in ``commands/``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import sys
 import traceback
@@ -26,6 +28,7 @@ import tyro
 
 from lmforge.commands._console import console
 from lmforge.errors import UserError
+from lmforge.tasks import TASKS, resolve
 
 
 class Command(NamedTuple):
@@ -36,8 +39,11 @@ class Command(NamedTuple):
     """``module:function`` that runs it."""
 
 
-def _finetune(task: str, summary: str) -> Command:
-    return Command(summary, f"lmforge.runs.config:{task}", "lmforge.commands.finetune:run")
+def _task_commands() -> dict[str, Command]:
+    """One command per fine-tuning task of TASKS (``finetune NAME``, ``distill NAME``): its config and runner."""
+    entries = [e for e in TASKS.values() if e.kind == "finetune"]
+    entries.sort(key=lambda e: not e.command_name.startswith("finetune "))  # finetune first, then distill
+    return {e.command_name: Command(e.summary, e.config, e.runner) for e in entries}
 
 
 COMMANDS: dict[str, Command] = {
@@ -56,21 +62,7 @@ COMMANDS: dict[str, Command] = {
         "lmforge.runs.config:PretrainConfig",
         "lmforge.commands.pretrain:run",
     ),
-    "finetune classify": _finetune("ClassifyConfig", "Fine-tune a BERT for text or text-pair classification"),
-    "finetune ner": _finetune("NERConfig", "Fine-tune a BERT for named-entity recognition"),
-    "finetune translate": _finetune("TranslateTrainConfig", "Train a Transformer encoder-decoder for translation"),
-    "finetune chat": _finetune("ChatTrainConfig", "Fine-tune a GPT on conversations (loss on assistant turns)"),
-    "finetune embed": _finetune("EmbedTrainConfig", "Fine-tune a BERT into a sentence embedder with SimCSE"),
-    "distill classify": Command(
-        "Distil a fine-tuned classify run (teacher) into a smaller BERT (student)",
-        "lmforge.runs.config:DistillClassifyConfig",
-        "lmforge.commands.distill:run",
-    ),
-    "distill ner": Command(
-        "Distil a fine-tuned NER run (teacher) into a smaller BERT (student)",
-        "lmforge.runs.config:DistillNERConfig",
-        "lmforge.commands.distill:run",
-    ),
+    **_task_commands(),
     "evaluate": Command(
         "Evaluate a fine-tuned run directory on labelled data",
         "lmforge.commands.evaluate:Config",
@@ -164,14 +156,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _resolve(target: str) -> Any:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def config_class(name: str) -> type:
     """The config dataclass of the command ``name`` (imports its module)."""
-    return _resolve(COMMANDS[name].config)
+    return resolve(COMMANDS[name].config)
 
 
 def _usage() -> None:
@@ -219,7 +206,8 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 def _expand_resume(args: list[str]) -> list[str]:
-    """``--resume RUN_DIR`` continues that run: its config.yaml is the recipe and ``--out`` is RUN_DIR itself."""
+    """``--resume RUN_DIR`` continues that run: its config.yaml is the recipe, ``--out`` is RUN_DIR itself and the
+    config's ``resume`` flag is set."""
     run_dir = _flag_value(args, "--resume")
     if run_dir is None:
         return args
@@ -229,6 +217,8 @@ def _expand_resume(args: list[str]) -> list[str]:
     if out is not None and Path(out).resolve() != Path(run_dir).resolve():
         raise UserError(f"--resume {run_dir} continues that run in place; drop --out {out} (or resume {out})")
     extra = [] if out is not None else ["--out", run_dir]
+    i = args.index("--resume")
+    args = [*args[: i + 1], *args[i + 2 :]]  # the flag stays, its directory is --out
     return ["--config", str(Path(run_dir) / "config.yaml"), *args, *extra]
 
 
@@ -272,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if known or not argv else 0
     try:
         cfg = _parse(name, argv[len(name.split()) :])
-        _resolve(COMMANDS[name].run)(cfg)
+        resolve(COMMANDS[name].run)(cfg)
     except (UserError, FileNotFoundError, IsADirectoryError) as e:
         console.print(f"[red]error:[/red] {_user_message(e)}", highlight=False, soft_wrap=True)
         return 2

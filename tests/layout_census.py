@@ -2,7 +2,9 @@
 
 - ``comparisons``: task names compared outside ``lmforge/tasks/`` (``name == "classify"``, ``kind in ("ner", ...)``);
   dispatch goes through the capabilities a TASKS entry declares instead;
-- ``name_lists``: tuples, lists, sets or dicts written out with two or more task names outside the TASKS table;
+- ``name_lists``: tuples, lists, sets or dicts (keys or values) written out with two or more task names and nothing
+  else, outside ``lmforge/tasks/`` (a list that mixes in other names, such as the comparison's objectives
+  ``("mlm", "electra", "electra-adversarial")`` or the command table, is a list of those, not of tasks);
 - ``long_functions``: functions over 60 lines;
 - ``upward_imports``: imports (module-level or inside a function) from a lower room to a higher one in ``LAYERS``;
 - ``feature_probes``: ``hasattr`` / ``getattr(..., default)`` on a task in the training loop and the recipes.
@@ -64,6 +66,12 @@ def _names_in(node: ast.AST) -> list[str]:
     return []
 
 
+def _only_task_names(nodes: list[ast.AST]) -> bool:
+    """Two or more string constants among ``nodes``, every one a task name."""
+    strings = [n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return len(strings) >= 2 and all(s in TASK_NAMES for s in strings)
+
+
 def _files() -> list[Path]:
     return sorted(p for p in ROOT.rglob("*.py"))
 
@@ -87,12 +95,11 @@ def census() -> dict[str, list[str]]:
                 names = [n for part in (node.left, *node.comparators) for n in _names_in(part)]
                 if names:
                     found["comparisons"].append(f"{where} {ast.unparse(node)}")
-            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and not in_tasks and len(_names_in(node)) >= 2:
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and not in_tasks and _only_task_names(node.elts):
                 found["name_lists"].append(f"{where} {ast.unparse(node)[:80]}")
             if isinstance(node, ast.Dict) and not in_tasks:
-                keys = [n for k in node.keys if k is not None for n in _names_in(k)]
-                values = [n for v in node.values for n in _names_in(v)]
-                if len(keys) >= 2 or len(values) >= 2:
+                keys = [k for k in node.keys if k is not None]
+                if _only_task_names(keys) or _only_task_names(node.values):
                     found["name_lists"].append(f"{where} {ast.unparse(node)[:80]}")
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.commands._console import write_stdout
-from lmforge.errors import UserError
 from lmforge.inference.config import GenerationConfig
 
 
@@ -51,11 +50,9 @@ class ChatConfig:
 def open_session(model_dir: str, *, system: str | None = None, precision: str = "fp32"):
     """A ``ChatSession`` over the GPT of ``model_dir`` (a chat run, or a pretrained GPT directory)."""
     from lmforge.inference.chat import ChatSession
-    from lmforge.runs.run_dir import load_run
+    from lmforge.rundir import load_run
 
-    run = load_run(model_dir)
-    if run.name != "chat":
-        raise UserError(f"{model_dir}: chat and generate need a GPT model directory (this is a {run.name!r} run)")
+    run = load_run(model_dir, task="chat")  # chat and generate are the chat task's commands
     return ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, system=system, precision=precision)
 
 

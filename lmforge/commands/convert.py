@@ -1,17 +1,14 @@
-"""``lmforge convert``: import a Hugging Face model directory (``--from-hf DIR``, ``models/convert.py``) or a
-built-in pretrained checkpoint (``--builtin NAME``, ``runs/convert.py``, optionally trimmed to a corpus's
+"""``lmforge convert``: import a Hugging Face model directory (``--from-hf DIR``) or a
+built-in pretrained checkpoint (``--builtin NAME``, ``rundir/convert.py``, optionally trimmed to a corpus's
 vocabulary); ``lmforge models list`` shows the built-in checkpoints."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.commands._console import console, print_table
 from lmforge.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,26 +38,15 @@ class ListConfig:
 
 def convert(cfg: Config) -> Path:
     if cfg.builtin is not None:
-        from lmforge.runs.convert import convert_builtin
+        from lmforge.rundir.convert import convert_builtin
 
         report = convert_builtin(cfg.builtin, cfg.out, trim_inputs=cfg.trim_vocab or None)
         kept = f", vocabulary trimmed to {report['kept_pieces']:,} pieces" if "kept_pieces" in report else ""
         console.print(f"{cfg.builtin}: {report['parameters']:,} parameters{kept} ({report['seconds']} s)")
         return Path(cfg.out)
-    from lmforge.data.tokenizer import copy_tokenizer_files
-    from lmforge.models.convert import from_hf, read_hf_dir
-    from lmforge.models.registry import build_model, save_model
+    from lmforge.rundir.convert import convert_hf
 
-    src, out = Path(cfg.from_hf), Path(cfg.out)
-    hf_cfg, tensors = read_hf_dir(src)
-    model_cfg, state = from_hf(hf_cfg, tensors, source=str(src))
-    model = build_model(model_cfg)
-    model.load_state_dict(state)
-    save_model(model, out)
-    copied = copy_tokenizer_files(src, out)
-    if "tokenizer.json" not in copied:
-        log.warning("%s has no tokenizer.json: the imported model has no tokenizer", src)
-    return out
+    return convert_hf(cfg.from_hf, cfg.out)
 
 
 def run_list(cfg: ListConfig) -> None:

@@ -31,7 +31,8 @@ def embed(cfg: Config) -> tuple[Path, int]:
     import torch
 
     from lmforge.data.readers import check_output_file, read_labelled
-    from lmforge.runs.run_dir import load_run
+    from lmforge.files import atomic_write, write_text
+    from lmforge.rundir import load_run
 
     for suffix in (".npy", ".ids.txt"):
         check_output_file(cfg.output + suffix, inputs=[cfg.input])
@@ -41,13 +42,10 @@ def embed(cfg: Config) -> tuple[Path, int]:
     examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
     vectors = task.vectors(model, [ex["text"] for ex in examples], device=torch.device("cpu"))
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     target = out.with_name(out.name + ".npy")
-    tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, vectors)
-    tmp.replace(target)
-    ids = [ex.get("id", ex["source"]) for ex in examples]
-    out.with_name(out.name + ".ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    with atomic_write(target, suffix=".npy") as tmp:
+        np.save(tmp, vectors)
+    write_text(out.with_name(out.name + ".ids.txt"), "\n".join(ex.get("id", ex["source"]) for ex in examples) + "\n")
     return target, len(examples)
 
 

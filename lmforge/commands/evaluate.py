@@ -27,12 +27,13 @@ def evaluate(cfg: Config) -> dict:
     import torch
 
     from lmforge.data.builtin import load_builtin
-    from lmforge.data.readers import check_output_file, read_labelled, read_tagged
+    from lmforge.data.readers import check_output_file
     from lmforge.files import write_json
     from lmforge.metrics import DEFINITIONS, plot_confusion
-    from lmforge.runs.run_dir import load_run, require_task
+    from lmforge.rundir import load_run, require_capability
+    from lmforge.tasks import resolve
 
-    task = require_task(cfg.model, ("classify", "ner"), command="lmforge evaluate")
+    entry = require_capability(cfg.model, "files", command="lmforge evaluate")
     if cfg.output:
         check_output_file(cfg.output, inputs=[cfg.data])
     run = load_run(cfg.model)
@@ -42,8 +43,7 @@ def evaluate(cfg: Config) -> dict:
         if examples is None:
             raise UserError(f"--data {cfg.data}: split {split!r} is not train, dev or test")
     else:
-        read = read_labelled if task == "classify" else read_tagged
-        examples, _ = read(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+        examples, _ = resolve(entry.files.reader)(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
     metrics = run.task.evaluate(run.model, examples, device=torch.device("cpu"))
     if cfg.output:
         write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **metrics, "definitions": DEFINITIONS})

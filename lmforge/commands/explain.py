@@ -1,5 +1,5 @@
 """``lmforge explain``: token attributions of a classify, NER, embedding, translation or GPT run for a text or a file,
-as JSONL plus an HTML page and a PNG beside it (``tasks/explain.py``, ``tasks/explain_views.py``)."""
+as JSONL plus an HTML page and a PNG beside it (``lmforge/explain/``)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ class Config:
 
 
 def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
-    """Write the explanations; returns (count, HTML path, PNG path or None)."""
-    from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
-    from lmforge.runs.run_dir import require_task, task_settings
-    from lmforge.tasks.explain import TASKS
+    """Check everything, then write the explanations (``explain/report.write_explanations``); returns (count, HTML
+    path, PNG path or None)."""
+    from lmforge.data.readers import check_output_file, read_labelled
+    from lmforge.explain.report import write_explanations
+    from lmforge.explain.targets import check_request, explaining_of, refuse_compressed
+    from lmforge.rundir import backend_of, load_run, task_name_of
 
     if (cfg.input is None) == (cfg.text is None):
         raise UserError("give exactly one of --input FILE and --text TEXT")
@@ -52,51 +54,24 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         raise UserError("--text-pair goes with --text (a file gives each row's text_pair column)")
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: must be a positive integer")
-    if task_settings(cfg.model) is None:  # a pretrained model directory: a BERT's sentence vectors, a GPT's text
-        from lmforge.models.gpt import GPTConfig
-        from lmforge.models.registry import read_config
-
-        task = "chat" if isinstance(read_config(cfg.model), GPTConfig) else "embed"
-    else:
-        task = require_task(cfg.model, TASKS, command="lmforge explain")
-    if cfg.method == "occlusion" and task in ("translate", "chat"):
-        raise UserError(
-            f"--method occlusion needs a [MASK] token, which {task} models lack: use ig, grad-x-input or attention"
-        )
-    from lmforge.tasks.explain import refuse_compressed
-
-    refuse_compressed(cfg.model)
-    if cfg.label is not None and task != "classify":
-        raise UserError(f"--label is for classification runs; {cfg.model} is a {task!r} run")
+    task_name = task_name_of(cfg.model)
+    explaining = explaining_of(task_name)
+    check_request(explaining, task_name, method=cfg.method, label=cfg.label)
+    refuse_compressed(cfg.model, backend_of(cfg.model))
     out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])
-    html_path, png_path = out.with_suffix(".html"), out.with_suffix(".png") if cfg.png else None
-    from lmforge.tasks.explain_views import cjk_font, render_html, render_png
-
-    font = cjk_font() if cfg.png else None  # refused before any work when there is none
     if cfg.text is not None:
         examples = [{"text": cfg.text, **({"text_pair": cfg.text_pair} if cfg.text_pair else {})}]
     else:
         examples, _ = read_labelled(cfg.input, need_label=False)
-    if task == "embed":
+    if explaining.inputs == "pair":
         missing = [i + 1 for i, ex in enumerate(examples) if not ex.get("text_pair")]
         if missing:
             where = "--text-pair" if cfg.text is not None else f"{cfg.input}: rows {missing[:5]} have no text_pair"
             raise UserError(f"an embedding run explains the similarity of two texts: {where}")
-
-    from lmforge.runs.run_dir import load_run
-    from lmforge.tasks.explain import explain
-
     run = load_run(cfg.model)
-    explanations, rows = [], []
-    for i, ex in enumerate(examples):
-        for e in explain(run, ex, method=cfg.method, label=cfg.label, steps=cfg.steps, baseline=cfg.baseline):
-            explanations.append(e)
-            rows.append({"input": i, **e.to_json()})
-    write_jsonl(out, rows)
-    html_path.write_text(render_html(explanations, title=f"lmforge explain · {cfg.model} · {cfg.method}"), "utf-8")
-    if png_path is not None:
-        render_png(explanations, png_path, font=font)
-    return len(rows), html_path, png_path
+    return write_explanations(
+        run, examples, out, method=cfg.method, label=cfg.label, steps=cfg.steps, baseline=cfg.baseline, png=cfg.png
+    )
 
 
 def run(cfg: Config) -> None:

@@ -3,7 +3,6 @@ BERT run as an ONNX encoder graph plus its head and tokenizer (run by ONNX Runti
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,40 +34,16 @@ def export(cfg: Config) -> Path:
         return export_onnx(cfg)
     if cfg.int8:
         raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
-    from safetensors.torch import save_file
+    from lmforge.rundir.export import export_hf
 
-    from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
-    from lmforge.files import write_json
-    from lmforge.models.convert import to_hf
-    from lmforge.models.registry import load_model
-
-    src, out = Path(cfg.run_dir), Path(cfg.out)
-    model = load_model(src)
-    token_ids: dict[str, int | None] = {}
-    if (src / "tokenizer.json").is_file():
-        tok = load_tokenizer(src)
-        token_ids = {
-            "pad": tok.token_id("pad"),
-            "bos": tok.token_id("bos") or tok.token_id("eos"),
-            "eos": tok.token_id("eos"),
-        }
-        if tok.kind == "wordpiece":
-            token_ids["bos"], token_ids["eos"] = tok.token_id("cls"), tok.token_id("sep")
-    hf_cfg, tensors = to_hf(model.cfg, model.state_dict(), token_ids=token_ids)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    write_json(out / "config.json", hf_cfg)
-    copy_tokenizer_files(src, out)
-    return out
+    return export_hf(cfg.run_dir, cfg.out)
 
 
 def export_onnx(cfg: Config) -> Path:
     from lmforge.inference.onnx import OPSET
     from lmforge.inference.onnx import export_onnx as write_graph
     from lmforge.models.registry import load_model
-    from lmforge.runs.run_dir import write_compressed
+    from lmforge.rundir.compressed import write_compressed
 
     def write(out: Path) -> dict:
         write_graph(load_model(cfg.run_dir), out, int8=cfg.int8)

@@ -25,9 +25,9 @@ def predict(cfg: Config) -> int:
     import torch
 
     from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
-    from lmforge.runs.run_dir import load_run, require_task
+    from lmforge.rundir import load_run, require_capability
 
-    require_task(cfg.model, ("classify", "ner"), command="lmforge predict (translate, embed and chat have their own)")
+    require_capability(cfg.model, "predicts", command="lmforge predict (translate, embed and chat have their own)")
     check_output_file(cfg.output, inputs=[cfg.input])
     run = load_run(cfg.model)
     examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)

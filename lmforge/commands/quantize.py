@@ -23,7 +23,7 @@ class Config:
 def quantize(cfg: Config) -> Path:
     from lmforge.inference.int8 import ENGINE, quantize_encoder, save_int8
     from lmforge.models.registry import load_model
-    from lmforge.runs.run_dir import write_compressed
+    from lmforge.rundir.compressed import write_compressed
 
     def write(out: Path) -> dict:
         encoder = load_model(cfg.model)

@@ -38,7 +38,7 @@ def translate(cfg: Config) -> dict:
     from lmforge.data.readers import check_output_file, read_pairs, write_jsonl
     from lmforge.inference.config import GenerationConfig
     from lmforge.metrics import translation_metrics
-    from lmforge.runs.run_dir import load_run
+    from lmforge.rundir import load_run
 
     check_output_file(cfg.output, inputs=[cfg.input])
     run = load_run(cfg.model, task="translate")

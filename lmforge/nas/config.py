@@ -9,6 +9,7 @@ from typing import Literal
 
 from lmforge.errors import UserError
 from lmforge.nas.space import SearchSpace
+from lmforge.tasks import SEARCH_TASKS
 from lmforge.train.config import TrainConfig, loop_defaults
 
 
@@ -62,7 +63,7 @@ class NASConfig:
 
     out: str = "runs/nas"
     """Output directory; finished stages found there are kept and the search continues."""
-    task: Literal["classify", "ner"] = "classify"
+    task: Literal[SEARCH_TASKS] = "classify"  # type: ignore[valid-type]
     """The task candidates are judged on."""
     data: str | None = "builtin:reviews-sentiment"
     """builtin:NAME, or None with --train/--dev/--test files."""

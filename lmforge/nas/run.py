@@ -41,11 +41,10 @@ from lmforge.nas.latency import LatencyModel, held_out_split, measure_latency, r
 from lmforge.nas.search import finished_trials, multi_trial, open_study, pareto_front, score_with_supernet
 from lmforge.nas.space import Arch, base_config
 from lmforge.nas.supernet import SandwichTask, Supernet
-from lmforge.runs.config import ClassifyConfig, NERConfig
 from lmforge.runs.finetune import finetune, load_splits, training_for_epochs
 from lmforge.runs.session import holds_out_dir
-from lmforge.tasks.classification import ClassificationTask, label_set
-from lmforge.tasks.ner import NERTask, tag_set
+from lmforge.tasks import TASKS, task_entry
+from lmforge.tasks.base import Searchable
 from lmforge.train import checkpoint
 from lmforge.train.loop import fit
 
@@ -59,7 +58,7 @@ def run_nas(cfg: NASConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / "config.yaml", cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged by the loop and the report
-    splits, _ = load_splits(cfg, cfg.task)
+    splits, _ = load_splits(cfg, TASKS[cfg.task])
     tok_dir = _tokenizer(cfg, splits, out)
     tok = load_tokenizer(tok_dir)
     space = cfg.space
@@ -99,12 +98,11 @@ def run_nas(cfg: NASConfig) -> dict:
     return found
 
 
-def _task(cfg: NASConfig, tok, splits: dict) -> ClassificationTask | NERTask:
-    """The fine-tuning task every candidate is scored on (pooler head for classification, CRF for NER)."""
-    examples = {"train_examples": splits["train"], "dev_examples": splits["dev"], "dropout": cfg.dropout}
-    if cfg.task == "classify":
-        return ClassificationTask(tok, label_set(splits["train"]), max_len=cfg.max_len, pooling="pooler", **examples)
-    return NERTask(tok, tag_set(splits["train"]), max_len=cfg.max_len, overlap=cfg.max_len // 4, head="crf", **examples)
+def _task(cfg: NASConfig, tok, splits: dict) -> Searchable:
+    """The fine-tuning task every candidate is scored on, as the task's ``for_search`` builds it."""
+    task_cls = task_entry(cfg.task, kind="finetune").load()
+    assert issubclass(task_cls, Searchable), f"{cfg.task} is searchable"
+    return task_cls.for_search(tok, splits, max_len=cfg.max_len, dropout=cfg.dropout)
 
 
 def _tokenizer(cfg: NASConfig, splits: dict, out: Path) -> Path:
@@ -339,7 +337,7 @@ def _retrain(cfg: NASConfig, found: dict, supernet, build, base, tok_dir: Path, 
             copy_tokenizer_files(tok_dir, model_dir)
         kind = cfg.task
         files = {k: getattr(cfg, k) for k in ("data", "train", "dev", "test")}
-        config_cls = ClassifyConfig if kind == "classify" else NERConfig
+        config_cls = TASKS[kind].load_config()
         ft = config_cls(
             out=str(out / "retrain" / f"{label}-{arch.name}"),
             model=str(model_dir),

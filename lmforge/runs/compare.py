@@ -31,8 +31,15 @@ from lmforge.data.builtin import load_builtin
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import read_yaml, write_json, write_text, write_yaml
-from lmforge.runs.config import COMPARE_TASKS as TASKS
-from lmforge.runs.config import OBJECTIVES, SCRATCH, CompareConfig, ModelSpec, PretrainConfig, PretrainData
+from lmforge.runs.config import (
+    BUILTIN_FINETUNES,
+    OBJECTIVES,
+    SCRATCH,
+    CompareConfig,
+    ModelSpec,
+    PretrainConfig,
+    PretrainData,
+)
 from lmforge.runs.demo import finetune_config, pretrain_inputs
 from lmforge.runs.finetune import finetune
 from lmforge.runs.pretrain import build_objective, prepare_corpus, pretrain
@@ -188,7 +195,7 @@ def _finetune_all(cfg: CompareConfig, name: str, seed: int, init: str) -> dict:
         model=str(out / "pretrain" / f"{name}-seed{seed}"),  # scratch runs read only its config and tokenizer
         init=init,
         seed=seed,
-        epochs={"classify": cfg.classify_epochs, "ner": cfg.ner_epochs},
+        epochs={data: getattr(cfg, plan.epochs) for data, plan in BUILTIN_FINETUNES.items()},
         max_len=cfg.seq_len,
         progress=cfg.progress,
         limit=cfg.limit,
@@ -199,25 +206,25 @@ def finetune_on_tasks(
     root: Path, *, model: str, init: str, seed: int, epochs: dict[str, float], max_len: int, progress: bool, limit: int
 ) -> dict:
     """The demo's fine-tuning of ``model`` (or, with ``init="scratch"``, of its architecture from random
-    initialisation) on every task of ``TASKS``, each in ``root / TASK``; a finished run found there is reused.
-    ``epochs``: per task kind (classify, ner). Returns {task: {"test", "dev": scalar metrics, "steps", "seconds"}}."""
+    initialisation) on every corpus of ``BUILTIN_FINETUNES``, each in ``root / CORPUS``; a finished run found there
+    is reused. ``epochs``: per corpus. Returns {corpus: {"test", "dev": scalar metrics, "steps", "seconds"}}."""
     found = {}
-    for data, (kind, _) in TASKS.items():
+    for data, plan in BUILTIN_FINETUNES.items():
         splits = {k: v[:limit] for k, v in load_builtin(data).items()} if limit else None
         run_dir = root / data
         ft = finetune_config(
             out=run_dir,
             model=model,
             data=data,
-            kind=kind,
             init=init,
-            epochs=epochs[kind],
+            epochs=epochs[data],
             max_len=max_len,
             seed=seed,
             progress=progress,
             splits=splits,
         )
-        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, kind=kind: finetune(ft, kind).to_json(), finished="test")
+        task = plan.task
+        r = checkpoint.finished_or_run(run_dir, lambda ft=ft, task=task: finetune(ft, task).to_json(), finished="test")
         found[data] = {
             "test": scalars(r["test"]),
             "dev": scalars(r["dev"]),
@@ -225,6 +232,10 @@ def finetune_on_tasks(
             "seconds": r["training"]["seconds"],
         }
     return found
+
+
+def _metrics() -> list[tuple[str, str]]:
+    return [(data, plan.metric) for data, plan in BUILTIN_FINETUNES.items()]
 
 
 def scalars(metrics: dict) -> dict:
@@ -246,7 +257,7 @@ def aggregate(runs: list[dict]) -> dict:
     found: dict[str, dict] = {}
     for name in dict.fromkeys(r["objective"] for r in runs):
         mine = [r for r in runs if r["objective"] == name]
-        found[name] = {data: spread([r[data]["test"][metric] for r in mine]) for data, (_, metric) in TASKS.items()}
+        found[name] = {data: spread([r[data]["test"][metric] for r in mine]) for data, metric in _metrics()}
         if "pretraining" in mine[0]:
             found[name]["pretraining_minutes"] = spread([r["pretraining"]["seconds"] / 60 for r in mine])
             found[name]["pretraining_minutes_at_median_speed"] = spread(
@@ -260,10 +271,10 @@ def aggregate(runs: list[dict]) -> dict:
 def claim(summary: dict) -> dict:
     """ELECTRA >= MLM at equal compute on both tasks (by the mean over seeds), with the gap in units of the
     larger of the two standard deviations (|gap| < 1 is within the seed-to-seed spread)."""
-    if "mlm" not in summary or "electra" not in summary:
+    if not {"mlm", "electra"} <= summary.keys():  # the claim under test names its two objectives
         return {}
     found = {}
-    for data in TASKS:
+    for data in BUILTIN_FINETUNES:
         e, m = summary["electra"][data], summary["mlm"][data]
         gap = e["mean"] - m["mean"]
         spread = max(e["std"], m["std"])

@@ -15,6 +15,7 @@ from typing import Literal
 from lmforge.config import check_range
 from lmforge.errors import UserError
 from lmforge.models.specs import ElectraSpec, ModelSpec, Seq2SeqSpec
+from lmforge.tasks import PRETRAIN_TASKS
 from lmforge.train.config import TrainConfig, loop_defaults
 
 
@@ -47,8 +48,16 @@ class FinetuneConfig:
     average_last: int = 0
     """Average the last N checkpoints (needs training.keep_last >= N), kept if its dev score is as good; 0 = off."""
     training: TrainConfig = field(default_factory=_finetune_training)
-    resume: str | None = None
-    """Continue the run in this directory from its last checkpoint."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (``--resume RUN_DIR`` sets it, with RUN_DIR's recipe)."""
+
+    def builtin_path(self) -> str | None:
+        """The file a built-in corpus is read from, when the corpus needs one (Tatoeba); None: shipped."""
+        return None
+
+    def initialisation(self) -> str | None:
+        """How the encoder starts (pretrained or scratch), for results.json; None: the task has no such choice."""
+        return None
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, at_least=0)
@@ -66,6 +75,9 @@ class EncoderFinetuneConfig(FinetuneConfig):
     """pretrained weights, or random initialisation of the same architecture (what pretraining buys)."""
     dropout: float | None = None
     """Encoder and head dropout; None keeps the pretrained model's."""
+
+    def initialisation(self) -> str | None:
+        return self.init
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,6 +241,10 @@ class TranslateTrainConfig(FinetuneConfig):
     """builtin:tatoeba-cmn-en instead of --train/--dev/--test (the TSV comes from --data-path)."""
     data_path: str | None = None
     """The Tatoeba TSV for builtin:tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+
+    def builtin_path(self) -> str | None:
+        return self.data_path
+
     tokenizer: str | None = None
     """Shared tokenizer directory; None = train a byte-level BPE on both sides of --train into the run directory."""
     vocab_size: int = 8000
@@ -278,7 +294,7 @@ class PretrainConfig:
 
     out: str
     """Run directory."""
-    task: Literal["mlm", "wwm-mlm", "electra", "clm"] = "mlm"
+    task: Literal[PRETRAIN_TASKS] = "mlm"  # type: ignore[valid-type]
     """mlm / wwm-mlm / electra (BERT sizes) or clm (GPT sizes)."""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: PretrainData = field(default_factory=PretrainData)
@@ -286,8 +302,8 @@ class PretrainConfig:
     mask_prob: float = 0.15
     """Share of tokens (words, for wwm-mlm) selected for MLM prediction (electra: for replacement)."""
     electra: ElectraSpec = field(default_factory=ElectraSpec)
-    resume: str | None = None
-    """Continue the run in this directory from its last checkpoint (its config.yaml gives the defaults)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (``--resume RUN_DIR`` sets it, with RUN_DIR's recipe)."""
 
 
 @dataclass
@@ -331,7 +347,42 @@ OBJECTIVES: dict[str, Objective] = {
     "electra-adversarial": Objective("electra", 5e-4, ElectraSpec(generator_objective="adversarial")),
     "electra-mixed": Objective("electra", 5e-4, ElectraSpec(generator_objective="mixed")),
 }
-COMPARE_TASKS = {"reviews-sentiment": ("classify", "accuracy"), "peoples-daily-ner": ("ner", "f1")}
+
+
+@dataclass(frozen=True)
+class BuiltinFinetune:
+    """How the demo and the comparison fine-tune on one built-in corpus (the recipe's choices, not dispatch)."""
+
+    task: str
+    """The TASKS entry fine-tuned."""
+    metric: str
+    """The test metric the comparison reports."""
+    lr: float
+    """The demo's learning rate."""
+    epochs: str
+    """The field of the demo's Budget and of CompareConfig that holds its epochs."""
+    e5: tuple[tuple[str, str], ...]
+    """Settings of the multilingual-e5-small fine-tune beyond the shared ones (as its configs/ recipe)."""
+    baseline: str
+    """The non-neural baseline's name in the results."""
+    baseline_fn: str
+    """``module:function`` ``(train, test) -> metrics`` of the baseline."""
+
+
+BUILTIN_FINETUNES: dict[str, BuiltinFinetune] = {
+    "reviews-sentiment": BuiltinFinetune(
+        "classify",
+        "accuracy",
+        1e-3,
+        "classify_epochs",
+        (("pooling", "mean"),),
+        "tfidf-svm",
+        "lmforge.baselines:tfidf_svm",
+    ),
+    "peoples-daily-ner": BuiltinFinetune(
+        "ner", "f1", 2e-3, "ner_epochs", (), "dictionary", "lmforge.baselines:dictionary_ner"
+    ),
+}
 SCRATCH = "scratch"  # the same fine-tuning from random initialisation: what any pretraining buys
 
 

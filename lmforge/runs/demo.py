@@ -22,20 +22,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.baselines import dictionary_ner, tfidf_svm
 from lmforge.data.builtin import load_builtin
 from lmforge.files import write_json, write_text
 from lmforge.metrics import DEFINITIONS
-from lmforge.runs.config import ClassifyConfig, DemoConfig, ModelSpec, NERConfig, PretrainConfig, PretrainData
-from lmforge.runs.convert import convert_builtin
+from lmforge.rundir.convert import convert_builtin
+from lmforge.runs.config import BUILTIN_FINETUNES, DemoConfig, ModelSpec, PretrainConfig, PretrainData
 from lmforge.runs.finetune import finetune
 from lmforge.runs.pretrain import pretrain
 from lmforge.runs.session import holds_out_dir
+from lmforge.tasks import TASKS, FileFormat, resolve
 from lmforge.train.config import TrainConfig, loop_defaults
 from lmforge.train.optim import OptimConfig
 
-TASKS = {"reviews-sentiment": "classify", "peoples-daily-ner": "ner"}
-STAGE_DIRS = ("pretrain", *TASKS, "e5-small")
+STAGE_DIRS = ("pretrain", *BUILTIN_FINETUNES, "e5-small")
 E5 = "e5-small"  # the system name of the built-in multilingual-e5-small rows
 
 
@@ -188,28 +187,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         convert_builtin("multilingual-e5-small", out / E5 / "model", trim_inputs=pretrain_inputs(out, cfg.limit))
         wall[f"{E5}/convert"] = round(time.perf_counter() - t, 1)
     tasks: dict[str, dict] = {}
-    for data, kind in TASKS.items():
+    for data, plan in BUILTIN_FINETUNES.items():
         splits = _limited(load_builtin(data), cfg.limit)
         results: dict[str, dict] = {}
         for init in ("pretrained", "scratch"):
             t = time.perf_counter()
-            run = finetune(_finetune_config(cfg, budget, out, data, kind, init, splits), kind).to_json()
+            run = finetune(_finetune_config(cfg, budget, out, data, init, splits), plan.task).to_json()
             wall[f"{data}/{init}"] = round(time.perf_counter() - t, 1)
             speed[f"{data}/{init}"] = run["training"]["tokens_per_s"]
             results[init] = {"dev": run["dev"], "test": run["test"], "steps": run["training"]["steps"]}
         if cfg.with_e5:
             t = time.perf_counter()
-            run = finetune(_e5_finetune_config(cfg, out, data, kind, splits), kind).to_json()
+            run = finetune(_e5_finetune_config(cfg, out, data, splits), plan.task).to_json()
             wall[f"{data}/{E5}"] = round(time.perf_counter() - t, 1)
             speed[f"{data}/{E5}"] = run["training"]["tokens_per_s"]
             results[E5] = {"dev": run["dev"], "test": run["test"], "steps": run["training"]["steps"]}
         t = time.perf_counter()
-        if kind == "classify":
-            results["tfidf-svm"] = {"test": tfidf_svm(splits["train"], splits["test"])}
-            wall[f"{data}/tfidf-svm"] = round(time.perf_counter() - t, 1)
-        else:
-            results["dictionary"] = {"test": dictionary_ner(splits["train"], splits["test"])}
-            wall[f"{data}/dictionary"] = round(time.perf_counter() - t, 1)
+        results[plan.baseline] = {"test": resolve(plan.baseline_fn)(splits["train"], splits["test"])}
+        wall[f"{data}/{plan.baseline}"] = round(time.perf_counter() - t, 1)
         tasks[data] = results
     wall["total"] = round(time.perf_counter() - started, 1)
     summary = {
@@ -237,15 +232,13 @@ def pretrain_inputs(out: Path, limit: int) -> list[str]:
     return [str(out / "pretrain-sample.txt")]
 
 
-def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind: str, init: str, splits: dict):
-    classify = kind == "classify"
+def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, init: str, splits: dict):
     return finetune_config(
         out=out / data / init,
         model=str(out / "pretrain"),
         data=data,
-        kind=kind,
         init=init,
-        epochs=budget.classify_epochs if classify else budget.ner_epochs,
+        epochs=getattr(budget, BUILTIN_FINETUNES[data].epochs),
         max_len=budget.seq_len,
         seed=cfg.seed,
         progress=cfg.progress,
@@ -253,14 +246,13 @@ def _finetune_config(cfg: DemoConfig, budget: Budget, out: Path, data: str, kind
     )
 
 
-def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, kind: str, splits: dict):
+def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, splits: dict):
     """multilingual-e5-small fine-tuned as configs/classify/e5-small-reviews.yaml and configs/ner/e5-small-peoples-
     daily.yaml do (precision auto, lr 1e-4, mean pooling / CRF), one epoch each, dropout at the checkpoint's 0.1."""
     config = finetune_config(
         out=out / E5 / data,
         model=str(out / E5 / "model"),
         data=data,
-        kind=kind,
         init="pretrained",
         epochs=1.0,
         max_len=128,
@@ -270,7 +262,7 @@ def _e5_finetune_config(cfg: DemoConfig, out: Path, data: str, kind: str, splits
         lr=1e-4,
     )
     training = dataclasses.replace(config.training, precision="auto")
-    extra = {"pooling": "mean"} if kind == "classify" else {}
+    extra = dict(BUILTIN_FINETUNES[data].e5)
     return dataclasses.replace(config, dropout=None, training=training, **extra)
 
 
@@ -279,7 +271,6 @@ def finetune_config(
     out: Path,
     model: str,
     data: str,
-    kind: str,
     init: str,
     epochs: float,
     max_len: int,
@@ -290,7 +281,8 @@ def finetune_config(
 ):
     """The demo's fine-tuning of ``model`` on the built-in corpus ``data`` (classify: lr 1e-3, ner: 2e-3 unless
     ``lr``; batch 32, no dropout). ``splits`` (limited copies, for smoke tests) go through files, as a user's would."""
-    lr = lr or (1e-3 if kind == "classify" else 2e-3)
+    entry = TASKS[BUILTIN_FINETUNES[data].task]
+    lr = lr or BUILTIN_FINETUNES[data].lr
     common = dict(
         out=str(out),
         model=model,
@@ -301,19 +293,18 @@ def finetune_config(
         training=training(lr=lr, batch=32, seed=seed, progress=progress),
     )
     if splits is not None:
-        common.update(_write_splits(out.parent / "data", splits, kind))
+        common.update(_write_splits(out.parent / "data", splits, entry.files))
     else:
         common["data"] = f"builtin:{data}"
-    return ClassifyConfig(**common) if kind == "classify" else NERConfig(**common)
+    return entry.load_config()(**common)
 
 
-def _write_splits(directory: Path, splits: dict, kind: str) -> dict[str, str]:
-    from lmforge.data.readers import write_conll, write_jsonl
-
+def _write_splits(directory: Path, splits: dict, files: FileFormat) -> dict[str, str]:
+    """The splits as the files a user would bring, in the task's format."""
     written = {}
     for split, examples in splits.items():
-        path = directory / (f"{split}.jsonl" if kind == "classify" else f"{split}.conll")
-        (write_jsonl if kind == "classify" else write_conll)(path, examples)
+        path = directory / f"{split}{files.suffix}"
+        resolve(files.writer)(path, examples)
         written[split] = str(path)
     return written
 
@@ -360,7 +351,7 @@ def report(summary: dict) -> str:
         rate = speed.get(stage, speed.get("pretrain") if stage == "tokenizer+pretrain" else None)
         lines.append(f"| {stage} | {seconds} | {'-' if rate is None else f'{rate:,.0f}'} |")
     lines += ["", "## Curves and errors", "", "![pretraining loss](pretrain/loss.png)", ""]
-    for data in TASKS:
+    for data in BUILTIN_FINETUNES:
         lines += [f"![{data} loss](./{data}/pretrained/loss.png)", ""]
     lines += ["![sentiment confusion matrix](reviews-sentiment/pretrained/confusion.png)", ""]
     lines += ["NER error table (pretrained, test): see peoples-daily-ner/pretrained/report.md.", ""]

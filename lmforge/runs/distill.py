@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,24 +26,23 @@ from safetensors.torch import save_file
 
 from lmforge.errors import UserError
 from lmforge.files import atomic_write, write_json
+from lmforge.rundir import load_run, task_settings
 from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 from lmforge.runs.finetune import finetune, load_splits
 from lmforge.runs.results import FinetuneResult
-from lmforge.runs.run_dir import load_run, task_settings
 from lmforge.runs.session import locked
+from lmforge.tasks import TASKS, task_of_config
 from lmforge.tasks.distill import CHUNK, MANIFEST, TEACHER_DIR, distill_examples, texts_digest
 
 log = logging.getLogger("lmforge.distill")
 
 
-def task_of(cfg: DistillClassifyConfig | DistillNERConfig) -> str:
-    """The TASKS name of a distillation config: ``distill-ner`` or ``distill-classify``."""
-    return "distill-ner" if isinstance(cfg, DistillNERConfig) else "distill-classify"
-
-
 def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = True) -> FinetuneResult | None:
     """Label with the teacher (cached), then train the student; the result (None on other processes)."""
-    task = "ner" if isinstance(cfg, DistillNERConfig) else "classify"
+    name = task_of_config(cfg)
+    entry = TASKS[name]
+    task = entry.saves_as  # the task of the teacher and of the run written
+    student_cls = entry.load()
     if not cfg.teacher:
         raise UserError(f"--teacher is required: a {task} run directory from `lmforge finetune {task}`")
     settings = task_settings(cfg.teacher)
@@ -49,32 +50,28 @@ def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = T
         raise UserError(f"--teacher {cfg.teacher}: not a {task} run directory (from `lmforge finetune {task}`)")
     out = Path(cfg.out)
     with locked(out):
-        splits, _ = load_splits(cfg, task)
-        if task == "ner":
-            from lmforge.tasks.ner import tag_set
-
-            labels, key = tag_set(splits["train"]), "tags"
-        else:
-            from lmforge.tasks.classification import label_set
-
-            labels, key = label_set(splits["train"]), "labels"
+        splits, _ = load_splits(cfg, TASKS[task])
+        labels, key = student_cls.teacher_labels(splits["train"])
         if list(settings[key]) != labels:
             raise UserError(f"--teacher {cfg.teacher}: its {key} {settings[key]} are not the training data's {labels}")
         labelled, unlabelled = distill_examples(cfg, splits["train"], out)
-        teacher_logits(cfg.teacher, [*labelled, *unlabelled], out / TEACHER_DIR, labels, progress=progress)
-        return finetune(cfg, task_of(cfg))
+        texts = [*labelled, *unlabelled]
+        teacher_logits(cfg.teacher, texts, out / TEACHER_DIR, labels, rows=student_cls.teacher_rows, progress=progress)
+        return finetune(cfg, name)
 
 
-def _teacher_rows(run, chunk: list[dict]) -> list[np.ndarray]:
-    cpu = torch.device("cpu")
-    if run.task.name == "ner":
-        return run.task.tag_log_probs(run.model, chunk, device=cpu)
-    return list(run.task.class_logits(run.model, chunk, device=cpu)[:, None, :])
-
-
-def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels: list[str], *, progress: bool) -> None:
-    """Write the teacher's rows for ``texts`` to ``directory`` (chunk files + manifest), skipping the chunks a
-    previous run finished; a cache for other texts or another teacher is refused, not mixed in."""
+def teacher_logits(
+    teacher_dir: str,
+    texts: list[dict],
+    directory: Path,
+    labels: list[str],
+    *,
+    rows: Callable[[Any, list[dict]], list[np.ndarray]],
+    progress: bool,
+) -> None:
+    """Write the teacher's rows for ``texts`` (``rows(run, chunk)``: the student task's ``teacher_rows``) to
+    ``directory`` (chunk files + manifest), skipping the chunks a previous run finished; a cache for other texts or
+    another teacher is refused, not mixed in."""
     manifest = {
         "teacher": str(Path(teacher_dir).resolve()),
         "labels": labels,
@@ -96,10 +93,10 @@ def teacher_logits(teacher_dir: str, texts: list[dict], directory: Path, labels:
         return
     run = load_run(teacher_dir)
     for n, i in enumerate(todo):
-        rows = _teacher_rows(run, texts[i * CHUNK : (i + 1) * CHUNK])
+        found = rows(run, texts[i * CHUNK : (i + 1) * CHUNK])
         tensors = {
-            "logits": torch.from_numpy(np.concatenate(rows)).float().contiguous(),
-            "rows": torch.tensor([len(r) for r in rows], dtype=torch.int64),
+            "logits": torch.from_numpy(np.concatenate(found)).float().contiguous(),
+            "rows": torch.tensor([len(r) for r in found], dtype=torch.int64),
         }
         target = directory / f"chunk-{i:05d}.safetensors"
         with atomic_write(target) as tmp:

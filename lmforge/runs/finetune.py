@@ -6,7 +6,7 @@
 4. score the splits the task scores before training, train through ``train.loop.fit`` (early stopping
    on the task's dev metric), load the best checkpoint, or the average of the last ``average_last``
    ones when its dev score is at least as good;
-5. write the run (``runs/run_dir.write_run``), score dev and test once, and render results.json and
+5. write the run (``rundir.write_run``), score dev and test once, and render results.json and
    report.md from the typed ``FinetuneResult`` (``runs/results.py``).
 
 Everything task-specific is a hook of the task class (``tasks/base.py``: ``FinetuneTask``), found
@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from lmforge.data.builtin import BUILTINS, load_builtin
-from lmforge.data.readers import ReadReport, read_labelled, read_tagged
+from lmforge.data.readers import ReadReport
 from lmforge.errors import UserError
 from lmforge.files import write_json, write_yaml
 from lmforge.models.registry import WEIGHTS_FILE, read_safetensors
+from lmforge.rundir import RECIPE_FILE, Run, write_run
 from lmforge.runs.config import FinetuneConfig
 from lmforge.runs.results import FinetuneResult, write_report
-from lmforge.runs.run_dir import RECIPE_FILE, write_run
 from lmforge.runs.session import run_session
-from lmforge.tasks import task_entry
+from lmforge.tasks import TASKS, TaskEntry, resolve, task_entry
 from lmforge.train import checkpoint, distributed
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import fit
@@ -46,9 +46,8 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
     task_cls = entry.load()
     started = time.perf_counter()
     run_dir = Path(cfg.out)
-    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
-        read = task_cls.reader(cfg)
-        splits, reports = load_splits(cfg, entry.builtin, read, builtin_path=getattr(cfg, "data_path", None))
+    with run_session(run_dir, resume=cfg.resume, device=cfg.training.device) as d:
+        splits, reports = load_splits(cfg, entry, task_cls.reader(cfg), builtin_path=cfg.builtin_path())
         splits = task_cls.prepare_splits(cfg, splits)
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
             before = {
                 s: task.evaluate(model, splits[s], device=d.device) for s in task.evaluate_before if splits.get(s)
             }
-        summary = fit(model, task, training, run_dir=run_dir, resume=bool(cfg.resume))
+        summary = fit(model, task, training, run_dir=run_dir, resume=cfg.resume, write_results=False)
         if not d.is_main:
             return None
         if distributed.is_sharded(model):  # FSDP: the first process scores a whole copy, loaded from the checkpoint
@@ -71,7 +70,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
         scores = {"dev": dev}
         if splits.get("test"):
             scores["test"] = task.evaluate_test(model, splits["test"], device=d.device)
-        explained = explain_for_report(run_dir, task, model, splits.get("test") or splits.get("dev") or [])
+        explained = _explain_for_report(entry, run_dir, task, model, splits.get("test") or splits.get("dev") or [])
         result = FinetuneResult(
             task=task_name,
             model=cfg.model,
@@ -82,7 +81,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
             data=data_report(cfg, splits, reports, task),
             training=summary,
             extras={**task.extras(), **({"explained": explained} if explained else {})},
-            init=getattr(cfg, "init", None),
+            init=cfg.initialisation(),
             wall_seconds=round(time.perf_counter() - started, 2),
         )
         write_json(run_dir / "results.json", result.to_json())
@@ -90,48 +89,14 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
     return result
 
 
-def explain_for_report(run_dir: Path, task, model: nn.Module, examples: list[dict]) -> list[dict]:
-    """A few correctly and wrongly predicted examples explained by Integrated Gradients (classify and NER runs):
-    written to explanations.jsonl / .html / .png in ``run_dir`` and returned as report rows (the top tokens
-    of each explanation). The PNG needs a CJK font; without one the report says how to get it."""
-    if task.name not in ("classify", "ner") or not examples:
+def _explain_for_report(entry, run_dir: Path, task, model: nn.Module, examples: list[dict]) -> list[dict]:
+    """The report's explained examples, for tasks whose TASKS entry puts explanations in the report."""
+    saved = TASKS[entry.saves_as or entry.name]  # a distilled run is explained as the task it writes
+    if saved.explaining is None or not saved.explaining.in_report or not examples:
         return []
-    from lmforge.data.readers import write_jsonl
-    from lmforge.runs.run_dir import Run
-    from lmforge.tasks.explain import explained_examples
-    from lmforge.tasks.explain_views import cjk_font, render_html, render_png
+    from lmforge.explain.report import explain_for_report
 
-    model = model.to("cpu").eval()
-    rows = explained_examples(Run(task.name, task, model, run_dir, True), examples)
-    if not rows:
-        return []
-    flat = [e for r in rows for e in r["explanations"]]
-    write_jsonl(
-        run_dir / "explanations.jsonl", ({"kind": r["kind"], **e.to_json()} for r in rows for e in r["explanations"])
-    )
-    (run_dir / "explanations.html").write_text(render_html(flat, title=f"{run_dir.name}: why?"), encoding="utf-8")
-    try:
-        render_png(flat, run_dir / "explanations.png", font=cjk_font())
-        png = "explanations.png"
-    except UserError as e:
-        png = str(e)
-    report = []
-    for r in rows:
-        for e in r["explanations"] or [None]:
-            top = [] if e is None else sorted(e.tokens, key=lambda t: -t.score)[:3]
-            report.append(
-                {
-                    "kind": r["kind"],
-                    "text": r["text"],
-                    "gold": r["gold"],
-                    "predicted": r["predicted"],
-                    "target": None if e is None else e.target,
-                    "value": None if e is None else round(e.value, 4),
-                    "top_tokens": [[t.token, round(t.score, 4)] for t in top],
-                    "png": png,
-                }
-            )
-    return report
+    return explain_for_report(Run(saved.name, task, model, run_dir, finetuned=True), examples)
 
 
 def choose_weights(model: nn.Module, task, run_dir: Path, summary: dict, average_last: int, device: torch.device):
@@ -185,15 +150,21 @@ def split_off_dev(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]
 
 
 def load_splits(
-    cfg, kind: str, read: Callable[..., tuple[list[dict], ReadReport]] | None = None, *, builtin_path: str | None = None
+    cfg,
+    entry: TaskEntry,
+    read: Callable[..., tuple[list[dict], ReadReport]] | None = None,
+    *,
+    builtin_path: str | None = None,
 ) -> tuple[dict[str, list[dict]], list[ReadReport]]:
     """train / dev / test examples from --data builtin:NAME or the files, and what reading skipped.
 
     ``cfg`` needs ``data``, ``train``, ``dev``, ``test``, ``skip_bad_rows`` and ``training.seed``;
-    ``kind`` is the built-in corpora's task (classify, ner, dialogue, translate); ``read(path,
-    skip_bad_rows=...)`` reads one file (default: the classify / ner readers, which also refuse dev or
-    test labels the training data never has). Without a dev file, 10% of train (fixed seed) is held out.
+    ``entry.builtin`` is the built-in corpora's task (classify, ner, dialogue, translate); ``read(path,
+    skip_bad_rows=...)`` reads one file (default: the reader of the task's labelled ``files``, after which dev
+    or test labels the training data never has are refused). Without a dev file, 10% of train (fixed seed) is
+    held out.
     """
+    kind = entry.builtin
     if cfg.data:
         name = cfg.data.removeprefix("builtin:")
         if not cfg.data.startswith("builtin:") or name not in BUILTINS or BUILTINS[name].task != kind:
@@ -205,7 +176,7 @@ def load_splits(
     if not cfg.train:
         raise UserError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
     default_reader = read is None
-    read = read or (read_labelled if kind == "classify" else read_tagged)
+    read = read or resolve(entry.files.reader)
     splits, reports = {}, []
     for split in ("train", "dev", "test"):
         path = getattr(cfg, split)
@@ -214,7 +185,7 @@ def load_splits(
             reports.append(report)
             if not splits[split]:
                 raise UserError(f"{path}: no usable examples")
-    if default_reader:  # classify / ner fine-tuning: the head predicts the training labels only
+    if default_reader:  # a head over labels or tags predicts the training labels only
         _check_labels_seen_in_training(splits, cfg.train)
     if "dev" not in splits:
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)

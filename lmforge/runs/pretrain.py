@@ -23,7 +23,7 @@ from lmforge.errors import UserError
 from lmforge.files import atomic_write, write_json, write_text, write_yaml
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.electra import Electra
-from lmforge.models.registry import WEIGHTS_FILE, build_model, config_json, read_safetensors, save_model
+from lmforge.models.registry import WEIGHTS_FILE, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
 from lmforge.runs.config import PretrainConfig
 from lmforge.runs.session import run_session
@@ -79,12 +79,13 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     torch.manual_seed(cfg.training.seed)
     entry = task_entry(cfg.task, kind="pretrain")
-    model = Electra(model_cfg, cfg.electra) if entry.model == "electra" else build_model(model_cfg)
-    if getattr(model, "pooler", None) is not None:
+    task_cls = entry.load()
+    model = task_cls.pretraining_model(model_cfg, cfg.electra)
+    if isinstance(model, Bert) and model.pooler is not None:
         # MLM without next-sentence prediction never uses the pooler: freeze it so DDP does not wait for
         # gradients that never come (it stays at its initialisation, as in RoBERTa-style pretraining).
         model.pooler.requires_grad_(False)
-    task = entry.load().for_pretraining(cfg, tok, shards, entry)
+    task = task_cls.for_pretraining(cfg, tok, shards, entry)
     return model, task
 
 
@@ -95,12 +96,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise UserError(
             f"task={cfg.task!r} needs a {'GPT' if wants_gpt else 'BERT'} size; model.size={cfg.model.size!r}"
         )
-    with run_session(run_dir, resume=bool(cfg.resume), device=cfg.training.device) as d:
+    with run_session(run_dir, resume=cfg.resume, device=cfg.training.device) as d:
         if d.is_main:
             write_yaml(run_dir / "config.yaml", cfg)
         tok_dir, shards = prepare_corpus(cfg, run_dir, d)
         model, task = build_objective(cfg, load_tokenizer(tok_dir), shards)
-        summary = fit(model, task, cfg.training, run_dir=run_dir, resume=bool(cfg.resume))
+        summary = fit(model, task, cfg.training, run_dir=run_dir, resume=cfg.resume, write_results=False)
         if d.is_main:
             _write_model_dir(run_dir, model, summary, tok_dir)
     return summary

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/classify``, ``/v1/ner``, ``/v1/translate`` (``{"model", "input": [...]}`` ->
 ``{"model", "data": [...]}``), ``/v1/explain`` (``{"model", "input", "method", "label", "steps"}``: token
-attributions, ``tasks/explain.py``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
+attributions, ``explain/``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
 response shapes (``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
 ``/healthz``, ``/metrics`` (Prometheus text) and the page at ``/``. The OpenAPI schema is at
 ``/openapi.json``.
@@ -47,7 +47,7 @@ from lmforge.inference.config import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
 from lmforge.serve.errors import BODY_CUT, APIError, BodyLimit, error_response
 from lmforge.serve.limits import Limits
-from lmforge.serve.models import Served
+from lmforge.serve.models import CHAT, CLASSIFY, EMBEDDINGS, NER, TRANSLATE, Served
 from lmforge.serve.schema import (
     ChatRequest,
     EmbeddingRequest,
@@ -94,7 +94,7 @@ class _Gateway:
         self.batchers: dict[str, MicroBatcher] = {}
         for name, served in models.items():
             self.batchers[name] = MicroBatcher(
-                _batch_fn(served),
+                served.batch_call(),
                 max_batch=limits.max_batch,
                 max_wait_ms=limits.max_wait_ms,
                 queue_size=limits.queue_size,
@@ -102,18 +102,17 @@ class _Gateway:
             )
             metrics.queue.labels(name).set_function(lambda b=self.batchers[name]: b.depth)
 
-    def served(self, name: str, task: str | tuple[str, ...]) -> Served:
-        """The model called ``name``, which must serve ``task`` (or one of several)."""
+    def served(self, name: str, route: str | None = None) -> Served:
+        """The model called ``name``, which must be served on ``route`` (None: any model)."""
         if name not in self.models:
             served = ", ".join(self.models)
             raise APIError(
                 404, f"model {name!r} is not served; served: {served}", param="model", kind="not_found_error"
             )
-        tasks = (task,) if isinstance(task, str) else task
-        if self.models[name].task not in tasks:
-            wanted = " or ".join(tasks)
-            raise APIError(400, f"model {name!r} serves {self.models[name].task}, not {wanted}", param="model")
-        return self.models[name]
+        m = self.models[name]
+        if route is not None and m.route != route:
+            raise APIError(400, f"model {name!r} serves {m.route} ({m.run.task_name}), not {route}", param="model")
+        return m
 
     def _busy(self, name: str) -> APIError:
         return APIError(
@@ -238,28 +237,28 @@ def _add_encoder_routes(app: FastAPI, gateway: _Gateway) -> None:
 
     @app.post("/v1/classify")
     async def classify(req: InputRequest) -> dict:
-        m = gateway.served(req.model, "classify")
+        m = gateway.served(req.model, CLASSIFY)
         examples = [_example(x, i, pairs=True) for i, x in enumerate(_inputs(req.input, limits))]
         return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
     @app.post("/v1/ner")
     async def ner(req: InputRequest) -> dict:
-        m = gateway.served(req.model, "ner")
+        m = gateway.served(req.model, NER)
         examples = [_example(x, i, pairs=False) for i, x in enumerate(_inputs(req.input, limits))]
         return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
     @app.post("/v1/translate")
     async def translate(req: TranslateRequest) -> dict:
-        m = gateway.served(req.model, "translate")
+        m = gateway.served(req.model, TRANSLATE)
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
-        cap = _max_tokens(req.max_tokens, limits, default=m.handler.max_len)
+        cap = _max_tokens(req.max_tokens, limits, default=m.task.max_len)
         key = GenerationConfig(num_beams=req.num_beams, max_new_tokens=cap)
         translations = await gateway.submit(m.name, texts, key=key)
         return {"model": m.name, "data": [{"translation": t} for t in translations]}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict:
-        m = gateway.served(req.model, "embed")
+        m = gateway.served(req.model, EMBEDDINGS)
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
         vectors = await gateway.submit(m.name, texts)
         n = m.count_tokens(texts)
@@ -274,15 +273,20 @@ def _add_explain_route(app: FastAPI, gateway: _Gateway) -> None:
 
     @app.post("/v1/explain")
     async def explain(req: ExplainRequest) -> dict:
-        m = gateway.served(req.model, ("classify", "ner", "embed", "translate", "chat"))
+        m = gateway.served(req.model)
+        explaining = m.entry.explaining
+        if explaining is None:
+            raise APIError(400, f"model {req.model!r} ({m.run.task_name}) is not explained", param="model")
         items = _inputs([req.input], limits)
-        example = _example(items[0], 0, pairs=m.task in ("classify", "embed"))
-        if m.task == "embed" and "text_pair" not in example:
+        example = _example(items[0], 0, pairs=explaining.inputs != "text")
+        if explaining.inputs == "pair" and "text_pair" not in example:
             raise APIError(
                 422, "an embedding model explains the similarity of two texts: [text, text_pair]", param="input"
             )
-        if m.task != "classify" and req.label is not None:
-            raise APIError(422, f"label is for classification models; {req.model!r} serves {m.task}", param="label")
+        if not explaining.label and req.label is not None:
+            raise APIError(
+                422, f"label is for classification models; {req.model!r} serves {m.run.task_name}", param="label"
+            )
         try:
             data = await gateway.call_alone(
                 m.name, lambda: m.explain(example, method=req.method, label=req.label, steps=req.steps)
@@ -297,7 +301,7 @@ def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> dict | StreamingResponse:
-        m = gateway.served(req.model, "chat")
+        m = gateway.served(req.model, CHAT)
         _check_message_sizes(req, limits)
         default = min(128, m.model.cfg.max_seq_len // 2)  # leaves room for the conversation
         cap = _max_tokens(req.max_completion_tokens or req.max_tokens, limits, default=default)
@@ -400,18 +404,6 @@ def _sampling(req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
         stop_strings=stops,
         seed=req.seed,
     )
-
-
-def _batch_fn(served: Served):
-    """The function a model's micro-batcher calls with the gathered items and the batch key (for decoders: the
-    GenerationConfig, so that only requests with equal settings share a batch)."""
-    if served.task == "classify":
-        return lambda items, _key: served.classify(items)
-    if served.task == "ner":
-        return lambda items, _key: served.ner(items)
-    if served.task == "embed":
-        return lambda items, _key: served.embed(items)
-    return served.translate if served.task == "translate" else served.complete
 
 
 class _ChatStream:

@@ -1,13 +1,16 @@
 """The models a server answers with: one ``Served`` per ``--model NAME=RUN_DIR``, its task read from the run.
 
-Every call goes through what the commands use (``Task.predict``, ``TranslationTask.translate``,
-``EmbeddingTask.vectors``, ``inference``'s ``Generator`` and ``ChatSession``): no model code here.
-Runs load through ``runs/run_dir.load_run`` alone (no training code is imported), reading only
-config.json, task.json, safetensors and tokenizer files from the directories given at start-up.
+A run's task declares the route that serves it (``tasks.TASKS``' ``route``) and whether it is explained
+(``explaining``); the app dispatches on those, never on task names. Every call goes through what the commands use
+(``Task.predict``, ``TranslationTask.translate``, ``EmbeddingTask.vectors``, ``inference``'s ``Generator`` and
+``ChatSession``, ``explain.targets.explain``): no model code here. Runs load through ``lmforge.rundir.load_run``
+alone (no training code and no recipe is imported), reading only config.json, task.json, safetensors and
+tokenizer files from the directories given at start-up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,51 +21,60 @@ from lmforge.errors import UserError
 from lmforge.inference.chat import ChatSession
 from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generation, Generator
-from lmforge.runs.run_dir import load_run
-
-SERVED_TASKS = ("classify", "ner", "translate", "embed", "chat")
+from lmforge.rundir import Run, load_run
+from lmforge.tasks import TASKS, TaskEntry, with_capability
 
 CPU = torch.device("cpu")
+CLASSIFY, NER, TRANSLATE = "/v1/classify", "/v1/ner", "/v1/translate"
+EMBEDDINGS, CHAT = "/v1/embeddings", "/v1/chat/completions"
 
 
 @dataclass
 class Served:
-    """A loaded model: its name, task (classify, ner, translate, embed, chat) and what answers requests."""
+    """A loaded model: its name, its run (task name, task, model), the route that serves it and, for decoders, the
+    generator (and chat session) that answers."""
 
     name: str
-    task: str
-    run_dir: str
-    handler: Any
-    model: torch.nn.Module
+    run: Run
+    route: str
     generator: Generator | None = None
     session: ChatSession | None = None
 
+    @property
+    def entry(self) -> TaskEntry:
+        return TASKS[self.run.task_name]
+
+    @property
+    def task(self) -> Any:
+        return self.run.task
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.run.model
+
     # --- encoders ----------------------------------------------------------------------------------
     def classify(self, examples: list[dict]) -> list[dict]:
-        return self.handler.predict(self.model, examples, device=CPU)
+        return self.task.predict(self.model, examples, device=CPU)
 
     def ner(self, examples: list[dict]) -> list[dict]:
-        return [{"entities": r["entities"]} for r in self.handler.predict(self.model, examples, device=CPU)]
+        return [{"entities": r["entities"]} for r in self.task.predict(self.model, examples, device=CPU)]
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        return self.handler.vectors(self.model, texts, device=CPU).tolist()
+        return self.task.vectors(self.model, texts, device=CPU).tolist()
 
     def explain(self, example: dict, *, method: str, label: str | None, steps: int) -> list[dict]:
-        """``tasks/explain.explain`` of one input: token scores with character offsets, as JSON."""
-        from lmforge.runs.run_dir import Run
-        from lmforge.tasks.explain import explain
+        """``explain.targets.explain`` of one input: token scores with character offsets, as JSON."""
+        from lmforge.explain.targets import explain
 
-        finetuned = self.session.is_chat_model if self.session is not None else True
-        run = Run(self.task, self.handler, self.model, Path(self.run_dir), finetuned)
-        return [e.to_json() for e in explain(run, example, method=method, label=label, steps=steps)]
+        return [e.to_json() for e in explain(self.run, example, method=method, label=label, steps=steps)]
 
     def count_tokens(self, texts: list[str]) -> int:
-        tok = self.handler.tokenizer if hasattr(self.handler, "tokenizer") else self.session.tokenizer
+        tok = self.session.tokenizer if self.session is not None else self.task.tokenizer
         return sum(len(tok.encode(t, special_tokens=False)) for t in texts)
 
     # --- decoders ----------------------------------------------------------------------------------
     def translate(self, texts: list[str], cfg: GenerationConfig) -> list[str]:
-        return self.handler.translate(self.model, texts, device=CPU, generation=cfg, generator=self.generator)
+        return self.task.translate(self.model, texts, device=CPU, generation=cfg, generator=self.generator)
 
     def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
         """Token ids of the conversation plus the assistant prompt, oldest turns dropped to fit the window."""
@@ -78,30 +90,63 @@ class Served:
     def stream(self, prompt: list[int], cfg: GenerationConfig):
         return self.generator.stream(prompt, self.chat_config(cfg))
 
+    def batch_call(self) -> Callable[[list, Any], list]:
+        """What the model's micro-batcher calls with the gathered items and the batch key (for decoders: the
+        GenerationConfig, so that only requests with equal settings share a batch)."""
+        calls: dict[str, Callable[[list, Any], list]] = {
+            CLASSIFY: lambda items, _key: self.classify(items),
+            NER: lambda items, _key: self.ner(items),
+            EMBEDDINGS: lambda items, _key: self.embed(items),
+            TRANSLATE: self.translate,
+            CHAT: self.complete,
+        }
+        return calls[self.route]
+
     def info(self) -> dict:
-        return {"id": self.name, "object": "model", "owned_by": "lmforge", "task": self.task, "run_dir": self.run_dir}
+        run_dir = str(self.run.directory)
+        return {
+            "id": self.name,
+            "object": "model",
+            "owned_by": "lmforge",
+            "task": self.run.task_name,
+            "run_dir": run_dir,
+        }
+
+
+def _translation_generator(served: Served, precision: str) -> None:
+    task = served.task
+    served.generator = Generator(
+        served.model,
+        task.tgt_tok,
+        source_tokenizer=task.src_tok,
+        source_special_tokens=task.source_special_tokens,
+        copy_weights=False,
+        precision=precision,
+    )
+
+
+def _chat_session(served: Served, precision: str) -> None:
+    run = served.run
+    served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, precision=precision)
+    served.generator = served.session.generator
+
+
+# what a route needs besides the run: decoders build their generator once, at start-up
+_ROUTE_SETUP: dict[str, Callable[[Served, str], None]] = {TRANSLATE: _translation_generator, CHAT: _chat_session}
 
 
 def load_served(name: str, run_dir: str | Path, *, precision: str = "fp32") -> Served:
-    """Load ``run_dir`` for serving under ``name`` (``runs/run_dir.load_run``); its task decides the endpoints;
+    """Load ``run_dir`` for serving under ``name`` (``rundir.load_run``); its task's route decides the endpoint;
     ``precision`` is the decoding precision of a chat or translation model (``models/decoding.py``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--model {name}={run_dir}: no such directory")
     run = load_run(run_dir)
-    if run.name not in SERVED_TASKS:
-        raise UserError(f"{run_dir}: task {run.name!r} cannot be served ({', '.join(SERVED_TASKS)})")
-    served = Served(name, run.name, str(run_dir), run.task, run.model)
-    if run.name == "translate":
-        served.generator = Generator(
-            run.model,
-            run.task.tgt_tok,
-            source_tokenizer=run.task.src_tok,
-            source_special_tokens=run.task.source_special_tokens,
-            copy_weights=False,
-            precision=precision,
-        )
-    elif run.name == "chat":
-        served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, precision=precision)
-        served.generator = served.session.generator
+    route = TASKS[run.task_name].route
+    if route is None:
+        raise UserError(f"{run_dir}: task {run.task_name!r} cannot be served ({', '.join(with_capability('route'))})")
+    served = Served(name, run, route)
+    setup = _ROUTE_SETUP.get(route)
+    if setup is not None:
+        setup(served, precision)
     return served

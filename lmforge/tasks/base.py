@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,21 @@ from torch import Tensor, nn
 from lmforge.errors import UserError
 from lmforge.ops.linear_cross_entropy import IGNORE
 
-__all__ = ["IGNORE", "FinetuneTask", "LossOutput", "Task", "lm_metrics", "transformer_train_flops"]
+__all__ = [
+    "IGNORE",
+    "Evaluates",
+    "ExplainsExamples",
+    "FinetuneTask",
+    "GroupsByLength",
+    "LossOutput",
+    "OpensPretrained",
+    "PretrainTask",
+    "Searchable",
+    "SelectsByMetric",
+    "Task",
+    "lm_metrics",
+    "transformer_train_flops",
+]
 
 
 @dataclass
@@ -34,7 +48,10 @@ class LossOutput:
     counts: dict[str, float] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Task(Protocol):
+    """What the training loop needs of every task."""
+
     name: str
     train_items: Sequence[Any]
     val_items: Sequence[Any]
@@ -48,12 +65,48 @@ class Task(Protocol):
     def flops(self, model: nn.Module, batch: dict[str, Any]) -> float: ...
 
 
-class FinetuneTask(Task, Protocol):
-    """A task that the fine-tuning recipe (``runs/finetune.py``) trains and ``runs/run_dir.load_run`` rebuilds
+# --- optional capabilities the loop checks with isinstance -------------------------------------------------
+@runtime_checkable
+class Evaluates(Protocol):
+    """The loop scores the dev set with the task's own ``evaluate`` (else: the loss on ``val_items``)."""
+
+    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict: ...
+
+
+@runtime_checkable
+class SelectsByMetric(Protocol):
+    """``selection``: the dev metric and direction (``("f1", "max")``) that early stopping and the best checkpoint
+    follow (else: the dev loss, lower is better)."""
+
+    selection: tuple[str, str]
+
+
+@runtime_checkable
+class GroupsByLength(Protocol):
+    """``train_lengths``: one length per training item, so the loop batches items of similar length (None:
+    random batches)."""
+
+    train_lengths: Sequence[int] | None
+
+
+@runtime_checkable
+class PretrainTask(Task, Protocol):
+    """A pretraining objective (``runs/pretrain.py``): the freshly initialised model it trains and the task over
+    the token shards."""
+
+    @classmethod
+    def pretraining_model(cls, model_cfg: Any, electra: Any) -> nn.Module: ...
+
+    @classmethod
+    def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> Any: ...
+
+
+class FinetuneTask(Task, Evaluates, SelectsByMetric, GroupsByLength, Protocol):
+    """A task that the fine-tuning recipe (``runs/finetune.py``) trains and ``rundir.load_run`` rebuilds
     (classify, ner, translate, chat, embed). Every one implements all of it, explicitly.
 
-    - ``selection``: the dev metric and direction (``("f1", "max")``) that early stopping and
-      best-checkpoint selection follow; ``train_lengths``: lengths that make the loop group batches.
+    - ``reader(cfg)``: ``read(path, *, skip_bad_rows)`` for the task's files (None: its TASKS entry's
+      ``files``); ``prepare_splits(cfg, splits)``: the splits as the task trains on them;
     - ``for_finetuning(cfg, splits, run_dir)``: the task over the data and the model to train, built
       from ``cfg`` (the task's config in ``runs/config.py``) and its pretrained ``cfg.model``.
     - ``settings()`` -> what ``task.json`` stores; ``from_settings(run_dir, settings)`` rebuilds the task.
@@ -64,13 +117,19 @@ class FinetuneTask(Task, Protocol):
       (translation decodes it with beam search); ``evaluate_before``: the splits also scored before
       training; ``predict(model, examples, *, device)``: one dict per example.
     - ``report_columns``: the metrics of the console table and report.md; ``extras()``: what
-      results.json records about the task beyond its metrics.
+      results.json records about the task beyond its metrics; ``truncated``: per split, how many
+      examples were cut to ``max_len``.
     """
 
-    selection: tuple[str, str]
-    train_lengths: Sequence[int] | None
     report_columns: tuple[str, ...]
     evaluate_before: tuple[str, ...]
+    truncated: dict[str, int]
+
+    @classmethod
+    def reader(cls, cfg: Any) -> Any: ...
+
+    @classmethod
+    def prepare_splits(cls, cfg: Any, splits: dict[str, list[dict]]) -> dict[str, list[dict]]: ...
 
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Any) -> tuple[Any, nn.Module]: ...
@@ -84,13 +143,41 @@ class FinetuneTask(Task, Protocol):
 
     def split_model(self, model: nn.Module) -> tuple[nn.Module, dict | None]: ...
 
-    def evaluate(self, model: nn.Module, examples: Sequence[dict] | None = None, *, device: torch.device) -> dict: ...
-
     def evaluate_test(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> dict: ...
 
     def predict(self, model: nn.Module, examples: Sequence[dict], *, device: torch.device) -> list[dict]: ...
 
     def extras(self) -> dict: ...
+
+
+# --- optional capabilities of fine-tuning tasks (their TASKS entries say which) ------------------------------
+@runtime_checkable
+class OpensPretrained(Protocol):
+    """A pretrained model directory (no task.json) of the family in the task's TASKS entry (``opens_pretrained``)
+    loads as this task, with these settings."""
+
+    @classmethod
+    def pretrained_settings(cls, model_cfg: Any) -> dict: ...
+
+
+@runtime_checkable
+class ExplainsExamples(Protocol):
+    """A fine-tune's report explains its first correct and wrong test examples (``explain/report.py``):
+    ``report_input(example)`` is the input to explain (None: passed over), ``report_outcome(example, input,
+    prediction)`` is (gold, predicted) in a form that compares equal when the prediction is right."""
+
+    def report_input(self, example: dict) -> dict | None: ...
+
+    def report_outcome(self, example: dict, text: dict, prediction: dict) -> tuple[Any, Any]: ...
+
+
+@runtime_checkable
+class Searchable(Protocol):
+    """``lmforge nas`` scores candidate encoders on this task (TASKS ``searchable``): the task over the data,
+    without a model (each candidate brings its own encoder)."""
+
+    @classmethod
+    def for_search(cls, tokenizer: Any, splits: dict[str, list[dict]], *, max_len: int, dropout: float) -> Any: ...
 
 
 def encoder_head_state(model: nn.Module) -> dict[str, Tensor]:

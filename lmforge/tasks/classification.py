@@ -88,6 +88,28 @@ class ClassificationTask(HeadOnEncoder):
         return task, task.build_model(encoder, pretrained_pooler=pooler)
 
     @classmethod
+    def for_search(
+        cls, tokenizer: LMTokenizer, splits: dict[str, list[dict]], *, max_len: int, dropout: float
+    ) -> ClassificationTask:
+        """The task ``lmforge nas`` scores candidates on: the pooler head (a small, fixed head for every encoder)."""
+        return cls(
+            tokenizer,
+            label_set(splits["train"]),
+            max_len=max_len,
+            pooling="pooler",
+            train_examples=splits["train"],
+            dev_examples=splits["dev"],
+            dropout=dropout,
+        )
+
+    def report_input(self, example: dict) -> dict | None:
+        """The text a report explains (pairs are passed over: the report shows one text per row)."""
+        return None if example.get("text_pair") else {"text": example["text"]}
+
+    def report_outcome(self, example: dict, text: dict, prediction: dict) -> tuple[Any, Any]:
+        return example["label"], prediction["label"]
+
+    @classmethod
     def from_settings(cls, run_dir: Path, settings: dict) -> ClassificationTask:
         return cls(
             load_tokenizer(run_dir),

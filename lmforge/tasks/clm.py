@@ -23,6 +23,13 @@ class CLMTask:
     """Next-token prediction over token shards."""
 
     @classmethod
+    def pretraining_model(cls, model_cfg: Any, electra: Any) -> nn.Module:
+        """A freshly initialised GPT of ``model_cfg``."""
+        from lmforge.models.registry import build_model
+
+        return build_model(model_cfg)
+
+    @classmethod
     def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> CLMTask:
         """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
         return cls(shards=str(shards), seq_len=cfg.data.seq_len)

@@ -96,6 +96,11 @@ class DialogueTask(FinetuneDefaults):
         return task, model
 
     @classmethod
+    def pretrained_settings(cls, model_cfg: Any) -> dict:
+        """A pretrained GPT directory generates (and chats, without the chat fine-tuning) over its whole window."""
+        return {"task": "chat", "max_len": model_cfg.max_seq_len}
+
+    @classmethod
     def from_settings(cls, run_dir: Path, settings: dict) -> DialogueTask:
         return cls(load_tokenizer(run_dir), max_len=settings["max_len"])
 

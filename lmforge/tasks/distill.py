@@ -45,8 +45,8 @@ from lmforge.errors import UserError
 from lmforge.files import write_json
 from lmforge.models.registry import read_safetensors
 from lmforge.tasks.base import IGNORE, LossOutput
-from lmforge.tasks.classification import ClassificationTask
-from lmforge.tasks.ner import NERTask
+from lmforge.tasks.classification import ClassificationTask, label_set
+from lmforge.tasks.ner import NERTask, tag_set
 
 TEACHER_DIR = "teacher"
 MANIFEST = "manifest.json"
@@ -297,6 +297,16 @@ class DistilledClassification(_Distilled, ClassificationTask):
     name = "classify"
 
     @classmethod
+    def teacher_labels(cls, train: list[dict]) -> tuple[list[str], str]:
+        """The labels the teacher must have (the training data's) and the task.json key it keeps them under."""
+        return label_set(train), "labels"
+
+    @staticmethod
+    def teacher_rows(run: Any, chunk: list[dict]) -> list[np.ndarray]:
+        """The teacher run's class logits, one (1, C) row per text."""
+        return list(run.task.class_logits(run.model, chunk, device=torch.device("cpu"))[:, None, :])
+
+    @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):
         task, model = super().for_finetuning(cfg, splits, run_dir)
         _, unlabelled, teacher = task._teacher_data(cfg, splits["train"], run_dir, task.labels)
@@ -332,6 +342,16 @@ class DistilledNER(_Distilled, NERTask):
     """NERTask whose training windows carry the teacher's per-token rows; unlabelled windows have no tags."""
 
     name = "ner"
+
+    @classmethod
+    def teacher_labels(cls, train: list[dict]) -> tuple[list[str], str]:
+        """The tags the teacher must have (the training data's) and the task.json key it keeps them under."""
+        return tag_set(train), "tags"
+
+    @staticmethod
+    def teacher_rows(run: Any, chunk: list[dict]) -> list[np.ndarray]:
+        """The teacher run's tag log-marginals, one (words, C) row per sentence."""
+        return run.task.tag_log_probs(run.model, chunk, device=torch.device("cpu"))
 
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path):

@@ -50,6 +50,11 @@ class ElectraTask(MLMTask):
     """Replaced-token detection over the MLM task's batches (same shards, same dynamic masking)."""
 
     @classmethod
+    def pretraining_model(cls, model_cfg: Any, electra: Any) -> Electra:
+        """A generator and a discriminator of ``model_cfg``, sized by ``electra`` (``models/specs.ElectraSpec``)."""
+        return Electra(model_cfg, electra)
+
+    @classmethod
     def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> ElectraTask:
         """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
         return cls(shards=str(shards), tokenizer=tok, seq_len=cfg.data.seq_len, mask_prob=cfg.mask_prob)

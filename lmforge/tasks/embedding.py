@@ -142,6 +142,11 @@ class EmbeddingTask(FinetuneDefaults):
         return task, encoder
 
     @classmethod
+    def pretrained_settings(cls, model_cfg: Any) -> dict:
+        """A pretrained BERT directory embeds with its first token's vector, 128 tokens at most."""
+        return {"task": "embed", "max_len": min(128, model_cfg.max_seq_len)}
+
+    @classmethod
     def from_settings(cls, run_dir: Path, settings: dict) -> EmbeddingTask:
         return cls(load_tokenizer(run_dir), pooling=settings.get("pooling", "cls"), max_len=settings["max_len"])
 

@@ -44,6 +44,13 @@ class MLMTask:
     """Masked LM over token shards; ``whole_word`` masks jieba words as a whole."""
 
     @classmethod
+    def pretraining_model(cls, model_cfg: Any, electra: Any) -> nn.Module:
+        """A freshly initialised BERT of ``model_cfg``."""
+        from lmforge.models.registry import build_model
+
+        return build_model(model_cfg)
+
+    @classmethod
     def for_pretraining(cls, cfg: Any, tok: Any, shards: Any, entry: Any) -> MLMTask:
         """The objective of a pretraining recipe (``runs/config.PretrainConfig``) over its token shards."""
         return cls(

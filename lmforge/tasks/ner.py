@@ -109,6 +109,33 @@ class NERTask(HeadOnEncoder):
         return task, task.build_model(encoder)
 
     @classmethod
+    def for_search(
+        cls, tokenizer: LMTokenizer, splits: dict[str, list[dict]], *, max_len: int, dropout: float
+    ) -> NERTask:
+        """The task ``lmforge nas`` scores candidates on: the CRF head, windows overlapping by a quarter."""
+        return cls(
+            tokenizer,
+            tag_set(splits["train"]),
+            max_len=max_len,
+            overlap=max_len // 4,
+            head="crf",
+            train_examples=splits["train"],
+            dev_examples=splits["dev"],
+            dropout=dropout,
+        )
+
+    def report_input(self, example: dict) -> dict | None:
+        """The sentence as text: characters joined without spaces (Chinese), words with spaces otherwise."""
+        tokens = example["tokens"]
+        return {"text": "".join(tokens) if all(len(t) == 1 for t in tokens) else " ".join(tokens)}
+
+    def report_outcome(self, example: dict, text: dict, prediction: dict) -> tuple[Any, Any]:
+        """Gold and predicted entities as sorted "TYPE text" strings of the sentence's text."""
+        gold = sorted(f"{k} {text['text'][s:e]}" for k, s, e in char_entities(example, self.scheme))
+        guess = sorted(f"{e['type']} {e['text']}" for e in prediction["entities"])
+        return gold, guess
+
+    @classmethod
     def from_settings(cls, run_dir: Path, settings: dict) -> NERTask:
         return cls(
             load_tokenizer(run_dir),
@@ -384,3 +411,15 @@ def words_with_offsets(tokenizer: LMTokenizer, example: dict) -> tuple[list[str]
             b[0], b[1] = min(b[0], start), max(b[1], end)
     spans = [tuple(bounds[w]) for w in sorted(bounds)]
     return [text[s:e] for s, e in spans], spans
+
+
+def char_entities(example: dict, scheme: str) -> list[tuple[str, int, int]]:
+    """Gold entities of a ``{"tokens", "tags"}`` sentence as (type, start, end) character offsets of its text (as
+    ``NERTask.report_input`` joins it)."""
+    tokens = example["tokens"]
+    sep = 0 if all(len(t) == 1 for t in tokens) else 1
+    starts, pos = [], 0
+    for t in tokens:
+        starts.append(pos)
+        pos += len(t) + sep
+    return [(k, starts[s], starts[e - 1] + len(tokens[e - 1])) for k, s, e in entity_spans(example["tags"], scheme)]

@@ -35,7 +35,7 @@ from lmforge.errors import UserError
 from lmforge.files import write_json
 from lmforge.models.registry import transformer_blocks
 from lmforge.ops.cpu_features import bf16_is_fast
-from lmforge.tasks.base import LossOutput, Task
+from lmforge.tasks.base import Evaluates, GroupsByLength, LossOutput, SelectsByMetric, Task
 from lmforge.train import checkpoint, distributed
 from lmforge.train.adversarial import EmbeddingAttack
 from lmforge.train.config import TrainConfig
@@ -182,8 +182,10 @@ def fit(
     run_dir: str | Path,
     resume: bool = False,
     on_eval: Callable[[int, dict[str, float], float], None] | None = None,
+    write_results: bool = True,
 ) -> dict:
-    """Train ``model`` on ``task``; returns the summary also written to ``run_dir/results.json``.
+    """Train ``model`` on ``task``; returns the compute summary, also written to ``run_dir/results.json`` unless
+    ``write_results`` is False (a recipe that writes its own results.json, once, with the summary in it).
 
     ``on_eval(step, metrics, train_flops)`` is called after each evaluation (NAS trials report to their
     pruner there; an exception it raises ends the run without a final checkpoint).
@@ -211,7 +213,7 @@ def fit(
         _evaluate(run)
     _save(run)
     run.logger.close()
-    return _finish(run)
+    return _finish(run, write_results)
 
 
 def _accumulation(cfg: TrainConfig, d: distributed.Dist) -> int:
@@ -243,7 +245,7 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
     # A task that scores the dev set by calling parts of the model (heads, decoding) cannot run on FSDP shards:
     # it scores an unsharded twin, loaded with the gathered weights at each evaluation.
     fsdp = d.enabled and cfg.distributed == "fsdp"
-    eval_twin = copy.deepcopy(model) if fsdp and hasattr(task, "evaluate") else None
+    eval_twin = copy.deepcopy(model) if fsdp and isinstance(task, Evaluates) else None
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
     if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
@@ -255,8 +257,9 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
             model, kind=cfg.adversarial, epsilon=cfg.adv_epsilon, alpha=cfg.adv_alpha, steps=cfg.adv_steps
         )
     optimizer, scheduler = _optimizer(module, cfg, ckpt, d)
-    lengths = getattr(task, "train_lengths", None)  # length-grouped batches for padded tasks
-    selection, direction = getattr(task, "selection", ("loss", "min"))  # the dev metric that picks the best model
+    lengths = task.train_lengths if isinstance(task, GroupsByLength) else None  # length-grouped batches
+    # the dev metric that picks the best model
+    selection, direction = task.selection if isinstance(task, SelectsByMetric) else ("loss", "min")
     logger = RunLogger(run_dir, main=d.is_main, total_steps=cfg.max_steps, start_step=state.step, progress=cfg.progress)
     if ckpt is not None:
         logger.info(f"resumed from {ckpt} (step {state.step})")
@@ -422,7 +425,7 @@ def _evaluate(run: _Run) -> None:
     """Score the dev set, log it, report it to ``on_eval`` and track the best step for early stopping."""
     task, state = run.task, run.state
     # fine-tuning tasks score the whole dev set from predictions; every process does (FSDP needs all in step)
-    if hasattr(task, "evaluate"):
+    if isinstance(task, Evaluates):
         model = run.model
         if run.eval_twin is not None:  # FSDP: score a whole copy (each process the same; they stay in step)
             run.eval_twin.load_state_dict(distributed.full_model_state(run.module, run.d, run.cfg.distributed))
@@ -457,7 +460,7 @@ def _save(run: _Run) -> None:
     distributed.barrier(run.d)
 
 
-def _finish(run: _Run) -> dict:
+def _finish(run: _Run, write_results: bool) -> dict:
     """The compute summary (results.json of the loop) and the curves."""
     state, d = run.state, run.d
     seconds = time.perf_counter() - run.started
@@ -479,6 +482,7 @@ def _finish(run: _Run) -> dict:
         "train_config": asdict(run.cfg),
     }
     if d.is_main:
-        write_json(run.run_dir / "results.json", summary)
+        if write_results:
+            write_json(run.run_dir / "results.json", summary)
         plot_curves(run.run_dir)
     return summary

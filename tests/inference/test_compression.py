@@ -17,7 +17,7 @@ from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.registry import load_model, save_model
-from lmforge.runs.run_dir import load_run
+from lmforge.rundir import load_run
 
 CPU = torch.device("cpu")
 FAST = [
@@ -202,7 +202,7 @@ def test_refusals_come_before_any_work(runs, tmp_path: Path, capsys) -> None:
 
 
 def test_only_encoder_tasks_are_compressed(tmp_path: Path) -> None:
-    from lmforge.runs.run_dir import write_compressed
+    from lmforge.rundir.compressed import write_compressed
 
     run = tmp_path / "mt"
     run.mkdir()

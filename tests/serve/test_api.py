@@ -45,7 +45,7 @@ def test_classify_texts_and_pairs_equal_the_task_predictions(make_app, served) -
         pairs = client.post("/v1/classify", json={"model": "classify", "input": [["房间不错", "早餐一般"]]})
     assert r.status_code == 200 and pairs.status_code == 200
     data = r.json()["data"]
-    direct = served["classify"].handler.predict(served["classify"].model, [{"text": t} for t in texts], device=CPU)
+    direct = served["classify"].task.predict(served["classify"].model, [{"text": t} for t in texts], device=CPU)
     for got, want in zip(data, direct, strict=True):
         assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-6)
         assert sum(got["scores"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -69,7 +69,7 @@ def test_translate_equals_the_task_decoding(make_app, served) -> None:
         r = client.post("/v1/translate", json={"model": "translate", "input": texts, "num_beams": 1})
     assert r.status_code == 200
     m = served["translate"]
-    want = m.handler.translate(m.model, texts, device=CPU, generation=GenerationConfig(max_new_tokens=24))
+    want = m.task.translate(m.model, texts, device=CPU, generation=GenerationConfig(max_new_tokens=24))
     assert [d["translation"] for d in r.json()["data"]] == want
 
 
@@ -81,7 +81,7 @@ def test_embeddings_in_openai_shape_equal_the_vectors(make_app, served) -> None:
     assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
     got = np.array([d["embedding"] for d in body["data"]])
-    want = served["embed"].handler.vectors(served["embed"].model, ["你好", "今天天气不错"], device=CPU)
+    want = served["embed"].task.vectors(served["embed"].model, ["你好", "今天天气不错"], device=CPU)
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(single.json()["data"][0]["embedding"], got[0], atol=1e-6)
@@ -180,8 +180,7 @@ def test_errors_are_json_naming_the_field(make_app, path: str, body: dict, statu
 def test_explain_gives_the_attributions_of_the_command(make_app, served) -> None:
     """/v1/explain answers what tasks/explain.py computes: per token its characters and score; IG's completeness
     gap is reported; NER explains each predicted entity; an embedding model the similarity of a pair."""
-    from lmforge.runs.run_dir import Run
-    from lmforge.tasks.explain import explain
+    from lmforge.explain.targets import explain
 
     text = "这家酒店很干净，服务也好"
     with TestClient(make_app()) as client:
@@ -195,7 +194,7 @@ def test_explain_gives_the_attributions_of_the_command(make_app, served) -> None
     assert r.status_code == 200 and ner.status_code == 200 and pair.status_code == 200, (r.text, ner.text, pair.text)
     (got,) = r.json()["data"]
     m = served["classify"]
-    (want,) = explain(Run(m.task, m.handler, m.model, m.run_dir, True), {"text": text}, method="ig", steps=16)
+    (want,) = explain(m.run, {"text": text}, method="ig", steps=16)
     assert got["target"] == want.target and got["delta"] == pytest.approx(want.delta, abs=1e-6)
     assert [(t["start"], t["end"]) for t in got["tokens"]] == [(t.start, t.end) for t in want.tokens]
     assert [t["score"] for t in got["tokens"]] == pytest.approx([t.score for t in want.tokens], abs=1e-6)

@@ -14,7 +14,7 @@ import torch
 from lmforge.cli import main
 from lmforge.data.readers import write_jsonl
 from lmforge.errors import UserError
-from lmforge.runs.run_dir import load_run
+from lmforge.rundir import load_run
 from lmforge.tasks.distill import CHUNK, soft_target_loss, unlabelled_texts
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eval-every", "0", "--max-len", "32"]
@@ -83,7 +83,7 @@ def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
     assert teacher >= 0.9, teacher
     assert distilled >= alone + 0.1, (teacher, alone, distilled)
     run = load_run(root / "distilled")  # a normal classify run
-    assert run.name == "classify" and run.task.labels == ["neg", "pos"]
+    assert run.task_name == "classify" and run.task.labels == ["neg", "pos"]
     report = json.loads((root / "distilled" / "results.json").read_text())
     assert report["distillation"] == {
         "teacher": str(synthetic["teacher"]),
@@ -187,7 +187,7 @@ def test_a_distilled_ner_student_beats_the_same_student_alone(synthetic_ner) -> 
     assert f1["teacher"] >= 0.9, f1
     assert f1["distilled"] >= f1["alone"] + 0.1, f1
     run = load_run(root / "distilled")  # a normal NER run
-    assert run.name == "ner" and run.task.tags == ["O", "B-PER", "I-PER"]
+    assert run.task_name == "ner" and run.task.tags == ["O", "B-PER", "I-PER"]
     report = json.loads((root / "distilled" / "results.json").read_text())
     assert report["distillation"]["unlabelled"] == 600 and report["distillation"]["alpha"] == 0.5
 

@@ -124,7 +124,7 @@ def test_translate_with_encoder_warm_started_from_a_pretrained_bert(tmp_path: Pa
     from lmforge.data.tokenizer import copy_tokenizer_files
     from lmforge.models.bert import Bert, BertConfig
     from lmforge.models.registry import read_safetensors
-    from lmforge.runs.run_dir import load_run
+    from lmforge.rundir import load_run
 
     bert_dir = tmp_path / "bert"
     cfg = BertConfig(

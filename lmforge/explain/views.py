@@ -1,4 +1,4 @@
-"""Pictures of ``tasks/explain.py``'s explanations: a self-contained HTML page and a PNG, the text with each token
+"""Pictures of ``explain/``'s explanations: a self-contained HTML page and a PNG, the text with each token
 shaded by its score (red: raises the explained output, blue: lowers it; the strongest token of each explanation
 is the full colour).
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.tasks.explain import Explanation
+from lmforge.explain.attribution import Explanation
 
 CJK_FONTS = ("WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Droid Sans Fallback")
 

@@ -16,7 +16,7 @@ from lmforge.cli import main
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import write_conll, write_jsonl
 from lmforge.models.registry import read_safetensors
-from lmforge.runs.run_dir import load_run
+from lmforge.rundir import load_run
 from lmforge.tasks import TASKS
 
 GENERATION = Path(__file__).parents[1] / "fixtures" / "generation"
@@ -101,7 +101,7 @@ def test_every_fine_tuning_task_round_trips(task: str, tmp_path: Path, tiny_bert
     assert main([*command, *model, *args, "--out", str(out), *LOOP]) == 0
     run = load_run(out)
     written = entry.saves_as or task
-    assert run.name == written and run.finetuned and isinstance(run.task, TASKS[written].load())
+    assert run.task_name == written and run.finetuned and isinstance(run.task, TASKS[written].load())
     state, chosen = run.model.state_dict(), _chosen_weights(out)
     assert set(state) == set(chosen)
     for name, tensor in chosen.items():
@@ -142,7 +142,7 @@ def test_every_pretraining_objective_round_trips(
     ]
     assert main(args) == 0
     run = load_run(out)
-    assert run.name == ("chat" if gpt else "embed") and not run.finetuned
+    assert run.task_name == ("chat" if gpt else "embed") and not run.finetuned
     chosen = _chosen_weights(out)
     if TASKS[task].model == "electra":  # the model directory holds the discriminator
         chosen = {k.removeprefix("discriminator."): v for k, v in chosen.items() if k.startswith("discriminator.")}

