@@ -204,3 +204,42 @@ def _cue_texts(n: int, seed: int) -> list[dict]:
 def cue_texts() -> Callable[[int, int], list[dict]]:
     """``cue_texts(n, seed)``: n labelled texts whose label is decided by one planted character (好)."""
     return _cue_texts
+
+
+# --- tiny settings many tests share ------------------------------------------------------------------------
+TINY_SEQ2SEQ = [
+    *("--seq2seq.d-model", "32", "--seq2seq.d-ff", "64", "--seq2seq.n-heads", "2"),
+    *("--seq2seq.n-encoder-layers", "1", "--seq2seq.n-decoder-layers", "1"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_flags() -> list[str]:
+    """The command-line flags of a tiny Transformer encoder-decoder (d 32, 2 heads, one layer each side)."""
+    return list(TINY_SEQ2SEQ)
+
+
+def _tiny_train_config(**changes):
+    from lmforge.train.config import OptimConfig, TrainConfig
+
+    base = dict(
+        max_steps=1,
+        global_batch_size=8,
+        micro_batch_size=8,
+        eval_every=0,
+        eval_batches=1,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        peak_tflops=1.0,
+        deterministic=True,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """``tiny_train_config(**changes)``: a TrainConfig for loop tests (one step of 8 items, constant lr 1e-3, no
+    evaluation, checkpoint or progress bar, deterministic, a fixed peak of 1 TFLOP/s), with ``changes`` applied."""
+    return _tiny_train_config

@@ -7,7 +7,8 @@
   ``("mlm", "electra", "electra-adversarial")`` or the command table, is a list of those, not of tasks);
 - ``long_functions``: functions over 60 lines;
 - ``upward_imports``: imports (module-level or inside a function) from a lower room to a higher one in ``LAYERS``;
-- ``feature_probes``: ``hasattr`` / ``getattr(..., default)`` on a task in the training loop and the recipes.
+- ``feature_probes``: ``hasattr`` / ``getattr(..., default)`` on a task, a config, a model or a run in the
+  training loop and the recipes (optional features are protocols checked with ``isinstance``).
 
 Run ``python tests/layout_census.py`` for the counts and every place; ``tests/test_layout.py`` holds the limits.
 """
@@ -114,9 +115,10 @@ def census() -> dict[str, list[str]]:
                     if src is not None and dst is not None and dst > src:
                         found["upward_imports"].append(f"{where} {module} -> {target}")
             probes = rel.startswith(("lmforge/train/loop.py", "lmforge/runs/"))
-            if probes and isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if probes and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
                 default = node.func.id == "getattr" and len(node.args) == 3
-                if node.func.id == "hasattr" or default:
+                probed = isinstance(node.args[0], ast.Name) and node.args[0].id in {"task", "cfg", "model", "run"}
+                if probed and (node.func.id == "hasattr" or default):
                     found["feature_probes"].append(f"{where} {ast.unparse(node)[:80]}")
     return found
 

@@ -3,7 +3,7 @@
 A page holding ``<!-- lmforge:commands -->`` gets the command list and every command's ``--help`` exactly as
 ``lmforge COMMAND --help`` prints it (tyro, from the config dataclasses and their field docstrings; 100
 columns, no colour). ``<!-- lmforge:run-directory -->`` becomes the run-directory layout of
-``lmforge/runs/run_dir.py``'s docstring, read with ``ast`` so that building the docs imports no torch.
+``lmforge/rundir/__init__.py``'s docstring, read with ``ast`` so that building the docs imports no torch.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def commands_reference() -> str:
 
 @functools.cache
 def run_directory_reference() -> str:
-    source = (ROOT / "lmforge" / "runs" / "run_dir.py").read_text(encoding="utf-8")
+    source = (ROOT / "lmforge" / "rundir" / "__init__.py").read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(source)) or ""
     return doc.split("\n", 1)[1].strip().replace("``", "`")
 

@@ -56,7 +56,7 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         raise UserError(f"--steps {cfg.steps}: must be a positive integer")
     task_name = task_name_of(cfg.model)
     explaining = explaining_of(task_name)
-    check_request(explaining, task_name, method=cfg.method, label=cfg.label)
+    check_request(explaining, task_name, method=cfg.method, label=cfg.label, baseline=cfg.baseline)
     refuse_compressed(cfg.model, backend_of(cfg.model))
     out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])
     if cfg.text is not None:

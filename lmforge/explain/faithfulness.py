@@ -40,13 +40,7 @@ def faithfulness(
     text_positions = [i for i, s in enumerate(enc.special) if not s]
 
     def probabilities(variants: list[list[int]]) -> np.ndarray:
-        from lmforge.data.batching import pad, padding_mask
-
-        batch = pad([np.asarray(v, dtype=np.int64) for v in variants], task.pad_id)
-        mask = padding_mask([len(v) for v in variants], batch.shape[1])
-        with torch.no_grad():
-            out = task.logits(model, {"input_ids": batch, "attention_mask": mask, "token_type_ids": None})
-        return out.float().softmax(-1).numpy()
+        return _probabilities(task, model, variants)
 
     full = probabilities([ids])[0]
     target = int(full.argmax())
@@ -79,7 +73,7 @@ def faithfulness(
     top = p[: len(usable)]
     rand = p[len(usable) : len(usable) * (1 + random_draws)].reshape(len(usable), random_draws).mean(1)
     rest = p[len(usable) * (1 + random_draws) :]
-    return {
+    return {  # the variants' probabilities in ``p``: top-k deletions, random deletions, comprehensiveness, sufficiency
         "label": task.labels[target],
         "probability": p0,
         "tokens": n,
@@ -88,3 +82,14 @@ def faithfulness(
         "comprehensiveness": float(np.mean(p0 - rest[: len(sizes)])),
         "sufficiency": float(np.mean(p0 - rest[len(sizes) :])),
     }
+
+
+def _probabilities(task, model, variants: list[list[int]]) -> np.ndarray:
+    """Class probabilities (N, C) of token-id sequences of different lengths, in one padded batch."""
+    from lmforge.data.batching import pad, padding_mask
+
+    batch = pad([np.asarray(v, dtype=np.int64) for v in variants], task.pad_id)
+    mask = padding_mask([len(v) for v in variants], batch.shape[1])
+    with torch.no_grad():
+        out = task.logits(model, {"input_ids": batch, "attention_mask": mask, "token_type_ids": None})
+    return out.float().softmax(-1).numpy()

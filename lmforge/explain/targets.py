@@ -84,9 +84,7 @@ def explain_classification(
     return [explanation]
 
 
-def explain_entities(
-    run, example: dict, *, method: str, label: str | None = None, steps: int = 50, baseline: str = "pad"
-) -> list[Explanation]:
+def explain_entities(run, example: dict, *, method: str, steps: int = 50, baseline: str = "pad") -> list[Explanation]:
     """One explanation per predicted entity of ``text``: the mean probability of its predicted tags (the CRF's
     marginals, or the softmax without one), attributed to every word of the sentence, inside and outside it."""
     from lmforge.metrics import entity_spans
@@ -96,23 +94,8 @@ def explain_entities(
     words, spans = words_with_offsets(task.tokenizer, {"text": text})
     if not words:
         return []
-    window = task.windows([{"tokens": words}], split="explain", need_tags=False)
-    if len(window) > 1:
-        raise UserError(
-            f"explain: a text of {len(words)} words is longer than the model's window ({task.max_len} sub-tokens); "
-            "explain it in shorter pieces"
-        )
-    ids, first, _, _ = window[0]
+    enc, first, owner = _sentence_window(task, words)
     word_pos = torch.tensor(first, dtype=torch.long)[None, :]  # (1, W) each word's first sub-token
-    # each sub-token belongs to the word whose first sub-token is the last at or before it
-    owner = np.searchsorted(first, np.arange(len(ids)), side="right") - 1
-    enc = Encoded(
-        torch.tensor(ids, dtype=torch.long)[None, :],
-        None,
-        [task.tokenizer.tokenizer.id_to_token(int(i)) or "" for i in ids],
-        [(0, 0)] * len(ids),
-        [True, *([False] * (len(ids) - 2)), True],
-    )
 
     def tag_probs(ids: Tensor, mask: Tensor, types: Tensor | None) -> Tensor:  # (N, W, C)
         scores = model(ids, attention_mask=mask).float()
@@ -142,24 +125,37 @@ def explain_entities(
         np.add.at(per_word, owner[1:-1], scores[1:-1])
         start, end = spans[s][0], spans[e - 1][1]
         tokens = [TokenScore(w, int(a), int(b), float(v)) for w, (a, b), v in zip(words, spans, per_word, strict=True)]
-        out.append(
-            Explanation(
-                text,
-                f"{kind} {text[start:end]}",
-                method,
-                value,
-                tokens,
-                delta,
-                {
-                    "type": kind,
-                    "start": start,
-                    "end": end,
-                    "inside": [int(i) for i in range(s, e)],
-                    "special_tokens": round(specials, 6),
-                },
-            )
-        )
+        extra = {
+            "type": kind,
+            "start": start,
+            "end": end,
+            "inside": list(range(s, e)),
+            "special_tokens": round(specials, 6),
+        }
+        out.append(Explanation(text, f"{kind} {text[start:end]}", method, value, tokens, delta, extra))
     return out
+
+
+def _sentence_window(task, words: list[str]) -> tuple[Encoded, list[int], np.ndarray]:
+    """The one window of an NER sentence as the task encodes it: (the encoded ids, each word's first sub-token,
+    each sub-token's word); a sentence longer than the window is refused."""
+    window = task.windows([{"tokens": words}], split="explain", need_tags=False)
+    if len(window) > 1:
+        raise UserError(
+            f"explain: a text of {len(words)} words is longer than the model's window ({task.max_len} sub-tokens); "
+            "explain it in shorter pieces"
+        )
+    ids, first, _, _ = window[0]
+    # each sub-token belongs to the word whose first sub-token is the last at or before it
+    owner = np.searchsorted(first, np.arange(len(ids)), side="right") - 1
+    enc = Encoded(
+        torch.tensor(ids, dtype=torch.long)[None, :],
+        None,
+        [task.tokenizer.tokenizer.id_to_token(int(i)) or "" for i in ids],
+        [(0, 0)] * len(ids),
+        [True, *([False] * (len(ids) - 2)), True],
+    )
+    return enc, first, owner
 
 
 def similarity(run, text: str, other: str, *, method: str, steps: int = 50, baseline: str = "pad") -> Explanation:
@@ -182,9 +178,7 @@ def similarity(run, text: str, other: str, *, method: str, steps: int = 50, base
     return Explanation(text, f"similarity to: {other}", method, value, tokens, delta, extra)
 
 
-def explain_similarity(
-    run, example: dict, *, method: str, label: str | None = None, steps: int = 50, baseline: str = "pad"
-) -> list[Explanation]:
+def explain_similarity(run, example: dict, *, method: str, steps: int = 50, baseline: str = "pad") -> list[Explanation]:
     """The similarity of ``example``'s text and text_pair, attributed to the tokens of each in turn."""
     text, other = example["text"], example.get("text_pair")
     if not other:
@@ -251,14 +245,7 @@ def _generated(
 
 
 def explain_translation(
-    run,
-    example: dict,
-    *,
-    method: str,
-    label: str | None = None,
-    steps: int = 32,
-    baseline: str = "pad",
-    max_new_tokens: int = 64,
+    run, example: dict, *, method: str, steps: int = 32, max_new_tokens: int = 64
 ) -> list[Explanation]:
     """The greedy translation of ``text``; per generated token, how much each source token raised its probability
     (gradients through the encoder's embeddings) or how much the decoder's cross-attention read it (``attention``:
@@ -303,14 +290,7 @@ def explain_translation(
 
 
 def explain_continuation(
-    run,
-    example: dict,
-    *,
-    method: str,
-    label: str | None = None,
-    steps: int = 32,
-    baseline: str = "pad",
-    max_new_tokens: int = 32,
+    run, example: dict, *, method: str, steps: int = 32, max_new_tokens: int = 32
 ) -> list[Explanation]:
     """A GPT's greedy continuation of ``text`` (a chat model: its reply to ``text`` as a user turn); per generated
     token, how much each token of ``text`` raised its probability (or, ``attention``, the rollout from its
@@ -391,8 +371,11 @@ def explaining_of(task_name: str) -> Explaining:
     return entry.explaining
 
 
-def check_request(explaining: Explaining, task_name: str, *, method: str, label: str | None) -> None:
-    """The method and the label checked against what the task's explanations support, before any work."""
+def check_request(
+    explaining: Explaining, task_name: str, *, method: str, label: str | None, baseline: str = "pad"
+) -> None:
+    """The method, the label and IG's baseline checked against what the task's explanations support, before any
+    work: a flag the task cannot honour is refused, never ignored."""
     if method not in METHODS:
         raise UserError(f"--method {method!r} must be one of {', '.join(METHODS)}")
     if method not in explaining.methods:
@@ -402,6 +385,10 @@ def check_request(explaining: Explaining, task_name: str, *, method: str, label:
         )
     if label is not None and not explaining.label:
         raise UserError(f"--label is for classification runs; this is a {task_name!r} run")
+    if baseline not in ("pad", "mask"):
+        raise UserError(f"--baseline {baseline!r} must be 'pad' or 'mask'")
+    if baseline != "pad" and not explaining.baselines:
+        raise UserError(f"--baseline {baseline}: {task_name} models have no [MASK]; their baseline is [PAD]")
 
 
 def explain(
@@ -417,7 +404,9 @@ def explain(
     task: one for classification, two for similarity (one per text), one per predicted entity for NER, one per
     generated token for translation and GPTs."""
     explaining = explaining_of(run.task_name)
-    check_request(explaining, run.task_name, method=method, label=label)
+    check_request(explaining, run.task_name, method=method, label=label, baseline=baseline)
     refuse_compressed(run.directory, run.backend)
-    explainer = resolve(explaining.explainer)
-    return explainer(run, example, method=method, label=label, steps=steps, baseline=baseline)
+    options = {"label": label} if explaining.label else {}
+    if explaining.baselines:
+        options["baseline"] = baseline
+    return resolve(explaining.explainer)(run, example, method=method, steps=steps, **options)

@@ -67,7 +67,8 @@ def require_capability(run_dir: str | os.PathLike, capability: str, *, command: 
     name = task_name_of(run_dir)
     entry = TASKS.get(name)
     if entry is None or not getattr(entry, capability):
-        valid = " or ".join(with_capability(capability))
+        *others, last = with_capability(capability)
+        valid = f"{', '.join(others)} or {last}" if others else last
         what = "a pretrained model directory (no task.json)" if task_settings(run_dir) is None else f"a {name!r} run"
         raise UserError(f"{run_dir}: {command} takes a {valid} run; this is {what}")
     return entry

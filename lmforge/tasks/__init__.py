@@ -55,13 +55,16 @@ class Explaining:
     """How ``lmforge explain``, ``POST /v1/explain`` and the fine-tuning report explain a task's runs."""
 
     explainer: str
-    """``module:function`` ``(run, example, *, method, label, steps, baseline) -> [Explanation]``."""
+    """``module:function`` ``(run, example, *, method, steps, [label], [baseline]) -> [Explanation]``."""
     inputs: Literal["text", "pair", "text-or-pair"] = "text"
     """What one input is: a text, a (text, text_pair) pair, or either."""
     methods: tuple[str, ...] = ALL_METHODS
     """The methods it supports (occlusion needs a [MASK] token, which decoders lack)."""
     label: bool = False
-    """``--label`` chooses the class explained."""
+    """``--label`` chooses the class explained (the explainer takes ``label``)."""
+    baselines: bool = True
+    """``--baseline pad|mask`` chooses Integrated Gradients' baseline (the explainer takes ``baseline``); decoders
+    have no [MASK] and always use [PAD] (or the end token)."""
     in_report: bool = False
     """A fine-tune's report.md explains its first correct and wrong test examples (``explain/report.py``)."""
 
@@ -196,7 +199,7 @@ TASKS: dict[str, TaskEntry] = {
         summary="Train a Transformer encoder-decoder for translation",
         route="/v1/translate",
         explaining=Explaining(
-            "lmforge.explain.targets:explain_translation", methods=("ig", "grad-x-input", "attention")
+            "lmforge.explain.targets:explain_translation", methods=("ig", "grad-x-input", "attention"), baselines=False
         ),
     ),
     "chat": TaskEntry(
@@ -210,7 +213,7 @@ TASKS: dict[str, TaskEntry] = {
         summary="Fine-tune a GPT on conversations (loss on assistant turns)",
         route="/v1/chat/completions",
         explaining=Explaining(
-            "lmforge.explain.targets:explain_continuation", methods=("ig", "grad-x-input", "attention")
+            "lmforge.explain.targets:explain_continuation", methods=("ig", "grad-x-input", "attention"), baselines=False
         ),
         opens_pretrained="gpt",
     ),

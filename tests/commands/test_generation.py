@@ -26,25 +26,10 @@ from lmforge.tasks.dialogue import DialogueTask
 from lmforge.tasks.translation import TranslationTask
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1"]
-TINY_MT = [
-    "--seq2seq.d-model",
-    "32",
-    "--seq2seq.d-ff",
-    "64",
-    "--seq2seq.n-heads",
-    "2",
-    "--seq2seq.n-encoder-layers",
-    "1",
-    "--seq2seq.n-decoder-layers",
-    "1",
-    "--vocab-size",
-    "400",
-    "--max-len",
-    "24",
-]
+TINY_MT = ["--vocab-size", "400", "--max-len", "24"]  # with the tiny_seq2seq_flags fixture
 
 
-SAMPLE = Path(__file__).parent / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
+SAMPLE = Path(__file__).parents[1] / "fixtures" / "tatoeba-sample.tsv"  # English TAB Chinese TAB attribution
 
 
 def _pairs(path: Path, start: int, n: int) -> Path:
@@ -54,7 +39,7 @@ def _pairs(path: Path, start: int, n: int) -> Path:
     return path
 
 
-def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
+def test_translate_finetune_then_translate_a_file(tmp_path: Path, tiny_seq2seq_flags: list[str]) -> None:
     train = _pairs(tmp_path / "train.tsv", 0, 120)
     dev = _pairs(tmp_path / "dev.tsv", 120, 16)
     out = tmp_path / "run"
@@ -69,6 +54,7 @@ def test_translate_finetune_then_translate_a_file(tmp_path: Path) -> None:
         str(dev),
         "--test",
         str(dev),
+        *tiny_seq2seq_flags,
         *TINY_MT,
         "--training.max-steps",
         "12",

@@ -275,6 +275,10 @@ def test_translation_and_gpt_explanations_per_generated_token(tmp_path: Path) ->
         assert [e.target for e in attention] == [e.target for e in ig]  # the same greedy tokens
         with pytest.raises(UserError, match="occlusion"):
             explain(run, {"text": text}, method="occlusion")
+        with pytest.raises(UserError, match="--baseline mask"):  # no [MASK]: the flag is refused, not ignored
+            explain(run, {"text": text}, method="ig", baseline="mask")
+        with pytest.raises(UserError, match="--label is for"):
+            explain(run, {"text": text}, method="ig", label="pos")
     import dataclasses
 
     chat = dataclasses.replace(load_run(GENERATION / "gpt"), finetuned=True)  # as a chat model: the ChatML prompt

@@ -208,7 +208,7 @@ def test_only_encoder_tasks_are_compressed(tmp_path: Path) -> None:
     run.mkdir()
     (run / "config.json").write_text('{"lmforge_model": "seq2seq"}')
     (run / "task.json").write_text('{"task": "translate"}')
-    with pytest.raises(UserError, match="takes classify, ner, embed runs"):
+    with pytest.raises(UserError, match="takes a classify, ner or embed run"):
         write_compressed(run, tmp_path / "out", {"backend": "int8"}, lambda out: pytest.fail("no work"))
 
 

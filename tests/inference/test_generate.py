@@ -21,7 +21,7 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 EOS = 0
 

@@ -38,29 +38,13 @@ LOOP = [
 ]
 
 
-def _files(root: Path) -> dict[str, list[str]]:
+def _files(root: Path, tiny_mt: list[str]) -> dict[str, list[str]]:
     """The fine-tuning command of each task on tiny real data."""
     write_jsonl(root / "reviews.jsonl", load_builtin("reviews-sentiment")["train"][:32])
     write_conll(root / "ner.conll", load_builtin("peoples-daily-ner")["train"][:32])
     write_jsonl(root / "chat.jsonl", load_builtin("chatterbot-zh")["train"][:32])
     lines = SAMPLE.read_text(encoding="utf-8-sig").splitlines()[:32]
     (root / "pairs.tsv").write_text("".join(f"{ln.split(chr(9))[1]}\t{ln.split(chr(9))[0]}\n" for ln in lines))
-    tiny_mt = [
-        "--seq2seq.d-model",
-        "32",
-        "--seq2seq.d-ff",
-        "64",
-        "--seq2seq.n-heads",
-        "2",
-        "--seq2seq.n-encoder-layers",
-        "1",
-        "--seq2seq.n-decoder-layers",
-        "1",
-        "--vocab-size",
-        "300",
-        "--num-beams",
-        "1",
-    ]
     return {
         "classify": ["--train", str(root / "reviews.jsonl"), "--max-len", "32"],
         "ner": ["--train", str(root / "ner.conll"), "--max-len", "32"],
@@ -87,13 +71,15 @@ def _chosen_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("task", [n for n, e in TASKS.items() if e.kind == "finetune"])
-def test_every_fine_tuning_task_round_trips(task: str, tmp_path: Path, tiny_bert: Path) -> None:
+def test_every_fine_tuning_task_round_trips(
+    task: str, tmp_path: Path, tiny_bert: Path, tiny_seq2seq_flags: list[str]
+) -> None:
     entry = TASKS[task]
-    files = _files(tmp_path)
+    files = _files(tmp_path, [*tiny_seq2seq_flags, "--vocab-size", "300", "--num-beams", "1"])
     args = files.get(task) or files[entry.saves_as]
     model = [] if "--model" in args else ["--model", str(tiny_bert)]
     out = tmp_path / "run"
-    command = (entry.command or f"finetune {task}").split()
+    command = entry.command_name.split()
     if entry.saves_as:  # distillation; its teacher: a run of the task it writes, on the same data
         teacher = tmp_path / "teacher"
         assert main(["finetune", entry.saves_as, *model, *args, "--out", str(teacher), *LOOP]) == 0

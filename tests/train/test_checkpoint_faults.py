@@ -25,27 +25,7 @@ from lmforge.models.sizes import model_size
 from lmforge.runs import session
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint
-from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.optim import OptimConfig
-
-
-def _cfg(**changes) -> TrainConfig:
-    base = dict(
-        max_steps=6,
-        global_batch_size=8,
-        micro_batch_size=8,
-        eval_every=0,
-        eval_batches=1,
-        save_every=3,
-        keep_last=2,
-        log_every=1,
-        progress=False,
-        peak_tflops=1.0,
-        deterministic=True,
-        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
-    )
-    base.update(changes)
-    return TrainConfig(**base)
+from lmforge.train.loop import fit
 
 
 def _model(task: MLMTask):
@@ -61,10 +41,10 @@ def task(mlm_shards: Path, review_wordpiece: Path) -> MLMTask:
 
 
 @pytest.fixture(scope="module")
-def reference(task: MLMTask, tmp_path_factory) -> dict[int, float]:
+def reference(tiny_train_config, task: MLMTask, tmp_path_factory) -> dict[int, float]:
     """Train losses of an uninterrupted 9-step run, step by step."""
     run = tmp_path_factory.mktemp("reference")
-    fit(_model(task), task, _cfg(max_steps=9), run_dir=run)
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=9), run_dir=run)
     return _losses(run)
 
 
@@ -95,21 +75,23 @@ DAMAGES = [
 
 @pytest.mark.parametrize(("name", "damage"), DAMAGES)
 def test_a_damaged_latest_checkpoint_is_skipped_and_the_previous_one_resumes_exactly(
-    task: MLMTask, reference: dict[int, float], tmp_path: Path, caplog, name: str, damage
+    tiny_train_config, task: MLMTask, reference: dict[int, float], tmp_path: Path, caplog, name: str, damage
 ) -> None:
-    fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path)
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path)
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000003", "step-0000006"]
     damage(tmp_path / checkpoint.STATE_DIR / "step-0000006" / name)
     with caplog.at_level(logging.WARNING, logger="lmforge.checkpoint"):
-        fit(_model(task), task, _cfg(max_steps=9), run_dir=tmp_path, resume=True)
+        fit(
+            _model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=9), run_dir=tmp_path, resume=True
+        )
     assert "skipping checkpoint step-0000006" in caplog.text and name in caplog.text
     assert _losses(tmp_path) == reference  # resumed from step 3: the uninterrupted run's losses, exactly
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000006", "step-0000009"]
     assert checkpoint.verify(checkpoint.latest(tmp_path)) is None
 
 
-def test_a_damaged_best_checkpoint_is_not_handed_on(task: MLMTask, tmp_path: Path, caplog) -> None:
-    fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path)
+def test_a_damaged_best_checkpoint_is_not_handed_on(tiny_train_config, task: MLMTask, tmp_path: Path, caplog) -> None:
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path)
     best = tmp_path / checkpoint.STATE_DIR / "step-0000003"
     _flip_a_byte(best / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger="lmforge.checkpoint"):
@@ -118,30 +100,42 @@ def test_a_damaged_best_checkpoint_is_not_handed_on(task: MLMTask, tmp_path: Pat
     assert "model.safetensors" in caplog.text
 
 
-def test_no_checkpoint_verifies_is_a_clear_error(task: MLMTask, tmp_path: Path) -> None:
-    fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path)
+def test_no_checkpoint_verifies_is_a_clear_error(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path)
     for ckpt in checkpoint.checkpoint_dirs(tmp_path):
         _truncate(ckpt / "optimizer.pt")
     with pytest.raises(ValueError, match="none of the 2 checkpoint"):
         checkpoint.latest(tmp_path)
 
 
-def test_a_legacy_checkpoint_without_manifest_still_loads(task: MLMTask, tmp_path: Path) -> None:
-    fit(_model(task), task, _cfg(max_steps=3), run_dir=tmp_path)
+def test_a_legacy_checkpoint_without_manifest_still_loads(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=3), run_dir=tmp_path)
     (checkpoint.latest(tmp_path) / checkpoint.MANIFEST).unlink()
     assert checkpoint.latest(tmp_path).name == "step-0000003"
-    assert fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path, resume=True)["steps"] == 6
+    assert (
+        fit(
+            _model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path, resume=True
+        )["steps"]
+        == 6
+    )
 
 
-def test_pruning_keeps_the_checkpoint_just_written_even_with_keep_last_0(task: MLMTask, tmp_path: Path) -> None:
-    fit(_model(task), task, _cfg(max_steps=6, save_every=2, keep_last=0), run_dir=tmp_path)
+def test_pruning_keeps_the_checkpoint_just_written_even_with_keep_last_0(
+    tiny_train_config, task: MLMTask, tmp_path: Path
+) -> None:
+    fit(
+        _model(task),
+        task,
+        tiny_train_config(max_steps=6, save_every=2, keep_last=0),
+        run_dir=tmp_path,
+    )
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000006"]
 
 
 def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_survives(
-    task: MLMTask, tmp_path: Path, monkeypatch
+    tiny_train_config, task: MLMTask, tmp_path: Path, monkeypatch
 ) -> None:
-    fit(_model(task), task, _cfg(max_steps=3), run_dir=tmp_path)
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=3), run_dir=tmp_path)
     before = checkpoint.checkpoint_dirs(tmp_path)
     real_write = checkpoint._write_bytes
 
@@ -153,19 +147,25 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_survives(
 
     monkeypatch.setattr(checkpoint, "_write_bytes", write)
     with pytest.raises(checkpoint.CheckpointWriteError) as raised:
-        fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path, resume=True)
+        fit(
+            _model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path, resume=True
+        )
     message = str(raised.value)
     assert str(tmp_path / checkpoint.STATE_DIR) in message and "bytes needed" in message and "--resume" in message
     assert not list((tmp_path / checkpoint.STATE_DIR).glob(".tmp-*")), "the partial checkpoint was removed"
     assert checkpoint.checkpoint_dirs(tmp_path) == before and checkpoint.verify(before[-1]) is None
 
 
-def test_too_little_free_space_is_refused_before_writing(task: MLMTask, tmp_path: Path, monkeypatch) -> None:
-    fit(_model(task), task, _cfg(max_steps=3), run_dir=tmp_path)
+def test_too_little_free_space_is_refused_before_writing(
+    tiny_train_config, task: MLMTask, tmp_path: Path, monkeypatch
+) -> None:
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=3), run_dir=tmp_path)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"needs [\d,]+ bytes, the disk has 1,000 free"):
-        fit(_model(task), task, _cfg(max_steps=6), run_dir=tmp_path, resume=True)
+        fit(
+            _model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path, resume=True
+        )
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000003"]
 
 

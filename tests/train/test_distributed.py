@@ -102,7 +102,7 @@ def _finetune(run_process: Callable[..., str], args: list[str], processes: int, 
 
 
 @pytest.fixture(scope="module")
-def finetune_runs(tmp_path_factory, tiny_bert: Path, run_process) -> dict[str, Path]:
+def finetune_runs(tmp_path_factory, tiny_bert: Path, run_process, tiny_seq2seq_flags: list[str]) -> dict[str, Path]:
     """A classifier (an encoder with a head) and a translation encoder-decoder, each fine-tuned on one process
     and with FSDP on two."""
     from lmforge.data.builtin import load_builtin
@@ -137,16 +137,7 @@ def finetune_runs(tmp_path_factory, tiny_bert: Path, run_process) -> dict[str, P
         "300",
         "--max-len",
         "24",
-        "--seq2seq.d-model",
-        "32",
-        "--seq2seq.d-ff",
-        "64",
-        "--seq2seq.n-heads",
-        "2",
-        "--seq2seq.n-encoder-layers",
-        "1",
-        "--seq2seq.n-decoder-layers",
-        "1",
+        *tiny_seq2seq_flags,
         "--seq2seq.dropout",
         "0",
         "--num-beams",

@@ -19,26 +19,8 @@ from lmforge.models.sizes import model_size
 from lmforge.tasks.base import LossOutput
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint
-from lmforge.train.loop import TrainConfig, TrainingDiverged, fit
+from lmforge.train.loop import TrainingDiverged, fit
 from lmforge.train.optim import OptimConfig, build_optimizer, lr_factor
-
-
-def _cfg(**changes) -> TrainConfig:
-    base = dict(
-        max_steps=1,
-        global_batch_size=8,
-        micro_batch_size=8,
-        eval_every=0,
-        eval_batches=1,
-        save_every=0,
-        log_every=1,
-        progress=False,
-        peak_tflops=1.0,
-        deterministic=True,
-        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"),
-    )
-    base.update(changes)
-    return TrainConfig(**base)
 
 
 def _model(task: MLMTask, dropout: float = 0.1):
@@ -86,31 +68,33 @@ class _PerItemMasks:
         return self.task.flops(model, batch)
 
 
-def test_accumulated_micro_batches_equal_the_big_batch(task: MLMTask, tmp_path: Path) -> None:
+def test_accumulated_micro_batches_equal_the_big_batch(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
     per_item = _PerItemMasks(task)
     results = {}
     for micro in (8, 4, 2):
         model = _model(task, dropout=0.0)  # dropout masks depend on the micro-batch shape
-        fit(model, per_item, _cfg(micro_batch_size=micro, max_steps=2), run_dir=tmp_path / f"m{micro}")
+        fit(model, per_item, tiny_train_config(micro_batch_size=micro, max_steps=2), run_dir=tmp_path / f"m{micro}")
         results[micro] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for micro in (4, 2):
         for name, value in results[8].items():
             torch.testing.assert_close(results[micro][name], value, atol=2e-6, rtol=1e-5, msg=name)
 
 
-def test_evaluation_draws_no_training_randomness(task: MLMTask, tmp_path: Path) -> None:
+def test_evaluation_draws_no_training_randomness(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
     """Validating every step or never trains the same weights (the demo validates at the end only)."""
     trained = {}
     for every in (1, 0):
         model = _model(task, dropout=0.1)
-        fit(model, task, _cfg(max_steps=4, eval_every=every), run_dir=tmp_path / f"every{every}")
+        fit(model, task, tiny_train_config(max_steps=4, eval_every=every), run_dir=tmp_path / f"every{every}")
         trained[every] = model.state_dict()
     for name, value in trained[1].items():
         assert torch.equal(trained[0][name], value), name
 
 
-def test_summary_accounts_tokens_flops_and_writes_the_run_files(task: MLMTask, tmp_path: Path) -> None:
-    summary = fit(_model(task), task, _cfg(max_steps=3, eval_every=2), run_dir=tmp_path)
+def test_summary_accounts_tokens_flops_and_writes_the_run_files(
+    tiny_train_config, task: MLMTask, tmp_path: Path
+) -> None:
+    summary = fit(_model(task), task, tiny_train_config(max_steps=3, eval_every=2), run_dir=tmp_path)
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 64
     assert summary["train_flops"] > 0 and 0 < summary["mfu"] < 1  # against the given 1 TFLOP/s peak
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -147,17 +131,19 @@ class _Poisoned:
         return self.task.flops(model, batch)
 
 
-def test_a_nan_step_is_skipped_and_counted(task: MLMTask, tmp_path: Path) -> None:
+def test_a_nan_step_is_skipped_and_counted(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
     model = _model(task)
-    summary = fit(model, _Poisoned(task, nan_calls={2}), _cfg(max_steps=4), run_dir=tmp_path)
+    summary = fit(model, _Poisoned(task, nan_calls={2}), tiny_train_config(max_steps=4), run_dir=tmp_path)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("skip") == 1
 
 
-def test_consecutive_nan_steps_stop_with_the_last_good_checkpoint(task: MLMTask, tmp_path: Path) -> None:
-    cfg = _cfg(max_steps=10, save_every=2, max_bad_steps=3)
+def test_consecutive_nan_steps_stop_with_the_last_good_checkpoint(
+    tiny_train_config, task: MLMTask, tmp_path: Path
+) -> None:
+    cfg = tiny_train_config(max_steps=10, save_every=2, max_bad_steps=3)
     with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
         fit(_model(task), _Poisoned(task, nan_calls={5, 6, 7}), cfg, run_dir=tmp_path)
     last = checkpoint.latest(tmp_path)  # saved at step 6, inside the bad streak: weights still those of step 4
@@ -167,16 +153,16 @@ def test_consecutive_nan_steps_stop_with_the_last_good_checkpoint(task: MLMTask,
     assert all(torch.isfinite(t).all() for t in read_safetensors(last / "model.safetensors").values())
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(task: MLMTask, tmp_path: Path) -> None:
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(task), _Poisoned(task, interrupt_call=3), _cfg(max_steps=5), run_dir=tmp_path)
+        fit(_model(task), _Poisoned(task, interrupt_call=3), tiny_train_config(max_steps=5), run_dir=tmp_path)
     assert checkpoint.checkpoint_dirs(tmp_path)[-1].name == "step-0000002"
-    summary = fit(_model(task), task, _cfg(max_steps=5), run_dir=tmp_path, resume=True)
+    summary = fit(_model(task), task, tiny_train_config(max_steps=5), run_dir=tmp_path, resume=True)
     assert summary["steps"] == 5
 
 
-def test_checkpoints_keep_the_last_k_and_the_best(task: MLMTask, tmp_path: Path) -> None:
-    fit(_model(task), task, _cfg(max_steps=8, save_every=1, keep_last=2, eval_every=1), run_dir=tmp_path)
+def test_checkpoints_keep_the_last_k_and_the_best(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
+    fit(_model(task), task, tiny_train_config(max_steps=8, save_every=1, keep_last=2, eval_every=1), run_dir=tmp_path)
     state = checkpoint.load_state(checkpoint.latest(tmp_path))
     names = {p.name for p in checkpoint.checkpoint_dirs(tmp_path)}
     assert {"step-0000007", "step-0000008", f"step-{state.best_step:07d}"} == names
@@ -283,10 +269,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_without_a_traceback_and_resumes_ex
     assert _train_losses(run_dir) == whole
 
 
-def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None:
-    eager = fit(_model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3), run_dir=tmp_path / "eager")
+def test_compiled_blocks_train_like_eager(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
+    eager = fit(
+        _model(task, dropout=0.0), task, tiny_train_config(max_steps=3, eval_every=3), run_dir=tmp_path / "eager"
+    )
     compiled = fit(
-        _model(task, dropout=0.0), task, _cfg(max_steps=3, eval_every=3, compile=True), run_dir=tmp_path / "compiled"
+        _model(task, dropout=0.0),
+        task,
+        tiny_train_config(max_steps=3, eval_every=3, compile=True),
+        run_dir=tmp_path / "compiled",
     )
     assert abs(compiled["best_val_loss"] - eager["best_val_loss"]) < 1e-4
     losses = [_train_losses(tmp_path / name) for name in ("eager", "compiled")]
@@ -296,14 +287,19 @@ def test_compiled_blocks_train_like_eager(task: MLMTask, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(
-    task: MLMTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast_bf16: bool
+    tiny_train_config,
+    task: MLMTask,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fast_bf16: bool,
 ) -> None:
     from lmforge.train import loop
 
     monkeypatch.setattr(loop, "bf16_is_fast", lambda device: fast_bf16)
     caplog.set_level("INFO", logger="lmforge.train")
     assert loop.training_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
-    summary = fit(_model(task), task, _cfg(precision="auto"), run_dir=tmp_path)
+    summary = fit(_model(task), task, tiny_train_config(precision="auto"), run_dir=tmp_path)
     chosen = "bf16" if fast_bf16 else "fp32"
     assert summary["train_config"]["precision"] == chosen
     assert f"training.precision=auto: {chosen} on this cpu" in caplog.text
