@@ -7,6 +7,7 @@ from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 
 
 def run(cfg: DistillClassifyConfig | DistillNERConfig) -> None:
-    from lmforge.runs.distill import distill, task_of
+    from lmforge.runs.distill import distill
+    from lmforge.tasks import task_of_config
 
-    show(distill(cfg, progress=cfg.training.progress), task_of(cfg), cfg)
+    show(distill(cfg, progress=cfg.training.progress), task_of_config(cfg), cfg)

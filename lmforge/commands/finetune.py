@@ -5,19 +5,13 @@ from __future__ import annotations
 
 from lmforge.commands._console import console, is_main_process, print_table
 from lmforge.runs.config import FinetuneConfig
-from lmforge.tasks import TASKS
-
-
-def task_of(cfg: FinetuneConfig) -> str:
-    """The task whose registered config ``cfg`` is."""
-    name = f"{type(cfg).__module__}:{type(cfg).__name__}"
-    return next(n for n, e in TASKS.items() if e.config == name)
+from lmforge.tasks import TASKS, task_of_config
 
 
 def run(cfg: FinetuneConfig) -> None:
     from lmforge.runs.finetune import finetune
 
-    task = task_of(cfg)
+    task = task_of_config(cfg)
     show(finetune(cfg, task), task, cfg)
 
 

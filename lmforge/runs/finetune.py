@@ -176,7 +176,10 @@ def load_splits(
     if not cfg.train:
         raise UserError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
     default_reader = read is None
-    read = read or resolve(entry.files.reader)
+    if read is None:  # a distillation reads the files of the task it writes
+        files = TASKS[entry.saves_as or entry.name].files
+        assert files is not None, f"{entry.name}: a task without its own reader declares its files in TASKS"
+        read = resolve(files.reader)
     splits, reports = {}, []
     for split in ("train", "dev", "test"):
         path = getattr(cfg, split)

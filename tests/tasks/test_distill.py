@@ -96,18 +96,21 @@ def test_a_distilled_student_beats_the_same_student_alone(synthetic) -> None:
 
 def test_cached_teacher_logits_resume_and_are_never_mixed(cue_texts, synthetic, tmp_path: Path) -> None:
     from lmforge.runs.distill import teacher_logits
+    from lmforge.tasks.distill import DistilledClassification
+
+    rows = DistilledClassification.teacher_rows
 
     texts = [{"text": ex["text"]} for ex in cue_texts(CHUNK + 10, 6)]
     cache = tmp_path / "teacher"
-    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], progress=False)
+    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], rows=rows, progress=False)
     first = (cache / "chunk-00001.safetensors").read_bytes()
     (cache / "chunk-00001.safetensors").unlink()  # a run killed while labelling the second chunk
     stamp = (cache / "chunk-00000.safetensors").stat().st_mtime_ns
-    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], progress=False)
+    teacher_logits(str(synthetic["teacher"]), texts, cache, ["neg", "pos"], rows=rows, progress=False)
     assert (cache / "chunk-00001.safetensors").read_bytes() == first  # redone, the same numbers
     assert (cache / "chunk-00000.safetensors").stat().st_mtime_ns == stamp  # the finished chunk was kept
     with pytest.raises(UserError, match="differ in"):
-        teacher_logits(str(synthetic["teacher"]), texts[:-1], cache, ["neg", "pos"], progress=False)
+        teacher_logits(str(synthetic["teacher"]), texts[:-1], cache, ["neg", "pos"], rows=rows, progress=False)
 
 
 def test_a_teacher_of_another_task_or_labels_is_refused_before_work(
