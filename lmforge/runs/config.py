@@ -9,7 +9,9 @@ torch, so ``lmforge COMMAND --help`` is instant. Every fine-tuning config extend
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 from lmforge.config import check_range
@@ -21,6 +23,10 @@ from lmforge.train.config import TrainConfig, loop_defaults
 
 def _finetune_training() -> TrainConfig:
     return loop_defaults(batch=32, every=200, log_every=20, lr=1e-4, warmup=100, schedule="linear", patience=5)
+
+
+RECIPE_FIELDS = ("out", "train", "dev", "test", "skip_bad_rows", "epochs", "average_last", "training", "resume")
+"""The fields of a fine-tuning config that the recipe reads and the task never sees (``task_settings``)."""
 
 
 @dataclass
@@ -54,6 +60,14 @@ class FinetuneConfig:
     def builtin_path(self) -> str | None:
         """The file a built-in corpus is read from, when the corpus needs one (Tatoeba); None: shipped."""
         return None
+
+    def task_settings(self) -> SimpleNamespace:
+        """What the task's hooks (``reader``, ``prepare_splits``, ``for_finetuning``) receive: this config's fields
+        less the recipe's own (the run directory, the data files, epochs, checkpoint averaging, the loop, resume),
+        plus ``seed`` (the loop's seed, which the head's initialisation and the augmentation follow). ``data``
+        stays: which built-in corpus, if any, the task's examples come from."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RECIPE_FIELDS}
+        return SimpleNamespace(**own, seed=self.training.seed)
 
     def initialisation(self) -> str | None:
         """How the encoder starts (pretrained or scratch), for results.json; None: the task has no such choice."""

@@ -54,7 +54,7 @@ def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = T
         labels, key = student_cls.teacher_labels(splits["train"])
         if list(settings[key]) != labels:
             raise UserError(f"--teacher {cfg.teacher}: its {key} {settings[key]} are not the training data's {labels}")
-        labelled, unlabelled = distill_examples(cfg, splits["train"], out)
+        labelled, unlabelled = distill_examples(cfg.task_settings(), splits["train"], out)
         texts = [*labelled, *unlabelled]
         teacher_logits(cfg.teacher, texts, out / TEACHER_DIR, labels, rows=student_cls.teacher_rows, progress=progress)
         return finetune(cfg, name)

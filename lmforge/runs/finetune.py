@@ -47,12 +47,13 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
     started = time.perf_counter()
     run_dir = Path(cfg.out)
     with run_session(run_dir, resume=cfg.resume, device=cfg.training.device) as d:
-        splits, reports = load_splits(cfg, entry, task_cls.reader(cfg), builtin_path=cfg.builtin_path())
-        splits = task_cls.prepare_splits(cfg, splits)
+        settings = cfg.task_settings()  # the task sees its own settings, not the recipe's
+        splits, reports = load_splits(cfg, entry, task_cls.reader(settings), builtin_path=cfg.builtin_path())
+        splits = task_cls.prepare_splits(settings, splits)
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml(run_dir / RECIPE_FILE, cfg)
-        task, model = task_cls.for_finetuning(cfg, splits, run_dir)
+        task, model = task_cls.for_finetuning(settings, splits, run_dir)
         training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
         before = {}
         if d.is_main:
@@ -63,7 +64,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
         if not d.is_main:
             return None
         if distributed.is_sharded(model):  # FSDP: the first process scores a whole copy, loaded from the checkpoint
-            task, model = task_cls.for_finetuning(cfg, splits, run_dir)
+            task, model = task_cls.for_finetuning(settings, splits, run_dir)
             model.to(d.device)
         weights, dev = choose_weights(model, task, run_dir, summary, cfg.average_last, d.device)
         write_run(run_dir, task, model, tokenizer_source=cfg.model)

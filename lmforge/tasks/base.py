@@ -108,7 +108,8 @@ class FinetuneTask(Task, Evaluates, SelectsByMetric, GroupsByLength, Protocol):
     - ``reader(cfg)``: ``read(path, *, skip_bad_rows)`` for the task's files (None: its TASKS entry's
       ``files``); ``prepare_splits(cfg, splits)``: the splits as the task trains on them;
     - ``for_finetuning(cfg, splits, run_dir)``: the task over the data and the model to train, built
-      from ``cfg`` (the task's config in ``runs/config.py``) and its pretrained ``cfg.model``.
+      from ``cfg`` (``FinetuneConfig.task_settings()``: the task's own settings, the seed, never the recipe's
+      files, loop or run directory) and its pretrained ``cfg.model``.
     - ``settings()`` -> what ``task.json`` stores; ``from_settings(run_dir, settings)`` rebuilds the task.
     - ``split_model(model)`` -> (the model directory's model, the head's tensors or None) and
       ``assemble(base)``, its inverse, which puts an (untrained) head back on the loaded model.

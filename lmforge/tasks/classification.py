@@ -73,7 +73,7 @@ class ClassificationTask(HeadOnEncoder):
     ) -> tuple[ClassificationTask, nn.Module]:
         """The task over ``splits`` and the pretrained encoder of ``cfg.model`` with a fresh head."""
         encoder, pooler = encoder_for_finetuning(
-            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.training.seed, purpose="classification"
+            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed, purpose="classification"
         )
         task = cls(
             load_tokenizer(cfg.model),

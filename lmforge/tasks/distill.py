@@ -107,14 +107,14 @@ def augmented(cfg: Any, train: Sequence[dict], directory: Path) -> list[dict]:
     source = cfg.augment_model or cfg.model
     settings = {
         "copies": cfg.augment,
-        "seed": cfg.training.seed,
+        "seed": cfg.seed,
         "model": str(Path(source).resolve()),
         "labelled_sha256": texts_digest(train),
     }
     path, meta = directory / AUGMENTED, directory / (AUGMENTED + ".json")
     if path.is_file() and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) == settings:
         return list(read_jsonl(path))
-    rows = mlm_augment(train, source, copies=cfg.augment, seed=cfg.training.seed)
+    rows = mlm_augment(train, source, copies=cfg.augment, seed=cfg.seed)
     directory.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     write_json(meta, settings)

@@ -92,9 +92,7 @@ class NERTask(HeadOnEncoder):
     @classmethod
     def for_finetuning(cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path) -> tuple[NERTask, nn.Module]:
         """The task over ``splits`` and the pretrained encoder of ``cfg.model`` with a fresh tagging head."""
-        encoder, _ = encoder_for_finetuning(
-            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.training.seed, purpose="NER"
-        )
+        encoder, _ = encoder_for_finetuning(cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed, purpose="NER")
         max_len = fit_max_len(cfg.max_len, encoder.cfg)
         task = cls(
             load_tokenizer(cfg.model),

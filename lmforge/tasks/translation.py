@@ -365,7 +365,7 @@ def _build_model(cfg: Any, src_tok: LMTokenizer, tgt_tok: LMTokenizer) -> Seq2Se
         max_seq_len=cfg.max_len + 1,
         dropout=m.dropout,
     )
-    torch.manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.seed)
     model = Seq2Seq(model_cfg)
     if cfg.model:
         load_encoder_weights(model.encoder, cfg.model)

@@ -255,11 +255,13 @@ def test_augmented_ner_sentences_keep_their_tokens_aligned_and_are_made_once(syn
 
     train = _sentences(10, 12)
     cfg = DistillNERConfig(out=str(tmp_path), model=synthetic_ner["common"][1], teacher="t", augment=3)
-    labelled, unlabelled = distill_examples(cfg, train, tmp_path)
+    labelled, unlabelled = distill_examples(cfg.task_settings(), train, tmp_path)
     assert labelled == train and len(unlabelled) == 30
     assert [len(ex["tokens"]) for ex in unlabelled] == [len(ex["tokens"]) for ex in train for _ in range(3)]
     path = tmp_path / TEACHER_DIR / AUGMENTED
     stamp = path.stat().st_mtime_ns
-    assert distill_examples(cfg, train, tmp_path)[1] == unlabelled and path.stat().st_mtime_ns == stamp  # reused
+    assert (
+        distill_examples(cfg.task_settings(), train, tmp_path)[1] == unlabelled and path.stat().st_mtime_ns == stamp
+    )  # reused
     cfg.training.seed += 1  # other settings: made again
-    assert distill_examples(cfg, train, tmp_path)[1] != unlabelled and path.stat().st_mtime_ns != stamp
+    assert distill_examples(cfg.task_settings(), train, tmp_path)[1] != unlabelled and path.stat().st_mtime_ns != stamp
