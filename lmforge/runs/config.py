@@ -55,7 +55,7 @@ class FinetuneConfig:
     """Average the last N checkpoints (needs training.keep_last >= N), kept if its dev score is as good; 0 = off."""
     training: TrainConfig = field(default_factory=_finetune_training)
     resume: bool = False
-    """Continue the run in --out from its last checkpoint (``--resume RUN_DIR`` sets it, with RUN_DIR's recipe)."""
+    """Continue a run from its last checkpoint: --resume RUN_DIR (its config.yaml is the recipe, it the output)."""
 
     def builtin_path(self) -> str | None:
         """The file a built-in corpus is read from, when the corpus needs one (Tatoeba); None: shipped."""
@@ -317,7 +317,7 @@ class PretrainConfig:
     """Share of tokens (words, for wwm-mlm) selected for MLM prediction (electra: for replacement)."""
     electra: ElectraSpec = field(default_factory=ElectraSpec)
     resume: bool = False
-    """Continue the run in --out from its last checkpoint (``--resume RUN_DIR`` sets it, with RUN_DIR's recipe)."""
+    """Continue a run from its last checkpoint: --resume RUN_DIR (its config.yaml is the recipe, it the output)."""
 
 
 @dataclass
