@@ -4,9 +4,11 @@ Every file lmforge writes goes through ``atomic_write``: the content is written 
 target, whose name is unique to this process and thread, and renamed over the target only when it is complete,
 so a crash, a kill or a full disk never leaves half a file, and two writers of one file (the processes of a
 torchrun job preparing one run directory) never share a temporary file. ``write_text``, ``write_json``,
-``write_yaml`` and ``write_lines`` are its common uses; binary formats (safetensors, ONNX, NumPy) write into the
-path it yields. Checkpoint directories are made atomic one level up (``train/checkpoint.py``: a ``.tmp-step-N``
-directory, fsynced, then renamed).
+``write_yaml`` and ``write_lines`` are its common uses; binary formats (safetensors, ONNX, NumPy, matplotlib's PNGs)
+write into the path it yields (with ``suffix`` where the writer picks the format by the extension). Two things are
+made atomic one level up instead: checkpoint directories (``train/checkpoint.py``: a ``.tmp-step-N`` directory,
+fsynced, then renamed) and token shards (``data/shards.py``: streamed, with the meta file written last), and
+``metrics.jsonl`` is appended to as the loop runs.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from seqeval.scheme import IOB2, IOBES, Entities
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from lmforge.errors import UserError
+from lmforge.files import atomic_write
 
 DEFINITIONS = {
     "accuracy": "share of examples whose predicted label (argmax of the probabilities) equals the gold label",
@@ -164,7 +165,8 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | Path,
     ax.set_title(title or "confusion matrix (row share)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.explain.attribution import Explanation
+from lmforge.files import atomic_write
 
 CJK_FONTS = ("WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Droid Sans Fallback")
 
@@ -139,6 +140,7 @@ def render_png(explanations: Sequence[Explanation], path: str | os.PathLike, *, 
             ax.text(x + w / 2, top + line_h * 0.45, ch, fontproperties=prop, ha="center", va="center")
         y += line_h * lines
     path = Path(path)
-    fig.savefig(path)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path

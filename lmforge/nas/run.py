@@ -32,7 +32,7 @@ import torch
 
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_json, write_text, write_yaml
+from lmforge.files import atomic_write, write_json, write_text, write_yaml
 from lmforge.models.bert import Bert
 from lmforge.models.registry import load_encoder_weights, read_config, save_model
 from lmforge.models.sizes import SIZES
@@ -491,5 +491,6 @@ def plot(found: dict, path: Path) -> None:
     ax.set_title("accuracy vs latency on this machine")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -30,7 +30,7 @@ import torch
 from lmforge.data.builtin import load_builtin
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import read_yaml, write_json, write_text, write_yaml
+from lmforge.files import atomic_write, read_yaml, write_json, write_text, write_yaml
 from lmforge.runs.config import (
     BUILTIN_FINETUNES,
     OBJECTIVES,
@@ -370,5 +370,6 @@ def plot(summary: dict, path: Path) -> None:
     flops = f"{b['budget_flops'] / 1e15:.3g} PFLOPs"
     fig.suptitle(f"{b['size']}, {flops} of pretraining each; bars = mean ± std, dots = seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmforge.files import write_lines
+from lmforge.files import atomic_write, write_json, write_lines
 from lmforge.ops.cpu_features import cpu_name
 
 log = logging.getLogger("lmforge.train")
@@ -48,7 +48,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, *, size: int = 
     known[key] = best
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=2))
+        write_json(cache, known)
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return best
@@ -161,14 +161,16 @@ def plot_curves(run_dir: Path) -> list[Path]:
             twin.set_ylabel(f"validation {other}")
             twin.legend(loc="center right")
         fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=110)
+        with atomic_write(run_dir / "loss.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(7, 3))
         ax.plot([r["step"] for r in train], [r["lr"] for r in train])
         ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(run_dir / "lr.png", dpi=110)
+        with atomic_write(run_dir / "lr.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
         written = [run_dir / "loss.png", run_dir / "lr.png"]
     return written
