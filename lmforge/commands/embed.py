@@ -30,12 +30,12 @@ def embed(cfg: Config) -> tuple[Path, int]:
     import numpy as np
     import torch
 
-    from lmforge.data.readers import check_output_file, read_labelled
+    from lmforge.data.readers import read_labelled
     from lmforge.files import atomic_write, write_text
     from lmforge.rundir import load_run
+    from lmforge.rundir.layout import check_output_files
 
-    for suffix in (".npy", ".ids.txt"):
-        check_output_file(cfg.output + suffix, inputs=[cfg.input])
+    check_output_files([cfg.output + ".npy", cfg.output + ".ids.txt"], inputs=[cfg.input])
     run = load_run(cfg.model, task="embed")
     task, model = run.task, run.model
     task.eval_batch_size = cfg.batch_size

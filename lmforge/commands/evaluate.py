@@ -27,15 +27,15 @@ def evaluate(cfg: Config) -> dict:
     import torch
 
     from lmforge.data.builtin import load_builtin
-    from lmforge.data.readers import check_output_file
     from lmforge.files import write_json
     from lmforge.metrics import DEFINITIONS, plot_confusion
     from lmforge.rundir import load_run, require_capability
+    from lmforge.rundir.layout import check_output_files
     from lmforge.tasks import resolve
 
     entry = require_capability(cfg.model, "files", command="lmforge evaluate")
     if cfg.output:
-        check_output_file(cfg.output, inputs=[cfg.data])
+        check_output_files([cfg.output, Path(cfg.output).with_suffix(".png")], inputs=[cfg.data])
     run = load_run(cfg.model)
     if cfg.data.startswith("builtin:"):
         name, _, split = cfg.data.removeprefix("builtin:").partition(":")

@@ -43,10 +43,11 @@ class Config:
 def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
     """Check everything, then write the explanations (``explain/report.write_explanations``); returns (count, HTML
     path, PNG path or None)."""
-    from lmforge.data.readers import check_output_file, read_labelled
+    from lmforge.data.readers import read_labelled
     from lmforge.explain.report import write_explanations
     from lmforge.explain.targets import check_request, explaining_of, refuse_compressed
     from lmforge.rundir import backend_of, load_run, task_name_of
+    from lmforge.rundir.layout import check_output_files
 
     if (cfg.input is None) == (cfg.text is None):
         raise UserError("give exactly one of --input FILE and --text TEXT")
@@ -58,7 +59,11 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
     explaining = explaining_of(task_name)
     check_request(explaining, task_name, method=cfg.method, label=cfg.label, baseline=cfg.baseline)
     refuse_compressed(cfg.model, backend_of(cfg.model))
-    out = check_output_file(cfg.output, inputs=[cfg.input] if cfg.input else [])
+    out = Path(cfg.output)
+    check_output_files(
+        [out, out.with_suffix(".html"), *([out.with_suffix(".png")] if cfg.png else [])],
+        inputs=[cfg.input] if cfg.input else [],
+    )
     if cfg.text is not None:
         examples = [{"text": cfg.text, **({"text_pair": cfg.text_pair} if cfg.text_pair else {})}]
     else:

@@ -24,11 +24,12 @@ class Config:
 def predict(cfg: Config) -> int:
     import torch
 
-    from lmforge.data.readers import check_output_file, read_labelled, write_jsonl
+    from lmforge.data.readers import read_labelled, write_jsonl
     from lmforge.rundir import load_run, require_capability
+    from lmforge.rundir.layout import check_output_files
 
     require_capability(cfg.model, "predicts", command="lmforge predict (translate, embed and chat have their own)")
-    check_output_file(cfg.output, inputs=[cfg.input])
+    check_output_files([cfg.output], inputs=[cfg.input])
     run = load_run(cfg.model)
     examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
     predictions = run.task.predict(run.model, examples, device=torch.device("cpu"))

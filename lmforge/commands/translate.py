@@ -35,12 +35,13 @@ def translate(cfg: Config) -> dict:
     """Translate ``cfg.input`` into ``cfg.output``; returns counts, time and (with references) BLEU / chrF."""
     import torch
 
-    from lmforge.data.readers import check_output_file, read_pairs, write_jsonl
+    from lmforge.data.readers import read_pairs, write_jsonl
     from lmforge.inference.config import GenerationConfig
     from lmforge.metrics import translation_metrics
     from lmforge.rundir import load_run
+    from lmforge.rundir.layout import check_output_files
 
-    check_output_file(cfg.output, inputs=[cfg.input])
+    check_output_files([cfg.output], inputs=[cfg.input])
     run = load_run(cfg.model, task="translate")
     task, model = run.task, run.model
     examples, _ = read_pairs(

@@ -23,7 +23,8 @@ an embedder of first-token vectors, a GPT as a plain chat/generation model), reb
 JSON, safetensors and tokenizer files (nothing is unpickled). No training code and no recipe is
 imported here: the server, the commands and the explainer load runs through this package alone.
 
-- ``layout.py``: the file names, ``write_run``, ``task_settings``, ``task_name_of``, ``require_capability``;
+- ``layout.py``: the file names, ``write_run``, ``task_settings``, ``task_name_of``, ``require_capability``, and
+  where a command may write (``check_output_dir``, ``check_output_files``: never over an input, a model or a run);
 - ``loading.py``: ``Run`` (its task name, task, model, directory, whether fine-tuned, its backend), ``load_run``,
   ``load_base``, ``backend_of``;
 - ``compressed.py``: ``write_compressed``, the int8 / ONNX copies.

@@ -38,6 +38,7 @@ from lmforge.files import write_json
 from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
 from lmforge.models.convert import from_hf, read_hf_dir
 from lmforge.models.registry import build_model, save_model
+from lmforge.rundir.layout import check_output_dir, is_plain_model
 
 CONVERSION_FILE = "conversion.json"
 
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 def convert_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """The Hugging Face model directory ``source`` (BERT, GPT-2, Llama, Qwen2) as a lmforge model directory."""
-    src, out = Path(source), Path(out)
+    src = Path(source)
+    out = check_output_dir(out, inputs=[src], reusable=is_plain_model)
     hf_cfg, tensors = read_hf_dir(src)
     model_cfg, state = from_hf(hf_cfg, tensors, source=str(src))
     model = build_model(model_cfg)
@@ -61,6 +63,7 @@ def convert_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 def convert_builtin(name: str, out: str | Path, *, trim_inputs: list[str] | None = None) -> dict:
     """Write the built-in checkpoint ``name`` into ``out`` (trimmed to ``trim_inputs`` when given)."""
     started = time.perf_counter()
+    check_output_dir(out, reusable=is_plain_model)
     source = checkpoint_path(name)
     f = read_e5(source)
     hf_cfg, arrays = e5_as_hf(f)

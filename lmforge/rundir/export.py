@@ -10,14 +10,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
-from lmforge.files import atomic_write, write_json
+from lmforge.files import atomic_write, read_json_object, write_json
 from lmforge.models.convert import to_hf
-from lmforge.models.registry import load_model
+from lmforge.models.registry import CONFIG_FILE, TYPE_KEY, load_model
+from lmforge.rundir.layout import check_output_dir, holds_model
 
 
 def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write ``source`` (a lmforge model or run directory) to ``out`` in the transformers layout."""
-    src, out = Path(source), Path(out)
+    src = Path(source)
+    out = check_output_dir(out, inputs=[src], reusable=is_hf_export)
     model = load_model(src)
     token_ids: dict[str, int | None] = {}
     if (src / "tokenizer.json").is_file():
@@ -36,3 +38,11 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     write_json(out / "config.json", hf_cfg)
     copy_tokenizer_files(src, out)
     return out
+
+
+def is_hf_export(directory: Path) -> bool:
+    """An earlier export: a Hugging Face config.json (no lmforge model type) and nothing of a lmforge run."""
+    config = directory / CONFIG_FILE
+    if not config.is_file() or holds_model(directory) != f"a model directory ({CONFIG_FILE})":
+        return False
+    return TYPE_KEY not in read_json_object(config, what="config file")

@@ -9,12 +9,14 @@ needs (``tasks.TASKS``' capabilities).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
+from lmforge.data.readers import check_output_file
 from lmforge.data.tokenizer import copy_tokenizer_files
 from lmforge.errors import UserError
 from lmforge.files import atomic_write, read_json_object, write_json
@@ -72,3 +74,81 @@ def require_capability(run_dir: str | os.PathLike, capability: str, *, command: 
         what = "a pretrained model directory (no task.json)" if task_settings(run_dir) is None else f"a {name!r} run"
         raise UserError(f"{run_dir}: {command} takes a {valid} run; this is {what}")
     return entry
+
+
+# --- where a command may write ------------------------------------------------------------------------------
+# One rule for every command that writes: into a new (or empty) directory, into its own kind of directory (its
+# run, an earlier output of the same command), or to file paths that are not its inputs, not inside a model or
+# run directory, and not each other. Refusals come before any work and say what is there.
+MODEL_MARKERS = (TASK_FILE, RECIPE_FILE, CONFIG_FILE, BACKEND_FILE, "trainer_state", "model.safetensors")
+
+
+def holds_model(directory: Path) -> str | None:
+    """What makes ``directory`` a model or run directory (for refusals), or None."""
+    if not directory.is_dir():
+        return None
+    if (directory / TASK_FILE).is_file():
+        return f"a {task_settings(directory).get('task')!r} run"
+    if (directory / RECIPE_FILE).is_file() or (directory / "trainer_state").is_dir():
+        return "a training run"
+    found = next((m for m in MODEL_MARKERS if (directory / m).exists()), None)
+    return None if found is None else f"a model directory ({found})"
+
+
+def is_training_run(directory: Path) -> bool:
+    """A directory a training command wrote (its recipe is there): the checkpoint check decides what happens."""
+    return (directory / RECIPE_FILE).is_file()
+
+
+def is_plain_model(directory: Path) -> bool:
+    """A lmforge model directory with nothing of a run: what ``lmforge convert`` writes."""
+    run_files = (TASK_FILE, RECIPE_FILE, BACKEND_FILE, "trainer_state")
+    return (directory / CONFIG_FILE).is_file() and not any((directory / f).exists() for f in run_files)
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    flag: str = "--out",
+    reusable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """``out`` may be written: not a file, not one of ``inputs`` (nor a directory holding one), and when it already
+    holds a model or a run, one that ``reusable`` accepts (this command's own kind of output)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file; name a directory to write")
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if out.resolve() == source or out.resolve() in source.parents:
+            raise UserError(
+                f"{flag} {out}: holds the input {given}; writing there would replace it. Choose a new directory"
+            )
+    what = holds_model(out)
+    if what is not None and not (reusable is not None and reusable(out)):
+        raise UserError(f"{flag} {out}: already holds {what}; writing there would replace it. Choose a new directory")
+    return out
+
+
+def check_output_files(
+    outputs: Sequence[str | os.PathLike], *, inputs: Sequence[str | os.PathLike] = (), flag: str = "--output"
+) -> list[Path]:
+    """The files a command writes (its main output first, then what it writes beside it): none a directory or an
+    input (``data.readers.check_output_file``), none inside a model or run directory, no two the same."""
+    paths = [check_output_file(p, inputs=inputs, flag=flag) for p in outputs]
+    main = paths[0]
+    for other in paths[1:]:
+        if other.resolve() == main.resolve():
+            raise UserError(
+                f"{flag} {main}: the command also writes {other.suffix} file beside it, at this very path; "
+                f"name the main output with another extension (e.g. {main.with_suffix('.jsonl').name})"
+            )
+    for path in paths:
+        run = next((d for d in (path.parent, *path.parent.parents) if holds_model(d)), None)
+        if run is not None:
+            raise UserError(
+                f"{flag} {path}: inside {run}, which holds {holds_model(run)}; write outside model and run directories"
+            )
+    return paths

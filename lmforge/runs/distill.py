@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from lmforge.errors import UserError
 from lmforge.files import atomic_write, write_json
 from lmforge.rundir import load_run, task_settings
+from lmforge.rundir.layout import check_output_dir, is_training_run
 from lmforge.runs.config import DistillClassifyConfig, DistillNERConfig
 from lmforge.runs.finetune import finetune, load_splits
 from lmforge.runs.results import FinetuneResult
@@ -48,7 +49,7 @@ def distill(cfg: DistillClassifyConfig | DistillNERConfig, *, progress: bool = T
     settings = task_settings(cfg.teacher)
     if settings is None or settings.get("task") != task:
         raise UserError(f"--teacher {cfg.teacher}: not a {task} run directory (from `lmforge finetune {task}`)")
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out, inputs=[cfg.model, cfg.teacher], reusable=is_training_run)
     with locked(out):
         splits, _ = load_splits(cfg, TASKS[task])
         labels, key = student_cls.teacher_labels(splits["train"])

@@ -31,6 +31,7 @@ from lmforge.errors import UserError
 from lmforge.files import write_json, write_yaml
 from lmforge.models.registry import WEIGHTS_FILE, read_safetensors
 from lmforge.rundir import RECIPE_FILE, Run, write_run
+from lmforge.rundir.layout import check_output_dir, is_training_run
 from lmforge.runs.config import FinetuneConfig
 from lmforge.runs.results import FinetuneResult, write_report
 from lmforge.runs.session import run_session
@@ -45,7 +46,7 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
     entry = task_entry(task_name, kind="finetune")
     task_cls = entry.load()
     started = time.perf_counter()
-    run_dir = Path(cfg.out)
+    run_dir = check_output_dir(cfg.out, inputs=[cfg.model], reusable=is_training_run)
     with run_session(run_dir, resume=cfg.resume, device=cfg.training.device) as d:
         settings = cfg.task_settings()  # the task sees its own settings, not the recipe's
         splits, reports = load_splits(cfg, entry, task_cls.reader(settings), builtin_path=cfg.builtin_path())

@@ -25,6 +25,7 @@ from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.electra import Electra
 from lmforge.models.registry import WEIGHTS_FILE, config_json, read_safetensors, save_model
 from lmforge.models.sizes import model_size
+from lmforge.rundir.layout import check_output_dir, is_training_run
 from lmforge.runs.config import PretrainConfig
 from lmforge.runs.session import run_session
 from lmforge.tasks import task_entry
@@ -90,7 +91,7 @@ def build_objective(cfg: PretrainConfig, tok, shards: Path):
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    run_dir = Path(cfg.out)
+    run_dir = check_output_dir(cfg.out, reusable=is_training_run)
     wants_gpt = task_entry(cfg.task, kind="pretrain", where="task").model == "gpt"
     if wants_gpt != (not isinstance(model_size(cfg.model.size), BertConfig)):
         raise UserError(
