@@ -222,10 +222,19 @@ def _expand_resume(args: list[str]) -> list[str]:
     return ["--config", str(Path(run_dir) / "config.yaml"), *args, *extra]
 
 
+def _split_equals(args: list[str]) -> list[str]:
+    """``--resume=DIR``, ``--out=DIR`` and ``--config=FILE`` as two arguments, as the CLI reads them itself."""
+    out: list[str] = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        out += [flag, value] if eq and flag in ("--resume", "--out", "--config", "-c") else [arg]
+    return out
+
+
 def _parse(name: str, rest: list[str]) -> Any:
     cls = config_class(name)
     default = None
-    rest = _expand_resume(rest)
+    rest = _expand_resume(_split_equals(rest))
     flag = next((f for f in ("--config", "-c") if f in rest), None)
     if flag:
         i = rest.index(flag)

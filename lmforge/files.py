@@ -91,12 +91,31 @@ def read_text_file(path: str | os.PathLike, *, what: str) -> str:
         raise UserError(f"{path}: {what} is not UTF-8 text (byte offset {e.start})") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, but a key given twice in one mapping is an error naming both lines (PyYAML keeps the
+    last silently: a recipe would run with a value its author did not see)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping from ``path``; a missing file, bad YAML (file:line:column) or a non-mapping raises a
     UserError naming it."""
     text = read_text_file(path, what="config file")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.commands._console import console
+from lmforge.errors import UserError
 
 
 @dataclass
@@ -23,6 +24,10 @@ class Config:
     """Texts per forward pass."""
     skip_bad_rows: bool = False
     """Skip malformed rows instead of stopping at the first."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
 
 
 def embed(cfg: Config) -> tuple[Path, int]:

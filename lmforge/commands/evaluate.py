@@ -26,7 +26,7 @@ class Config:
 def evaluate(cfg: Config) -> dict:
     import torch
 
-    from lmforge.data.builtin import load_builtin
+    from lmforge.data.builtin import BUILTINS, load_builtin
     from lmforge.files import write_json
     from lmforge.metrics import DEFINITIONS, plot_confusion
     from lmforge.rundir import load_run, require_capability
@@ -39,11 +39,17 @@ def evaluate(cfg: Config) -> dict:
     run = load_run(cfg.model)
     if cfg.data.startswith("builtin:"):
         name, _, split = cfg.data.removeprefix("builtin:").partition(":")
+        corpus = BUILTINS.get(name)
+        if corpus is not None and corpus.task != entry.builtin:
+            fits = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == entry.builtin]
+            raise UserError(f"--data {cfg.data}: a {corpus.task} corpus; a {entry.name} run takes {', '.join(fits)}")
         examples = load_builtin(name).get(split or "test")
         if examples is None:
             raise UserError(f"--data {cfg.data}: split {split!r} is not train, dev or test")
     else:
         examples, _ = resolve(entry.files.reader)(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+    if not examples:
+        raise UserError(f"--data {cfg.data}: no examples to evaluate on")
     metrics = run.task.evaluate(run.model, examples, device=torch.device("cpu"))
     if cfg.output:
         write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **metrics, "definitions": DEFINITIONS})

@@ -55,6 +55,8 @@ def explain_file(cfg: Config) -> tuple[int, Path, Path | None]:
         raise UserError("--text-pair goes with --text (a file gives each row's text_pair column)")
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: must be a positive integer")
+    if cfg.text is not None and not cfg.text.strip():
+        raise UserError("--text is empty: give a text to explain")
     task_name = task_name_of(cfg.model)
     explaining = explaining_of(task_name)
     check_request(explaining, task_name, method=cfg.method, label=cfg.label, baseline=cfg.baseline)

@@ -38,6 +38,12 @@ class ServeConfig:
     """Decoding of chat / translation models: fp32 (exact), int8 (int8 weights), int8-head, bf16; auto: int8 where
     bf16 is fast, else fp32."""
 
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port {self.port}: must be between 1 and 65535")
+        if not (self.graceful_s >= 0 and self.graceful_s < float("inf")):
+            raise UserError(f"--graceful-s {self.graceful_s}: must be a finite number >= 0")
+
 
 def parse_models(specs: list[str]) -> dict[str, str]:
     """NAME=RUN_DIR pairs as a dict; errors name the bad spec."""

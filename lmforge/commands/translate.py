@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ class Config:
     """Sentences x beams decoded together."""
     skip_bad_rows: bool = False
     """Skip malformed lines instead of stopping at the first."""
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.batch_size < 1:
+            raise UserError(f"--num-beams {self.num_beams} / --batch-size {self.batch_size}: each must be >= 1")
+        if not math.isfinite(self.length_penalty):
+            raise UserError(f"--length-penalty {self.length_penalty}: must be a finite number")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
 
 
 def translate(cfg: Config) -> dict:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,7 @@ def read_labelled(
             continue
         example = {"text": row["text"], "source": f"{path}:{lineno}"}
         if row.get("label") not in (None, ""):
-            example["label"] = str(row["label"]).strip()
+            example["label"] = _label_text(row["label"])
         if row.get("text_pair") not in (None, ""):
             example["text_pair"] = row["text_pair"]
         for key in ("negative", "id"):  # sentence-embedding data: a hard negative; any file: the row's id
@@ -240,6 +241,15 @@ def read_labelled(
         examples.append(example)
     report.kept = len(examples)
     return examples, report
+
+
+def _label_text(value) -> str:
+    """A label as text. A whole number is written without its fraction, so JSON's 1 and 1.0 (and "1.0" next to "1"
+    in a CSV) are one label, not two; other text (e.g. "007") is kept as written."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text.split(".")[0] if re.fullmatch(r"-?\d+\.0+", text) else text
 
 
 def _row_problem(row: dict, need_label: bool = True) -> str | None:

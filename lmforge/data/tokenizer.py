@@ -387,6 +387,8 @@ def train_command(cfg: TokenizerTrainConfig) -> LMTokenizer:
 
     if not cfg.input:
         raise UserError("--input needs at least one file or builtin:NAME")
+    if not any(text.strip() for text in corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field)):
+        raise UserError(f"--input {' '.join(cfg.input)}: no text to learn a vocabulary from (empty or blank)")
     tok = train_tokenizer(
         lambda: corpus_texts(cfg.input, jsonl_field=cfg.jsonl_field),
         kind=cfg.kind,

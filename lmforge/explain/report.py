@@ -23,6 +23,10 @@ from lmforge.explain.views import cjk_font, render_html, render_png
 from lmforge.files import write_text
 from lmforge.tasks.base import ExplainsExamples
 
+MAX_OUTPUTS = 4
+"""A report explains an input only when it has at most this many outputs (an untrained NER model predicts entities
+everywhere, and each costs an Integrated Gradients run of ``steps`` forward and backward passes)."""
+
 
 def explained_examples(
     run, examples: Sequence[dict], *, per_kind: int = 2, steps: int = 32, scan: int = 200
@@ -30,7 +34,8 @@ def explained_examples(
     """Integrated Gradients for the first ``per_kind`` correctly and wrongly predicted of the first ``scan``
     labelled examples (classification: the predicted label; NER: every predicted entity of the sentence), as rows
     ``{"kind": "correct"|"wrong", "text", "gold", "predicted", "explanations": [Explanation, ...]}``. Inputs the
-    task passes over (text pairs) and sentences longer than the model's window are left out."""
+    task passes over (text pairs), sentences with more than ``MAX_OUTPUTS`` predicted entities and sentences longer
+    than the model's window are left out: at most 4 x ``MAX_OUTPUTS`` explanations of ``steps`` steps."""
     task = run.task
     if not isinstance(task, ExplainsExamples):
         return []
@@ -42,7 +47,7 @@ def explained_examples(
     for (ex, text), pred in zip(pairs, predicted, strict=True):
         gold, guess = task.report_outcome(ex, text, pred)
         kind = "correct" if gold == guess else "wrong"
-        if counts[kind] >= per_kind:
+        if counts[kind] >= per_kind or len(pred.get("entities", ())) > MAX_OUTPUTS:
             continue
         try:
             explanations = explain(run, text, method="ig", steps=steps)

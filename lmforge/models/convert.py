@@ -314,6 +314,11 @@ def _llama_config(hf: dict, where: str) -> GPTConfig:
 
 def hf_family(cfg: BertConfig | GPTConfig) -> str:
     """The Hugging Face model_type a lmforge config exports to, or ValueError saying why none fits."""
+    if not isinstance(cfg, (BertConfig, GPTConfig)):
+        raise UserError(
+            f"a {type(cfg).__name__.removesuffix('Config')} model has no Hugging Face export here (BERT and GPT "
+            "model directories export; a translation run's encoder-decoder does not)"
+        )
     if isinstance(cfg, BertConfig):
         if cfg.gated_ffn:
             raise UserError(

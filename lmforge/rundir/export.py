@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from lmforge.files import atomic_write, read_json_object, write_json
-from lmforge.models.convert import to_hf
+from lmforge.models.convert import hf_family, to_hf
 from lmforge.models.registry import CONFIG_FILE, TYPE_KEY, load_model
 from lmforge.rundir.layout import check_output_dir, holds_model
 
@@ -21,6 +21,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     src = Path(source)
     out = check_output_dir(out, inputs=[src], reusable=is_hf_export)
     model = load_model(src)
+    hf_family(model.cfg)  # refused before anything is written
     token_ids: dict[str, int | None] = {}
     if (src / "tokenizer.json").is_file():
         tok = load_tokenizer(src)

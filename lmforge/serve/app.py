@@ -38,6 +38,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -204,9 +205,12 @@ def _add_guard(app: FastAPI, gateway: _Gateway) -> None:
         started = time.perf_counter()
         path = request.url.path
         endpoint = path if path.startswith("/v1/") or path in ("/healthz", "/metrics") else "page"
-        if limits.api_key and path.startswith("/v1/") and not _authorised(request, limits.api_key):
+        guarded = path.startswith("/v1/") or path == "/metrics"  # the models' paths and the server's load
+        if limits.api_key and guarded and not _authorised(request, limits.api_key):
             message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
             response = error_response(401, message, kind="authentication_error")
+        elif request.method != "POST" and path in _post_only(app):  # else the page's static files answer 404
+            response = error_response(405, f"{path} takes POST", headers={"Allow": "POST"})
         else:
             try:
                 response = await call_next(request)
@@ -216,6 +220,11 @@ def _add_guard(app: FastAPI, gateway: _Gateway) -> None:
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
+
+
+def _post_only(app: FastAPI) -> set[str]:
+    """The paths of the API's POST routes."""
+    return {r.path for r in app.routes if isinstance(r, APIRoute) and r.methods == {"POST"}}
 
 
 def _add_info_routes(app: FastAPI, gateway: _Gateway) -> None:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from lmforge.errors import UserError
 
 
 @dataclass
@@ -27,4 +30,14 @@ class Limits:
     timeout_s: float = 30.0
     """Per-request timeout (504 beyond)."""
     api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/ (default: $LMFORGE_API_KEY when set)."""
+    """Require 'Authorization: Bearer KEY' on /v1/, /metrics (default: $LMFORGE_API_KEY when set)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_text_chars", "max_inputs", "max_tokens", "max_batch", "queue_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a whole number >= 1")
+        for name in ("max_wait_ms", "timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "timeout_s" and value == 0):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0 (max-wait-ms: >= 0)")

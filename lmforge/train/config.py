@@ -4,6 +4,7 @@ torch; their field docstrings are the ``--help`` text."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,8 +38,8 @@ class OptimConfig:
     """Final learning rate as a fraction of lr."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise UserError(f"optim.lr={self.lr} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"optim.lr={self.lr} must be a finite positive number")
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

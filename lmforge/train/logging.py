@@ -54,6 +54,16 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, *, size: int = 
     return best
 
 
+def _record_step(line: str, path: Path) -> float:
+    """The step of one metrics.jsonl record; a record cut off by a kill (the last line, half written) is dropped
+    with a warning (it reads as after every checkpoint)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        log.warning("%s: dropping a record cut off mid-line (the run was killed while writing it)", path)
+        return float("inf")
+
+
 class RunLogger:
     """Progress bar + metrics.jsonl + TensorBoard for the main process; silent elsewhere."""
 
@@ -66,7 +76,7 @@ class RunLogger:
         path = run_dir / METRICS
         if path.exists():  # resume: keep what the checkpoint had seen, drop the rest
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in kept if _record_step(line, path) <= start_step]
             write_lines(path, (line + "\n" for line in kept))
         self.metrics = path.open("a", encoding="utf-8")
         try:

@@ -43,8 +43,9 @@ from lmforge.train.logging import RunLogger, measure_peak_flops, plot_curves
 from lmforge.train.optim import build_optimizer, build_scheduler
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps: the settings' doing (a learning rate too high, a precision too low),
+    so the command says what diverged and what to try (exit 2), not "internal error"."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -173,3 +173,96 @@ def test_an_invalid_state_json_on_resume_names_the_file(capsys, tmp_path: Path, 
     )
     results = json.loads((run / "results.json").read_text())
     assert results["training"]["steps"] == 2, "the finished run was left as it was"
+
+
+# --- the second reliability pass (issue 31): each refused before any work, naming the value, without a traceback
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--training.optim.lr", "nan"], "optim.lr=nan must be a finite positive number"),
+        (["--training.optim.lr", "inf"], "optim.lr=inf must be a finite positive number"),
+    ],
+)
+def test_a_learning_rate_that_is_not_a_number_is_refused(
+    capsys, tmp_path: Path, tiny_bert: Path, files: dict[str, Path], args: list[str], expected: str
+) -> None:
+    _fails(capsys, [*_classify(tiny_bert, tmp_path / "run", "--train", str(files["train.jsonl"])), *args], expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["embed", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["translate", "--batch-size", "0"], "each must be >= 1"),
+        (["translate", "--length-penalty", "nan"], "--length-penalty nan: must be a finite number"),
+        (["explain", "--text", " "], "--text is empty"),
+        (["serve", "--port", "70000"], "--port 70000: must be between 1 and 65535"),
+        (["serve", "--queue-size", "0"], "--queue-size 0: must be a whole number >= 1"),
+        (["serve", "--max-body-bytes", "-1"], "--max-body-bytes -1: must be a whole number >= 1"),
+    ],
+)
+def test_bad_command_values_are_refused_before_any_model_loads(
+    capsys, tmp_path: Path, classify_run: Path, files: dict[str, Path], args: list[str], expected: str
+) -> None:
+    command, *flags = args
+    where = {
+        "embed": ["--model", str(classify_run), "--input", str(files["texts.txt"]), "--output", str(tmp_path / "v")],
+        "translate": [
+            "--model",
+            str(classify_run),
+            "--input",
+            str(files["texts.txt"]),
+            "--output",
+            str(tmp_path / "t"),
+        ],
+        "explain": ["--model", str(classify_run), "--output", str(tmp_path / "why.jsonl")],
+        "serve": ["--model", f"m={classify_run}"],
+    }[command]
+    _fails(capsys, [command, *where, *flags], expected)
+
+
+def test_evaluate_refuses_no_examples_and_a_corpus_of_another_task(capsys, tmp_path: Path, classify_run: Path) -> None:
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("text,label\n", encoding="utf-8")
+    evaluate = ["evaluate", "--model", str(classify_run), "--data"]
+    _fails(capsys, [*evaluate, str(header_only)], "no examples")
+    _fails(
+        capsys, [*evaluate, "builtin:peoples-daily-ner"], "a ner corpus; a classify run takes builtin:reviews-sentiment"
+    )
+
+
+def test_a_diverging_run_is_the_users_error_not_a_bug(capsys, tmp_path: Path, tiny_bert: Path, files) -> None:
+    """An lr so high that every step overflows: exit 2 with what diverged and what to try, no 'internal error'."""
+    args = _classify(tiny_bert, tmp_path / "run", "--train", str(files["train.jsonl"]))
+    flags = [
+        "--training.optim.lr",
+        "1e30",
+        "--training.max-bad-steps",
+        "2",
+        "--epochs",
+        "0",
+        "--training.max-steps",
+        "6",
+    ]
+    said = _fails(capsys, [*args, *flags], "non-finite steps in a row", "Lower training.optim.lr")
+    assert "internal error" not in said
+
+
+def test_resume_with_an_equals_sign_resumes_that_directory(tmp_path: Path) -> None:
+    from lmforge.cli import parse
+    from lmforge.files import write_yaml
+    from lmforge.runs.config import PretrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_yaml(run / "config.yaml", PretrainConfig(out=str(run)))
+    _, cfg = parse(["pretrain", f"--resume={run}"])
+    assert cfg.out == str(run) and cfg.resume is True
+
+
+def test_a_recipe_with_a_key_given_twice_is_refused_naming_both_lines(capsys, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("out: runs/x\nepochs: 1\nepochs: 2\n", encoding="utf-8")
+    _fails(capsys, ["finetune", "classify", "-c", str(recipe)], "key 'epochs' is given twice (lines 2 and 3)")

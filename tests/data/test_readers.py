@@ -91,3 +91,13 @@ def test_read_tagged_errors_name_file_and_line(tmp_path: Path, content: str, mes
         read_tagged(path)
     examples, report = read_tagged(path, skip_bad_rows=True)
     assert len(report.skipped) == 1 and report.kept == len(examples)
+
+
+def test_whole_number_labels_are_one_label_however_they_are_written(tmp_path: Path) -> None:
+    """JSON's 1 and 1.0 (and a CSV's "1.0") are one class; text such as "007" is kept as written."""
+    path = tmp_path / "numbers.jsonl"
+    rows = ['{"text": "a", "label": 1}', '{"text": "b", "label": 1.0}', '{"text": "c", "label": 0}']
+    rows += ['{"text": "d", "label": 0.0}', '{"text": "e", "label": "1.0"}', '{"text": "f", "label": "007"}']
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    examples, _ = read_labelled(path)
+    assert [ex["label"] for ex in examples] == ["1", "1", "0", "0", "1", "007"]

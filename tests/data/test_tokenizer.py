@@ -163,3 +163,13 @@ def test_bpe_with_cjk_characters_never_merges_two_of_them(mixed_corpus: Path, tm
     save_tokenizer(tok, tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert hf(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_a_tokenizer_is_not_trained_on_no_text(tmp_path: Path, capsys) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    args = ["tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "tok")]
+    assert main(args) == 2
+    assert "no text to learn a vocabulary from" in capsys.readouterr().out
+    assert not (tmp_path / "tok").exists()

@@ -289,3 +289,27 @@ def test_translation_and_gpt_explanations_per_generated_token(tmp_path: Path) ->
     src = torch.tensor([run.task.encode_sources(["我爱北京"])[0][0]])
     maps = cross_attention_maps(run.model, src, torch.tensor([[2, 5, 7]]))  # (L, 1, H, 3, S)
     torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]))
+
+
+def test_a_report_passes_over_sentences_with_more_entities_than_it_explains(monkeypatch) -> None:
+    """An untrained NER model predicts entities everywhere: the report explains only sentences with at most
+    MAX_OUTPUTS predicted entities, so its cost is bounded (it was most of test_compare.py's time)."""
+    from types import SimpleNamespace
+
+    from lmforge.explain import report
+
+    class Tagger:
+        def report_input(self, example: dict) -> dict:
+            return {"text": example["text"]}
+
+        def report_outcome(self, example: dict, text: dict, prediction: dict):
+            return [], [e["type"] for e in prediction["entities"]]
+
+        def predict(self, model, texts, *, device):
+            return [{"entities": [{"type": "PER"}] * (1 if t["text"] == "few" else 9)} for t in texts]
+
+    explained = []
+    monkeypatch.setattr(report, "explain", lambda run, text, **kw: explained.append(text["text"]) or [])
+    run = SimpleNamespace(task=Tagger(), model=None)
+    rows = report.explained_examples(run, [{"text": "many"}] * 5 + [{"text": "few"}])
+    assert explained == ["few"] and [r["text"] for r in rows] == ["few"]

@@ -92,3 +92,10 @@ def test_convert_names_unsupported_model_types(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "config.json").write_text(cfg)
     assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "model_type='t5' is not supported" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_translation_model_is_refused_by_the_hugging_face_export_before_writing(tmp_path: Path, capsys) -> None:
+    seq2seq = Path(__file__).parents[1] / "fixtures" / "generation" / "seq2seq"
+    assert main(["export", str(seq2seq), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "has no Hugging Face export here" in capsys.readouterr().out
+    assert not (tmp_path / "hf").exists()

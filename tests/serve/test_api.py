@@ -224,6 +224,14 @@ def test_api_key_is_required_on_the_api_when_set(make_app) -> None:
         assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+        assert client.get("/metrics").status_code == 401  # the server's load is the operator's, not the public's
+        assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_post_route_asked_with_get_is_405_naming_the_method(make_app) -> None:
+    with TestClient(make_app()) as client:
+        r = client.get("/v1/classify")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "takes POST" in r.json()["error"]["message"]
 
 
 async def _concurrently(app, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
