@@ -50,10 +50,30 @@ def _jsonl_objects(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict
         except json.JSONDecodeError as e:
             yield lineno, None, f"malformed JSON ({e.msg})"
             continue
-        if isinstance(obj, dict):
-            yield lineno, obj, None
-        else:
+        if not isinstance(obj, dict):
             yield lineno, None, f"expected a JSON object, got {type(obj).__name__}"
+            continue
+        surrogate = _lone_surrogate(obj)
+        if surrogate is not None:
+            yield lineno, None, surrogate
+        else:
+            yield lineno, obj, None
+
+
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where a JSON escape such as \\ud800 left half a UTF-16 pair in a string (no tokenizer can read it), or None.
+    Files in UTF-8 cannot hold one; only JSON's escapes can."""
+    if isinstance(value, str):
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        if bad is None:
+            return None
+        return f"{where or 'a value'} holds a lone surrogate (\\u{ord(bad):04x}), not a character"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.readers import read_labelled
+from lmforge.errors import UserError
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -101,3 +102,22 @@ def test_whole_number_labels_are_one_label_however_they_are_written(tmp_path: Pa
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     examples, _ = read_labelled(path)
     assert [ex["label"] for ex in examples] == ["1", "1", "0", "0", "1", "007"]
+
+
+@pytest.mark.parametrize(
+    ("reader", "row"),
+    [
+        ("read_labelled", '{"text": "bad \\ud800", "label": "neg"}'),
+        ("read_tagged", '{"tokens": ["a", "\\udc00"], "tags": ["O", "O"]}'),
+        ("read_conversations", '{"messages": [{"role": "user", "content": "\\ud83d"}]}'),
+    ],
+)
+def test_a_lone_surrogate_in_a_jsonl_file_is_named_by_file_and_line(tmp_path: Path, reader: str, row: str) -> None:
+    """JSON's escapes can spell half a UTF-16 pair, which no tokenizer reads: every reader refuses it at file:line
+    (the server answers the same text with a 422), and --skip-bad-rows skips it."""
+    from lmforge.data import readers
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(row + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.jsonl:1: .*lone surrogate"):
+        getattr(readers, reader)(path)
