@@ -113,11 +113,12 @@ def _file_sha256(path: Path) -> str:
 def verify(checkpoint: Path) -> str | None:
     """None when every file of ``checkpoint`` matches its manifest, else what is wrong (naming the file).
 
-    A checkpoint without a manifest (written by an older lmforge) passes unverified.
+    A checkpoint without a manifest (written by an older lmforge) has nothing to be checked against: each of its
+    files must at least load (a truncated optimizer.pt is skipped like a file that fails its digest).
     """
     manifest_path = checkpoint / MANIFEST
     if not manifest_path.is_file():
-        return None if (checkpoint / WEIGHTS).is_file() else f"{checkpoint / WEIGHTS}: missing"
+        return _unloadable(checkpoint)
     try:
         files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
         expected = {str(name): (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
@@ -131,6 +132,25 @@ def verify(checkpoint: Path) -> str | None:
             return f"{path}: {path.stat().st_size:,} bytes, the manifest says {size:,} (truncated or overwritten)"
         if _file_sha256(path) != digest:
             return f"{path}: SHA-256 differs from the manifest (the file is corrupted)"
+    return None
+
+
+def _unloadable(checkpoint: Path) -> str | None:
+    """What fails to load in a checkpoint without a manifest, naming the file, or None when every file loads."""
+    if not (checkpoint / WEIGHTS).is_file():
+        return f"{checkpoint / WEIGHTS}: missing"
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                read_safetensors(path)
+            elif path.suffix == ".pt":
+                torch.load(path, weights_only=True, map_location="cpu")
+            elif path.suffix == ".json":
+                read_json_object(path, what="checkpoint file")
+        except UserError as e:
+            return str(e)
+        except Exception as e:  # torch's and safetensors' own errors for a cut or damaged file
+            return f"{path}: does not load ({type(e).__name__}: {str(e)[:200]})"
     return None
 
 
@@ -152,8 +172,8 @@ def latest(run_dir: str | os.PathLike) -> Path:
     good = _verified(found)
     if good is None:
         raise UserError(
-            f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies (see the "
-            "warnings above); start a new run"
+            f"{Path(run_dir) / STATE_DIR}: none of the {len(found)} checkpoint(s) verifies (the newest: "
+            f"{verify(found[-1])}); start a new run"
         )
     return good
 

@@ -120,6 +120,21 @@ def test_a_legacy_checkpoint_without_manifest_still_loads(tiny_train_config, tas
     )
 
 
+def test_a_legacy_checkpoint_that_does_not_load_is_skipped_like_one_that_fails_its_manifest(
+    tiny_train_config, task: MLMTask, tmp_path: Path, caplog
+) -> None:
+    """Without a manifest nothing says a file was cut: a truncated optimizer.pt must not end the resume in a torch
+    error; the previous checkpoint is taken, with a warning naming the file."""
+    fit(_model(task), task, tiny_train_config(save_every=3, keep_last=2, max_steps=6), run_dir=tmp_path)
+    for ckpt in checkpoint.checkpoint_dirs(tmp_path):
+        (ckpt / checkpoint.MANIFEST).unlink()
+    optimizer = tmp_path / checkpoint.STATE_DIR / "step-0000006" / checkpoint.OPTIMIZER
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="lmforge.checkpoint"):
+        assert checkpoint.latest(tmp_path).name == "step-0000003"
+    assert "skipping checkpoint step-0000006" in caplog.text and "optimizer.pt: does not load" in caplog.text
+
+
 def test_pruning_keeps_the_checkpoint_just_written_even_with_keep_last_0(
     tiny_train_config, task: MLMTask, tmp_path: Path
 ) -> None:
