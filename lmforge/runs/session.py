@@ -22,6 +22,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -47,14 +48,21 @@ def _holder(path: Path) -> str:
         return "a process that has not written its details yet"
 
 
+START_FILES = {LOCK_FILE, "config.yaml"}
+"""What a command writes into its run directory before any work: a start that fails leaves neither behind."""
+
+
 @contextlib.contextmanager
 def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``run_dir``'s lock for the block (creating the directory); RunDirectoryBusy when it is taken."""
+    """Hold ``run_dir``'s lock for the block (creating the directory); RunDirectoryBusy when it is taken. When the
+    block fails in a directory it created and nothing but the start's files (the lock, the recipe) is there, the
+    directory is removed: a failed start leaves nothing to trip over."""
     run_dir = Path(run_dir)
     key = run_dir.resolve()
     if key in _held:
         yield run_dir
         return
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,6 +84,10 @@ def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         _held.add(key)
         yield run_dir
+    except BaseException:
+        if created and {p.name for p in run_dir.iterdir()} <= START_FILES:
+            shutil.rmtree(run_dir, ignore_errors=True)  # still locked: no other run can have started in it
+        raise
     finally:
         _held.discard(key)
         fcntl.flock(fd, fcntl.LOCK_UN)

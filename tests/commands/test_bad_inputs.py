@@ -96,8 +96,23 @@ def test_a_label_seen_only_in_test_is_refused_before_training_and_the_directory_
     _fails(
         capsys, [*args, "--test", str(files["unseen-label.csv"])], "unseen-label.csv:2: label 'neutral' never occurs"
     )
-    assert not (out / "trainer_state").exists()
+    assert not out.exists(), "a failed start leaves no directory behind (no .lock, no config.yaml)"
     assert main(args) == 0  # the same --out is fine for the corrected run
+
+
+def test_a_start_that_fails_after_writing_its_recipe_leaves_nothing(
+    capsys, tmp_path: Path, tiny_bert: Path, files: dict[str, Path]
+) -> None:
+    """The recipe is written, then the model is found too small for --max-len: neither .lock nor config.yaml stays,
+    so nothing looks like a run that could be resumed."""
+    out = tmp_path / "run"
+    args = [*_classify(tiny_bert, out, "--train", str(files["train.jsonl"])), "--max-len", "100000"]
+    _fails(capsys, args, "exceeds the model's max_seq_len")
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    _fails(capsys, [*_classify(tiny_bert, kept, "--train", str(files["train.jsonl"])), "--max-len", "100000"], "max")
+    assert (kept / "notes").is_dir(), "a directory the user made is never removed"
 
 
 @pytest.mark.parametrize(
