@@ -190,6 +190,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
+        if errors[0]["type"] == "json_invalid":  # its location is a character offset in the body, not a field
+            at = errors[0]["loc"][-1]
+            return error_response(422, f"the body is not valid JSON (at character {at}): {errors[0]['msg']}")
         # a value that fails our own check says more than "not a valid string" from another branch of a union
         first = next((x for x in errors if x["type"] == "value_error"), errors[0])
         param = param_path(first["loc"])

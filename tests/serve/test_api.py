@@ -228,6 +228,15 @@ def test_api_key_is_required_on_the_api_when_set(make_app) -> None:
         assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
+def test_a_body_that_is_not_json_names_no_field(make_app) -> None:
+    with TestClient(make_app()) as client:
+        r = client.post(
+            "/v1/classify", content=b'{"model": "x", "input": ["a"', headers={"content-type": "application/json"}
+        )
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] is None and "not valid JSON (at character 28)" in error["message"]
+
+
 def test_a_post_route_asked_with_get_is_405_naming_the_method(make_app) -> None:
     with TestClient(make_app()) as client:
         r = client.get("/v1/classify")
