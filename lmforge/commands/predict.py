@@ -16,7 +16,8 @@ class Config:
     input: str
     """Texts: .txt (one per line), .jsonl / .csv / .tsv with a 'text' field (and 'text_pair')."""
     output: str
-    """JSONL: the input fields plus label, score, scores (classification) or entities (NER)."""
+    """JSONL: the input fields plus label, score, scores (classification) or entities (NER); a field the input
+    already has (a gold label) comes as predicted_label and so on."""
     skip_bad_rows: bool = False
     """Skip malformed rows instead of stopping at the first."""
 
@@ -33,10 +34,17 @@ def predict(cfg: Config) -> int:
     run = load_run(cfg.model)
     examples, _ = read_labelled(cfg.input, skip_bad_rows=cfg.skip_bad_rows, need_label=False)
     predictions = run.task.predict(run.model, examples, device=torch.device("cpu"))
-    rows = (
-        {**{k: v for k, v in ex.items() if k != "source"}, **p} for ex, p in zip(examples, predictions, strict=True)
-    )
+    rows = (_row(ex, p) for ex, p in zip(examples, predictions, strict=True))
     return write_jsonl(cfg.output, rows)
+
+
+def _row(example: dict, prediction: dict) -> dict:
+    """The input's fields as they were, then the prediction's; a prediction field the input already has (a gold
+    label) is written as ``predicted_<field>``, so neither hides the other."""
+    row = {k: v for k, v in example.items() if k != "source"}
+    for key, value in prediction.items():
+        row[f"predicted_{key}" if key in row else key] = value
+    return row
 
 
 def run(cfg: Config) -> None:

@@ -193,6 +193,12 @@ def load_splits(
     if default_reader:  # a head over labels or tags predicts the training labels only
         _check_labels_seen_in_training(splits, cfg.train)
     if "dev" not in splits:
+        n = len(splits["train"])
+        if n - max(1, n // 10) < 2:  # what is left to train on after the held-out 10% (at least one row)
+            raise UserError(
+                f"{cfg.train}: {n} usable row(s); holding out a dev split would leave {n - max(1, n // 10)} to train "
+                "on. Give --dev FILE, or more rows"
+            )
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
     return splits, reports
 

@@ -281,3 +281,20 @@ def test_a_recipe_with_a_key_given_twice_is_refused_naming_both_lines(capsys, tm
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("out: runs/x\nepochs: 1\nepochs: 2\n", encoding="utf-8")
     _fails(capsys, ["finetune", "classify", "-c", str(recipe)], "key 'epochs' is given twice (lines 2 and 3)")
+
+
+def test_predict_keeps_a_gold_label_and_names_the_prediction_apart(tmp_path: Path, classify_run: Path) -> None:
+    labelled = tmp_path / "gold.jsonl"
+    write_jsonl(labelled, [{"text": "房间很干净", "label": "pos"}, {"text": "太差了", "label": "neg"}])
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--model", str(classify_run), "--input", str(labelled), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["label"] for r in rows] == ["pos", "neg"], "the gold labels are kept"
+    assert all(r["predicted_label"] in ("pos", "neg") and "scores" in r for r in rows)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_file_too_small_to_hold_out_a_dev_split_says_so(capsys, tmp_path: Path, tiny_bert: Path, rows: int) -> None:
+    train = tmp_path / "tiny.jsonl"
+    write_jsonl(train, [{"text": "好", "label": "pos"}, {"text": "差", "label": "neg"}][:rows])
+    _fails(capsys, _classify(tiny_bert, tmp_path / "run", "--train", str(train)), "Give --dev FILE, or more rows")
