@@ -76,4 +76,11 @@ def run(cfg: ServeConfig) -> None:
     if cfg.host not in LOOPBACK and not limits.api_key:
         raise UserError(f"--host {cfg.host}: binding beyond loopback needs --api-key (or $LMFORGE_API_KEY)")
     app = create_app(load_models(cfg), limits)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=int(cfg.graceful_s), log_level="info")
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        timeout_graceful_shutdown=int(cfg.graceful_s),
+        limit_concurrency=limits.max_connections,  # connections and tasks at once; 503 beyond
+        log_level="info",
+    )

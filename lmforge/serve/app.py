@@ -174,7 +174,9 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     _add_chat_route(app, gateway)
     page = resources.files("lmforge.serve") / "static"
     app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # outermost of ours: before any byte is parsed
+    app.add_middleware(
+        BodyLimit, max_bytes=limits.max_body_bytes, read_timeout_s=limits.body_timeout_s
+    )  # outermost of ours: before any byte is parsed
     return app
 
 

@@ -5,6 +5,8 @@ which answers plain text."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.responses import JSONResponse
 
 
@@ -48,7 +50,8 @@ class _BodyCut(Exception):
 class BodyLimit:
     """ASGI middleware: the request body's bytes are counted as they arrive, and reading stops at the limit.
 
-    A declared Content-Length over the limit is answered 413 before the app runs. A body without one
+    A declared Content-Length over the limit is answered 413 before the app runs; a body whose next piece does
+    not come within ``read_timeout_s`` is answered 408. A body without one
     (chunked) is counted message by message: the message that passes the limit makes this middleware
     send the 413 itself and raise ``_BodyCut`` into the app's read; whatever the app then sends is
     dropped and the exception is swallowed here. At most the limit plus one message is ever held.
@@ -56,8 +59,8 @@ class BodyLimit:
     body in plain text, outside the app's JSON error shape.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 10.0) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     def _too_large(self) -> JSONResponse:
         return error_response(413, f"request body exceeds {self.max_bytes} bytes", param="body")
@@ -79,7 +82,14 @@ class BodyLimit:
 
         async def counted_receive():
             nonlocal received, answered
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:  # a body promised and not sent: answer and let the connection go
+                if not started:
+                    message = f"no more of the request body within {self.read_timeout_s:g} s"
+                    await error_response(408, message, param="body")(scope, receive, send)
+                    answered = True
+                raise _BodyCut from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

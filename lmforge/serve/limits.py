@@ -29,15 +29,21 @@ class Limits:
     """Requests waiting per model before new ones get 503 + Retry-After."""
     timeout_s: float = 30.0
     """Per-request timeout (504 beyond)."""
+    body_timeout_s: float = 10.0
+    """Longest wait for the next piece of a request body (408 beyond: a client that declares more than it sends
+    holds no connection for long)."""
+    max_connections: int = 256
+    """Most connections served at once (503 beyond), so slow clients cannot take every file descriptor."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on /v1/, /metrics (default: $LMFORGE_API_KEY when set)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_text_chars", "max_inputs", "max_tokens", "max_batch", "queue_size"):
+        whole = ("max_body_bytes", "max_text_chars", "max_inputs", "max_tokens", "max_batch", "queue_size")
+        for name in (*whole, "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} {value}: must be a whole number >= 1")
-        for name in ("max_wait_ms", "timeout_s"):
+        for name in ("max_wait_ms", "timeout_s", "body_timeout_s"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0) or (name == "timeout_s" and value == 0):
+            if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
                 raise UserError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0 (max-wait-ms: >= 0)")

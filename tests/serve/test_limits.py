@@ -188,3 +188,51 @@ def test_the_server_answers_while_a_stream_is_cut(make_app, served, monkeypatch)
             list(r.iter_lines())
         r = client.post("/v1/classify", json={"model": "classify", "input": ["好"]})
         assert r.status_code == 200
+
+
+def test_a_body_that_stops_coming_is_answered_408_within_the_read_timeout(make_app) -> None:
+    """A client that declares 500 bytes and sends 33 gets a 408 after body_timeout_s, instead of holding its
+    connection for ever (the read is bounded; the model is never called)."""
+    app = make_app(body_timeout_s=0.3)
+    sent: list[dict] = []
+    pieces = [{"type": "http.request", "body": b'{"model": "classify", "input": ["', "more_body": True}]
+
+    async def receive() -> dict:
+        if pieces:
+            return pieces.pop(0)
+        await asyncio.sleep(3600)  # the rest never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+        "scheme": "http",
+        "root_path": "",
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408 and b"no more of the request body within 0.3 s" in body
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("queue_size", 0), ("max_body_bytes", -1), ("max_connections", 0), ("timeout_s", 0.0), ("body_timeout_s", -1.0)],
+)
+def test_limits_that_would_break_the_server_are_refused(field: str, value) -> None:
+    from lmforge.errors import UserError
+    from lmforge.serve.limits import Limits
+
+    with pytest.raises(UserError, match=field.replace("_", "-")):
+        Limits(**{field: value})
