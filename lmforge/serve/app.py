@@ -291,6 +291,8 @@ def _add_explain_route(app: FastAPI, gateway: _Gateway) -> None:
         explaining = m.entry.explaining
         if explaining is None:
             raise APIError(400, f"model {req.model!r} ({m.run.task_name}) is not explained", param="model")
+        if isinstance(req.input, list) and not req.input:
+            raise APIError(422, "input is empty: give a text (or a [text, text_pair] pair)", param="input")
         items = _inputs([req.input], limits)
         example = _example(items[0], 0, pairs=explaining.inputs != "text")
         if explaining.inputs == "pair" and "text_pair" not in example:
@@ -306,8 +308,18 @@ def _add_explain_route(app: FastAPI, gateway: _Gateway) -> None:
                 m.name, lambda: m.explain(example, method=req.method, label=req.label, steps=req.steps)
             )
         except UserError as e:
-            raise APIError(422, str(e)) from None
+            raise _as_api_error(e) from None
         return {"model": m.name, "method": req.method, "data": data}
+
+
+def _as_api_error(e: UserError) -> APIError:
+    """A refusal of the explainer in the API's words: the command line's --method / --label / --baseline are the
+    request's fields method / label / baseline (named in ``param``)."""
+    message, param = str(e), None
+    for field in ("method", "label", "baseline", "steps"):
+        if f"--{field}" in message:
+            message, param = message.replace(f"--{field}", field), param or field
+    return APIError(422, message, param=param)
 
 
 def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:

@@ -147,7 +147,7 @@ def test_chat_completion_and_its_stream_give_the_same_greedy_reply(make_app, ser
             "max_tokens",
         ),
         ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "n"),
-        ("/v1/explain", {"model": "translate", "input": "x", "method": "occlusion"}, 422, None),
+        ("/v1/explain", {"model": "translate", "input": "x", "method": "occlusion"}, 422, "method"),
         ("/v1/explain", {"model": "nope", "input": "x"}, 404, "model"),
         ("/v1/explain", {"model": "classify", "input": "x", "steps": 65}, 422, "steps"),
         ("/v1/explain", {"model": "classify", "input": "x", "method": "shap"}, 422, "method"),
@@ -226,6 +226,15 @@ def test_api_key_is_required_on_the_api_when_set(make_app) -> None:
         assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
         assert client.get("/metrics").status_code == 401  # the server's load is the operator's, not the public's
         assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_explain_refusals_speak_of_the_request_fields(make_app) -> None:
+    with TestClient(make_app()) as client:
+        label = client.post("/v1/explain", json={"model": "classify", "input": "好", "label": "maybe"})
+        empty = client.post("/v1/explain", json={"model": "classify", "input": []})
+    assert label.status_code == 422 and label.json()["error"]["param"] == "label"
+    assert "--" not in label.json()["error"]["message"] and "label 'maybe'" in label.json()["error"]["message"]
+    assert empty.status_code == 422 and empty.json()["error"]["message"].startswith("input is empty")
 
 
 def test_a_body_that_is_not_json_names_no_field(make_app) -> None:
