@@ -8,3 +8,14 @@ It subclasses ValueError, so library callers that catch ValueError keep working.
 
 class UserError(ValueError):
     """Bad input from the user: the message names what is wrong and what would be valid."""
+
+
+def unicode_problem(text: str) -> str | None:
+    """``"lone surrogate U+D800 at character 4"`` when ``text`` holds half a UTF-16 pair (JSON's ``\\ud800`` escape
+    can spell one; no tokenizer can encode it), else None. The one check the readers, the tokenizer and the server
+    share."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None

@@ -46,6 +46,9 @@ def run_list(cfg: ListConfig) -> None:
 
 
 def run_export(cfg: ExportConfig) -> None:
+    from lmforge.rundir.layout import check_output_dir
+
+    check_output_dir(cfg.out)  # split files never go into a model or a run
     for split, path in builtin.export_builtin(cfg.name, cfg.out, path=cfg.path).items():
         console.print(f"[green]wrote[/green] {split}: {path}")
 

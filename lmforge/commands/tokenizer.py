@@ -9,5 +9,8 @@ Config = TokenizerTrainConfig
 
 
 def run(cfg: TokenizerTrainConfig) -> None:
+    from lmforge.rundir.layout import check_output_dir
+
+    check_output_dir(cfg.out)  # a model's or run's tokenizer is never replaced
     tok = train_command(cfg)
     console.print(f"[green]wrote[/green] {cfg.out}: {cfg.kind} tokenizer, {tok.vocab_size} tokens")

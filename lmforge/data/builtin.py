@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.readers import write_conll, write_jsonl, write_tsv
 from lmforge.errors import UserError
 
 SEED = 1998
@@ -57,27 +58,13 @@ class Shape:
     write: Callable[[Path, list[Example]], int]
 
 
-def _write_jsonl(path: Path, examples: list[Example]) -> int:
-    from lmforge.data.readers import write_jsonl
-
-    return write_jsonl(path, examples)
-
-
-def _write_conll(path: Path, examples: list[Example]) -> int:
-    from lmforge.data.readers import write_conll
-
-    return write_conll(path, examples)
-
-
 def _write_pairs(path: Path, examples: list[Example]) -> int:
-    from lmforge.data.readers import write_tsv
-
     return write_tsv(path, ((ex["zh"], ex["en"]) for ex in examples))
 
 
-TEXTS = Shape(lambda ex: [ex["text"]], ".jsonl", _write_jsonl)  # {"text"} (+ "label")
-TAGGED = Shape(lambda ex: ["".join(ex["tokens"])], ".conll", _write_conll)  # {"tokens", "tags"}
-DIALOGUES = Shape(lambda ex: [m["content"] for m in ex["messages"]], ".jsonl", _write_jsonl)  # {"messages"}
+TEXTS = Shape(lambda ex: [ex["text"]], ".jsonl", write_jsonl)  # {"text"} (+ "label")
+TAGGED = Shape(lambda ex: ["".join(ex["tokens"])], ".conll", write_conll)  # {"tokens", "tags"}
+DIALOGUES = Shape(lambda ex: [m["content"] for m in ex["messages"]], ".jsonl", write_jsonl)  # {"messages"}
 PAIRS = Shape(lambda ex: [ex["en"], ex["zh"]], ".tsv", _write_pairs)  # {"zh", "en"}
 
 

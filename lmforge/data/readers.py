@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, unicode_problem
 from lmforge.files import write_lines
 
 
@@ -64,10 +64,8 @@ def _lone_surrogate(value, where: str = "") -> str | None:
     """Where a JSON escape such as \\ud800 left half a UTF-16 pair in a string (no tokenizer can read it), or None.
     Files in UTF-8 cannot hold one; only JSON's escapes can."""
     if isinstance(value, str):
-        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
-        if bad is None:
-            return None
-        return f"{where or 'a value'} holds a lone surrogate (\\u{ord(bad):04x}), not a character"
+        problem = unicode_problem(value)
+        return None if problem is None else f"{where or 'a value'} is not valid Unicode: {problem}"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))

@@ -27,7 +27,7 @@ from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, unicode_problem
 from lmforge.files import atomic_write, read_json_object, write_json, write_yaml
 
 TokenizerKind = Literal["wordpiece", "bpe", "unigram"]  # unigram: imported checkpoints (XLM-R pieces)
@@ -85,14 +85,9 @@ class LMTokenizer:
             return self.tokenizer.encode(text, pair, add_special_tokens=special_tokens).ids
         except TypeError:  # what tokenizers raises for a str it cannot encode: say why
             for part in (text, pair):
-                if isinstance(part, str):
-                    try:
-                        part.encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise UserError(
-                            f"text {part[:20]!r}... is not valid Unicode: lone surrogate "
-                            f"U+{ord(part[e.start]):04X} at character {e.start}"
-                        ) from None
+                problem = unicode_problem(part) if isinstance(part, str) else None
+                if problem is not None:
+                    raise UserError(f"text {part[:20]!r}... is not valid Unicode: {problem}") from None
             raise
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:

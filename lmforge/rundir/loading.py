@@ -50,9 +50,10 @@ def backend_of(run_dir: str | os.PathLike) -> dict | None:
     return backend
 
 
-def load_base(run_dir: str | os.PathLike) -> nn.Module:
-    """The model of a model or run directory for its backend: PyTorch fp32, int8, or ONNX Runtime."""
-    backend = backend_of(run_dir)
+def load_base(run_dir: str | os.PathLike, backend: dict | None = None) -> nn.Module:
+    """The model of a model or run directory for its backend (``backend_of(run_dir)`` unless given): PyTorch fp32,
+    int8, or ONNX Runtime."""
+    backend = backend if backend is not None else backend_of(run_dir)
     if backend is None:
         return load_model(run_dir)
     if backend["backend"] == "int8":
@@ -73,19 +74,17 @@ def load_run(run_dir: str | os.PathLike, *, task: str | None = None) -> Run:
     entry = task_entry(name, kind="finetune", where=f"{run_dir / TASK_FILE}: task")
     if task is not None and name != task:
         raise UserError(f"{run_dir}: a {name!r} run, not {task!r}; pass a run directory of `lmforge finetune {task}`")
-    settings = task_settings(run_dir)
-    base = load_base(run_dir)
+    saved, backend = task_settings(run_dir), backend_of(run_dir)
+    base = load_base(run_dir, backend)
     task_cls = entry.load()
-    if settings is None:  # a pretrained model directory, opened as the task its family declares
+    if saved is None:  # a pretrained model directory, opened as the task its family declares
         assert issubclass(task_cls, OpensPretrained), f"{entry.cls} opens pretrained models"
-        settings = task_cls.pretrained_settings(base.cfg)
+    settings = saved if saved is not None else task_cls.pretrained_settings(base.cfg)
     loaded = task_cls.from_settings(run_dir, settings)
     model = loaded.assemble(base)
     if model is not base:
         _load_head(run_dir, model)
-    return Run(
-        name, loaded, model.eval(), run_dir, finetuned=task_settings(run_dir) is not None, backend=backend_of(run_dir)
-    )
+    return Run(name, loaded, model.eval(), run_dir, finetuned=saved is not None, backend=backend)
 
 
 def _load_head(run_dir: Path, model: nn.Module) -> None:

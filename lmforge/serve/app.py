@@ -249,19 +249,19 @@ def _add_info_routes(app: FastAPI, gateway: _Gateway) -> None:
 def _add_encoder_routes(app: FastAPI, gateway: _Gateway) -> None:
     limits = gateway.limits
 
-    @app.post("/v1/classify")
+    @app.post(CLASSIFY)
     async def classify(req: InputRequest) -> dict:
         m = gateway.served(req.model, CLASSIFY)
         examples = [_example(x, i, pairs=True) for i, x in enumerate(_inputs(req.input, limits))]
         return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
-    @app.post("/v1/ner")
+    @app.post(NER)
     async def ner(req: InputRequest) -> dict:
         m = gateway.served(req.model, NER)
         examples = [_example(x, i, pairs=False) for i, x in enumerate(_inputs(req.input, limits))]
         return {"model": m.name, "data": await gateway.submit(m.name, examples)}
 
-    @app.post("/v1/translate")
+    @app.post(TRANSLATE)
     async def translate(req: TranslateRequest) -> dict:
         m = gateway.served(req.model, TRANSLATE)
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
@@ -270,7 +270,7 @@ def _add_encoder_routes(app: FastAPI, gateway: _Gateway) -> None:
         translations = await gateway.submit(m.name, texts, key=key)
         return {"model": m.name, "data": [{"translation": t} for t in translations]}
 
-    @app.post("/v1/embeddings")
+    @app.post(EMBEDDINGS)
     async def embeddings(req: EmbeddingRequest) -> dict:
         m = gateway.served(req.model, EMBEDDINGS)
         texts = [_example(x, i, pairs=False)["text"] for i, x in enumerate(_inputs(req.input, limits))]
@@ -325,7 +325,7 @@ def _as_api_error(e: UserError) -> APIError:
 def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:
     limits, metrics = gateway.limits, gateway.metrics
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(CHAT, response_model=None)
     async def chat(req: ChatRequest) -> dict | StreamingResponse:
         m = gateway.served(req.model, CHAT)
         _check_message_sizes(req, limits)

@@ -7,15 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, unicode_problem
 
 
 def _valid_unicode(text: str) -> str:
     """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode: refuse them by name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"invalid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") from None
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise UserError(f"invalid Unicode: {problem}")
     return text
 
 

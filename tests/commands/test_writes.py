@@ -77,6 +77,15 @@ CASES = {
         "inside",
     ),
     "embed into a model": (["embed", "--model", "{model}", "--input", "{texts}", "--output", "{model}/v"], "inside"),
+    "train a tokenizer into a model": (
+        ["tokenizer", "train", "--input", "{texts}", "--out", "{model}"],
+        "already holds",
+    ),
+    "prepare shards into a run": (
+        ["prepare", "--input", "{texts}", "--tokenizer", "{model}", "--out", "{run}"],
+        "already holds a 'classify' run",
+    ),
+    "export a corpus into a run": (["data", "export", "reviews-sentiment", "--out", "{run}"], "already holds"),
     "translate over its input": (
         ["translate", "--model", "{run}", "--input", "{texts}", "--output", "{texts}"],
         "is the input file",
