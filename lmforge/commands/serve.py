@@ -71,6 +71,7 @@ def run(cfg: ServeConfig) -> None:
     import uvicorn
 
     from lmforge.serve.app import create_app
+    from lmforge.serve.connections import uvicorn_settings
 
     limits = dataclasses.replace(cfg.limits, api_key=cfg.limits.api_key or os.environ.get("LMFORGE_API_KEY") or None)
     if cfg.host not in LOOPBACK and not limits.api_key:
@@ -81,6 +82,6 @@ def run(cfg: ServeConfig) -> None:
         host=cfg.host,
         port=cfg.port,
         timeout_graceful_shutdown=int(cfg.graceful_s),
-        limit_concurrency=limits.max_connections,  # connections and tasks at once; 503 beyond
+        **uvicorn_settings(limits),
         log_level="info",
     )

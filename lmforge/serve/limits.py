@@ -32,6 +32,9 @@ class Limits:
     body_timeout_s: float = 10.0
     """Longest wait for the next piece of a request body (408 beyond: a client that declares more than it sends
     holds no connection for long)."""
+    header_timeout_s: float = 10.0
+    """Longest wait for a request's headers, from the connection's opening or its previous reply (408 and the
+    connection closed beyond: a client sending its headers a line at a time cannot hold a connection)."""
     max_connections: int = 256
     """Most connections served at once (503 beyond), so slow clients cannot take every file descriptor."""
     api_key: str | None = None
@@ -43,7 +46,7 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} {value}: must be a whole number >= 1")
-        for name in ("max_wait_ms", "timeout_s", "body_timeout_s"):
+        for name in ("max_wait_ms", "timeout_s", "body_timeout_s", "header_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
                 raise UserError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0 (max-wait-ms: >= 0)")
