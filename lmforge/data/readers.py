@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from lmforge.errors import UserError, unicode_problem
 from lmforge.files import write_lines
+
+logger = logging.getLogger(__name__)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -181,6 +184,8 @@ class ReadReport:
     path: str
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """How the file was read where it differs from its face value (e.g. IOB1 tags read as IOB2)."""
 
     def reject(self, lineno: int, problem: str, *, skip: bool, unit: str = "rows") -> None:
         """Record a bad row with --skip-bad-rows, else raise naming file:line."""
@@ -358,8 +363,38 @@ def read_tagged(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tupl
                 continue
             tokens.append(cols[0])
             tags.append(cols[-1])
+    _read_as_iob2(examples, report)
     report.kept = len(examples)
     return examples, report
+
+
+def iob1_to_iob2(tags: list[str]) -> list[str]:
+    """IOB1 (or IO) tags as IOB2: an ``I-X`` that does not continue an ``X`` entity starts one, ``B-X``."""
+    out = list(tags)
+    for i, t in enumerate(tags):
+        if t.startswith("I-") and (i == 0 or tags[i - 1] == "O" or tags[i - 1][2:] != t[2:]):
+            out[i] = "B-" + t[2:]
+    return out
+
+
+def _read_as_iob2(examples: list[dict], report: ReadReport) -> None:
+    """A BIO file whose entities start with ``I-`` (IOB1, as the original CoNLL-2003 files, or IO with no
+    ``B-`` at all) is read as IOB2, the scheme training and strict evaluation use; otherwise every such
+    entity would count as malformed and vanish from training and scoring. Reading ``I-X`` after ``O`` as an
+    entity's start is also how conlleval scores it. BIOES files are left as they are. Said in the report."""
+    if any(t[:2] in ("E-", "S-") for ex in examples for t in ex["tags"]):
+        return
+    starts = 0
+    for ex in examples:
+        converted = iob1_to_iob2(ex["tags"])
+        starts += sum(a != b for a, b in zip(ex["tags"], converted, strict=True))
+        ex["tags"] = converted
+    if starts:
+        report.notes.append(
+            f"{report.path}: {starts} entit{'y' if starts == 1 else 'ies'} began with I- (the IOB1 or IO scheme); "
+            "read as IOB2, with B- at each entity's start"
+        )
+        logger.warning(report.notes[-1])
 
 
 def tags_problem(tokens: list, tags: list) -> str | None:

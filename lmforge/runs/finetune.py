@@ -132,6 +132,7 @@ def data_report(cfg: FinetuneConfig, splits: dict, reports: list[ReadReport], ta
         "examples": {s: len(v) for s, v in splits.items()},
         "training_items": len(task.train_items),
         "skipped_rows": skipped_rows(reports),
+        **({"read_as": notes} if (notes := [n for r in reports for n in r.notes]) else {}),
         "truncated": dict(task.truncated),
     }
 

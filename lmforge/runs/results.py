@@ -81,6 +81,7 @@ def write_report(run_dir: Path, r: FinetuneResult) -> None:
     lines += [
         f"Data: {d['source']}; examples {d['examples']}; truncated or windowed: {d['truncated']}; "
         f"skipped bad rows: {skipped}.",
+        *(f"Note: {note}." for note in d.get("read_as", ())),
         "",
     ]
     if "distillation" in r.extras:

@@ -77,6 +77,24 @@ def test_read_tagged_conll_and_jsonl(tmp_path: Path) -> None:
     assert read_tagged(jsonl)[0][0]["tags"] == ["B-LOC", "I-LOC"]
 
 
+def test_entities_that_begin_with_i_are_read_as_iob2_and_the_report_says_so(tmp_path: Path) -> None:
+    """IOB1 / IO files (every entity tagged I-) used to vanish under strict IOB2 scoring: F1 0 on a model that
+    could not learn them. Each I- that does not continue its own type starts an entity; BIOES is untouched."""
+    from lmforge.data.readers import iob1_to_iob2, read_tagged
+
+    assert iob1_to_iob2(["I-PER", "I-PER", "O", "I-LOC", "I-ORG", "B-ORG"]) == [
+        "B-PER", "I-PER", "O", "B-LOC", "B-ORG", "B-ORG"
+    ]  # fmt: skip
+    examples, report = read_tagged(_write(tmp_path, "io.conll", "北 I-LOC\n京 I-LOC\n\n江 I-PER\n是 O\n"))
+    assert [ex["tags"] for ex in examples] == [["B-LOC", "I-LOC"], ["B-PER", "O"]]
+    assert report.notes == [f"{tmp_path / 'io.conll'}: 2 entities began with I- (the IOB1 or IO scheme); "
+                            "read as IOB2, with B- at each entity's start"]  # fmt: skip
+    examples, report = read_tagged(_write(tmp_path, "bio.conll", "北 B-LOC\n京 I-LOC\n"))
+    assert examples[0]["tags"] == ["B-LOC", "I-LOC"] and report.notes == []
+    examples, report = read_tagged(_write(tmp_path, "bioes.conll", "北 S-LOC\n京 I-LOC\n"))
+    assert examples[0]["tags"] == ["S-LOC", "I-LOC"] and report.notes == []
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -228,7 +228,14 @@ def test_a_body_that_stops_coming_is_answered_408_within_the_read_timeout(make_a
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("queue_size", 0), ("max_body_bytes", -1), ("max_connections", 0), ("timeout_s", 0.0), ("body_timeout_s", -1.0)],
+    [
+        ("queue_size", 0),
+        ("max_body_bytes", -1),
+        ("max_connections", 0),
+        ("timeout_s", 0.0),
+        ("body_timeout_s", -1.0),
+        ("header_timeout_s", float("nan")),
+    ],
 )
 def test_limits_that_would_break_the_server_are_refused(field: str, value) -> None:
     from lmforge.errors import UserError
