@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from lmforge.explain.targets import explain
 from lmforge.explain.views import cjk_font, render_html, render_png
 from lmforge.files import write_text
 from lmforge.tasks.base import ExplainsExamples
+
+logger = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 4
 """A report explains an input only when it has at most this many outputs (an untrained NER model predicts entities
@@ -108,9 +111,16 @@ def write_explanations(
     font = cjk_font() if png else None  # refused before any work when there is none
     explanations, rows = [], []
     for i, ex in enumerate(examples):
-        for e in explain(run, ex, method=method, label=label, steps=steps, baseline=baseline):
+        found = explain(run, ex, method=method, label=label, steps=steps, baseline=baseline)
+        for e in found:
             explanations.append(e)
             rows.append({"input": i, **e.to_json()})
+        cut = {(e.text, e.extra["read_chars"]) for e in found if "read_chars" in e.extra}
+        for text, read in sorted(cut):
+            logger.warning(
+                "input %d: the model read the first %d of its %d characters (its window); the rest is not explained",
+                i + 1, read, len(text),
+            )  # fmt: skip
     write_jsonl(out, rows)
     write_text(html_path, render_html(explanations, title=f"lmforge explain · {run.directory} · {method}"))
     if png_path is not None:

@@ -409,4 +409,17 @@ def explain(
     options = {"label": label} if explaining.label else {}
     if explaining.baselines:
         options["baseline"] = baseline
-    return resolve(explaining.explainer)(run, example, method=method, steps=steps, **options)
+    explanations = resolve(explaining.explainer)(run, example, method=method, steps=steps, **options)
+    for e in explanations:
+        mark_unread(e)
+    return explanations
+
+
+def mark_unread(e: Explanation) -> None:
+    """Where the model stopped reading a text longer than its window: ``extra["read_chars"]``, the end of the
+    last token it read, set when text other than white space follows (nothing after it is explained, and the
+    pictures show only what was read)."""
+    if e.tokens:
+        end = max(t.end for t in e.tokens)
+        if e.text[end:].strip():
+            e.extra["read_chars"] = end

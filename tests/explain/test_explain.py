@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -206,6 +207,63 @@ def test_explain_command_writes_jsonl_html_and_png(runs, tmp_path: Path) -> None
     pair = [json.loads(line) for line in embed_out.read_text(encoding="utf-8").splitlines()]
     assert [p["text"] for p in pair] == ["房间干净", "房间很干净"]
     assert pair[0]["value"] == pytest.approx(pair[1]["value"])  # one cosine, seen from each side
+
+
+def _need_cjk_font() -> str:
+    from lmforge.explain.views import CJK_FONTS, cjk_font
+
+    try:
+        return cjk_font()
+    except UserError:
+        if os.environ.get("CI"):
+            raise  # .ci/run installs fonts-wqy-microhei: a missing font there is a defect
+        pytest.skip(f"no CJK font ({', '.join(CJK_FONTS)}) on this machine: apt install fonts-wqy-microhei")
+
+
+def test_a_text_longer_than_the_window_is_explained_as_far_as_it_was_read_and_says_so(
+    runs, tmp_path: Path, caplog
+) -> None:
+    """Before, a 100,000-character text drew all of itself (a 58 MB PNG) while the model had read 32 tokens.
+    Now the JSONL records where reading stopped, the log and both pictures say what was left out, and the PNG
+    is the same size whatever follows the window."""
+    import matplotlib.image
+
+    _need_cjk_font()
+    long = "".join(random.Random(0).choice(POOL) for _ in range(3000))
+    sizes = []
+    for n in (300, 3000):
+        out = tmp_path / f"long{n}.jsonl"
+        (tmp_path / f"long{n}.txt").write_text(long[:n] + "\n", encoding="utf-8")
+        args = ["explain", "--model", str(runs["classify"]), "--input", str(tmp_path / f"long{n}.txt")]
+        assert main([*args, "--output", str(out), "--method", "occlusion"]) == 0
+        row = json.loads(out.read_text(encoding="utf-8"))
+        read = row["extra"]["read_chars"]
+        assert read == max(t["end"] for t in row["tokens"]) and 0 < read < 40  # 30 text tokens of max-len 32
+        assert f"the model read the first {read} of its {n} characters" in caplog.text
+        assert f"{n - read:,} more characters: beyond the model" in out.with_suffix(".html").read_text()
+        sizes.append(matplotlib.image.imread(out.with_suffix(".png")).shape)
+    assert sizes[0] == sizes[1]
+
+
+def test_the_png_is_bounded_however_many_and_long_the_explanations(tmp_path: Path) -> None:
+    """At most PNG_LINES_EACH lines of each text and PNG_LINES in all: twelve 3,000-character explanations give
+    the picture that the first six do (the rest are on the HTML page, as the picture says)."""
+    import matplotlib.image
+
+    from lmforge.explain.attribution import Explanation, TokenScore
+    from lmforge.explain.views import PNG_LINES, PNG_LINES_EACH, render_png
+
+    font = _need_cjk_font()
+    text = "".join(random.Random(1).choice(POOL) for _ in range(3000))
+    tokens = [TokenScore(ch, i, i + 1, math.sin(i)) for i, ch in enumerate(text)]
+    ex = Explanation(text=text, target="pos", method="ig", value=0.9, tokens=tokens)
+    shown = PNG_LINES // PNG_LINES_EACH
+    heights = {}
+    for n in (shown, 12):
+        render_png([ex] * n, tmp_path / f"{n}.png", font=font)
+        heights[n] = matplotlib.image.imread(tmp_path / f"{n}.png").shape[0]
+    assert 0 < heights[12] - heights[shown] < 50  # only the "… 6 more explanations" line differs
+    assert heights[12] < 120 * (PNG_LINES * 1.9 + 12 * 1.2 + 2) * 0.25 + 30
 
 
 def test_explain_refuses_bad_requests_before_any_work(runs, tmp_path: Path, capsys) -> None:
