@@ -8,6 +8,7 @@ needs (``tasks.TASKS``' capabilities).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from lmforge.data.readers import check_output_file
 from lmforge.data.tokenizer import copy_tokenizer_files
 from lmforge.errors import UserError
-from lmforge.files import atomic_write, read_json_object, write_json
+from lmforge.files import atomic_write, read_json_object, read_yaml, write_json
 from lmforge.models.registry import CONFIG_FILE, model_type_of, read_config, save_model
 from lmforge.tasks import TASKS, TaskEntry, opened_as, with_capability
 
@@ -104,6 +105,24 @@ def is_plain_model(directory: Path) -> bool:
     """A lmforge model directory with nothing of a run: what ``lmforge convert`` writes."""
     run_files = (TASK_FILE, RECIPE_FILE, BACKEND_FILE, "trainer_state")
     return (directory / CONFIG_FILE).is_file() and not any((directory / f).exists() for f in run_files)
+
+
+def holds_stages_of(config_type: type) -> Callable[[Path], bool]:
+    """Whether a directory is a multi-stage command's own ``--out`` (demo, compare, nas: run directories inside):
+    no model or run file at its top but a recipe whose keys are all fields of ``config_type`` (the command's
+    config), so a rerun may reuse it and another command may not write there."""
+    names = {f.name for f in dataclasses.fields(config_type)}
+
+    def reusable(directory: Path) -> bool:
+        if any((directory / m).exists() for m in MODEL_MARKERS if m != RECIPE_FILE):
+            return False
+        try:
+            recipe = read_yaml(directory / RECIPE_FILE)
+        except UserError:
+            return False
+        return isinstance(recipe, dict) and set(recipe) <= names
+
+    return reusable
 
 
 def check_output_dir(

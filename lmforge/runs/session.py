@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.rundir.layout import check_output_dir, holds_stages_of
 from lmforge.train import checkpoint, distributed
 
 LOCK_FILE = ".lock"
@@ -96,10 +97,13 @@ def locked(run_dir: str | os.PathLike) -> Iterator[Path]:
 
 def holds_out_dir(command):
     """Decorator: ``command(cfg, ...)`` runs holding the lock of ``cfg.out`` (multi-stage commands: demo,
-    compare, nas; each stage's own run directory is locked again by its training command)."""
+    compare, nas; each stage's own run directory is locked again by its training command), once ``cfg.out`` is
+    known to be new, or this command's own earlier output (``rundir.layout.holds_stages_of``): never a model, a
+    run or another command's stages."""
 
     @functools.wraps(command)
     def locked_command(cfg, *args, **kwargs):
+        check_output_dir(cfg.out, reusable=holds_stages_of(type(cfg)))
         with locked(cfg.out):
             return command(cfg, *args, **kwargs)
 

@@ -12,6 +12,9 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.data.readers import write_jsonl
+from lmforge.files import write_yaml
+from lmforge.rundir.layout import holds_stages_of
+from lmforge.runs.config import CompareConfig, DemoConfig
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.eval-every", "0", "--max-len", "32"]
 
@@ -26,7 +29,10 @@ def dirs(cue_texts, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -
     run = root / "run"
     args = ["finetune", "classify", "--model", str(model), "--train", str(root / "train.jsonl"), "--out", str(run)]
     assert main([*args, "--epochs", "1", *FAST]) == 0
-    return {"model": model, "run": run, "texts": root / "train.jsonl", "root": root}
+    compare = root / "compare"  # what `lmforge compare` leaves at the top of its --out
+    compare.mkdir()
+    write_yaml(compare / "config.yaml", CompareConfig(out=str(compare)))
+    return {"model": model, "run": run, "texts": root / "train.jsonl", "root": root, "compare": compare}
 
 
 def _fingerprint(directory: Path) -> dict[str, str]:
@@ -86,6 +92,10 @@ CASES = {
         "already holds a 'classify' run",
     ),
     "export a corpus into a run": (["data", "export", "reviews-sentiment", "--out", "{run}"], "already holds"),
+    "demo into a run": (["demo", "--quick", "--out", "{run}"], "already holds a 'classify' run"),
+    "compare into a model": (["compare", "--out", "{model}"], "already holds a model directory"),
+    "nas into a run": (["nas", "--out", "{run}"], "already holds a 'classify' run"),
+    "nas into a comparison": (["nas", "--out", "{compare}"], "already holds a training run"),
     "translate over its input": (
         ["translate", "--model", "{run}", "--input", "{texts}", "--output", "{texts}"],
         "is the input file",
@@ -105,3 +115,13 @@ def test_a_command_never_writes_over_a_model_a_run_an_input_or_its_own_output(
     assert message in said.out + said.err, said.out + said.err
     assert {name: _fingerprint(d) for name, d in dirs.items() if d.is_dir()} == before
     assert dirs["texts"].read_bytes() == texts
+
+
+def test_a_multi_stage_command_reuses_its_own_output_and_no_other(dirs: dict[str, Path]) -> None:
+    """compare and nas rerun in their own --out (finished stages are reused), and in no other command's."""
+    from lmforge.nas.config import NASConfig
+
+    assert holds_stages_of(CompareConfig)(dirs["compare"])
+    assert not holds_stages_of(NASConfig)(dirs["compare"])
+    assert not holds_stages_of(DemoConfig)(dirs["compare"])
+    assert not holds_stages_of(CompareConfig)(dirs["run"])  # a run's recipe is a fine-tuning config
