@@ -28,8 +28,8 @@ class Config:
     text_pair: str | None = None
     """With --text and an embedding run: the second text (the similarity of the two is explained)."""
     method: Literal["ig", "grad-x-input", "occlusion", "attention"] = "ig"
-    """ig: Integrated Gradients on the embeddings; grad-x-input; occlusion ([MASK] per token: one forward pass per token,
-    2.5 min for e5-small's full 512-token window on 2 cores; encoders only); attention: rollout (translate: the
+    """ig: Integrated Gradients on the embeddings; grad-x-input; occlusion ([MASK] per token: one forward pass per
+    token, 2.5 min for e5-small's full 512-token window on 2 cores; encoders only); attention: rollout (translate: the
     decoder's cross-attention). Only what the model reads (its window) is explained; the rest of a longer text is
     left out, and the log and the pictures say so."""
     label: str | None = None
