@@ -31,10 +31,11 @@ def _scale(ex: Explanation) -> float:
     return max((abs(t.score) for t in ex.tokens), default=0.0)
 
 
-PNG_LINES_EACH = 20
+PNG_LINES_EACH = 15
 """Most lines of text the PNG draws of one explanation (40 characters a line; the HTML page has all of it)."""
-PNG_LINES = 120
-"""Most lines of text in one PNG; the explanations past them are on the HTML page only (the PNG says so)."""
+PNG_LINES = 60
+"""Most lines of text in one PNG; the explanations past them are on the HTML page only (the PNG says so). Each
+character is drawn on its own (about 6 ms on 2 cores), so this also bounds the drawing to about 15 s."""
 
 
 def _segments(ex: Explanation) -> list[tuple[str, float | None]]:
