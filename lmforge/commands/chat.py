@@ -51,9 +51,11 @@ def open_session(model_dir: str, *, system: str | None = None, precision: str = 
     """A ``ChatSession`` over the GPT of ``model_dir`` (a chat run, or a pretrained GPT directory)."""
     from lmforge.inference.chat import ChatSession
     from lmforge.rundir import load_run
+    from lmforge.rundir.convert import converted_chat_model
 
     run = load_run(model_dir, task="chat")  # chat and generate are the chat task's commands
-    return ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, system=system, precision=precision)
+    chat = run.finetuned or converted_chat_model(model_dir)
+    return ChatSession(run.model, run.task.tokenizer, is_chat_model=chat, system=system, precision=precision)
 
 
 def generate(cfg: GenerateConfig, write: Callable[[str], None]) -> str:
@@ -74,7 +76,10 @@ def chat_loop(cfg: ChatConfig, read: Callable[[], str], write: Callable[[str], N
     """The interactive loop: ``read`` returns the next user line (EOFError ends); returns the turns answered."""
     session = open_session(cfg.model, system=cfg.system, precision=cfg.precision)
     if not session.is_chat_model:
-        write(f"note: {cfg.model} has no chat fine-tuning (task.json); replies may not follow the conversation\n")
+        write(
+            f"note: {cfg.model} is not a chat model (no chat fine-tuning, not an instruction-tuned checkpoint); "
+            "replies may not follow the conversation\n"
+        )
     write("chat: type a message; /reset starts over, /quit ends\n")
     turns = 0
     while True:

@@ -1,5 +1,5 @@
-"""``lmforge convert``: import a Hugging Face model directory (``--from-hf DIR``) or a
-built-in pretrained checkpoint (``--builtin NAME``, ``rundir/convert.py``, optionally trimmed to a corpus's
+"""``lmforge convert``: import a Hugging Face model directory (``--from-hf DIR``), a GGUF file (``--from-gguf
+FILE``) or a built-in pretrained checkpoint (``--builtin NAME``, ``rundir/convert.py``, optionally trimmed to a corpus's
 vocabulary); ``lmforge models list`` shows the built-in checkpoints."""
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ class Config:
     """lmforge model directory to write."""
     from_hf: str | None = None
     """Hugging Face model directory (BERT, GPT-2, Llama, Qwen2; config.json, model.safetensors, tokenizer)."""
+    from_gguf: str | None = None
+    """A GGUF file instead (llama.cpp's format: Llama, Qwen2; F32, F16, BF16, Q4_0-Q8_0, Q4_K, Q5_K, Q6_K)."""
     builtin: str | None = None
-    """A built-in checkpoint instead (see `lmforge models list`), e.g. multilingual-e5-small."""
+    """A built-in checkpoint instead (see `lmforge models list`), e.g. multilingual-e5-small, smollm2-135m-instruct."""
     trim_vocab: list[str] = field(default_factory=list)
     """With --builtin: keep only the vocabulary these corpora use (text / .jsonl files or builtin:NAME)."""
 
     def __post_init__(self) -> None:
-        if (self.from_hf is None) == (self.builtin is None):
-            raise UserError("give either --from-hf DIR or --builtin NAME (see `lmforge models list`)")
+        if sum(x is not None for x in (self.from_hf, self.from_gguf, self.builtin)) != 1:
+            raise UserError(
+                "give one of --from-hf DIR, --from-gguf FILE and --builtin NAME (see `lmforge models list`)"
+            )
         if self.trim_vocab and self.builtin is None:
             raise UserError("--trim-vocab applies to --builtin checkpoints")
 
@@ -44,6 +48,13 @@ def convert(cfg: Config) -> Path:
         kept = f", vocabulary trimmed to {report['kept_pieces']:,} pieces" if "kept_pieces" in report else ""
         console.print(f"{cfg.builtin}: {report['parameters']:,} parameters{kept} ({report['seconds']} s)")
         return Path(cfg.out)
+    if cfg.from_gguf is not None:
+        from lmforge.rundir.convert import convert_gguf
+
+        report = convert_gguf(cfg.from_gguf, cfg.out)
+        types = ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items())
+        console.print(f"{report['name'] or cfg.from_gguf}: {report['parameters']:,} parameters from {types}")
+        return Path(cfg.out)
     from lmforge.rundir.convert import convert_hf
 
     return convert_hf(cfg.from_hf, cfg.out)
@@ -52,9 +63,11 @@ def convert(cfg: Config) -> Path:
 def run_list(cfg: ListConfig) -> None:
     from lmforge.models.checkpoints import CHECKPOINTS
 
-    rows = [[c.name, c.package, c.license, c.description] for c in CHECKPOINTS.values()]
+    rows = [[c.name, c.size, c.languages, c.license, c.description, c.install] for c in CHECKPOINTS.values()]
     print_table(
-        "Built-in checkpoints (lmforge convert --builtin NAME --out DIR)", ["name", "package", "license", "what"], rows
+        "Built-in checkpoints (lmforge convert --builtin NAME --out DIR)",
+        ["name", "size", "languages", "licence", "what", "install"],
+        rows,
     )
 
 

@@ -65,11 +65,13 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 @dataclass
 class LMTokenizer:
-    """A ``tokenizers.Tokenizer`` with its kind and the ids of its special tokens."""
+    """A ``tokenizers.Tokenizer`` with its kind, the ids of its special tokens, and its chat template (Jinja, as
+    transformers stores it; None: lmforge's ChatML ``CHAT_TEMPLATE`` where the vocabulary has its tokens)."""
 
     tokenizer: Tokenizer
     kind: TokenizerKind
     specials: dict[str, str]
+    chat_template: str | None = None
 
     def token_id(self, role: str) -> int | None:
         """Id of the special token with ``role`` (pad, unk, cls, sep, mask, eos, ...), or None."""
@@ -219,8 +221,11 @@ def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_
     }
     special_map = {roles[r]: t for r, t in tok.specials.items() if r in roles}
     if tok.kind == "bpe":
-        special_map["bos_token"] = tok.specials["eos"]  # GPT-2 convention: one <|endoftext|> for both
-        special_map["additional_special_tokens"] = [tok.specials["im_start"], tok.specials["im_end"]]
+        # GPT-2 convention where there is no BOS of its own: one <|endoftext|> for both
+        special_map["bos_token"] = tok.specials.get("bos", tok.specials["eos"])
+        chat = [tok.specials[r] for r in ("im_start", "im_end", "eot") if r in tok.specials]
+        if chat:
+            special_map["additional_special_tokens"] = chat
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
@@ -229,9 +234,11 @@ def save_tokenizer(tok: LMTokenizer, directory: str | os.PathLike, *, model_max_
         "clean_up_tokenization_spaces": False,
         **special_map,
     }
-    if tok.kind == "bpe":
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    elif tok.kind == "bpe" and "im_start" in tok.specials:
         config["chat_template"] = CHAT_TEMPLATE
-    else:
+    if tok.kind != "bpe":
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", special_map)
@@ -252,8 +259,10 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
     tok.no_truncation()
     cfg_path = directory / "tokenizer_config.json"
     cfg = read_json_object(cfg_path, what="tokenizer config") if cfg_path.is_file() else {}
+    template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+    own_template = None if template == CHAT_TEMPLATE else template
     if "lmforge_kind" in cfg:
-        return LMTokenizer(tok, cfg["lmforge_kind"], dict(cfg["lmforge_specials"]))
+        return LMTokenizer(tok, cfg["lmforge_kind"], dict(cfg["lmforge_specials"]), chat_template=own_template)
     # A tokenizer from elsewhere (e.g. an imported Hugging Face model): infer kind and specials.
     kind: TokenizerKind = "wordpiece" if type(tok.model).__name__ == "WordPiece" else "bpe"
     roles = {
@@ -272,7 +281,7 @@ def load_tokenizer(directory: str | os.PathLike) -> LMTokenizer:
             value = value.get("content")
         if isinstance(value, str) and tok.token_to_id(value) is not None:
             specials[role] = value
-    return LMTokenizer(tok, kind, specials)
+    return LMTokenizer(tok, kind, specials, chat_template=own_template)
 
 
 UNIGRAM_SPECIALS = {

@@ -308,7 +308,7 @@ def explain_continuation(
         at = next((i for i in range(len(ids) - len(text_ids) + 1) if ids[i : i + len(text_ids)] == text_ids), None)
         if at is None:
             raise UserError("explain: the text is not tokenized the same inside the chat template; explain it raw")
-        stop = [session.im_end]
+        stop = session.turn_ends
     else:
         ids, at, stop = text_ids, 0, []
     if not text_ids:

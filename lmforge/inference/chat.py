@@ -1,8 +1,10 @@
 """Chatting with a GPT: the ChatML prompt of a conversation, and ``ChatSession`` (history, streamed replies).
 
-The prompt is rendered with ``render_chat`` (the ChatML template that ``data/tokenizer.py`` stores
-with the tokenizer as Jinja, ``<|im_start|>role\ncontent<|im_end|>\n``), then tokenized as a
-whole; ``chat_prompt_ids`` drops the oldest turns (a system message stays) until the prompt and the
+The prompt is rendered with ``render_chat``: the tokenizer's own chat template where it has one (an imported
+model's, e.g. from a GGUF file's ``tokenizer.chat_template``), else the ChatML template that ``data/tokenizer.py``
+stores with the tokenizers it trains (``<|im_start|>role\ncontent<|im_end|>\n``), rendered as transformers'
+``apply_chat_template`` renders it (the same sandboxed Jinja environment, the special tokens as variables), then
+tokenized as a whole; ``chat_prompt_ids`` drops the oldest turns (a system message stays) until the prompt and the
 reply fit the model window. Used by ``lmforge chat`` / ``generate``, the server's chat endpoint, and
 the dialogue task's sampled dev replies.
 """
@@ -23,18 +25,29 @@ from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generator
 
 
-@functools.lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
+def _raise_exception(message: str) -> None:
+    raise UserError(f"the model's chat template refused the conversation: {message}")
+
+
+@functools.lru_cache(maxsize=4)
+def _template(source: str) -> jinja2.Template:
     # the environment transformers renders chat templates in, so both give the same text
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(CHAT_TEMPLATE)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the tokenizer's chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
 
 
 def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
-    """The ChatML text of ``messages``, rendered with the one chat template (``data/tokenizer.CHAT_TEMPLATE``,
-    the Jinja template stored with the tokenizer)."""
-    chat_tokens(tok)
-    return _template().render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+    """The text of ``messages`` in the tokenizer's chat template (its own, or lmforge's ChatML
+    ``data/tokenizer.CHAT_TEMPLATE``)."""
+    if tok.chat_template is None:
+        chat_tokens(tok)
+    special = {f"{role}_token": token for role, token in tok.specials.items() if role in ("bos", "eos", "unk", "pad")}
+    template = _template(tok.chat_template or CHAT_TEMPLATE)
+    return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
 
 
 def assistant_spans(tok: LMTokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -92,9 +105,11 @@ class ChatSession:
         system: str | None = None,
         precision: str = "fp32",
     ):
-        chat_tokens(tokenizer)
+        if tokenizer.chat_template is None:
+            chat_tokens(tokenizer)
         self.model, self.tokenizer, self.is_chat_model = model, tokenizer, is_chat_model
-        self.im_end = tokenizer.token_id("im_end")
+        ends = (tokenizer.token_id("im_end"), tokenizer.token_id("eot"))
+        self.turn_ends = sorted({i for i in ends if i is not None})
         self.generator = Generator(model, tokenizer, copy_weights=False, precision=precision)
         self.system = system
         self.history: list[dict] = []
@@ -107,8 +122,9 @@ class ChatSession:
         self.history = []
 
     def config(self, cfg: GenerationConfig) -> GenerationConfig:
-        """``cfg`` with <|im_end|> among the stop tokens."""
-        return dataclasses.replace(cfg, stop_token_ids=sorted({*cfg.stop_token_ids, self.im_end}))
+        """``cfg`` with the end-of-turn tokens (ChatML's <|im_end|>, or the tokenizer's end-of-turn token such as
+        Gemma's <end_of_turn>) among the stop tokens."""
+        return dataclasses.replace(cfg, stop_token_ids=sorted({*cfg.stop_token_ids, *self.turn_ends}))
 
     def prompt_ids(self, messages: Sequence[dict], max_new_tokens: int) -> list[int]:
         """The prompt of ``messages``, oldest turns dropped to leave ``max_new_tokens`` in the window."""

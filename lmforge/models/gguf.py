@@ -1,0 +1,99 @@
+"""GGUF files, llama.cpp's model format: read (checked before any work) and dequantized to float32.
+
+A GGUF file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds key-value metadata (the
+architecture and its hyper-parameters under ``ARCH.*``, the tokenizer under ``tokenizer.ggml.*``, the chat
+template as ``tokenizer.chat_template``) and tensors, each of one ``ggml`` type: plain (F32, F16, BF16) or
+quantized in blocks (Q4_0 ... Q8_0, and the "K" super-blocks Q4_K, Q5_K, Q6_K of the Q4_K_M / Q5_K_M mixes).
+The file is read with the ``gguf`` package that llama.cpp publishes (``GGUFReader`` maps it into memory,
+``gguf.quants.dequantize`` turns each type back into float32): a tensor is only read when it is converted, one
+at a time, so converting never holds the file twice.
+
+``open_gguf`` checks, before anything is converted, that the file is GGUF, that it is whole (every tensor's
+bytes lie inside it), and that every tensor's type is one this module reads; ``metadata`` gives the key-value
+pairs as Python values; ``dequantized`` one tensor in PyTorch's (rows, columns) order. The names and the
+transforms llama.cpp applied at conversion (the Llama Q/K row permutation, Gemma's +1 on norm weights) are
+undone in ``models/convert.py``, the one place foreign names live.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import UserError
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+"""The tensor types read here: those llama.cpp's common files use (a Q4_K_M file also holds Q5_0, Q6_K and
+Q8_0 tensors where a row's width is not a multiple of 256)."""
+
+_MAGIC = b"GGUF"
+
+
+@dataclass
+class GGUFFile:
+    """An opened, checked GGUF file: its path, the ``gguf`` reader, and the tensors by name."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    tensors: dict[str, Any]  # name -> gguf.ReaderTensor
+
+    @property
+    def architecture(self) -> str:
+        return str(self.value("general.architecture"))
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """One metadata value as a Python value (str, int, float, bool or a list of them), or ``default``."""
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        """A metadata value the conversion cannot do without; a UserError naming the key when it is missing."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            raise UserError(f"{self.path}: the GGUF metadata has no {key!r}, which a {self.architecture} model needs")
+        return field.contents()
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as float32 in PyTorch's order (GGUF lists dimensions innermost first)."""
+        from gguf import dequantize
+
+        t = self.tensors[name]
+        shape = tuple(int(n) for n in reversed(t.shape))
+        values = dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a copy: F32 data is the file
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open ``path`` and check it before any work: a GGUF file, whole, with only ``SUPPORTED_TYPES`` tensors;
+    a UserError naming the file and what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != _MAGIC:
+        raise UserError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with {_MAGIC!r})")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    tensors = {}
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise UserError(f"{path}: truncated: tensor {t.name!r} ends at byte {end:,}, the file has {size:,} bytes")
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise UserError(
+                f"{path}: tensor {t.name!r} is {kind}, a type not read here; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+        tensors[t.name] = t
+    return GGUFFile(path, reader, tensors)

@@ -1,0 +1,171 @@
+"""GGUF import: tiny synthetic files (``gguf_files.py``, written as llama.cpp's converter writes them) read by
+lmforge and by transformers' own GGUF loader, compared: logits, greedy tokens, token ids, the chat template;
+and one clear error, before any work, for each kind of bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+import transformers
+
+from lmforge.cli import main
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.inference.chat import render_chat
+from lmforge.models.registry import load_model
+from tests.models.gguf_files import TEXTS, train_bpe, write_gguf
+
+Q = gguf.GGMLQuantizationType
+MIXED = [
+    "Hello world, the quick brown fox.",
+    "今天天气很好，我们去公园散步吧。",
+    "Numbers 12345 and 2026-12-07 😀🚀 ＡＢＣ１２３！ mixed 中文 text",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(400)
+
+
+def _hf_model(arch: str, vocab: int, *, width: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * width,
+        max_position_embeddings=256,
+    )
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=100000.0, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def _convert(path: Path, out: Path) -> None:
+    assert main(["convert", "--from-gguf", str(path), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "qtype", "width"),
+    [
+        ("llama", Q.F32, 64),
+        ("qwen2", Q.F16, 64),
+        ("llama", Q.BF16, 64),
+        ("llama", Q.Q8_0, 64),
+        ("llama", Q.Q4_0, 64),
+        ("llama", Q.Q4_1, 64),
+        ("qwen2", Q.Q5_0, 64),
+        ("llama", Q.Q5_1, 64),
+        ("llama", Q.Q4_K, 256),
+        ("qwen2", Q.Q5_K, 256),
+        ("llama", Q.Q6_K, 256),
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_logits_equal_transformers_reading_the_same_gguf(tmp_path: Path, bpe, arch: str, qtype, width: int) -> None:
+    """The same file through both readers: dequantized weights, names and the undone Q/K permutation agree to
+    1e-4 in fp32 on a padded batch, and 32 greedy tokens are the same."""
+    hf = _hf_model(arch, bpe.get_vocab_size(), width=width)
+    path = write_gguf(tmp_path / "m.gguf", hf, bpe, qtype=qtype)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    _convert(path, tmp_path / "lm")
+    model = load_model(tmp_path / "lm").eval()
+    ids = torch.randint(0, bpe.get_vocab_size(), (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        greedy = reference.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 5:].tolist()
+    tokens = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(32):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert tokens[5:] == greedy
+
+
+def test_token_ids_and_chat_template_match_transformers(tmp_path: Path, bpe) -> None:
+    """Token ids on Chinese, English, digits, emoji, full-width text and ChatML equal transformers' GGUF tokenizer;
+    the chat template comes from tokenizer.chat_template and renders as transformers renders it."""
+    hf = _hf_model("llama", bpe.get_vocab_size())
+    write_gguf(tmp_path / "m.gguf", hf, bpe, chat_template=TEMPLATE)
+    _convert(tmp_path / "m.gguf", tmp_path / "lm")
+    ours = load_tokenizer(tmp_path / "lm")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in MIXED + TEXTS[:4]:
+        assert ours.encode(text, special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+    assert ours.token_id("eos") == theirs.eos_token_id and ours.specials["im_end"] == "<|im_end|>"
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "再来"},
+    ]
+    rendered = render_chat(ours, messages, add_generation_prompt=True)
+    assert rendered == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_smollm_splits_digits_one_by_one_as_llama_cpp_does(tmp_path: Path, bpe) -> None:
+    """``pre = smollm``: llama.cpp and SmolLM2's tokenizer.json cut numbers into single digits (transformers' GGUF
+    loader does not, so this is checked against the digits themselves)."""
+    hf = _hf_model("llama", bpe.get_vocab_size())
+    write_gguf(tmp_path / "m.gguf", hf, bpe, pre="smollm")
+    _convert(tmp_path / "m.gguf", tmp_path / "lm")
+    tok = load_tokenizer(tmp_path / "lm")
+    pieces = [tok.decode([i]) for i in tok.encode("year 2026", special_tokens=False)]
+    assert pieces[-4:] == ["2", "0", "2", "6"]
+
+
+def _bad_files(tmp_path: Path, bpe) -> dict[str, tuple[Path, str]]:
+    hf = _hf_model("llama", bpe.get_vocab_size())
+    good = write_gguf(tmp_path / "good.gguf", hf, bpe)
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 5000])
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    arch = data.replace(b"llama", b"mamba")  # the architecture value and its keys: an unknown architecture
+    (tmp_path / "arch.gguf").write_bytes(arch)
+    pre = write_gguf(tmp_path / "pre.gguf", hf, bpe, pre="mystery")
+    q2k = write_gguf(tmp_path / "q2k.gguf", _hf_model("llama", bpe.get_vocab_size(), width=256), bpe, qtype=Q.Q2_K)
+    return {
+        "tensor type": (q2k, "is Q2_K, a type not read here; supported: F32, F16, BF16"),
+        "truncated": (tmp_path / "cut.gguf", "truncated"),
+        "not gguf": (tmp_path / "text.gguf", "not a GGUF file"),
+        "architecture": (tmp_path / "arch.gguf", "general.architecture='mamba' is not supported"),
+        "pre-tokenizer": (pre, "tokenizer.ggml.pre='mystery' is not supported"),
+        "missing": (tmp_path / "none.gguf", "file not found"),
+    }
+
+
+def test_bad_gguf_files_are_refused_naming_file_and_value(tmp_path: Path, bpe, capsys) -> None:
+    for case, (path, message) in _bad_files(tmp_path, bpe).items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        assert main(["convert", "--from-gguf", str(path), "--out", str(out)]) == 2, case
+        said = " ".join(capsys.readouterr().out.split())
+        assert message in said and str(path.name) in said, (case, said)
+        assert not out.exists(), case
+
+
+def test_conversion_records_where_the_model_came_from(tmp_path: Path, bpe) -> None:
+    hf = _hf_model("llama", bpe.get_vocab_size())
+    write_gguf(tmp_path / "m.gguf", hf, bpe, qtype=Q.Q8_0)
+    _convert(tmp_path / "m.gguf", tmp_path / "lm")
+    report = json.loads((tmp_path / "lm" / "conversion.json").read_text())
+    assert report["source"].endswith("m.gguf") and report["tensor_types"] == {"F32": 5, "Q8_0": 15}
