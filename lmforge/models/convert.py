@@ -227,6 +227,34 @@ def llama_links(cfg: GPTConfig) -> list[Link]:
     return links
 
 
+def gemma3_links(cfg: GPTConfig) -> list[Link]:
+    """Gemma 3: Llama's attention and gated feed-forward, plus q/k norms and four norms per layer (Gemma's
+    ``post_attention_layernorm`` normalises the attention's output; the feed-forward's input norm is
+    ``pre_feedforward_layernorm``)."""
+    hd = cfg.dim_per_head
+    qkv = (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
+    links = [Link("embed.word.weight", ("embed_tokens.weight",))]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"layers.{i}."
+        att = hf + "self_attn."
+        links += [
+            Link(ours + "attn_norm.weight", (hf + "input_layernorm.weight",)),
+            Link(ours + "attn.qkv.weight", tuple(att + f"{n}_proj.weight" for n in "qkv"), qkv),
+            Link(ours + "attn.q_norm.weight", (att + "q_norm.weight",)),
+            Link(ours + "attn.k_norm.weight", (att + "k_norm.weight",)),
+            Link(ours + "attn.out.weight", (att + "o_proj.weight",)),
+            Link(ours + "attn_out_norm.weight", (hf + "post_attention_layernorm.weight",)),
+            Link(ours + "ffn_norm.weight", (hf + "pre_feedforward_layernorm.weight",)),
+            Link(ours + "ffn_out_norm.weight", (hf + "post_feedforward_layernorm.weight",)),
+        ]
+        for ours_name, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            links.append(Link(ours + f"ffn.{ours_name}.weight", (hf + f"mlp.{hf_name}.weight",)))
+    links.append(Link("norm.weight", ("norm.weight",)))
+    if not cfg.tie_embeddings:
+        links.append(Link("lm_head.weight", ("lm_head.weight",)))
+    return links
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs
 
@@ -319,6 +347,54 @@ def _llama_config(hf: dict, where: str) -> GPTConfig:
     )
 
 
+def _gemma3_config(hf: dict, where: str) -> GPTConfig:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise UserError(f"{where}: {key}={hf[key]} is not supported (Gemma 3 has none)")
+    if hf.get("use_bidirectional_attention"):
+        raise UserError(f"{where}: use_bidirectional_attention=true is not supported; only causal Gemma 3")
+    n_layers, pattern = hf["num_hidden_layers"], int(hf.get("sliding_window_pattern", 6))
+    kinds = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+    ]
+    expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    if list(kinds) != expected:
+        raise UserError(f"{where}: layer_types must put a full-attention layer every {pattern} layers: {kinds}")
+    rope = hf.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    for params in (full, local):
+        if params.get("rope_type", "default") != "default":
+            raise UserError(f"{where}: rope_type={params['rope_type']!r} is not supported; only 'default' RoPE")
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 32768),
+        n_layers=n_layers,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        head_dim=hf.get("head_dim", 256),
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        norm="rmsnorm_plus_one",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        positions="rope",
+        rope_theta=float(full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))),
+        rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))),
+        activation=_act(hf.get("hidden_activation", "gelu_pytorch_tanh"), where),
+        gated_ffn=True,
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        out_bias=bool(hf.get("attention_bias", False)),
+        ffn_bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qk_norm=True,
+        sandwich_norms=True,
+        embed_scale=True,
+        attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        sliding_window=int(hf.get("sliding_window", 512)),
+        global_every=pattern,
+    )
+
+
 def hf_family(cfg: BertConfig | GPTConfig) -> str:
     """The Hugging Face model_type a lmforge config exports to, or ValueError saying why none fits."""
     if not isinstance(cfg, (BertConfig, GPTConfig)):
@@ -343,6 +419,12 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
                 "export a pre-LN model with activation gelu"
             )
         return ROBERTA_PRE_LN if cfg.pre_norm else "bert"
+    if cfg.norm == "rmsnorm_plus_one":
+        if cfg.qk_norm and cfg.sandwich_norms and cfg.embed_scale and cfg.gated_ffn and cfg.positions == "rope":
+            return "gemma3_text"
+        raise UserError("a GPT with Gemma's norm exports only as Gemma 3: qk_norm, sandwich_norms, embed_scale, GeGLU")
+    if cfg.qk_norm or cfg.sandwich_norms or cfg.embed_scale or cfg.sliding_window:
+        raise UserError("qk_norm, sandwich_norms, embed_scale and sliding_window export only as Gemma 3")
     plain_heads = cfg.kv_heads == cfg.n_heads and cfg.dim_per_head * cfg.n_heads == cfg.d_model
     if cfg.positions == "learned":
         if (
@@ -365,7 +447,8 @@ def hf_family(cfg: BertConfig | GPTConfig) -> str:
 
 def _links(cfg: BertConfig | GPTConfig) -> list[Link]:
     family = hf_family(cfg)
-    return {"bert": bert_links, ROBERTA_PRE_LN: bert_links, "gpt2": gpt2_links}.get(family, llama_links)(cfg)
+    tables = {"bert": bert_links, ROBERTA_PRE_LN: bert_links, "gpt2": gpt2_links, "gemma3_text": gemma3_links}
+    return tables.get(family, llama_links)(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +475,16 @@ def from_hf(
     elif kind in ("llama", "qwen2"):
         tensors = _strip_prefix(tensors, ("model.",))
         cfg = _llama_config(hf_cfg, source)
+    elif kind in ("gemma3_text", "gemma3"):
+        if kind == "gemma3":  # the multimodal config: its text part, and the language model's tensors
+            hf_cfg = {**hf_cfg.get("text_config", {}), "model_type": "gemma3_text"}
+            tensors = _strip_prefix(tensors, ("model.language_model.", "language_model.model."))
+        tensors = _strip_prefix(tensors, ("model.",))
+        cfg = _gemma3_config(hf_cfg, source)
     else:
         raise UserError(
-            f"{source}: model_type={kind!r} is not supported; supported: bert, {ROBERTA_PRE_LN}, gpt2, llama, qwen2"
+            f"{source}: model_type={kind!r} is not supported; supported: bert, {ROBERTA_PRE_LN}, gpt2, llama, qwen2, "
+            "gemma3_text"
         )
     links = _links(cfg)
     used = {name for link in links for name in link.theirs}
@@ -451,6 +541,8 @@ def to_hf(
         hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
         return _gpt2_hf_config(cfg, token_ids), hf
     hf = {(k if k == "lm_head.weight" else "model." + k): v for k, v in hf.items()}
+    if family == "gemma3_text":
+        return _gemma3_hf_config(cfg, token_ids), hf
     return _llama_hf_config(cfg, family, token_ids), hf
 
 
@@ -504,6 +596,45 @@ def _gpt2_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
         "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
+        **_common(token_ids),
+    }
+
+
+def _whole(x: float) -> int | float:
+    """``x`` as an int when it is one (to rounding): transformers types Gemma's query_pre_attn_scalar as int."""
+    return round(x) if abs(x - round(x)) < 1e-6 else x
+
+
+def _gemma3_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
+    pattern = cfg.global_every or cfg.n_layers + 1
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "hidden_activation": _ACT_TO_HF[cfg.activation] if cfg.activation != "gelu_tanh" else "gelu_pytorch_tanh",
+        "rms_norm_eps": cfg.norm_eps,
+        "query_pre_attn_scalar": _whole((cfg.attn_scale or cfg.dim_per_head**-0.5) ** -2),
+        "sliding_window": cfg.sliding_window or cfg.max_seq_len,
+        "layer_types": [
+            "full_attention" if (i + 1) % pattern == 0 or not cfg.sliding_window else "sliding_attention"
+            for i in range(cfg.n_layers)
+        ],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta},
+        },
+        "attention_bias": cfg.qkv_bias,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
         **_common(token_ids),
     }
 

@@ -1,10 +1,16 @@
-"""The GPT decoder: GPT-2 and the Llama / Qwen2 family from one configurable pre-LN stack.
+"""The GPT decoder: GPT-2, the Llama / Qwen2 family and Gemma 3 from one configurable pre-LN stack.
 
 GPT-2 (Radford et al., 2019): learned positions, LayerNorm, tanh-GELU MLP, biases, tied head.
 Llama (Touvron et al., 2023) and Qwen2: rotary positions, RMSNorm, SwiGLU, grouped-query
 attention (Ainslie et al., 2023), no biases (Qwen2: biases on q/k/v only), untied head.
+Gemma 3 (Gemma Team, 2025) switches on: RMSNorm with 1 + w in float32 (``rmsnorm_plus_one``), RMSNorm on each
+head's queries and keys before the rotation (``qk_norm``), a norm after attention and after the feed-forward as
+well as before (``sandwich_norms``), embeddings scaled by sqrt(d) (``embed_scale``), GeGLU (gated tanh-GELU),
+a head width of its own and the attention scale ``query_pre_attn_scalar^-0.5`` (``attn_scale``), and local
+layers (``sliding_window`` keys back; all but every ``global_every``-th layer) whose RoPE base is
+``rope_local_theta``.
 Reads like nanoGPT's ``model.py``; matches Hugging Face's ``GPT2LMHeadModel``,
-``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` numerically (see ``models/convert.py``).
+``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and ``Gemma3ForCausalLM`` numerically (see ``models/convert.py``).
 Incremental decoding appends to a preallocated ``KVCache``.
 """
 
@@ -29,6 +35,7 @@ from lmforge.models.layers import (
     init_weights,
     make_norm,
     scale_residual_projections,
+    sliding_window_mask,
 )
 
 
@@ -76,6 +83,20 @@ class GPTConfig:
     """Output projection shares the token embedding matrix."""
     init_std: float = 0.02
     """Standard deviation of the initial weights."""
+    qk_norm: bool = False
+    """Normalise each head's queries and keys (with ``norm``) before the rotation (Gemma 3)."""
+    sandwich_norms: bool = False
+    """Also normalise the attention's and the feed-forward's outputs before adding them (Gemma 3)."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(d_model) (Gemma)."""
+    attn_scale: float | None = None
+    """Attention scores' scale; None = 1 / sqrt(head width) (Gemma 3: query_pre_attn_scalar ** -0.5)."""
+    sliding_window: int = 0
+    """Local layers attend to this many positions back, themselves included; 0 = every layer is global."""
+    global_every: int = 0
+    """With sliding_window: every global_every-th layer (1-based) is global, the others local (Gemma 3: 6)."""
+    rope_local_theta: float | None = None
+    """RoPE base of the local layers; None = rope_theta (Gemma 3: 10,000, global layers 1,000,000)."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff"):
@@ -90,6 +111,14 @@ class GPTConfig:
             raise UserError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.sliding_window < 0 or self.global_every < 0:
+            raise UserError("model.sliding_window and model.global_every must be >= 0")
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) attends within the sliding window."""
+        if not self.sliding_window:
+            return False
+        return not self.global_every or (layer + 1) % self.global_every != 0
 
     @property
     def kv_heads(self) -> int:
@@ -114,15 +143,25 @@ class Block(nn.Module):
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
             dropout=cfg.dropout,
+            qk_norm=(cfg.norm, cfg.norm_eps) if cfg.qk_norm else None,
+            scale=cfg.attn_scale,
         )
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, gated=cfg.gated_ffn, bias=cfg.ffn_bias)
+        sandwich = cfg.sandwich_norms
+        self.attn_out_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if sandwich else None
+        self.ffn_out_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if sandwich else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, *, mask, is_causal, rope, cache, layer) -> Tensor:
         h = self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
         x = x + self.dropout(h)
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        h = self.ffn(self.ffn_norm(x))
+        if self.ffn_out_norm is not None:
+            h = self.ffn_out_norm(h)
+        return x + self.dropout(h)
 
 
 class GPT(nn.Module):
@@ -136,6 +175,8 @@ class GPT(nn.Module):
             cfg.vocab_size, cfg.d_model, max_positions=cfg.max_seq_len if learned else 0, dropout=cfg.dropout
         )
         self.rotary = None if learned else RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta)
+        local_theta = cfg.rope_local_theta
+        self.local_rotary = None if learned or local_theta is None else RotaryEmbedding(cfg.dim_per_head, local_theta)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -177,10 +218,21 @@ class GPT(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids, position_ids)
+        if self.cfg.embed_scale:  # Gemma: sqrt(d) cast to the weights' dtype first, as Gemma computes it
+            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        local_rope = self.local_rotary(position_ids, x.dtype) if self.local_rotary is not None else rope
         mask, is_causal = build_attention_mask(attention_mask, q_len=T, k_len=past + T, causal=True)
+        local_mask = None
+        if self.cfg.sliding_window and past + T > 1:
+            local_mask = sliding_window_mask(
+                mask, is_causal, q_len=T, k_len=past + T, window=self.cfg.sliding_window, device=x.device
+            )
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=i)
+            if self.cfg.is_local(i):
+                x = layer(x, mask=local_mask, is_causal=False, rope=local_rope, cache=cache, layer=i)
+            else:
+                x = layer(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lmforge.errors import UserError
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
-NormKind = Literal["layernorm", "rmsnorm"]
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"]
 
 
 def activation_fn(name: Activation):
@@ -37,13 +37,30 @@ def activation_fn(name: Activation):
     return table[name]
 
 
+class RMSNormPlusOne(nn.Module):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` computed in float32 and cast back, with ``w``
+    stored as Gemma stores it (zero at initialisation)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
-    """LayerNorm (BERT, GPT-2) or RMSNorm (Llama, Qwen) over the last dimension."""
+    """LayerNorm (BERT, GPT-2), RMSNorm (Llama, Qwen) or Gemma's RMSNorm with 1 + w over the last dimension."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
-    raise UserError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm']")
+    if kind == "rmsnorm_plus_one":
+        return RMSNormPlusOne(dim, eps)
+    raise UserError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm', 'rmsnorm_plus_one']")
 
 
 class Embeddings(nn.Module):
@@ -181,6 +198,20 @@ class KVCache:
         self.length += n
 
 
+def sliding_window_mask(
+    mask: Tensor | None, is_causal: bool, *, q_len: int, k_len: int, window: int, device: torch.device
+) -> Tensor:
+    """``build_attention_mask``'s (mask, is_causal) further limited to a sliding window: a query at position q
+    sees the keys at k with q - window < k <= q (Gemma 3's local layers; positions count cached keys too)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    near = (q_pos[:, None] - k_pos[None, :] < window)[None, None]  # (1, 1, T, S)
+    if mask is None:
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if is_causal else torch.ones_like(near)
+    mask = mask & near
+    return mask | ~mask.any(dim=-1, keepdim=True)  # a padding query that sees nothing sees everything (never read)
+
+
 def build_attention_mask(
     key_valid: Tensor | None, *, q_len: int, k_len: int, causal: bool
 ) -> tuple[Tensor | None, bool]:
@@ -231,6 +262,8 @@ class Attention(nn.Module):
         out_bias: bool = True,
         dropout: float = 0.0,
         cross: bool = False,
+        qk_norm: tuple[NormKind, float] | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -248,6 +281,10 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(q_dim, d_model, bias=out_bias)
         self.dropout = dropout
+        self.scale = scale  # None: 1 / sqrt(head_dim)
+        # Gemma 3: each head's queries and keys normalised (over the head's width) before the rotation
+        self.q_norm = make_norm(qk_norm[0], self.head_dim, qk_norm[1]) if qk_norm else None
+        self.k_norm = make_norm(qk_norm[0], self.head_dim, qk_norm[1]) if qk_norm else None
 
     def forward(
         self,
@@ -293,6 +330,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = k.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
         v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -316,6 +355,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
@@ -349,6 +389,8 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNormPlusOne):
+            nn.init.zeros_(m.weight)  # the scale is 1 + w
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             if m.weight is not None:
                 nn.init.ones_(m.weight)

@@ -74,6 +74,24 @@ CAUSAL = {
             rope_theta=500000.0,
         )
     ),
+    "gemma3_text": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=7,  # local layers 1-5 and 7, global layer 6
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,  # not hidden_size / heads
+            intermediate_size=64,
+            sliding_window=4,  # shorter than the test's sequences
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            max_position_embeddings=128,
+        )
+    ),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
             vocab_size=VOCAB,
@@ -90,7 +108,12 @@ CAUSAL = {
 
 @pytest.mark.parametrize("family", sorted(CAUSAL))
 def test_causal_lm_logits_match_transformers(family: str) -> None:
+    torch.manual_seed(0)
     hf = CAUSAL[family]()
+    with torch.no_grad():  # norms away from their initial 1 (or Gemma's 0), so that each one is checked
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(0.3 * torch.randn_like(p))
     model = _import(hf)
     ids, mask = _batch()
     with torch.no_grad():
@@ -111,3 +134,50 @@ def test_state_dict_round_trip_through_hf_names(family: str) -> None:
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
     tied = model.cfg.tie_embeddings
     assert set(reference) - set(hf_state) == ({"lm_head.weight"} if tied else set())
+
+
+def test_gemma3_decodes_with_the_kv_cache_past_the_window_as_transformers_does() -> None:
+    """Sliding-window layers with a KV cache: a prompt then one token at a time, 20 tokens past a window of 4,
+    give the logits of the whole sequence at once, and the greedy tokens of transformers' generate."""
+    torch.manual_seed(0)
+    hf = CAUSAL["gemma3_text"]()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model = _import(hf)
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 6:].tolist()
+        cache = model.new_cache(1, 64)
+        logits = model(prompt, cache=cache)[:, -1]
+        tokens = []
+        for _ in range(20):
+            tokens.append(int(logits.argmax()))
+            logits = model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1]
+        whole = model(torch.cat((prompt, torch.tensor([tokens])), dim=1))
+    assert tokens == expected
+    torch.testing.assert_close(logits[0], whole[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_exports_to_a_config_and_weights_transformers_runs() -> None:
+    """lmforge's Gemma 3 written as a Hugging Face config and state dict: transformers builds the model from them
+    and computes the same logits (export and import both ways)."""
+    torch.manual_seed(1)
+    model = _import(CAUSAL["gemma3_text"]())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    hf_cfg, hf_state = to_hf(model.cfg, model.state_dict(), token_ids={"pad": 0, "bos": 1, "eos": 2})
+    config = transformers.Gemma3TextConfig(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    hf.load_state_dict(hf_state, strict=False)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    again = _import(hf)
+    assert again.cfg == model.cfg
