@@ -75,6 +75,7 @@ def generate(cfg: GenerateConfig, write: Callable[[str], None]) -> str:
 def chat_loop(cfg: ChatConfig, read: Callable[[], str], write: Callable[[str], None]) -> int:
     """The interactive loop: ``read`` returns the next user line (EOFError ends); returns the turns answered."""
     session = open_session(cfg.model, system=cfg.system, precision=cfg.precision)
+    session.check_can_chat()
     if not session.is_chat_model:
         write(
             f"note: {cfg.model} is not a chat model (no chat fine-tuning, not an instruction-tuned checkpoint); "

@@ -45,8 +45,11 @@ def convert(cfg: Config) -> Path:
         from lmforge.rundir.convert import convert_builtin
 
         report = convert_builtin(cfg.builtin, cfg.out, trim_inputs=cfg.trim_vocab or None)
+        from lmforge.models.checkpoints import CHECKPOINTS
+
         kept = f", vocabulary trimmed to {report['kept_pieces']:,} pieces" if "kept_pieces" in report else ""
         console.print(f"{cfg.builtin}: {report['parameters']:,} parameters{kept} ({report['seconds']} s)")
+        console.print(f"licence: {CHECKPOINTS[cfg.builtin].license}", markup=False)
         return Path(cfg.out)
     if cfg.from_gguf is not None:
         from lmforge.rundir.convert import convert_gguf

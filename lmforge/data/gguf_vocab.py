@@ -9,6 +9,12 @@ name for the pre-tokenizer (``pre``: the regular expressions that cut text into 
   alphabet of GPT-2, the word-splitting rules named by ``pre`` (``PRE_TOKENIZERS``; an unknown name is refused
   rather than guessed, since it changes the ids), control tokens kept whole as special tokens and user-defined
   ones as added tokens, and a BOS prepended when ``add_bos_token`` says so.
+- ``llama`` in a Gemma 3 file (SentencePiece BPE with byte fallback, Kudo & Richardson 2018): spaces become
+  ``▁``, the text is one piece, bytes missing from the vocabulary fall back to ``<0xNN>``; the file stores no
+  merges, so they are rebuilt from the vocabulary: every way of cutting a token into two tokens, ranked by the
+  token's position in the file (Gemma's order of merging), as transformers' GGUF loader rebuilds them. Tokens of
+  two or more spaces are stored as spaces and renamed to ``▁``s first. User-defined tokens (``\n``, HTML tags)
+  are always whole.
 
 Written here rather than taken from transformers' GGUF loader, which is a development dependency only and which
 builds the ``smollm`` vocabulary without its one-digit-per-token rule (llama.cpp and the model's own
@@ -59,12 +65,17 @@ _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}  # a word already in the vo
 _NFC = {"qwen2"}
 
 
-def tokenizer_from_gguf(meta: Mapping[str, Any], where: str) -> LMTokenizer:
+def tokenizer_from_gguf(meta: Mapping[str, Any], where: str, *, architecture: str = "") -> LMTokenizer:
     """The tokenizer that the ``tokenizer.*`` metadata ``meta`` of the GGUF file ``where`` describes, with its
-    special tokens' roles (bos, eos, unk, pad; im_start / im_end for ChatML vocabularies)."""
+    special tokens' roles (bos, eos, unk, pad; im_start / im_end for ChatML vocabularies; Gemma's end of turn)."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama" and architecture == "gemma3":
+        return _gemma_tokenizer(meta, where)
     if kind != "gpt2":
-        raise UserError(f"{where}: tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+        raise UserError(
+            f"{where}: tokenizer.ggml.model={kind!r} is not supported here (architecture {architecture!r}); "
+            "supported: 'gpt2' (byte-level BPE), and 'llama' (SentencePiece) in Gemma 3 files"
+        )
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     merges = list(meta.get("tokenizer.ggml.merges") or [])
     if not tokens or not merges:
@@ -103,6 +114,44 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], where: str) -> LMTokenizer:
     if tok.get_vocab_size() != len(tokens):
         raise UserError(f"{where}: its control and user-defined tokens would grow the vocabulary past {len(tokens)}")
     return LMTokenizer(tok, "bpe", specials, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _gemma_tokenizer(meta: Mapping[str, Any], where: str) -> LMTokenizer:
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in meta.get("tokenizer.ggml.tokens") or []]
+    if not tokens:
+        raise UserError(f"{where}: a 'llama' tokenizer needs tokenizer.ggml.tokens")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    specials = _special_roles(meta, tokens, where)
+    unk = specials.get("unk")
+    tok = Tokenizer(models.BPE(vocab, rebuilt_merges(tokens, vocab), fuse_unk=True, unk_token=unk, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    kinds = list(zip(tokens, types, strict=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == USER_DEFINED])
+    if meta.get("tokenizer.ggml.add_bos_token", True) and "bos" in specials:
+        bos = specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    if "<end_of_turn>" in vocab:
+        specials["eot"] = "<end_of_turn>"
+    return LMTokenizer(tok, "bpe", specials, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def rebuilt_merges(tokens: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: each (left, right) cut of a token into two tokens,
+    ranked by the position of the merged token (first = merged first), ties by the longer left then right part;
+    the order transformers' ``generate_merges`` gives with Gemma's positions as scores."""
+    found = []
+    for token, rank in vocab.items():
+        cuts = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        cuts.sort(key=lambda cut: (vocab[cut[0]], vocab[cut[1]]))
+        found.extend((rank, left, right) for left, right in cuts)
+    found.sort(key=lambda m: (-m[0], len(m[1]), len(m[2])), reverse=True)
+    return [(left, right) for _, left, right in found]
 
 
 def _special_roles(meta: Mapping[str, Any], tokens: list[str], where: str) -> dict[str, str]:

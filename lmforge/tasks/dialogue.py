@@ -57,7 +57,8 @@ class DialogueTask(FinetuneDefaults):
         eval_replies: int = 40,
         eval_generation: GenerationConfig | None = None,
     ) -> None:
-        chat_tokens(tokenizer)
+        if train_examples or dev_examples:  # learning from conversations needs ChatML's turn tokens
+            chat_tokens(tokenizer)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.im_end = tokenizer.token_id("im_end")
         pad_id = tokenizer.token_id("pad")
@@ -65,7 +66,12 @@ class DialogueTask(FinetuneDefaults):
         self.selection = ("perplexity", "min")
         self.eval_batch_size, self.eval_replies = eval_batch_size, eval_replies
         self.eval_generation = eval_generation or GenerationConfig(
-            max_new_tokens=48, do_sample=True, top_p=0.9, temperature=0.8, seed=0, stop_token_ids=[self.im_end]
+            max_new_tokens=48,
+            do_sample=True,
+            top_p=0.9,
+            temperature=0.8,
+            seed=0,
+            stop_token_ids=[i for i in (self.im_end,) if i is not None],
         )
         self.truncated: dict[str, int] = {}
         self.dev_examples = list(dev_examples)

