@@ -4,8 +4,9 @@ and greedy tokens?
 Converts ``--builtin`` (default smollm2-135m-instruct) with ``lmforge convert``, loads the same GGUF file with
 ``transformers.AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` and its tokenizer, and compares, in fp32
 with 2 threads: token ids on mixed Chinese / English / digits / emoji / full-width text and ChatML; the largest
-logit difference on a prompt; 64 greedy tokens from lmforge's ``Generator`` (KV cache, the decoding path every
-command uses) against transformers' ``generate`` (up to 64, both stopping at the end token); and the conversion's peak memory against the fp32 weights.
+logit difference on a prompt; greedy tokens from lmforge's ``Generator`` (KV cache, the decoding path every
+command uses) against transformers' ``generate`` (up to 64, both stopping at the end token); and the
+conversion's and loading's peak memory against the fp32 weights.
 
     python bench/gguf_parity.py [--builtin smollm2-135m-instruct] [--out bench/results/gguf_parity.json]
 """
@@ -110,7 +111,9 @@ def main() -> None:
         "max_abs_logit_difference": diff,
         "greedy_tokens_compared": len(theirs),
         "greedy_equal": ours == theirs,
-        "greedy_first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
+        "greedy_first_difference": next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None
+        ),
         "greedy_text": tok.decode(ours),
         "fp32_weights_mb": round(fp32_mb),
         "python_torch_lmforge_baseline_rss_mb": round(baseline),
