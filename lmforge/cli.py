@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import tyro
+from rich.markup import escape
 
 from lmforge.commands._console import console
 from lmforge.errors import UserError
@@ -273,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _parse(name, argv[len(name.split()) :])
         resolve(COMMANDS[name].run)(cfg)
     except (UserError, FileNotFoundError, IsADirectoryError) as e:
-        console.print(f"[red]error:[/red] {_user_message(e)}", highlight=False, soft_wrap=True)
+        # the message is text, not markup: "lmforge[models]" or a file named "[x].csv" are printed as they are
+        console.print(f"[red]error:[/red] {escape(_user_message(e))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as e:  # permissions, a full disk, a vanished mount: the path and the system's reason
-        console.print(f"[red]error:[/red] {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"[red]error:[/red] {escape(where + str(e.strerror or e))}")
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (the loop saved a checkpoint first)
         code = getattr(e, "exit_code", 130)

@@ -734,15 +734,13 @@ def gguf_as_hf(gguf) -> tuple[dict, dict[str, Tensor]]:
         raise UserError(f"{where}: RoPE scaling ({scaling!r}, rope_freqs) is not supported; only plain RoPE")
     heads, d = int(gguf.require(key("attention.head_count"))), int(gguf.require(key("embedding_length")))
     kv_heads = int(gguf.value(key("attention.head_count_kv"), heads))
-    tokens = gguf.value("tokenizer.ggml.tokens")
     n_layers = int(gguf.require(key("block_count")))
     head_dim = (
         int(gguf.value(key("attention.key_length"), 0) or gguf.value(key("rope.dimension_count"), 0)) or d // heads
     )
     hf_cfg = {
         "model_type": "gemma3_text" if arch == "gemma3" else arch,
-        "vocab_size": int(gguf.value(key("vocab_size"), len(tokens) if tokens else 0))
-        or int(gguf.tensors["token_embd.weight"].shape[1]),
+        "vocab_size": int(gguf.value(key("vocab_size"), 0) or gguf.tensors["token_embd.weight"].shape[1]),
         "max_position_embeddings": int(gguf.value(key("context_length"), 2048)),
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,

@@ -52,6 +52,16 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def take_metadata(self, prefix: str) -> dict[str, Any]:
+        """Every metadata value whose key starts with ``prefix``, as Python values, then dropped from the reader:
+        the ``gguf`` reader keeps one numpy view per string of an array (a 262,144-token vocabulary is ~700 MB of
+        views), so the tokenizer's keys are taken once and let go before the weights are converted."""
+        keys = [k for k in self.reader.fields if k.startswith(prefix)]
+        values = {k: self.reader.fields[k].contents() for k in keys}
+        for k in keys:
+            del self.reader.fields[k]
+        return values
+
     def require(self, key: str) -> Any:
         """A metadata value the conversion cannot do without; a UserError naming the key when it is missing."""
         field = self.reader.fields.get(key)

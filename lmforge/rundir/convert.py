@@ -80,8 +80,7 @@ def convert_gguf(source: str | os.PathLike, out: str | os.PathLike, *, chat: boo
     out = check_output_dir(out, inputs=[src], reusable=is_plain_model)
     gguf = open_gguf(src)
     arch = gguf_architecture(gguf)
-    meta = {k: gguf.value(k) for k in gguf.reader.fields if k.startswith("tokenizer.")}
-    tok = tokenizer_from_gguf(meta, str(src), architecture=arch)
+    tok = tokenizer_from_gguf(gguf.take_metadata("tokenizer."), str(src), architecture=arch)
     hf_cfg, tensors = gguf_as_hf(gguf)
     cfg, state = from_hf(hf_cfg, tensors, source=str(src))
     del tensors

