@@ -130,6 +130,10 @@ def _chat_session(served: Served, precision: str) -> None:
     run = served.run
     chat = run.finetuned or converted_chat_model(run.directory)
     served.session = ChatSession(run.model, run.task.tokenizer, is_chat_model=chat, precision=precision)
+    try:  # /v1/chat/completions renders conversations: a model that cannot is refused at start-up, not per request
+        served.session.check_can_chat()
+    except UserError as e:
+        raise UserError(f"--model {served.name}={run.directory}: {e}") from None
     served.generator = served.session.generator
 
 

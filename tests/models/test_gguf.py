@@ -192,6 +192,10 @@ def test_a_converted_instruct_model_answers_through_its_own_template(tmp_path: P
     write_gguf(tmp_path / "base.gguf", hf, bpe)  # no template: a base model
     _convert(tmp_path / "base.gguf", tmp_path / "base")
     assert not open_session(str(tmp_path / "base")).is_chat_model
+    from lmforge.serve.models import load_served
+
+    served = load_served("instruct", tmp_path / "lm")  # the served chat renders the model's own template
+    assert served.session.prompt_ids(messages, 8) == session.prompt_ids(messages, 8)
 
 
 def test_builtin_list_and_a_missing_package(monkeypatch, tmp_path: Path, capsys) -> None:
@@ -256,6 +260,11 @@ def test_gemma3_gguf_equals_transformers_reading_it(tmp_path: Path, qtype) -> No
         expected = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:].tolist()
     args = ["generate", "--model", str(tmp_path / "lm"), "--prompt", TEXTS[0][:20], "--generation.no-do-sample"]
     assert main([*args, "--generation.max-new-tokens", "4"]) == 0  # a base model: continues the text
+    from lmforge.errors import UserError
+    from lmforge.serve.models import load_served
+
+    with pytest.raises(UserError, match="--model g=.*chat template"):  # no chat endpoint for it: said at start-up
+        load_served("g", tmp_path / "lm")
     tokens = ids[0].tolist()
     with torch.no_grad():
         for _ in range(16):
