@@ -190,7 +190,7 @@ def sentencepiece_vocab(size: int) -> dict:
     tok.train_from_iterator(TEXTS, trainer)
     learned = sorted(tok.get_vocab(), key=tok.get_vocab().get)
     tokens = [*GEMMA_SPECIALS, "\n", *(f"<0x{b:02X}>" for b in range(256))]
-    tokens += [t for t in learned if t not in tokens and t != "\n"]
+    tokens += [t for t in learned if t not in tokens and t != "\n" and "im_start" not in t and "im_end" not in t]
     kinds = [3] * len(GEMMA_SPECIALS) + [4] + [6] * 256 + [1] * (len(tokens) - len(GEMMA_SPECIALS) - 257)
     scores = [-1000.0] * (len(GEMMA_SPECIALS) + 1) + [0.0] * 256 + [-float(i) for i in range(len(tokens) - 264)]
     return {"tokens": tokens, "token_type": kinds, "scores": scores}
