@@ -1,10 +1,11 @@
 """Decoding speed of lmforge's ``Generator`` vs transformers' ``generate`` on the same GPT weights, per precision.
 
-Both sides hold the same GPT-2-style decoder (d_model 256, 4 layers, 4 heads, vocabulary 21128:
-gpt-tiny with bert-base-chinese's vocabulary size, unless --model names an lmforge GPT directory),
+Both sides hold the same decoder (by default a GPT-2-style d_model 256, 4 layers, 4 heads, vocabulary 21128:
+gpt-tiny with bert-base-chinese's vocabulary size; --model names an lmforge GPT directory of any family, e.g. the
+built-in SmolLM2 or gemma-3-270m, which transformers then runs as its own Llama / Gemma 3 class),
 in this process, with the same thread count and allocator. Greedy decoding of 128 new tokens from
 a 16-token prompt, at batch 1 and batch 8; rounds alternate (lmforge, then transformers) and the
-medians are compared. transformers runs ``GPT2LMHeadModel.generate`` in fp32 with its defaults (dynamic
+medians are compared. transformers runs the family's class's ``generate`` in fp32 with its defaults (dynamic
 KV cache). Before timing, lmforge's fp32 token ids are checked to be identical to transformers', so the
 two decode the very same sequences.
 
@@ -65,7 +66,7 @@ class _IdsOnly(LMTokenizer):
         return " ".join(map(str, ids))
 
 
-def _models(model_dir: str | None) -> tuple[GPT, LMTokenizer, transformers.GPT2LMHeadModel]:
+def _models(model_dir: str | None) -> tuple[GPT, LMTokenizer, transformers.PreTrainedModel]:
     if model_dir:
         ours = load_model(model_dir)
         if not isinstance(ours, GPT):
@@ -77,8 +78,10 @@ def _models(model_dir: str | None) -> tuple[GPT, LMTokenizer, transformers.GPT2L
         tok = _IdsOnly(eos=0)
     eos = tok.token_id("eos")
     hf_cfg, hf_state = to_hf(ours.cfg, ours.state_dict(), token_ids={"eos": eos, "bos": eos, "pad": eos})
+    kind = hf_cfg.pop("model_type")
     hf_cfg = {k: v for k, v in hf_cfg.items() if k != "architectures"}
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_cfg))
+    # the family's own transformers class (GPT-2, Llama, Qwen2, Gemma 3) from the exported config
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **hf_cfg))
     hf.load_state_dict(hf_state, strict=False)  # attention bias buffers are not weights
     hf.tie_weights()
     return ours, tok, hf.eval()
