@@ -68,7 +68,7 @@ def convert_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def convert_gguf(source: str | os.PathLike, out: str | os.PathLike, *, chat: bool | None = None) -> dict:
-    """The GGUF file ``source`` (Llama, Qwen2) as a lmforge model directory; returns conversion.json's content.
+    """The GGUF file ``source`` (Llama, Qwen2, Gemma 3) as a lmforge model directory; returns conversion.json's content.
     ``chat``: whether it is an instruction-tuned model (default: it has a chat template)."""
     from collections import Counter
 
