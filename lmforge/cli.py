@@ -120,7 +120,7 @@ COMMANDS: dict[str, Command] = {
         "lmforge.commands.serve:run",
     ),
     "convert": Command(
-        "Import a Hugging Face model directory or a built-in checkpoint",
+        "Import a Hugging Face model directory, a GGUF file or a built-in checkpoint",
         "lmforge.commands.convert:Config",
         "lmforge.commands.convert:run",
     ),

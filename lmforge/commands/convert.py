@@ -13,16 +13,17 @@ from lmforge.errors import UserError
 
 @dataclass
 class Config:
-    """Import a Hugging Face model directory or a built-in pretrained checkpoint into lmforge."""
+    """Import a Hugging Face model directory, a GGUF file or a built-in pretrained checkpoint into lmforge."""
 
     out: str
     """lmforge model directory to write."""
     from_hf: str | None = None
-    """Hugging Face model directory (BERT, GPT-2, Llama, Qwen2; config.json, model.safetensors, tokenizer)."""
+    """Hugging Face model directory (BERT, GPT-2, Llama, Qwen2, Gemma 3; config.json, model.safetensors, tokenizer)."""
     from_gguf: str | None = None
-    """A GGUF file instead (llama.cpp's format: Llama, Qwen2; F32, F16, BF16, Q4_0-Q8_0, Q4_K, Q5_K, Q6_K)."""
+    """A GGUF file instead (llama.cpp's format: Llama, Qwen2, Gemma 3; F32, F16, BF16, Q4_0-Q8_0, Q4_K, Q5_K, Q6_K)."""
     builtin: str | None = None
-    """A built-in checkpoint instead (see `lmforge models list`), e.g. multilingual-e5-small, smollm2-135m-instruct."""
+    """A built-in checkpoint instead (see `lmforge models list`): multilingual-e5-small, smollm2-135m-instruct,
+    gemma-3-270m."""
     trim_vocab: list[str] = field(default_factory=list)
     """With --builtin: keep only the vocabulary these corpora use (text / .jsonl files or builtin:NAME)."""
 
