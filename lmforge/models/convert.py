@@ -346,10 +346,8 @@ def _gemma3_config(hf: dict, where: str) -> GPTConfig:
     if hf.get("use_bidirectional_attention"):
         raise UserError(f"{where}: use_bidirectional_attention=true is not supported; only causal Gemma 3")
     n_layers, pattern = hf["num_hidden_layers"], int(hf.get("sliding_window_pattern", 6))
-    kinds = hf.get("layer_types") or [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
-    ]
     expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    kinds = hf.get("layer_types") or expected
     if list(kinds) != expected:
         raise UserError(f"{where}: layer_types must put a full-attention layer every {pattern} layers: {kinds}")
     rope = hf.get("rope_parameters") or {}
@@ -597,11 +595,9 @@ def _whole(x: float) -> int | float:
     return round(x) if abs(x - round(x)) < 1e-6 else x
 
 
-def _gemma3_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
-    pattern = cfg.global_every or cfg.n_layers + 1
+def _decoder_shape(cfg: GPTConfig) -> dict:
+    """The config.json keys of a RoPE decoder's shape, as Llama, Qwen2 and Gemma 3 name them."""
     return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "num_hidden_layers": cfg.n_layers,
@@ -610,6 +606,15 @@ def _gemma3_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
         "head_dim": cfg.dim_per_head,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
+    }
+
+
+def _gemma3_hf_config(cfg: GPTConfig, token_ids: dict[str, int | None]) -> dict:
+    pattern = cfg.global_every or cfg.n_layers + 1
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        **_decoder_shape(cfg),
         "hidden_activation": _ACT_TO_HF[cfg.activation] if cfg.activation != "gelu_tanh" else "gelu_pytorch_tanh",
         "rms_norm_eps": cfg.norm_eps,
         "query_pre_attn_scalar": _whole((cfg.attn_scale or cfg.dim_per_head**-0.5) ** -2),
@@ -635,14 +640,7 @@ def _llama_hf_config(cfg: GPTConfig, family: str, token_ids: dict[str, int | Non
     out = {
         "architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
         "model_type": family,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.dim_per_head,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
+        **_decoder_shape(cfg),
         "hidden_act": _ACT_TO_HF[cfg.activation],
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},

@@ -119,12 +119,7 @@ def write_gguf(
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny-test")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    _add_shape(writer, cfg)
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
@@ -201,12 +196,7 @@ def write_gemma3_gguf(path: Path, hf_model: torch.nn.Module, vocab: dict, *, qty
     'llama' (SentencePiece) tokenizer without merges."""
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    _add_shape(writer, cfg)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
@@ -240,6 +230,16 @@ def write_gemma3_gguf(path: Path, hf_model: torch.nn.Module, vocab: dict, *, qty
         else:
             writer.add_tensor(target, data)
     return _finish(writer, path)
+
+
+def _add_shape(writer: gguf.GGUFWriter, cfg) -> None:
+    """The ``ARCH.*`` shape keys every decoder's GGUF file has."""
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
 
 
 def _finish(writer: gguf.GGUFWriter, path: Path) -> Path:

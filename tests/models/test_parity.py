@@ -106,6 +106,16 @@ CAUSAL = {
 }
 
 
+def _assert_same_logits(model: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """lmforge's and transformers' logits at the real tokens of a padded batch, to 1e-4."""
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
 def _perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
     """Norm weights moved away from their initial 1 (or Gemma's 0), so that each one is checked."""
     with torch.no_grad():
@@ -120,12 +130,7 @@ def test_causal_lm_logits_match_transformers(family: str) -> None:
     torch.manual_seed(0)
     hf = _perturb_norms(CAUSAL[family]())
     model = _import(hf)
-    ids, mask = _batch()
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        out = model(ids, attention_mask=mask)
-    valid = mask.bool()
-    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    _assert_same_logits(model, hf)
 
 
 @pytest.mark.parametrize("family", sorted(CAUSAL))
@@ -170,11 +175,6 @@ def test_gemma3_exports_to_a_config_and_weights_transformers_runs() -> None:
     config = transformers.Gemma3TextConfig(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.Gemma3ForCausalLM(config).eval()
     hf.load_state_dict(hf_state, strict=False)
-    ids, mask = _batch()
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        out = model(ids, attention_mask=mask)
-    valid = mask.bool()
-    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    _assert_same_logits(model, hf)
     again = _import(hf)
     assert again.cfg == model.cfg
