@@ -1,5 +1,6 @@
-"""``lmforge export RUN_DIR --to hf|onnx``: a lmforge model or run directory in the transformers layout, or a
-BERT run as an ONNX encoder graph plus its head and tokenizer (run by ONNX Runtime: inference/onnx.py)."""
+"""``lmforge export RUN_DIR --to hf|gguf|onnx``: a lmforge model or run directory in the transformers layout, a
+decoder as one GGUF file that llama.cpp runs, or a BERT run as an ONNX encoder graph plus its head and tokenizer
+(run by ONNX Runtime: inference/onnx.py)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,30 @@ class Config:
     run_dir: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="RUN_DIR")]]
     """lmforge model or run directory to export."""
     out: str
-    """Directory to write."""
-    to: Literal["hf", "onnx"] = "hf"
-    """Target format: hf = Hugging Face transformers layout; onnx = a copy of a classify / NER / embed run
-    whose encoder is an ONNX graph (dynamic batch and length) that predict, evaluate and serve run with
-    ONNX Runtime."""
+    """Directory to write (--to gguf: the .gguf file)."""
+    to: Literal["hf", "gguf", "onnx"] = "hf"
+    """Target format: hf = Hugging Face transformers layout; gguf = one llama.cpp file of a decoder (GPT-2, Llama,
+    Qwen2 or Gemma 3 family, lmforge's own GPTs included) with its tokenizer and chat template; onnx = a copy of a
+    classify / NER / embed run whose encoder is an ONNX graph (dynamic batch and length) that predict, evaluate
+    and serve run with ONNX Runtime."""
     int8: bool = False
     """With --to onnx: quantize the graph with ONNX Runtime's dynamic int8 quantizer."""
+    quant: Literal["f16", "q8_0", "q4_0"] | None = None
+    """With --to gguf: the matrices' type, f16 (default), q8_0, or q4_0 (embedding and output in q8_0); norms and
+    biases stay f32."""
 
 
 def export(cfg: Config) -> Path:
+    if cfg.quant is not None and cfg.to != "gguf":
+        raise UserError(f"--quant applies to --to gguf only (this export is --to {cfg.to})")
+    if cfg.int8 and cfg.to != "onnx":
+        raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
     if cfg.to == "onnx":
         return export_onnx(cfg)
-    if cfg.int8:
-        raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
+    if cfg.to == "gguf":
+        from lmforge.rundir.export import export_gguf
+
+        return export_gguf(cfg.run_dir, cfg.out, quant=cfg.quant or "f16")
     from lmforge.rundir.export import export_hf
 
     return export_hf(cfg.run_dir, cfg.out)
@@ -55,5 +66,5 @@ def export_onnx(cfg: Config) -> Path:
 
 
 def run(cfg: Config) -> None:
-    what = "ONNX copy" if cfg.to == "onnx" else "Hugging Face model directory"
+    what = {"onnx": "ONNX copy", "gguf": "GGUF file"}.get(cfg.to, "Hugging Face model directory")
     console.print(f"[green]wrote[/green] {what} {export(cfg)}")

@@ -16,6 +16,13 @@ name for the pre-tokenizer (``pre``: the regular expressions that cut text into 
   two or more spaces are stored as spaces and renamed to ``▁``s first. User-defined tokens (``\n``, HTML tags)
   are always whole.
 
+``gguf_tokenizer_metadata`` is the inverse, for ``lmforge export --to gguf``: a byte-level BPE tokenizer (lmforge's
+own, or one read from GGUF) becomes ``gpt2`` with the ``pre`` name whose rules it uses (lmforge's own tokenizers
+use Qwen2's; those that split CJK characters first encode the same ids under Qwen2's rules, since none of their
+merges joins bytes of two characters); a byte-fallback BPE (Gemma's) becomes ``llama`` with a score per token that
+ranks merges as their position does. Tokens past the tokenizer's size up to the model's vocabulary are padding
+(``[PAD<id>]``, type unused), as ``convert_hf_to_gguf.py`` writes them.
+
 Written here rather than taken from transformers' GGUF loader, which is a development dependency only and which
 builds the ``smollm`` vocabulary without its one-digit-per-token rule (llama.cpp and the model's own
 ``tokenizer.json`` split digits one by one; ``tests/data/test_gguf_vocab.py`` shows the difference).
@@ -23,6 +30,8 @@ builds the ``smollm`` vocabulary without its one-digit-per-token rule (llama.cpp
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +40,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from lmforge.data.tokenizer import LMTokenizer
 from lmforge.errors import UserError
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
 
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501 (verbatim, llama-vocab.cpp)
 _QWEN2_SPLIT = (
@@ -169,3 +178,93 @@ def _special_roles(meta: Mapping[str, Any], tokens: list[str], where: str) -> di
         if token in tokens:
             roles[role] = token
     return roles
+
+
+def _rules(tok: Tokenizer) -> str:
+    """The tokenizer's normalizer and pre-tokenizer as JSON, to compare with a candidate's."""
+    state = json.loads(tok.to_str())
+    return json.dumps([state.get("normalizer"), state.get("pre_tokenizer")], sort_keys=True)
+
+
+def _candidate(normalizer: normalizers.Normalizer | None, pre: pre_tokenizers.PreTokenizer) -> str:
+    tok = Tokenizer(models.BPE())
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    return _rules(tok)
+
+
+def _pre_name(tok: Tokenizer, where: str) -> str:
+    """The ``tokenizer.ggml.pre`` whose rules a byte-level BPE tokenizer applies, or a UserError."""
+    from lmforge.data.tokenizer import _bpe
+
+    rules = _rules(tok)
+    for cjk in (False, True):  # lmforge's own: Qwen2's rules (and the CJK split that keeps the same ids)
+        if rules == _rules(_bpe(300, cjk_characters=cjk)[0]):
+            return "qwen2"
+    for name, pre in PRE_TOKENIZERS.items():
+        if rules == _candidate(normalizers.NFC() if name in _NFC else None, pre()):
+            return name
+    raise UserError(
+        f"{where}: its pre-tokenizer is none that llama.cpp names (supported: lmforge's own, "
+        f"{', '.join(sorted(PRE_TOKENIZERS))}); llama.cpp would cut text into other tokens"
+    )
+
+
+def gguf_tokenizer_metadata(tok: LMTokenizer, vocab_size: int, where: str) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata of ``tok`` for a model of ``vocab_size`` rows (the inverse of
+    ``tokenizer_from_gguf``); a UserError for a tokenizer llama.cpp cannot reproduce (WordPiece, Unigram)."""
+    from lmforge.data.tokenizer import CHAT_TEMPLATE
+
+    model = tok.tokenizer.model
+    byte_fallback = isinstance(model, models.BPE) and model.byte_fallback
+    byte_level = isinstance(tok.tokenizer.decoder, decoders.ByteLevel)
+    if not isinstance(model, models.BPE) or not (byte_fallback or byte_level):
+        raise UserError(
+            f"{where}: a {tok.kind} tokenizer has no llama.cpp equivalent here; GGUF export takes byte-level BPE "
+            "(lmforge's GPTs, SmolLM2, Qwen2, Llama 3) and byte-fallback BPE (Gemma)"
+        )
+    state = json.loads(tok.tokenizer.to_str())
+    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
+    if len(vocab) > vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(vocab)} tokens, more than the model's {vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [UNUSED] * vocab_size
+    for token, index in vocab.items():
+        tokens[index], types[index] = token, NORMAL
+    for added in state.get("added_tokens", []):
+        types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    ids = {role: tok.token_id(role) for role in ("bos", "eos", "unk", "pad", "eot")}
+    bos_added = (
+        ids["bos"] is not None and tok.encode("a")[:1] == [ids["bos"]] != tok.encode("a", special_tokens=False)[:1]
+    )
+    meta: dict[str, Any] = {}
+    if byte_fallback:
+        for i, token in enumerate(tokens):
+            if types[i] == NORMAL and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                types[i] = BYTE
+            elif types[i] == NORMAL and len(token) > 1 and not token.strip("\u2581"):
+                tokens[i] = " " * len(token)  # Gemma stores runs of spaces as spaces (see _gemma_tokenizer)
+        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.pre"] = "default"
+        meta["tokenizer.ggml.scores"] = [
+            float(-i) if kind == NORMAL else 0.0 if kind == BYTE else -1000.0 for i, kind in enumerate(types)
+        ]
+        meta["tokenizer.ggml.add_space_prefix"] = False
+    else:
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = _pre_name(tok.tokenizer, where)
+        merges = state["model"]["merges"]
+        meta["tokenizer.ggml.merges"] = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    meta["tokenizer.ggml.tokens"] = tokens
+    meta["tokenizer.ggml.token_type"] = types
+    names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding", "eot": "eot"}
+    meta.update({f"tokenizer.ggml.{names[role]}_token_id": i for role, i in ids.items() if i is not None})
+    if ids["bos"] is None and ids["eos"] is not None:
+        meta["tokenizer.ggml.bos_token_id"] = ids["eos"]  # as GPT-2: llama.cpp's BPE vocabularies expect one
+    meta["tokenizer.ggml.add_bos_token"] = bos_added
+    meta["tokenizer.ggml.add_eos_token"] = False
+    template = tok.chat_template or (CHAT_TEMPLATE if "im_start" in tok.specials else None)
+    if template is not None:
+        meta["tokenizer.chat_template"] = template
+    return meta

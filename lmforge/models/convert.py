@@ -1,5 +1,5 @@
-"""Key maps between lmforge and Hugging Face checkpoints (BERT, RoBERTa-PreLayerNorm, GPT-2, Llama, Qwen2), and
-between GGUF files and Hugging Face names (Llama, Qwen2).
+"""Key maps between lmforge and Hugging Face checkpoints (BERT, RoBERTa-PreLayerNorm, GPT-2, Llama, Qwen2,
+Gemma 3), and between GGUF files and Hugging Face names (Llama, Qwen2, Gemma 3 both ways; GPT-2 written).
 
 The only module where Hugging Face names live (rule 4 of the architecture page). Each family is a
 list of links, one per lmforge tensor, naming the Hugging Face tensors it is made of: several
@@ -9,9 +9,11 @@ cannot drift apart. Only safetensors are read: pickled ``.bin`` checkpoints are 
 
 A GGUF file (``models/gguf.py``) is read as the Hugging Face checkpoint llama.cpp made it from: its metadata as a
 ``config.json`` (``gguf_as_hf``) and its tensors renamed (``blk.N.attn_q.weight`` -> ``layers.N.self_attn.q_proj
-.weight``), with llama.cpp's conversion transform undone: ``convert_hf_to_gguf.py`` permutes the rows of a Llama's
+.weight``), with llama.cpp's conversion transforms undone: ``convert_hf_to_gguf.py`` permutes the rows of a Llama's
 query and key matrices (per head, from the rotate-half layout to interleaved pairs), and the inverse permutation
-restores them. Then ``from_hf`` builds the lmforge model as for any Hugging Face directory.
+restores them; it stores Gemma's norm weights as 1 + w. Then ``from_hf`` builds the lmforge model as for any
+Hugging Face directory. ``hf_as_gguf`` goes the other way (``lmforge export --to gguf``), applying the same two
+transforms as ``convert_hf_to_gguf.py`` and writing the ``ARCH.*`` keys llama.cpp's ``llama-model.cpp`` reads.
 
 A pre-LN lmforge BERT (``pre_norm``) is Hugging Face's ``RobertaPreLayerNorm`` (Xiong et al. 2020's layout,
 with a final LayerNorm): the same tensors, except that RoBERTa numbers positions from ``pad_token_id + 1``
@@ -25,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -792,4 +795,138 @@ def _gemma3_gguf_config(gguf, hf_cfg: dict, where: str) -> dict:
             },
         },
         "tie_word_embeddings": True if "output.weight" not in gguf.tensors else hf_cfg["tie_word_embeddings"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF export: Hugging Face names and config -> llama.cpp's (the inverse of ``gguf_as_hf``)
+
+GGUF_EXPORT_ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+"""Hugging Face model_type -> the GGUF ``general.architecture`` it is written as."""
+
+_GGUF_GPT2_LAYER_NAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+_GGUF_GPT2_NAMES = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "lm_head": "output"}
+_GGUF_ACTIVATIONS = {"gpt2": ("gelu_new",), "llama": ("silu",), "qwen2": ("silu",), "gemma3": ("gelu_pytorch_tanh",)}
+"""The one feed-forward activation llama.cpp computes for each architecture (GPT-2 and Gemma: tanh GELU)."""
+
+
+def permute_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's ``permute`` of a query or key matrix (or bias) of ``n_heads`` heads, the inverse of
+    ``unpermute_rows``: each head's two rotate-half halves become interleaved (even, odd) pairs."""
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(hf_name: str, arch: str) -> str:
+    name, _, kind = hf_name.rpartition(".")  # kind: weight / bias
+    if arch == "gpt2":
+        name = name.removeprefix("transformer.")
+        if name in _GGUF_GPT2_NAMES:
+            return f"{_GGUF_GPT2_NAMES[name]}.{kind}"
+        _, layer, part = name.split(".", 2)  # h.N.part
+        return f"blk.{layer}.{_GGUF_GPT2_LAYER_NAMES[part]}.{kind}"
+    hf_name = hf_name.removeprefix("model.")
+    ours = {v: k for k, v in _GGUF_NAMES.items()}
+    if hf_name in ours:
+        return ours[hf_name]
+    layers = _GGUF_GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
+    _, layer, part = hf_name.split(".", 2)  # layers.N.part
+    return f"blk.{layer}.{ {v: k for k, v in layers.items()}[part] }"
+
+
+def hf_as_gguf(hf_cfg: dict, tensors: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """The GGUF architecture, ``ARCH.*`` metadata and tensors (llama.cpp's names and transforms) of a Hugging Face
+    config and state dict of the families ``GGUF_EXPORT_ARCHITECTURES`` names; a UserError for what llama.cpp would
+    compute differently (another activation, Gemma 3 with another query scale or layer pattern)."""
+    family = hf_cfg["model_type"]
+    if family not in GGUF_EXPORT_ARCHITECTURES:
+        raise UserError(
+            f"a {family} model has no GGUF export; the decoder families llama.cpp runs are exported: "
+            f"{', '.join(GGUF_EXPORT_ARCHITECTURES.values())}"
+        )
+    arch = GGUF_EXPORT_ARCHITECTURES[family]
+    activation = hf_cfg.get("activation_function") or hf_cfg.get("hidden_activation") or hf_cfg.get("hidden_act")
+    if activation not in _GGUF_ACTIVATIONS[arch]:
+        raise UserError(
+            f"model.activation: llama.cpp's {arch} computes {_GGUF_ACTIVATIONS[arch][0]} only, this model uses "
+            f"{activation!r}; export it to Hugging Face (--to hf) instead"
+        )
+    meta = _gguf_gpt2_metadata(hf_cfg) if arch == "gpt2" else _gguf_rope_metadata(hf_cfg, arch)
+    out = {}
+    for hf_name, value in tensors.items():
+        if hf_name == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
+            continue
+        value = value.detach().float()
+        name = _gguf_name(hf_name, arch)
+        if arch == "gpt2" and value.ndim == 2 and name.startswith("blk."):
+            value = value.t()  # GPT-2's Conv1D stores (in, out)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            value = permute_rows(value, hf_cfg["num_attention_heads"])
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            value = permute_rows(value, hf_cfg["num_key_value_heads"])
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            value = value + 1.0  # llama.cpp multiplies by the stored weight; Gemma's norms scale by 1 + w
+        out[name] = value.contiguous()
+    return arch, {f"{arch}.{k}": v for k, v in meta.items()}, out
+
+
+def _gguf_gpt2_metadata(hf: dict) -> dict[str, Any]:
+    return {
+        "context_length": hf["n_positions"],
+        "embedding_length": hf["n_embd"],
+        "block_count": hf["n_layer"],
+        "feed_forward_length": hf.get("n_inner") or 4 * hf["n_embd"],
+        "attention.head_count": hf["n_head"],
+        "attention.layer_norm_epsilon": float(hf["layer_norm_epsilon"]),
+        "vocab_size": hf["vocab_size"],
+    }
+
+
+def _gguf_rope_metadata(hf: dict, arch: str) -> dict[str, Any]:
+    head_dim = hf["head_dim"]
+    meta = {
+        "context_length": hf["max_position_embeddings"],
+        "embedding_length": hf["hidden_size"],
+        "block_count": hf["num_hidden_layers"],
+        "feed_forward_length": hf["intermediate_size"],
+        "attention.head_count": hf["num_attention_heads"],
+        "attention.head_count_kv": hf["num_key_value_heads"],
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "attention.layer_norm_rms_epsilon": float(hf["rms_norm_eps"]),
+        "rope.dimension_count": head_dim,
+        "vocab_size": hf["vocab_size"],
+    }
+    if arch != "gemma3":
+        if arch == "llama" and hf.get("mlp_bias"):
+            raise UserError("model.ffn_bias=true: llama.cpp's llama has no feed-forward biases; export to --to hf")
+        return {**meta, "rope.freq_base": float(hf["rope_theta"])}
+    rope = hf["rope_parameters"]
+    scalar, n_layers = hf["query_pre_attn_scalar"], hf["num_hidden_layers"]
+    expected = hf["hidden_size"] // hf["num_attention_heads"] if n_layers == 62 else head_dim
+    if scalar != expected:
+        raise UserError(
+            f"model.attn_scale: llama.cpp scales Gemma 3's queries by {expected}^-0.5 (for {n_layers} layers), this "
+            f"model by {scalar}^-0.5; export it to Hugging Face (--to hf) instead"
+        )
+    pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)]
+    if "sliding_attention" in hf["layer_types"] and hf["layer_types"] != pattern:
+        raise UserError(
+            "model.global_every: llama.cpp's Gemma 3 makes every 6th layer global and the others sliding-window; "
+            "this model's layers differ; export it to Hugging Face (--to hf) instead"
+        )
+    window = hf["sliding_window"] if "sliding_attention" in hf["layer_types"] else hf["max_position_embeddings"]
+    return {
+        **meta,
+        "rope.freq_base": float(rope["full_attention"]["rope_theta"]),
+        "rope.freq_base_swa": float(rope["sliding_attention"]["rope_theta"]),
+        "attention.sliding_window": window,
     }

@@ -13,10 +13,18 @@ bytes lie inside it), and that every tensor's type is one this module reads; ``m
 pairs as Python values; ``dequantized`` one tensor in PyTorch's (rows, columns) order. The names and the
 transforms llama.cpp applied at conversion (the Llama Q/K row permutation, Gemma's +1 on norm weights) are
 undone in ``models/convert.py``, the one place foreign names live.
+
+``write_gguf`` writes one (``lmforge export --to gguf``) with ``gguf.GGUFWriter`` and ``gguf.quants.quantize``,
+the writer and the reference quantizers llama.cpp's own ``convert_hf_to_gguf.py`` uses. ``EXPORT_QUANTS``: ``f16``
+(every matrix F16), ``q8_0`` (every matrix Q8_0) and ``q4_0`` (the blocks' matrices Q4_0, the embedding and output
+matrices Q8_0, since they are the most sensitive to rounding, as ``llama-quantize`` keeps them in a wider type);
+norms and biases stay F32, and a matrix whose rows are not a whole number of 32-value blocks falls back to F16, as
+llama.cpp's converter does. The file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,9 @@ from lmforge.errors import UserError
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 """The tensor types read here: those llama.cpp's common files use (a Q4_K_M file also holds Q5_0, Q6_K and
 Q8_0 tensors where a row's width is not a multiple of 256)."""
+
+EXPORT_QUANTS = ("f16", "q8_0", "q4_0")
+"""The tensor types ``write_gguf`` writes (see the module docstring)."""
 
 _MAGIC = b"GGUF"
 ROWS_AT_ONCE = 4096
@@ -113,3 +124,75 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
             )
         tensors[t.name] = t
     return GGUFFile(path, reader, tensors)
+
+
+_FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+
+
+def _tensor_type(name: str, value: np.ndarray, quant: str):
+    from gguf import GGMLQuantizationType as T
+
+    if value.ndim < 2:
+        return T.F32
+    if quant == "f16" or value.shape[-1] % 32:
+        return T.F16
+    if quant == "q4_0" and name.startswith("blk."):
+        return T.Q4_0
+    return T.Q8_0
+
+
+def write_gguf(
+    path: str | os.PathLike, arch: str, metadata: dict[str, Any], tensors: dict[str, torch.Tensor], *, quant: str
+) -> Path:
+    """Write a GGUF file: ``general.*`` keys, then ``metadata`` (typed by value: bool, int as uint32, float as
+    float32, str, and lists of str / int / float), then ``tensors`` (PyTorch order) quantized as ``quant`` says."""
+    import gguf
+
+    from lmforge.files import atomic_write
+
+    if quant not in EXPORT_QUANTS:
+        raise UserError(f"--quant {quant!r}: must be one of {', '.join(EXPORT_QUANTS)}")
+    path = Path(path)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs each step at INFO, temporary name included
+    with atomic_write(path, suffix=".gguf") as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(path.stem)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[quant])))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in metadata.items():
+            _add_value(writer, key, value)
+        for name, tensor in tensors.items():
+            value = tensor.detach().float().numpy()
+            kind = _tensor_type(name, value, quant)
+            if kind == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(name, value.astype(np.float16))
+            elif kind == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, value)
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def _add_value(writer, key: str, value: Any) -> None:
+    from gguf import GGUFValueType as V
+
+    def kind(x: Any) -> V:
+        if isinstance(x, bool):
+            return V.BOOL
+        if isinstance(x, int):
+            return V.UINT32 if x >= 0 else V.INT32
+        if isinstance(x, float):
+            return V.FLOAT32
+        if isinstance(x, str):
+            return V.STRING
+        raise TypeError(f"GGUF metadata {key}: no GGUF type for {type(x).__name__}")
+
+    if isinstance(value, list):
+        sub = V.INT32 if value and kind(value[0]) in (V.UINT32, V.INT32) else kind(value[0]) if value else V.STRING
+        writer.add_key_value(key, value, V.ARRAY, sub_type=sub)
+    else:
+        writer.add_key_value(key, value, kind(value))

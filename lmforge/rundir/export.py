@@ -1,6 +1,9 @@
 """A model or run directory in the Hugging Face transformers layout (``lmforge export --to hf``): the weights under
 Hugging Face's names (``models/convert.to_hf``), its config.json with the tokenizer's special ids, and the
-tokenizer files. Compressed copies (int8, ONNX) are ``compressed.py``'s."""
+tokenizer files; or a decoder as one GGUF file for llama.cpp (``lmforge export --to gguf``): the same Hugging Face
+tensors renamed and transformed as llama.cpp's converter does (``models/convert.hf_as_gguf``), the tokenizer and chat
+template as metadata (``data/gguf_vocab.gguf_tokenizer_metadata``), quantized and written by ``models/gguf.write_gguf``.
+Compressed copies (int8, ONNX) are ``compressed.py``'s."""
 
 from __future__ import annotations
 
@@ -10,16 +13,49 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lmforge.data.tokenizer import copy_tokenizer_files, load_tokenizer
+from lmforge.errors import UserError
 from lmforge.files import atomic_write, read_json_object, write_json
 from lmforge.models.convert import hf_family, to_hf
 from lmforge.models.registry import CONFIG_FILE, TYPE_KEY, load_model
-from lmforge.rundir.layout import check_output_dir, holds_model
+from lmforge.rundir.layout import check_output_dir, check_output_files, holds_model
 
 
 def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write ``source`` (a lmforge model or run directory) to ``out`` in the transformers layout."""
     src = Path(source)
     out = check_output_dir(out, inputs=[src], reusable=is_hf_export)
+    hf_cfg, tensors = _as_hf(src)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    write_json(out / "config.json", hf_cfg)
+    copy_tokenizer_files(src, out)
+    return out
+
+
+def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, quant: str) -> Path:
+    """Write ``source`` (a lmforge decoder's model or run directory) to the GGUF file ``out``, matrices in ``quant``
+    (``models/gguf.EXPORT_QUANTS``). Everything is checked (the family, the tokenizer) before the file is written."""
+    from lmforge.data.gguf_vocab import gguf_tokenizer_metadata
+    from lmforge.models.convert import hf_as_gguf
+    from lmforge.models.gguf import EXPORT_QUANTS, write_gguf
+
+    src = Path(source)
+    if quant not in EXPORT_QUANTS:
+        raise UserError(f"--quant {quant!r}: must be one of {', '.join(EXPORT_QUANTS)}")
+    (out,) = check_output_files([out], inputs=[src], flag="--out")
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {out}: name the GGUF file to write, ending in .gguf (e.g. {out.with_suffix('.gguf')})")
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"{src}: has no tokenizer.json; a GGUF file carries its tokenizer, so llama.cpp needs one")
+    hf_cfg, tensors = _as_hf(src)
+    arch, metadata, gguf_tensors = hf_as_gguf(hf_cfg, tensors)
+    metadata.update(gguf_tokenizer_metadata(load_tokenizer(src), hf_cfg["vocab_size"], str(src / "tokenizer.json")))
+    return write_gguf(out, arch, metadata, gguf_tensors, quant=quant)
+
+
+def _as_hf(src: Path) -> tuple[dict, dict]:
+    """The Hugging Face config and tensors of a lmforge model or run directory (its family checked first)."""
     model = load_model(src)
     hf_family(model.cfg)  # refused before anything is written
     token_ids: dict[str, int | None] = {}
@@ -32,13 +68,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
         }
         if tok.kind == "wordpiece":
             token_ids["bos"], token_ids["eos"] = tok.token_id("cls"), tok.token_id("sep")
-    hf_cfg, tensors = to_hf(model.cfg, model.state_dict(), token_ids=token_ids)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    write_json(out / "config.json", hf_cfg)
-    copy_tokenizer_files(src, out)
-    return out
+    return to_hf(model.cfg, model.state_dict(), token_ids=token_ids)
 
 
 def is_hf_export(directory: Path) -> bool:
