@@ -26,9 +26,12 @@ PRECISIONS = ("fp32", "int8", "int8-head", "bf16")
 """Decoding precisions: ``fp32`` (exact: the reference and the default); ``int8``: every linear layer and the
 vocabulary projection with int8 weights (one scale per output row) and bf16 inputs, the rest fp32;
 ``int8-head``: the vocabulary projection alone so; ``bf16``: every weight, the KV cache and the activations in
-bf16. The inexact three need bf16 arithmetic (``ops/cpu_features.bf16_is_fast``: a GPU, or a CPU with it);
-``auto`` picks ``int8`` there and ``fp32`` elsewhere (FINDINGS: int8 weight-only matrix-vector products ran 2-4x
-faster than fp32's at batch 1 and 8, bf16's slower than fp32's for the small matrices)."""
+bf16. ``bf16`` needs bf16 arithmetic (``ops/cpu_features.bf16_is_fast``: a GPU, or a CPU with it) and is refused
+elsewhere; the int8 paths only round their inputs to bf16, and run anywhere when asked for. ``auto`` picks
+``int8`` where bf16 is native and ``fp32`` elsewhere (FINDINGS: int8 weight-only matrix-vector products ran 2-4x
+faster than fp32's at batch 1 and 8 with avx512_bf16, bf16's slower than fp32's for the small matrices; on a CPU
+without it, int8 decoded SmolLM2-135M 1.4x faster than fp32 but is not chosen unasked, since it may pick other
+tokens)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -41,10 +44,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     fast = bf16_is_fast(device)
     if precision == "auto":
         return "int8" if fast else "fp32"
-    if precision != "fp32" and not fast:
+    if precision == "bf16" and not fast:
         raise UserError(
-            f"precision={precision!r} needs bf16 arithmetic (a GPU, or a CPU with avx512_bf16 / amx_bf16); "
-            "this CPU emulates it, ~4x slower than fp32: use fp32 or auto"
+            "precision='bf16' needs bf16 arithmetic (a GPU, or a CPU with avx512_bf16 / amx_bf16); "
+            "this CPU emulates it, ~4x slower than fp32: use fp32, int8 or auto"
         )
     return precision
 
@@ -174,8 +177,7 @@ class GPTSteps(Steps):
         return self._logits(hidden)
 
     def reorder(self, index: Tensor) -> None:
-        self.cache.keys = self.cache.keys.index_select(1, index)
-        self.cache.values = self.cache.values.index_select(1, index)
+        self.cache.reorder(index)
         self.position = self.position.index_select(0, index)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, index)
@@ -220,8 +222,7 @@ class Seq2SeqSteps(Steps):
     def reorder(self, index: Tensor) -> None:
         # Beams are reordered within their own source, whose memory is the same in every row: only
         # the self-attention cache moves.
-        self.cache.keys = self.cache.keys.index_select(1, index)
-        self.cache.values = self.cache.values.index_select(1, index)
+        self.cache.reorder(index)
 
 
 def output_weight(model: GPT | Seq2Seq) -> Tensor:

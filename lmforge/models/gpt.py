@@ -194,6 +194,8 @@ class GPT(nn.Module):
             max_len=max_len or self.cfg.max_seq_len,
             dtype=dtype or weight.dtype,
             device=weight.device,
+            window=self.cfg.sliding_window,
+            local_layers=[i for i in range(self.cfg.n_layers) if self.cfg.is_local(i)],
         )
 
     def hidden_states(
@@ -228,6 +230,8 @@ class GPT(nn.Module):
             local_mask = sliding_window_mask(
                 mask, is_causal, q_len=T, k_len=past + T, window=self.cfg.sliding_window, device=x.device
             )
+            if cache is not None:  # the local layers' cache holds only the last positions: their columns
+                local_mask = local_mask[..., past - cache.local_length :]
         for i, layer in enumerate(self.layers):
             if self.cfg.is_local(i):
                 x = layer(x, mask=local_mask, is_causal=False, rope=local_rope, cache=cache, layer=i)

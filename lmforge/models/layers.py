@@ -12,6 +12,7 @@ Hkv key/value heads, Hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -166,6 +167,12 @@ class KVCache:
     One buffer of shape (L, B, Hkv, S_max, Hd) each for keys and values, filled in place, so a
     decoding step allocates nothing new for the cache. ``length`` counts the positions already
     stored; a model call appends its T new positions in every layer, then advances ``length``.
+
+    With ``window`` and ``local_layers`` (Gemma 3's sliding-window layers), those layers keep only the last
+    ``window`` positions, in their own (Ll, B, Hkv, window, Hd) buffers, so their memory stays bounded however long
+    the conversation: a query sees at most ``window - 1`` earlier keys. A local layer's ``append`` returns the kept
+    keys followed by the new ones (positions ``length - local_length`` onwards; the model slices its mask the same
+    way) and keeps the last ``window`` of them.
     """
 
     def __init__(
@@ -178,24 +185,56 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        window: int = 0,
+        local_layers: Sequence[int] = (),
     ) -> None:
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        local = list(local_layers) if window else []
+        self.window = window
+        self.slot = {}  # layer -> its index in the global or the local buffers
+        for layer in range(n_layers):
+            same_kind = [other for other in range(layer) if (other in local) == (layer in local)]
+            self.slot[layer] = len(same_kind)
+        self.local = set(local)
+        shape = (n_layers - len(local), batch_size, n_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        local_shape = (len(local), batch_size, n_kv_heads, window, head_dim)
+        self.local_keys = torch.zeros(local_shape, dtype=dtype, device=device)
+        self.local_values = torch.zeros(local_shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
 
+    @property
+    def local_length(self) -> int:
+        """How many earlier positions the local layers hold (the last ones)."""
+        return min(self.window, self.length)
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store (B, Hkv, T, Hd) keys/values after the cached ones; return all (B, Hkv, S, Hd)."""
+        """Store (B, Hkv, T, Hd) keys/values after the cached ones; return all (B, Hkv, S, Hd) the layer attends to."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise UserError(f"KV cache holds {self.max_len} positions; {end} were requested")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        i = self.slot[layer]
+        if layer in self.local:
+            held = self.local_length
+            keys = torch.cat((self.local_keys[i, :, :, :held], k), dim=2)
+            values = torch.cat((self.local_values[i, :, :, :held], v), dim=2)
+            keep = min(self.window, keys.shape[2])
+            self.local_keys[i, :, :, :keep] = keys[:, :, -keep:]
+            self.local_values[i, :, :, :keep] = values[:, :, -keep:]
+            return keys, values
+        self.keys[i, :, :, self.length : end] = k
+        self.values[i, :, :, self.length : end] = v
+        return self.keys[i, :, :, :end], self.values[i, :, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the sequences ``index`` names, in that order (beam search)."""
+        self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        self.local_keys = self.local_keys.index_select(1, index)
+        self.local_values = self.local_values.index_select(1, index)
 
 
 def sliding_window_mask(

@@ -279,6 +279,7 @@ def test_decoding_precision_is_chosen_at_run_time(monkeypatch) -> None:
     assert decoding.resolve_precision("auto", cpu) == "fp32"  # bf16 is emulated, ~4x slower: the exact path
     with pytest.raises(UserError, match="needs bf16 arithmetic"):
         decoding.resolve_precision("bf16", cpu)
+    assert decoding.resolve_precision("int8", cpu) == "int8"  # asked for: its inputs are rounded to bf16, no more
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a GPU with bf16 (none is needed here)
     assert decoding.resolve_precision("auto", torch.device("cuda")) == "int8"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # an older GPU: bf16 emulated

@@ -166,6 +166,32 @@ def test_gemma3_decodes_with_the_kv_cache_past_the_window_as_transformers_does()
     torch.testing.assert_close(logits[0], whole[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_gemma3_sliding_layers_cache_only_the_window() -> None:
+    """The local layers' cache holds ``window`` positions whatever the length, and decoding with it (a left-padded
+    batch, a prompt, a chunk longer than the window, then single tokens) gives the logits of the whole padded
+    sequences at once; beam reordering moves the local buffers with the global ones."""
+    torch.manual_seed(0)
+    model = _import(_perturb_norms(CAUSAL["gemma3_text"]()))
+    window, n_local = model.cfg.sliding_window, sum(model.cfg.is_local(i) for i in range(model.cfg.n_layers))
+    ids = torch.randint(0, VOCAB, (2, 22))
+    mask = torch.ones(2, 22, dtype=torch.long)
+    mask[1, :3] = 0  # the second row is left-padded
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask)
+        cache = model.new_cache(2, 64)
+        assert cache.local_keys.shape == (n_local, 2, model.cfg.kv_heads, window, model.cfg.dim_per_head)
+        assert cache.keys.shape[0] == model.cfg.n_layers - n_local
+        pieces, at = [], 0
+        for size in (6, 7, 1, 1, 1, 6):
+            pieces.append(model(ids[:, at : at + size], attention_mask=mask[:, : at + size], cache=cache))
+            at += size
+        real = mask.bool()  # a padding position's output is never read
+        torch.testing.assert_close(torch.cat(pieces, dim=1)[real], whole[real], atol=1e-4, rtol=1e-4)
+        before = cache.local_keys.clone()
+        cache.reorder(torch.tensor([1, 1]))
+        torch.testing.assert_close(cache.local_keys[:, 0], before[:, 1], rtol=0, atol=0)
+
+
 def test_gemma3_exports_to_a_config_and_weights_transformers_runs() -> None:
     """lmforge's Gemma 3 written as a Hugging Face config and state dict: transformers builds the model from them
     and computes the same logits (export and import both ways)."""
