@@ -36,10 +36,15 @@ class LlamaCpp:
         with urllib.request.urlopen(request, timeout=300) as reply:
             return json.loads(reply.read())
 
+    def complete(self, prompt: list[int], n: int) -> dict:
+        """llama.cpp's reply for ``n`` greedy tokens after the token ids ``prompt`` (the end token does not stop it):
+        ``tokens``, and ``timings`` (``prompt_per_second``, ``predicted_per_second``)."""
+        body = {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True}
+        return self._post("/completion", {**body, "return_tokens": True, "cache_prompt": False})
+
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         """``n`` greedy token ids after the token ids ``prompt`` (the end token does not stop it)."""
-        body = {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True}
-        return self._post("/completion", {**body, "return_tokens": True, "cache_prompt": False})["tokens"]
+        return self.complete(prompt, n)["tokens"]
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's token ids for ``text``, with the BOS its metadata asks for."""

@@ -198,3 +198,25 @@ def test_export_refuses_what_llamacpp_computes_otherwise(models: dict[str, Path]
         reply = capsys.readouterr()
         assert message in reply.out + reply.err
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_one_token_per_chinese_character_survives_export(tmp_path: Path, mixed_corpus: Path) -> None:
+    """A tokenizer that splits CJK characters first (the poem GPT's) exports under Qwen2's rules, and llama.cpp
+    cuts text into the very ids lmforge does: none of its merges joins two characters."""
+    from lmforge.data.readers import read_text_lines
+    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+
+    lines = list(read_text_lines(mixed_corpus))
+    tok = train_tokenizer(lambda: lines, kind="bpe", vocab_size=400, cjk_characters=True)
+    save_tokenizer(tok, tmp_path / "m")
+    save_model(
+        GPT(GPTConfig(vocab_size=tok.vocab_size, max_seq_len=64, n_layers=1, d_model=32, d_ff=64)), tmp_path / "m"
+    )
+    path = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "m"), "--to", "gguf", "--out", str(path)]) == 0
+    llama = LlamaCpp(path)
+    try:
+        for line in [*lines, "床前明月光，疑是地上霜。", "我 爱 ＡＢＣ 123 😀！"]:
+            assert llama.tokenize(line) == tok.encode(line), line
+    finally:
+        llama.close()
