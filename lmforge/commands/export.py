@@ -29,6 +29,9 @@ class Config:
     and serve run with ONNX Runtime."""
     int8: bool = False
     """With --to onnx: quantize the graph with ONNX Runtime's dynamic int8 quantizer."""
+    merge: str | None = None
+    """With --to hf or gguf: a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT's
+    format) made for RUN_DIR, folded into the weights before they are written."""
     quant: Literal["f16", "q8_0", "q4_0"] | None = None
     """With --to gguf: the matrices' type, f16 (default), q8_0, or q4_0 (embedding and output in q8_0); norms and
     biases stay f32."""
@@ -39,15 +42,17 @@ def export(cfg: Config) -> Path:
         raise UserError(f"--quant applies to --to gguf only (this export is --to {cfg.to})")
     if cfg.int8 and cfg.to != "onnx":
         raise UserError("--int8 applies to --to onnx only (for int8 PyTorch weights: lmforge quantize)")
+    if cfg.merge is not None and cfg.to == "onnx":
+        raise UserError("--merge applies to --to hf and --to gguf (merge, then export the merged model to ONNX)")
     if cfg.to == "onnx":
         return export_onnx(cfg)
     if cfg.to == "gguf":
         from lmforge.rundir.export import export_gguf
 
-        return export_gguf(cfg.run_dir, cfg.out, quant=cfg.quant or "f16")
+        return export_gguf(cfg.run_dir, cfg.out, quant=cfg.quant or "f16", merge=cfg.merge)
     from lmforge.rundir.export import export_hf
 
-    return export_hf(cfg.run_dir, cfg.out)
+    return export_hf(cfg.run_dir, cfg.out, merge=cfg.merge)
 
 
 def export_onnx(cfg: Config) -> Path:

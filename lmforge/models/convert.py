@@ -518,25 +518,45 @@ def to_hf(
         parts = value.split(list(link.sizes), dim=0) if link.sizes else (value,)
         for name, part in zip(link.theirs, parts, strict=True):
             hf[name] = (part.t() if link.conv1d else part).contiguous()
-    if family == "bert":
-        prefix = "bert." if cfg.mlm_head else ""
-        hf = {(k if k.startswith("cls.") else prefix + k): v for k, v in hf.items()}
-        return _bert_hf_config(cfg, token_ids), hf
     if family == ROBERTA_PRE_LN:
         hf_cfg = _bert_hf_config(cfg, token_ids)
         offset = hf_cfg["max_position_embeddings"] - cfg.max_seq_len
         position = "embeddings.position_embeddings.weight"
         hf[position] = torch.cat((hf[position].new_zeros(offset, cfg.d_model), hf[position]))
-        prefix = "roberta_prelayernorm." if cfg.mlm_head else ""
-        hf = {(k if k.startswith("lm_head.") else prefix + k): v for k, v in hf.items()}
-        return hf_cfg, hf
+    hf = {_hf_prefixed(cfg, family, k): v for k, v in hf.items()}
+    if family in ("bert", ROBERTA_PRE_LN):
+        return _bert_hf_config(cfg, token_ids), hf
     if family == "gpt2":
-        hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
         return _gpt2_hf_config(cfg, token_ids), hf
-    hf = {(k if k == "lm_head.weight" else "model." + k): v for k, v in hf.items()}
     if family == "gemma3_text":
         return _gemma3_hf_config(cfg, token_ids), hf
     return _llama_hf_config(cfg, family, token_ids), hf
+
+
+def _hf_prefixed(cfg: BertConfig | GPTConfig, family: str, name: str) -> str:
+    """A Hugging Face tensor name as it stands in the whole model of ``family`` (the base model's prefix, which the
+    heads outside it do not get)."""
+    if family == "bert":
+        return name if name.startswith("cls.") or not cfg.mlm_head else "bert." + name
+    if family == ROBERTA_PRE_LN:
+        return name if name.startswith("lm_head.") or not cfg.mlm_head else "roberta_prelayernorm." + name
+    if name == "lm_head.weight":
+        return name
+    return ("transformer." if family == "gpt2" else "model.") + name
+
+
+def hf_weight_parts(cfg: BertConfig | GPTConfig, ours: str) -> tuple[list[tuple[str, int]], bool]:
+    """The Hugging Face tensors (full names in the exported model, row counts) that lmforge's weight ``ours`` is
+    concatenated from, and whether they are GPT-2 ``Conv1D`` weights (stored transposed): how an adapter on a fused
+    lmforge matrix (``attn.qkv``) maps onto Hugging Face's separate projections (``models/lora.py``)."""
+    family = hf_family(cfg)
+    for link in _links(cfg):
+        if link.ours == ours:
+            sizes = link.sizes or (None,)
+            return [
+                (_hf_prefixed(cfg, family, n), size) for n, size in zip(link.theirs, sizes, strict=True)
+            ], link.conv1d
+    raise UserError(f"{ours}: no Hugging Face tensor corresponds to it in a {family} model")
 
 
 def _common(token_ids: dict[str, int | None]) -> dict:

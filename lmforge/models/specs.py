@@ -2,7 +2,7 @@
 
 ``ModelSpec``: a named size (``models/sizes.py``) with overrides; ``ElectraSpec``: ELECTRA's generator
 and objective weights (``models/electra.py``, ``tasks/electra.py``); ``Seq2SeqSpec``: the translation
-encoder-decoder (``models/seq2seq.py``).
+encoder-decoder (``models/seq2seq.py``); ``LoRASpec``: low-rank adapters on a frozen base (``models/lora.py``).
 """
 
 from __future__ import annotations
@@ -104,3 +104,28 @@ class Seq2SeqSpec:
     """Feed-forward width."""
     dropout: float = 0.1
     """Dropout (embeddings, residual branches, attention probabilities)."""
+
+
+@dataclass
+class LoRASpec:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a frozen base; rank 0 = full fine-tuning."""
+
+    rank: int = 0
+    """Rank r of each adapter; 0 = no adapters (every weight trains)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / r) * B A (rsLoRA: alpha / sqrt(r))."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (the base's path has none)."""
+    targets: list[str] = dataclasses.field(default_factory=list)
+    """Linear layers to adapt, as patterns on lmforge's module names (``fnmatch``: ``*.attn.qkv``); empty = the
+    family's default (``models/lora.DEFAULT_TARGETS``: attention and feed-forward projections)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajievski 2023)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise UserError(f"lora.rank={self.rank}: must be >= 0 (0 = no adapters)")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha={self.alpha}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout={self.dropout}: must be in [0, 1)")

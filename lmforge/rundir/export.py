@@ -20,11 +20,12 @@ from lmforge.models.registry import CONFIG_FILE, TYPE_KEY, load_model
 from lmforge.rundir.layout import check_output_dir, check_output_files, holds_model
 
 
-def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write ``source`` (a lmforge model or run directory) to ``out`` in the transformers layout."""
+def export_hf(source: str | os.PathLike, out: str | os.PathLike, *, merge: str | os.PathLike | None = None) -> Path:
+    """Write ``source`` (a lmforge model or run directory) to ``out`` in the transformers layout; with ``merge``, the
+    LoRA adapter directory (PEFT's files) folded into its weights first."""
     src = Path(source)
-    out = check_output_dir(out, inputs=[src], reusable=is_hf_export)
-    hf_cfg, tensors = _as_hf(src)
+    out = check_output_dir(out, inputs=[src, merge], reusable=is_hf_export)
+    hf_cfg, tensors = _as_hf(src, merge)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
@@ -33,9 +34,12 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, quant: str) -> Path:
+def export_gguf(
+    source: str | os.PathLike, out: str | os.PathLike, *, quant: str, merge: str | os.PathLike | None = None
+) -> Path:
     """Write ``source`` (a lmforge decoder's model or run directory) to the GGUF file ``out``, matrices in ``quant``
-    (``models/gguf.EXPORT_QUANTS``). Everything is checked (the family, the tokenizer) before the file is written."""
+    (``models/gguf.EXPORT_QUANTS``), with ``merge``'s LoRA adapter folded in. Everything is checked (the family, the
+    tokenizer, the adapter's base) before the file is written."""
     from lmforge.data.gguf_vocab import gguf_tokenizer_metadata
     from lmforge.models.convert import hf_as_gguf
     from lmforge.models.gguf import EXPORT_QUANTS, write_gguf
@@ -48,16 +52,24 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, quant: str
         raise UserError(f"--out {out}: name the GGUF file to write, ending in .gguf (e.g. {out.with_suffix('.gguf')})")
     if not (src / "tokenizer.json").is_file():
         raise UserError(f"{src}: has no tokenizer.json; a GGUF file carries its tokenizer, so llama.cpp needs one")
-    hf_cfg, tensors = _as_hf(src)
+    hf_cfg, tensors = _as_hf(src, merge)
     arch, metadata, gguf_tensors = hf_as_gguf(hf_cfg, tensors)
     metadata.update(gguf_tokenizer_metadata(load_tokenizer(src), hf_cfg["vocab_size"], str(src / "tokenizer.json")))
     return write_gguf(out, arch, metadata, gguf_tensors, quant=quant)
 
 
-def _as_hf(src: Path) -> tuple[dict, dict]:
-    """The Hugging Face config and tensors of a lmforge model or run directory (its family checked first)."""
+def _as_hf(src: Path, merge: str | os.PathLike | None = None) -> tuple[dict, dict]:
+    """The Hugging Face config and tensors of a lmforge model or run directory (its family checked first), with the
+    LoRA adapter directory ``merge`` folded into the weights (``models/lora.merge_lora``)."""
     model = load_model(src)
     hf_family(model.cfg)  # refused before anything is written
+    if merge is not None:
+        from lmforge.models.lora import load_adapter, merge_lora
+
+        if not Path(merge).is_dir():
+            raise UserError(f"--merge {merge}: not a directory; name an adapter directory (adapter_config.json)")
+        load_adapter(model, merge)
+        merge_lora(model)
     token_ids: dict[str, int | None] = {}
     if (src / "tokenizer.json").is_file():
         tok = load_tokenizer(src)

@@ -1,0 +1,287 @@
+"""Low-rank adapters on a frozen base (LoRA, Hu et al. 2021), saved and read in PEFT's format.
+
+``add_lora(model, spec)`` turns every ``nn.Linear`` whose module name matches ``spec.targets`` (``fnmatch``
+patterns; the family's ``DEFAULT_TARGETS`` when empty) into a ``LoRALinear``: the same layer, its weight and bias
+frozen, plus ``lora_A`` (r x in) and ``lora_B`` (out x r), so that it computes ``W x + b + s * B A dropout(x)`` with
+``s = alpha / r`` (rsLoRA, Kalajievski 2023: ``alpha / sqrt(r)``). ``A`` starts as PEFT's (Kaiming-uniform with
+a = sqrt(5)) and ``B`` at zero, so the adapted model starts as the base. Every other parameter is frozen.
+
+lmforge fuses the attention's query, key and value into one matrix (``attn.qkv``) where Hugging Face models keep
+three; PEFT puts one adapter on each. A ``LoRALinear`` over a fused matrix therefore holds one adapter per part
+(``parts``: the row counts ``models/convert.hf_weight_parts`` gives): ``lora_A`` stacks the parts' A matrices and
+part i's output rows use rows i*r..(i+1)*r of it, which is exactly PEFT's three adapters. ``save_adapter`` writes
+``adapter_config.json`` and ``adapter_model.safetensors`` under the names PEFT gives them on the base's Hugging
+Face export (``base_model.model.<module>.lora_A.weight``), so ``peft.PeftModel.from_pretrained`` on that export
+computes what lmforge computes; ``load_adapter`` reads them back, refusing an adapter made for another base.
+``merge_lora`` folds the adapters into the weights (``W + s * B A``) and restores plain ``nn.Linear`` layers.
+
+Written here rather than wrapping the model with PEFT: PEFT matches Hugging Face module names and has no notion of
+one matrix holding three projections, so it could only adapt lmforge's fused ``qkv`` as a whole (one shared A, a
+different and non-exportable adapter), and its wrappers would change every state-dict key the checkpoints,
+``save_model`` and the exports use. ``LoRALinear`` keeps the base's keys (``...qkv.weight``) and adds two.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmforge.errors import UserError
+from lmforge.files import atomic_write, read_json_object, write_json
+from lmforge.models.specs import LoRASpec
+
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_BASE = "lmforge_base.json"
+"""Beside PEFT's two files: the family and shape of the base the adapter was made for (PEFT warns about keys of its
+config it does not know, so they are not added there)."""
+DEFAULT_TARGETS = {
+    "gpt": ("layers.*.attn.qkv", "layers.*.attn.out", "layers.*.ffn.gate", "layers.*.ffn.up", "layers.*.ffn.down"),
+    "bert": ("*layers.*.attn.qkv", "*layers.*.attn.out", "*layers.*.ffn.up", "*layers.*.ffn.down"),
+}
+"""Each family's adapted layers when ``--lora.targets`` is empty: every attention and feed-forward projection (the
+QLoRA paper's finding that adapting all of them matters more than the rank)."""
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` (frozen) with one low-rank adapter per part of its output rows (``parts``)."""
+
+    def __init__(self, base: nn.Linear, parts: Sequence[int], *, rank: int, alpha: float, dropout: float, rslora: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors: the base's keys stay
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        if sum(parts) != self.out_features:
+            raise ValueError(f"parts {list(parts)} do not add up to {self.out_features} output rows")
+        self.parts, self.rank = tuple(parts), rank
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(len(self.parts) * rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        for i in range(len(self.parts)):  # PEFT's initialisation of each part's A
+            nn.init.kaiming_uniform_(self.lora_A[i * rank : (i + 1) * rank], a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        z = nn.functional.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., parts * r)
+        if len(self.parts) == 1:
+            delta = nn.functional.linear(z, self.lora_B)
+        else:
+            zs, bs = z.split(self.rank, dim=-1), self.lora_B.split(self.parts, dim=0)
+            delta = torch.cat([nn.functional.linear(zi, bi) for zi, bi in zip(zs, bs, strict=True)], dim=-1)
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """``s * B A`` as one (out, in) matrix, part by part."""
+        bs = self.lora_B.split(self.parts, dim=0)
+        a_s = self.lora_A.split(self.rank, dim=0)
+        return torch.cat([b @ a for b, a in zip(bs, a_s, strict=True)], dim=0) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, parts={list(self.parts)}, scaling={self.scaling:g}"
+
+
+def _family(model: nn.Module) -> str:
+    from lmforge.models.registry import model_type_of
+
+    return model_type_of(_config(model))
+
+
+def _config(model: nn.Module):
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:  # a task model: its encoder or decoder holds the config
+        cfg = next((m.cfg for m in model.modules() if hasattr(m, "cfg")), None)
+    return cfg
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The module path of the model whose config names the tensors (``""``, or e.g. ``encoder.`` in a task model)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "cfg"):
+            return f"{name}." if name else ""
+    return ""
+
+
+def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """Adapt ``model`` in place (see the module docstring); the adapted layers' names. Every base parameter is
+    frozen; a UserError lists the linear layers that exist when no target matches one."""
+    if spec.rank <= 0:
+        raise UserError(f"lora.rank={spec.rank}: adapters need a rank >= 1")
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    patterns = spec.targets or DEFAULT_TARGETS.get(_family(model), ())
+    chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        shown = ", ".join(sorted({_pattern_of(n) for n in linears})[:20])
+        raise UserError(f"lora.targets={list(patterns)} match no linear layer of this model; its layers: {shown}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg, prefix = _config(model), _base_prefix(model)
+    for name in chosen:
+        linear = linears[name]
+        parts = _parts(cfg, name.removeprefix(prefix), linear.out_features)
+        lora = LoRALinear(linear, parts, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
+        _replace(model, name, lora)
+    return chosen
+
+
+def _pattern_of(name: str) -> str:
+    """A module name with its layer number replaced by ``*`` (the way targets are usually written)."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def _parts(cfg, name: str, out_features: int) -> tuple[int, ...]:
+    """The row counts of the Hugging Face projections a lmforge linear layer fuses (one part when it fuses none)."""
+    from lmforge.models.convert import hf_weight_parts
+
+    try:
+        parts, _ = hf_weight_parts(cfg, f"{name}.weight")
+    except UserError:
+        return (out_features,)
+    sizes = tuple(size or out_features for _, size in parts)
+    return sizes if sum(sizes) == out_features else (out_features,)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer's weight (``W + s * B A``) and put plain ``nn.Linear`` layers back."""
+    for name, layer in lora_layers(model).items():
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            weight = layer.weight.detach().float() + layer.delta_weight().detach()
+            plain.weight = nn.Parameter(weight.to(layer.weight.dtype))
+            if layer.bias is not None:
+                plain.bias = nn.Parameter(layer.bias.detach().clone())
+        _replace(model, name, plain)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's files
+
+
+def _peft_names(model: nn.Module, name: str, layer: LoRALinear) -> list[str]:
+    """The Hugging Face module names (in the base's export) of each part of ``layer``."""
+    names, _ = _hf_parts(model, name)
+    if len(names) != len(layer.parts):
+        raise UserError(f"{name}: {len(layer.parts)} adapters for {len(names)} Hugging Face projections")
+    return names
+
+
+def save_adapter(model: nn.Module, spec: LoRASpec, directory: str | os.PathLike, *, base: str = "") -> Path:
+    """``directory``/adapter_config.json + adapter_model.safetensors in PEFT's format and names."""
+    from lmforge.models.convert import hf_family
+
+    cfg = _config(model)
+    directory = Path(directory)
+    tensors, modules, fan_in_fan_out = {}, [], False
+    for name, layer in lora_layers(model).items():
+        fan_in_fan_out |= _hf_parts(model, name)[1]
+        a_s, bs = layer.lora_A.split(layer.rank, dim=0), layer.lora_B.split(layer.parts, dim=0)
+        for hf, a, b in zip(_peft_names(model, name, layer), a_s, bs, strict=True):
+            tensors[f"base_model.model.{hf}.lora_A.weight"] = a.detach().float().contiguous()
+            tensors[f"base_model.model.{hf}.lora_B.weight"] = b.detach().float().contiguous()
+            modules.append(hf)
+    family = hf_family(cfg)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if family not in ("bert", "roberta-prelayernorm") else "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": modules,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / ADAPTER_CONFIG, config)
+    write_json(directory / ADAPTER_BASE, {"model_type": family, "shape": _shape_of(cfg)})
+    return directory
+
+
+def _shape_of(cfg) -> dict:
+    keys = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ff")
+    return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
+    """Add the adapters of ``directory`` (PEFT's files, as ``save_adapter`` writes them) to ``model``; a UserError
+    when they were made for a base of another shape or name layers this model does not have."""
+    directory = Path(directory)
+    config = read_json_object(directory / ADAPTER_CONFIG, what="adapter config")
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{directory / ADAPTER_CONFIG}: peft_type={config.get('peft_type')!r}; only LORA adapters")
+    cfg = _config(model)
+    base = directory / ADAPTER_BASE
+    made_for = read_json_object(base, what="adapter base").get("shape") if base.is_file() else None
+    if made_for is not None and made_for != _shape_of(cfg):
+        raise UserError(
+            f"{directory}: the adapter was made for a base of shape {json.dumps(made_for)}, this model is "
+            f"{json.dumps(_shape_of(cfg))}; load it on the model it was trained from"
+        )
+    spec = LoRASpec(
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)),
+    )
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    wanted = {f"base_model.model.{hf}" for hf in config["target_modules"]}
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    chosen = []
+    for name in linears:
+        try:
+            parts, _ = _hf_parts(model, name)
+        except UserError:
+            continue
+        if all(f"base_model.model.{hf}" in wanted for hf in parts):
+            chosen.append(name)
+    if not chosen:
+        raise UserError(f"{directory}: none of its target modules is a layer of this model")
+    add_lora(model, LoRASpec(**{**spec.__dict__, "targets": chosen}))
+    found = set()
+    for name, layer in lora_layers(model).items():
+        a_s, bs = [], []
+        for hf in _peft_names(model, name, layer):
+            a_s.append(tensors[f"base_model.model.{hf}.lora_A.weight"])
+            bs.append(tensors[f"base_model.model.{hf}.lora_B.weight"])
+            found.add(hf)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.cat(a_s))
+            layer.lora_B.copy_(torch.cat(bs))
+    missing = sorted(set(config["target_modules"]) - found)
+    if missing:
+        raise UserError(f"{directory}: adapters for layers this model does not have: {', '.join(missing[:5])}")
+    return spec
+
+
+def _hf_parts(model: nn.Module, name: str) -> tuple[list[str], bool]:
+    from lmforge.models.convert import hf_weight_parts
+
+    parts, conv1d = hf_weight_parts(_config(model), f"{name.removeprefix(_base_prefix(model))}.weight")
+    return [hf.removesuffix(".weight") for hf, _ in parts], conv1d

@@ -1,0 +1,202 @@
+"""LoRA adapters (models/lora.py): PEFT, given the adapter lmforge saves and the base's Hugging Face export,
+computes lmforge's logits; merging changes no output; only the adapters train; bad requests are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from lmforge.errors import UserError
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.convert import to_hf
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.lora import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lmforge.models.specs import LoRASpec
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 96
+DECODERS = {
+    "gpt2": dict(),
+    "llama": dict(
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        activation="silu",
+        n_kv_heads=2,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+    ),
+    "qwen2": dict(
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        activation="silu",
+        n_kv_heads=2,
+        qkv_bias=True,
+        out_bias=False,
+        ffn_bias=False,
+    ),
+    "gemma3": dict(
+        norm="rmsnorm_plus_one",
+        positions="rope",
+        gated_ffn=True,
+        activation="gelu_tanh",
+        n_kv_heads=1,
+        head_dim=16,
+        qk_norm=True,
+        sandwich_norms=True,
+        embed_scale=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        sliding_window=4,
+        global_every=2,
+        rope_theta=1e6,
+        rope_local_theta=1e4,
+    ),
+}
+
+
+def _decoder(family: str) -> GPT:
+    cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=32, n_layers=2, n_heads=4, d_model=32, d_ff=64, **DECODERS[family])
+    torch.manual_seed(0)
+    return GPT(cfg).eval()
+
+
+def _train_adapters_a_little(model: nn.Module) -> None:
+    """B starts at zero (the adapted model is the base); give every adapter a nonzero update."""
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+
+
+def _hf(model: GPT | Bert) -> nn.Module:
+    hf_cfg, tensors = to_hf(model.cfg, model.state_dict(), token_ids={"pad": 0, "bos": 1, "eos": 1})
+    kind = hf_cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(kind, **{k: v for k, v in hf_cfg.items() if k != "architectures"})
+    cls = transformers.AutoModel if isinstance(model, Bert) else transformers.AutoModelForCausalLM
+    hf = cls.from_config(config, attn_implementation="eager")
+    hf.load_state_dict(tensors, strict=False)
+    hf.tie_weights()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_peft_loads_the_adapter_and_computes_the_same_logits(family: str, tmp_path) -> None:
+    model = _decoder(family)
+    hf = _hf(model)  # the base, before adapters
+    spec = LoRASpec(rank=4, alpha=8, rslora=family == "qwen2")
+    adapted = add_lora(model, spec)
+    assert len(adapted) == 2 * (5 if family != "gpt2" else 4)
+    _train_adapters_a_little(model)
+    save_adapter(model, spec, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        ours, theirs = model(ids), peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert (ours - _decoder(family)(ids)).abs().max() > 1e-2  # the adapters change the outputs
+
+
+def test_an_encoder_takes_adapters_peft_reads(tmp_path) -> None:
+    """BERT: one adapter per query / key / value on lmforge's fused matrix, as PEFT puts them on BertModel."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=32, mlm_head=False)
+    model = Bert(cfg).eval()
+    hf = _hf(model)
+    spec = LoRASpec(rank=2, alpha=4)
+    add_lora(model, spec)
+    assert lora_layers(model)["layers.0.attn.qkv"].parts == (32, 32, 32)
+    _train_adapters_a_little(model)
+    save_adapter(model, spec, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        ours = model(ids)
+        ours = ours.last_hidden_state if hasattr(ours, "last_hidden_state") else ours
+        theirs = peft_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_only_adapters_train_and_merging_changes_no_output(tmp_path) -> None:
+    model = _decoder("llama")
+    add_lora(model, LoRASpec(rank=4, alpha=8, targets=["layers.*.attn.qkv", "layers.1.ffn.down"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        f"{layer}.{ab}"
+        for layer in ("layers.0.attn.qkv", "layers.1.attn.qkv", "layers.1.ffn.down")
+        for ab in ("lora_A", "lora_B")
+    }
+    _train_adapters_a_little(model)
+    save_adapter(model, LoRASpec(rank=4, alpha=8), tmp_path / "a")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        adapted = model(ids)
+        again = _decoder("llama")
+        load_adapter(again, tmp_path / "a")
+        torch.testing.assert_close(again(ids), adapted, rtol=0, atol=0)
+        merged = merge_lora(model)
+        assert not lora_layers(merged)
+        assert set(merged.state_dict()) == set(_decoder("llama").state_dict())
+        torch.testing.assert_close(merged(ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_adapter_requests_are_refused(tmp_path) -> None:
+    with pytest.raises(UserError, match="lora.rank=-1"):
+        LoRASpec(rank=-1)
+    with pytest.raises(UserError, match=r"match no linear layer.*layers\.\*\.attn\.qkv"):
+        add_lora(_decoder("llama"), LoRASpec(rank=2, targets=["*.q_proj"]))
+    model = _decoder("llama")
+    add_lora(model, LoRASpec(rank=2))
+    save_adapter(model, LoRASpec(rank=2), tmp_path / "a")
+    other = GPT(GPTConfig(**{**model.cfg.__dict__, "d_ff": 96}))
+    with pytest.raises(UserError, match="made for a base of shape"):
+        load_adapter(other, tmp_path / "a")
+
+
+def test_export_merges_an_adapter_into_hf_and_gguf(tmp_path, bpe_dir) -> None:
+    """export --merge ADAPTER: the Hugging Face export computes the adapted model's logits; the GGUF export of the
+    same merge reads back to the merged weights (f16); an adapter made for another base is refused, nothing written."""
+    import shutil
+
+    from lmforge.cli import main
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.registry import load_model, save_model
+
+    vocab = load_tokenizer(bpe_dir).vocab_size
+    cfg = GPTConfig(vocab_size=vocab, max_seq_len=32, n_layers=2, n_heads=4, d_model=32, d_ff=64, **DECODERS["llama"])
+    base = GPT(cfg).eval()
+    save_model(base, tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bpe_dir / name, tmp_path / "base" / name)
+    adapted = load_model(tmp_path / "base")
+    add_lora(adapted, LoRASpec(rank=4, alpha=8))
+    _train_adapters_a_little(adapted)
+    save_adapter(adapted, LoRASpec(rank=4, alpha=8), tmp_path / "adapter")
+    args = ["export", str(tmp_path / "base"), "--merge", str(tmp_path / "adapter")]
+    assert main([*args, "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, adapted(ids), atol=1e-4, rtol=1e-4)
+    assert main([*args, "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert main(["convert", "--from-gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0
+    merged = merge_lora(adapted).state_dict()
+    for name, value in load_model(tmp_path / "back").state_dict().items():
+        expected = merged[name].half().float() if value.ndim == 2 else merged[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    other = GPT(GPTConfig(**{**cfg.__dict__, "d_ff": 96}))
+    save_model(other, tmp_path / "other")
+    shutil.copy(bpe_dir / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
+    out = tmp_path / "never.gguf"
+    assert (
+        main(
+            ["export", str(tmp_path / "other"), "--merge", str(tmp_path / "adapter"), "--to", "gguf", "--out", str(out)]
+        )
+        == 2
+    )
+    assert not out.exists()
