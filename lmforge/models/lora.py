@@ -4,15 +4,18 @@
 patterns; the family's ``DEFAULT_TARGETS`` when empty) into a ``LoRALinear``: the same layer, its weight and bias
 frozen, plus ``lora_A`` (r x in) and ``lora_B`` (out x r), so that it computes ``W x + b + s * B A dropout(x)`` with
 ``s = alpha / r`` (rsLoRA, Kalajievski 2023: ``alpha / sqrt(r)``). ``A`` starts as PEFT's (Kaiming-uniform with
-a = sqrt(5)) and ``B`` at zero, so the adapted model starts as the base. Every other parameter is frozen.
+a = sqrt(5)) and ``B`` at zero, so the adapted model starts as the base. Every other parameter of the pretrained
+model is frozen; a task's head around it (a classifier) keeps training.
 
 lmforge fuses the attention's query, key and value into one matrix (``attn.qkv``) where Hugging Face models keep
 three; PEFT puts one adapter on each. A ``LoRALinear`` over a fused matrix therefore holds one adapter per part
 (``parts``: the row counts ``models/convert.hf_weight_parts`` gives): ``lora_A`` stacks the parts' A matrices and
 part i's output rows use rows i*r..(i+1)*r of it, which is exactly PEFT's three adapters. ``save_adapter`` writes
-``adapter_config.json`` and ``adapter_model.safetensors`` under the names PEFT gives them on the base's Hugging
-Face export (``base_model.model.<module>.lora_A.weight``), so ``peft.PeftModel.from_pretrained`` on that export
-computes what lmforge computes; ``load_adapter`` reads them back, refusing an adapter made for another base.
+``adapter_config.json`` and ``adapter_model.safetensors`` under the names PEFT gives them on the model's Hugging
+Face export (``base_model.model.<module>.lora_A.weight``: a decoder as ``*ForCausalLM``, a fine-tuned encoder as
+the bare ``BertModel`` that ``AutoModel`` loads), so ``peft.PeftModel.from_pretrained`` on that export computes
+what lmforge computes; ``load_adapter`` reads them back (matching module names by suffix, as PEFT does), refusing
+an adapter made for a base of another shape.
 ``merge_lora`` folds the adapters into the weights (``W + s * B A``) and restores plain ``nn.Linear`` layers.
 
 Written here rather than wrapping the model with PEFT: PEFT matches Hugging Face module names and has no notion of
@@ -116,17 +119,25 @@ def _base_prefix(model: nn.Module) -> str:
 def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Adapt ``model`` in place (see the module docstring); the adapted layers' names. Every base parameter is
     frozen; a UserError lists the linear layers that exist when no target matches one."""
+    from lmforge.models.convert import hf_family
+
     if spec.rank <= 0:
         raise UserError(f"lora.rank={spec.rank}: adapters need a rank >= 1")
+    try:
+        hf_family(_config(model))  # the adapters are saved under the Hugging Face export's names
+    except UserError as e:
+        raise UserError(
+            f"--lora.rank: adapters are saved in PEFT's format, which needs a Hugging Face export: {e}"
+        ) from None
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     patterns = spec.targets or DEFAULT_TARGETS.get(_family(model), ())
     chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not chosen:
         shown = ", ".join(sorted({_pattern_of(n) for n in linears})[:20])
         raise UserError(f"lora.targets={list(patterns)} match no linear layer of this model; its layers: {shown}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     cfg, prefix = _config(model), _base_prefix(model)
+    for p in (model.get_submodule(prefix.rstrip(".")) if prefix else model).parameters():
+        p.requires_grad_(False)  # the pretrained model; a task's head outside it keeps training
     for name in chosen:
         linear = linears[name]
         parts = _parts(cfg, name.removeprefix(prefix), linear.out_features)
@@ -251,32 +262,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
         rslora=bool(config.get("use_rslora", False)),
     )
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    wanted = {f"base_model.model.{hf}" for hf in config["target_modules"]}
+    targets = list(config["target_modules"])
+
+    def target_of(hf: str) -> str | None:  # PEFT matches module names by suffix; so does this
+        return next((t for t in targets if t == hf or t.endswith("." + hf) or hf.endswith("." + t)), None)
+
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
-    chosen = []
+    chosen = {}
     for name in linears:
         try:
             parts, _ = _hf_parts(model, name)
         except UserError:
             continue
-        if all(f"base_model.model.{hf}" in wanted for hf in parts):
-            chosen.append(name)
+        found = [target_of(hf) for hf in parts]
+        if all(found):
+            chosen[name] = found
     if not chosen:
         raise UserError(f"{directory}: none of its target modules is a layer of this model")
-    add_lora(model, LoRASpec(**{**spec.__dict__, "targets": chosen}))
-    found = set()
-    for name, layer in lora_layers(model).items():
-        a_s, bs = [], []
-        for hf in _peft_names(model, name, layer):
-            a_s.append(tensors[f"base_model.model.{hf}.lora_A.weight"])
-            bs.append(tensors[f"base_model.model.{hf}.lora_B.weight"])
-            found.add(hf)
-        with torch.no_grad():
-            layer.lora_A.copy_(torch.cat(a_s))
-            layer.lora_B.copy_(torch.cat(bs))
-    missing = sorted(set(config["target_modules"]) - found)
+    missing = sorted(set(targets) - {t for found in chosen.values() for t in found})
     if missing:
         raise UserError(f"{directory}: adapters for layers this model does not have: {', '.join(missing[:5])}")
+    add_lora(model, LoRASpec(**{**spec.__dict__, "targets": list(chosen)}))
+    for name, layer in lora_layers(model).items():
+        found = chosen[name]
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.cat([tensors[f"base_model.model.{t}.lora_A.weight"] for t in found]))
+            layer.lora_B.copy_(torch.cat([tensors[f"base_model.model.{t}.lora_B.weight"] for t in found]))
     return spec
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from lmforge.config import check_range
 from lmforge.errors import UserError
-from lmforge.models.specs import ElectraSpec, ModelSpec, Seq2SeqSpec
+from lmforge.models.specs import ElectraSpec, LoRASpec, ModelSpec, Seq2SeqSpec
 from lmforge.tasks import PRETRAIN_TASKS
 from lmforge.train.config import TrainConfig, loop_defaults
 
@@ -25,7 +25,7 @@ def _finetune_training() -> TrainConfig:
     return loop_defaults(batch=32, every=200, log_every=20, lr=1e-4, warmup=100, schedule="linear", patience=5)
 
 
-RECIPE_FIELDS = ("out", "train", "dev", "test", "skip_bad_rows", "epochs", "average_last", "training", "resume")
+RECIPE_FIELDS = ("out", "train", "dev", "test", "skip_bad_rows", "epochs", "average_last", "training", "resume", "lora")
 """The fields of a fine-tuning config that the recipe reads and the task never sees (``task_settings``)."""
 
 
@@ -54,6 +54,9 @@ class FinetuneConfig:
     average_last: int = 0
     """Average the last N checkpoints (needs training.keep_last >= N), kept if its dev score is as good; 0 = off."""
     training: TrainConfig = field(default_factory=_finetune_training)
+    lora: LoRASpec = field(default_factory=LoRASpec)
+    """--lora.rank R (> 0): train low-rank adapters on the frozen pretrained model instead of every weight (the task's
+    head still trains); OUT/adapter/ gets them in PEFT's format, OUT/model.safetensors the merged model."""
     resume: bool = False
     """Continue a run from its last checkpoint: --resume RUN_DIR (its config.yaml is the recipe, it the output)."""
 

@@ -29,6 +29,7 @@ from lmforge.data.builtin import BUILTINS, load_builtin
 from lmforge.data.readers import ReadReport
 from lmforge.errors import UserError
 from lmforge.files import write_json, write_yaml
+from lmforge.models.lora import ADAPTER_DIR, add_lora, merge_lora, save_adapter
 from lmforge.models.registry import WEIGHTS_FILE, read_safetensors
 from lmforge.rundir import RECIPE_FILE, Run, write_run
 from lmforge.rundir.layout import check_output_dir, is_training_run
@@ -55,6 +56,8 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_yaml(run_dir / RECIPE_FILE, cfg)
         task, model = task_cls.for_finetuning(settings, splits, run_dir)
+        if cfg.lora.rank:
+            add_lora(model, cfg.lora)
         training = training_for_epochs(cfg.training, cfg.epochs, len(task.train_items))
         before = {}
         if d.is_main:
@@ -68,6 +71,9 @@ def finetune(cfg: FinetuneConfig, task_name: str) -> FinetuneResult | None:
             task, model = task_cls.for_finetuning(settings, splits, run_dir)
             model.to(d.device)
         weights, dev = choose_weights(model, task, run_dir, summary, cfg.average_last, d.device)
+        if cfg.lora.rank:  # the adapters in PEFT's files, then the merged model as every run holds it
+            save_adapter(model, cfg.lora, run_dir / ADAPTER_DIR, base=str(cfg.model))
+            merge_lora(model)
         write_run(run_dir, task, model, tokenizer_source=cfg.model)
         scores = {"dev": dev}
         if splits.get("test"):
@@ -114,7 +120,7 @@ def choose_weights(model: nn.Module, task, run_dir: Path, summary: dict, average
     states = [read_safetensors(p / WEIGHTS_FILE) for p in last]
     averaged = {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(averaged)
+    checkpoint.load_trained(model, averaged, source="the averaged checkpoints")
     dev_avg = task.evaluate(model, device=device)
     better = dev_avg[metric] >= dev[metric] if direction == "max" else dev_avg[metric] <= dev[metric]
     names = [p.name for p in last]

@@ -294,9 +294,23 @@ def load_best(model: nn.Module, run_dir: str | os.PathLike, best_step: int | Non
 
 
 def load_model_state(model: nn.Module, checkpoint: Path) -> None:
-    tensors = read_safetensors(checkpoint / WEIGHTS)
-    check_state(model, tensors, source=str(checkpoint / WEIGHTS))
-    model.load_state_dict(tensors)
+    load_trained(model, read_safetensors(checkpoint / WEIGHTS), source=str(checkpoint / WEIGHTS))
+
+
+def trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: its whole state, less the parameters that do not train (a frozen base
+    under adapters: only the adapters and the head change, so only they are saved)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load a checkpoint's tensors (``trained_state``) into ``model``: every tensor it lacks must be a frozen
+    parameter, which keeps the value it has."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    kept = {k: v for k, v in model.state_dict().items() if k in frozen and k not in tensors}
+    check_state(model, {**kept, **tensors}, source=source)
+    model.load_state_dict(tensors, strict=not kept)
 
 
 def load_state(checkpoint: Path) -> TrainerState:

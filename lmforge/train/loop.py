@@ -453,6 +453,7 @@ def _save(run: _Run) -> None:
     """A checkpoint of the model, optimizer, schedule and progress (written by the first process)."""
     run.state.seconds = time.perf_counter() - run.started
     model_sd, optim_sd = distributed.full_state_dicts(run.module, run.optimizer, run.d, run.cfg.distributed)
+    model_sd = checkpoint.trained_state(run.model, model_sd)
     if run.d.is_main:
         optim_state = {"optimizer": optim_sd, "scheduler": run.scheduler.state_dict()}
         checkpoint.save(

@@ -332,3 +332,49 @@ def test_two_process_finetuning_equals_one(tmp_path: Path, tiny_bert: Path, kind
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     key = "accuracy" if kind == "classify" else "f1"
     assert one["dev"][key] == pytest.approx(two["dev"][key], abs=1e-6)
+
+
+def test_lora_finetune_saves_peft_adapters_checkpoints_only_what_trains_and_resumes_exactly(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """--lora.rank: the encoder stays frozen (its checkpoints hold the adapters and the head only), OUT/adapter/ holds
+    PEFT's files, OUT/model.safetensors the merged model, and 4 + 4 resumed steps give 8 straight steps' adapters."""
+    import torch
+
+    from lmforge.models.lora import load_adapter, merge_lora
+    from lmforge.models.registry import load_model, read_safetensors
+
+    files = _review_files(tmp_path, 64, 16)
+    common = ["--epochs", "0", "--training.global-batch-size", "8", "--training.micro-batch-size", "8", *FAST]
+    lora = ["--lora.rank", "4", "--lora.alpha", "8", "--training.optim.schedule", "constant"]
+    start = ["finetune", "classify", "--model", str(tiny_bert), *files, *lora, *common]
+    assert main([*start, "--out", str(tmp_path / "straight"), "--training.max-steps", "8"]) == 0
+    assert main([*start, "--out", str(tmp_path / "resumed"), "--training.max-steps", "4"]) == 0
+    assert (
+        main(["finetune", "classify", "--resume", str(tmp_path / "resumed"), "--training.max-steps", "8", *common]) == 0
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    saved = read_safetensors(sorted((straight / "trainer_state").glob("step-*"))[-1] / "model.safetensors")
+    assert any(".lora_A" in k for k in saved)
+    assert all(".lora_" in k or not k.startswith("encoder.") for k in saved), sorted(saved)  # no frozen weight
+    last = "trainer_state/step-0000008/model.safetensors"  # (the best checkpoint depends on when each run evaluated)
+    a, b = read_safetensors(straight / last), read_safetensors(resumed / last)
+    assert a.keys() == b.keys() == saved.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    peft_names = read_safetensors(straight / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("attention.self.query.lora_A.weight") for k in peft_names)
+    base = load_model(tiny_bert)
+    load_adapter(base, straight / "adapter")
+    merged = merge_lora(base).state_dict()
+    run_encoder = read_safetensors(straight / "model.safetensors")
+    assert "layers.0.attn.qkv.weight" in run_encoder.keys() <= merged.keys()  # (the base also has its MLM head)
+    for name, value in run_encoder.items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6, msg=name)
+    assert (
+        run_encoder["layers.0.attn.qkv.weight"] - load_model(tiny_bert).state_dict()["layers.0.attn.qkv.weight"]
+    ).abs().max() > 0
+    (tmp_path / "in.txt").write_text("质量很好\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(straight), "--input", str(tmp_path / "in.txt"), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["text"] == "质量很好"  # the merged run loads like any other
