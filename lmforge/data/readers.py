@@ -472,19 +472,46 @@ def conversation_problem(obj: object) -> str | None:
     return None
 
 
+def alpaca_messages(obj: object) -> list[dict] | None:
+    """An Alpaca-style row ``{"instruction", "input"?, "output", "system"?}`` as chat messages (Taori et al. 2023's
+    data: the instruction, then the input after a blank line, is what the user says; the output is the reply);
+    None for a row of another shape."""
+    if not isinstance(obj, dict) or "messages" in obj or "instruction" not in obj or "output" not in obj:
+        return None
+    fields = {k: obj.get(k, "") for k in ("instruction", "input", "output", "system")}
+    if not all(isinstance(v, str) for v in fields.values()):
+        return None
+    user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"].strip() else "")
+    system = [{"role": "system", "content": fields["system"]}] if fields["system"].strip() else []
+    return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}]
+
+
 def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
     """Chat conversations from JSONL, one ``{"messages": [{"role", "content"}, ...]}`` per line
-    (the format of OpenAI's and transformers' chat data); roles system / user / assistant."""
+    (the format of OpenAI's and transformers' chat data; roles system / user / assistant), or one Alpaca-style
+    ``{"instruction", "input", "output"}`` row per line (``alpaca_messages``; noted in the report)."""
     path = Path(path)
     if path.suffix.lower() != ".jsonl":
         raise UserError(f"{path}: conversations are read from .jsonl (one {{'messages': [...]}} per line)")
     report = ReadReport(str(path))
     examples = []
+    alpaca = 0
     for lineno, obj, problem in _jsonl_objects(_decoded_lines(path, report, skip_bad_rows)):
+        messages = alpaca_messages(obj) if problem is None else None
+        if messages is not None:
+            obj, alpaca = {"messages": messages}, alpaca + 1
         problem = problem or conversation_problem(obj)
         if problem:
+            if isinstance(obj, dict) and "instruction" in obj and "messages" not in obj:
+                problem = "an Alpaca row needs string 'instruction' and 'output' (and optional 'input', 'system')"
             report.reject(lineno, problem, skip=skip_bad_rows)
             continue
         examples.append({"messages": obj["messages"], "source": f"{path}:{lineno}"})
+    if alpaca:
+        report.notes.append(
+            f"{path}: {alpaca} Alpaca-style rows read as conversations: instruction (+ a blank line + input) as the "
+            "user's turn, output as the assistant's"
+        )
+        logger.warning(report.notes[-1])
     report.kept = len(examples)
     return examples, report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,31 @@ def test_a_lone_surrogate_in_a_jsonl_file_is_named_by_file_and_line(tmp_path: Pa
     path.write_text(row + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"rows.jsonl:1: .*lone surrogate"):
         getattr(readers, reader)(path)
+
+
+def test_alpaca_rows_are_read_as_conversations(tmp_path) -> None:
+    """{"instruction", "input", "output"} rows become a user turn (instruction, blank line, input) and the reply; the
+    report says so; a row missing its output is named with its line."""
+    from lmforge.data.readers import read_conversations
+
+    rows = [
+        {"instruction": "把这句话翻译成英文。", "input": "我爱你", "output": "I love you."},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue.", "system": "Be brief."},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    examples, report = read_conversations(path)
+    assert [e["messages"] for e in examples] == [
+        [{"role": "user", "content": "把这句话翻译成英文。\n\n我爱你"}, {"role": "assistant", "content": "I love you."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        rows[2]["messages"],
+    ]
+    assert any("2 Alpaca-style rows" in note for note in report.notes)
+    path.write_text(json.dumps({"instruction": "x", "input": "y"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"sft.jsonl:1.*'instruction' and 'output'"):
+        read_conversations(path)
