@@ -83,7 +83,7 @@ def int8_weights(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` with an ``Int8WeightLinear`` (in place)."""
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
+            if type(child) is nn.Linear:  # not a LoRA layer: its adapters would be lost
                 setattr(module, name, Int8WeightLinear(child))
     return model
 
@@ -125,7 +125,7 @@ def decoding_layout(model: nn.Module) -> nn.Module:
     74 us stored (in, out) and 147 us stored (out, in) on the benchmark CPU.
     """
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.in_features <= module.out_features:
+        if type(module) is nn.Linear and module.in_features <= module.out_features:
             if module.weight.stride(0) == 1:  # already (in, out) in memory
                 continue
             transposed = module.weight.detach().t().contiguous()  # (in, out) in memory

@@ -355,7 +355,7 @@ class Attention(nn.Module):
             return self._attend(q, *memory_kv, mask=mask, is_causal=False)
         if queries is not None:
             q_dim = self.split[0]
-            if isinstance(self.qkv, nn.Linear):  # project each part only from the rows that need it
+            if type(self.qkv) is nn.Linear:  # project each part only from the rows that need it (not LoRA, int8)
                 bias = self.qkv.bias
                 q = F.linear(queries, self.qkv.weight[:q_dim], None if bias is None else bias[:q_dim])
                 kv = F.linear(x, self.qkv.weight[q_dim:], None if bias is None else bias[q_dim:])

@@ -18,6 +18,11 @@ what lmforge computes; ``load_adapter`` reads them back (matching module names b
 an adapter made for a base of another shape.
 ``merge_lora`` folds the adapters into the weights (``W + s * B A``) and restores plain ``nn.Linear`` layers.
 
+The frozen matrices may be held in bf16 or int8 (``LoRASpec.base``; the QLoRA idea, Dettmers et al. 2023, with
+int8 weight-only rows instead of NF4: the kernel decoding already uses on CPUs, ``torch._weight_int8pack_mm``).
+The adapters always train in fp32. Merging folds them into the weight the adapters were trained against (the
+dequantized int8 or the bf16 one widened to fp32).
+
 Written here rather than wrapping the model with PEFT: PEFT matches Hugging Face module names and has no notion of
 one matrix holding three projections, so it could only adapt lmforge's fused ``qkv`` as a whole (one shared A, a
 different and non-exportable adapter), and its wrappers would change every state-dict key the checkpoints,
@@ -54,29 +59,84 @@ DEFAULT_TARGETS = {
 QLoRA paper's finding that adapting all of them matters more than the rank)."""
 
 
-class LoRALinear(nn.Linear):
-    """An ``nn.Linear`` (frozen) with one low-rank adapter per part of its output rows (``parts``)."""
+class _Int8Matmul(torch.autograd.Function):
+    """``x @ (int8 * scale).T`` by ``torch._weight_int8pack_mm`` (bf16 inputs, as decoding's int8 path); the gradient
+    for ``x`` from the weight dequantized for that one product (the weight itself never trains)."""
 
-    def __init__(self, base: nn.Linear, parts: Sequence[int], *, rank: int, alpha: float, dropout: float, rslora: bool):
+    @staticmethod
+    def forward(ctx, x: Tensor, int8: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(int8, scale)
+        flat = x.reshape(-1, x.shape[-1]).bfloat16().contiguous()
+        return torch._weight_int8pack_mm(flat, int8, scale).to(x.dtype).view(*x.shape[:-1], int8.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        int8, scale = ctx.saved_tensors
+        weight = int8.to(grad.dtype) * scale.to(grad.dtype)[:, None]
+        return grad @ weight, None, None
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` (frozen) with one low-rank adapter per part of its output rows (``parts``). ``base`` holds the
+    frozen matrix in fp32 (the layer's own ``weight``), bf16 or int8 (non-persistent buffers made from it: a
+    checkpoint, which holds what trains, does not carry them; they are made again from the pretrained model)."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        parts: Sequence[int],
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool,
+        base_precision: str = "fp32",
+    ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same tensors: the base's keys stay
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        self.base_precision = base_precision
+        if base_precision == "int8":
+            from lmforge.models.decoding import quantize_rows
+
+            int8, scale = quantize_rows(base.weight)
+            self.register_buffer("base_int8", int8, persistent=False)
+            self.register_buffer("base_scale", scale, persistent=False)
+            self.weight = None  # only the int8 copy is kept
+        elif base_precision == "bf16":
+            self.register_buffer("base_bf16", base.weight.detach().bfloat16(), persistent=False)
+            self.weight = None
         if sum(parts) != self.out_features:
             raise ValueError(f"parts {list(parts)} do not add up to {self.out_features} output rows")
         self.parts, self.rank = tuple(parts), rank
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
-        factory = {"device": base.weight.device, "dtype": torch.float32}
+        factory = {"device": base.weight.device, "dtype": torch.float32}  # the adapters train in full precision
         self.lora_A = nn.Parameter(torch.empty(len(self.parts) * rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         for i in range(len(self.parts)):  # PEFT's initialisation of each part's A
             nn.init.kaiming_uniform_(self.lora_A[i * rank : (i + 1) * rank], a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
+    def base_weight(self) -> Tensor:
+        """The frozen matrix (fp32; dequantized from int8, or widened from bf16)."""
+        if self.base_precision == "int8":
+            return self.base_int8.float() * self.base_scale.float()[:, None]
+        if self.base_precision == "bf16":
+            return self.base_bf16.float()
+        return self.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.base_precision == "int8":
+            y = _Int8Matmul.apply(x, self.base_int8, self.base_scale)
+        elif self.base_precision == "bf16":
+            y = nn.functional.linear(x.to(torch.bfloat16), self.base_bf16).to(x.dtype)
+        else:
+            y = nn.functional.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
         z = nn.functional.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., parts * r)
         if len(self.parts) == 1:
             delta = nn.functional.linear(z, self.lora_B)
@@ -92,7 +152,8 @@ class LoRALinear(nn.Linear):
         return torch.cat([b @ a for b, a in zip(bs, a_s, strict=True)], dim=0) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, parts={list(self.parts)}, scaling={self.scaling:g}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, base={self.base_precision}"
+        return f"{shape}, rank={self.rank}, parts={list(self.parts)}, scaling={self.scaling:g}"
 
 
 def _family(model: nn.Module) -> str:
@@ -138,12 +199,30 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     cfg, prefix = _config(model), _base_prefix(model)
     for p in (model.get_submodule(prefix.rstrip(".")) if prefix else model).parameters():
         p.requires_grad_(False)  # the pretrained model; a task's head outside it keeps training
+    precision = base_precision(spec.base, next(model.parameters()).device)
     for name in chosen:
         linear = linears[name]
         parts = _parts(cfg, name.removeprefix(prefix), linear.out_features)
-        lora = LoRALinear(linear, parts, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
+        lora = LoRALinear(
+            linear,
+            parts,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            rslora=spec.rslora,
+            base_precision=precision,
+        )
         _replace(model, name, lora)
     return chosen
+
+
+def base_precision(choice: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where bf16 arithmetic is native (``ops/cpu_features.bf16_is_fast``), else fp32."""
+    from lmforge.ops.cpu_features import bf16_is_fast
+
+    if choice == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return choice
 
 
 def _pattern_of(name: str) -> str:
@@ -177,8 +256,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         with torch.no_grad():
-            weight = layer.weight.detach().float() + layer.delta_weight().detach()
-            plain.weight = nn.Parameter(weight.to(layer.weight.dtype))
+            plain.weight = nn.Parameter(layer.base_weight().detach().float() + layer.delta_weight().detach())
             if layer.bias is not None:
                 plain.bias = nn.Parameter(layer.bias.detach().clone())
         _replace(model, name, plain)

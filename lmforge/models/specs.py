@@ -121,6 +121,10 @@ class LoRASpec:
     family's default (``models/lora.DEFAULT_TARGETS``: attention and feed-forward projections)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajievski 2023)."""
+    base: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    """How the frozen base's adapted matrices are held: fp32; bf16 (half the memory); int8 weight-only with one scale
+    per row (a quarter: the QLoRA idea with the int8 kernels decoding uses); auto = bf16 where bf16 arithmetic is
+    native, else fp32."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:

@@ -156,7 +156,10 @@ def test_alpaca_rows_are_read_as_conversations(tmp_path) -> None:
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     examples, report = read_conversations(path)
     assert [e["messages"] for e in examples] == [
-        [{"role": "user", "content": "把这句话翻译成英文。\n\n我爱你"}, {"role": "assistant", "content": "I love you."}],
+        [
+            {"role": "user", "content": "把这句话翻译成英文。\n\n我爱你"},
+            {"role": "assistant", "content": "I love you."},
+        ],
         [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Name a colour."},

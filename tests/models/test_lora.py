@@ -200,3 +200,34 @@ def test_export_merges_an_adapter_into_hf_and_gguf(tmp_path, bpe_dir) -> None:
         == 2
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("base", ["bf16", "int8"])
+def test_a_narrow_base_keeps_only_its_narrow_copy_and_trains_the_adapters(base: str) -> None:
+    """--lora.base bf16 / int8: the adapted matrices are held only narrow (no fp32 copy, nothing in the state dict),
+    the outputs stay within the rounding of the base, and gradients reach the adapters and the input."""
+    model, reference = _decoder("llama"), _decoder("llama")
+    add_lora(model, LoRASpec(rank=4, alpha=8, base=base))
+    add_lora(reference, LoRASpec(rank=4, alpha=8, base="fp32"))
+    layer = lora_layers(model)["layers.0.attn.qkv"]
+    assert layer.weight is None and "layers.0.attn.qkv.weight" not in model.state_dict()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        scale = reference(ids).abs().max()
+        assert (model(ids) - reference(ids)).abs().max() < 0.05 * scale
+    model(ids).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    merged = merge_lora(model)
+    assert merged.layers[0].attn.qkv.weight.dtype == torch.float32
+
+
+def test_attention_for_a_few_queries_keeps_the_adapters() -> None:
+    """The path that projects queries only for the positions it needs (first-token pooling) goes through the adapted
+    layer rather than slicing its weight, so the adapters count there too."""
+    torch.manual_seed(0)
+    model = Bert(BertConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=32)).eval()
+    add_lora(model, LoRASpec(rank=2, alpha=4))
+    _train_adapters_a_little(model)
+    attn, x = model.layers[0].attn, torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, queries=x[:, :1]), attn(x)[:, :1], atol=1e-5, rtol=1e-5)
