@@ -125,10 +125,6 @@ def main() -> None:
     theirs = peft.get_peft_model(
         hf.train(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=PEFT_TARGETS)
     )
-    with torch.no_grad():  # the same starting adapters: lmforge's A (PEFT's initialisation), B = 0 on both
-        for name, module in theirs.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                module.lora_B["default"].weight.zero_()
     ids = batch_of_text(tok)
     opt_ours, opt_theirs = adamw(ours), adamw(theirs)
     first = (lmforge_step(ours, opt_ours, ids), peft_step(theirs, opt_theirs, ids))
