@@ -10,8 +10,9 @@ token ids of text (``docs/en``). lmforge computes the loss as its chat / CLM tas
 cross-entropy of ``ops/linear_cross_entropy.py``); transformers as ``model(input_ids, labels=...)``. Rounds of
 ``--steps`` steps alternate between the two, same threads; medians of tokens/s are compared.
 
-Peak memory (``--memory``): one child process each for lmforge full fine-tuning (every weight, AdamW) and lmforge
-LoRA, each running 3 steps; the peak resident set (``ru_maxrss``) of each.
+Peak memory (``--memory``): one child process each for lmforge full fine-tuning (every weight, AdamW), LoRA on the
+fp32 base and LoRA on an int8 base (``--lora.base int8``), each running 3 steps; the peak resident set
+(``ru_maxrss``) of each. The model is loaded in fp32 first, so the int8 run's peak includes that moment.
 
     python bench/lora_vs_peft.py --model runs/smollm2 [--rounds 3] [--steps 5] [--threads 2] [--memory]
 
@@ -89,8 +90,8 @@ def memory_child(model_dir: str, kind: str, threads: int) -> None:
     from lmforge.models.registry import load_model
 
     model = load_model(model_dir).train()
-    if kind == "lora":
-        add_lora(model, LoRASpec(rank=RANK, alpha=ALPHA))
+    if kind.startswith("lora"):
+        add_lora(model, LoRASpec(rank=RANK, alpha=ALPHA, base="int8" if kind == "lora-int8" else "fp32"))
     optimizer = adamw(model)
     ids = batch_of_text(load_tokenizer(model_dir))
     for _ in range(3):

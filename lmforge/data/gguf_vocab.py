@@ -145,9 +145,14 @@ def _gemma_tokenizer(meta: Mapping[str, Any], where: str) -> LMTokenizer:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
         )
+    template = meta.get("tokenizer.chat_template")
     if "<end_of_turn>" in vocab:
         specials["eot"] = "<end_of_turn>"
-    return LMTokenizer(tok, "bpe", specials, chat_template=meta.get("tokenizer.chat_template"))
+        if template is None:  # a base model's file carries none: Gemma 3's own format, so that it can be taught to chat
+            from lmforge.data.tokenizer import GEMMA3_CHAT_TEMPLATE
+
+            template = GEMMA3_CHAT_TEMPLATE
+    return LMTokenizer(tok, "bpe", specials, chat_template=template)
 
 
 def rebuilt_merges(tokens: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:

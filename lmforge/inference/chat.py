@@ -51,18 +51,32 @@ def render_chat(tok: LMTokenizer, messages: Sequence[dict], *, add_generation_pr
 
 
 def assistant_spans(tok: LMTokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of what the assistant says: each assistant
-    message's content and the <|im_end|> that closes it (what chat fine-tuning learns to produce)."""
-    _, end = chat_tokens(tok)
-    spans, before = [], ""
+    """The rendered conversation and the character spans of what the assistant says: each assistant message's
+    text as the template writes it and the end-of-turn token that closes it (ChatML's <|im_end|>, Gemma's
+    <end_of_turn>): what chat fine-tuning learns to produce. Found with the template itself: the conversation up
+    to the assistant's turn with the generation prompt is a prefix of the conversation with that turn, and the
+    difference is the turn, cut after its last end-of-turn token (a template's newline after it is not learnt)."""
+    ends = [t for t in (tok.specials.get("im_end"), tok.specials.get("eot")) if t]
+    if not ends:
+        raise UserError(
+            "chat fine-tuning needs an end-of-turn token for the model to learn to stop: ChatML's <|im_end|> or the "
+            "tokenizer's end of turn (Gemma's <end_of_turn>)"
+        )
+    spans = []
     for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tok, messages[:i], add_generation_prompt=True)
         after = render_chat(tok, messages[: i + 1])
-        if m["role"] == "assistant":
-            target = m["content"] + end
-            at = after.rindex(target, len(before))
-            spans.append((at, at + len(target)))
-        before = after
-    return before, spans
+        if not after.startswith(before):
+            raise UserError(
+                f"the chat template does not render turn {i} after the earlier ones (its text differs before it); "
+                "chat fine-tuning needs a template that only appends"
+            )
+        turn = after[len(before) :]
+        stop = max((turn.rfind(end) + len(end) for end in ends if end in turn), default=len(turn))
+        spans.append((len(before), len(before) + stop))
+    return render_chat(tok, messages), spans
 
 
 def chat_tokens(tok: LMTokenizer) -> tuple[str, str]:

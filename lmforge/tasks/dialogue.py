@@ -1,12 +1,13 @@
 """Dialogue: supervised fine-tuning of a GPT on multi-turn conversations, and chat prompts.
 
 Conversations are ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}]}``,
-the format of OpenAI's chat data and of transformers' ``apply_chat_template``. They are rendered
-with the ChatML template stored with the tokenizer (``data/tokenizer.py``: ``<|im_start|>role\\n
-content<|im_end|>\\n``, as Qwen does), so transformers renders exactly the same text, and the
-whole rendering is tokenized at once (pieces tokenized separately can differ at the joins). The
-loss covers only what the assistant says (its content and the ``<|im_end|>`` that ends it, so
-the model learns to stop), found through the tokenizer's character offsets: the InstructGPT /
+the format of OpenAI's chat data and of transformers' ``apply_chat_template`` (Alpaca-style rows are read as
+conversations too: ``data/readers.py``). They are rendered with the model's own chat template (an imported model's,
+e.g. Gemma 3's), else the ChatML template stored with lmforge's tokenizers (``data/tokenizer.py``:
+``<|im_start|>role\\ncontent<|im_end|>\\n``, as Qwen does), so transformers renders exactly the same text, and the
+whole rendering is tokenized at once (pieces tokenized separately can differ at the joins). The loss covers only
+what the assistant says (its turn and the end-of-turn token that ends it, so the model learns to stop: ``<|im_end|>``,
+Gemma's ``<end_of_turn>``), found through the template and the tokenizer's character offsets: the InstructGPT /
 Alpaca recipe of masking the prompt (Ouyang et al., 2022).
 
 Evaluation: perplexity over the assistant tokens of held-out conversations, and distinct-1/2 (Li
@@ -57,10 +58,12 @@ class DialogueTask(FinetuneDefaults):
         eval_replies: int = 40,
         eval_generation: GenerationConfig | None = None,
     ) -> None:
-        if train_examples or dev_examples:  # learning from conversations needs ChatML's turn tokens
-            chat_tokens(tokenizer)
+        if (train_examples or dev_examples) and tokenizer.chat_template is None:
+            chat_tokens(tokenizer)  # learning from conversations needs a template, or ChatML's turn tokens
         self.tokenizer, self.max_len = tokenizer, max_len
         self.im_end = tokenizer.token_id("im_end")
+        if self.im_end is None:
+            self.im_end = tokenizer.token_id("eot")  # a model's own end of turn (Gemma's <end_of_turn>)
         pad_id = tokenizer.token_id("pad")
         self.pad_id = tokenizer.token_id("eos") if pad_id is None else pad_id
         self.selection = ("perplexity", "min")

@@ -260,11 +260,14 @@ def test_gemma3_gguf_equals_transformers_reading_it(tmp_path: Path, qtype) -> No
         expected = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:].tolist()
     args = ["generate", "--model", str(tmp_path / "lm"), "--prompt", TEXTS[0][:20], "--generation.no-do-sample"]
     assert main([*args, "--generation.max-new-tokens", "4"]) == 0  # a base model: continues the text
-    from lmforge.errors import UserError
     from lmforge.serve.models import load_served
 
-    with pytest.raises(UserError, match="--model g=.*chat template"):  # no chat endpoint for it: said at start-up
-        load_served("g", tmp_path / "lm")
+    # the file has no chat template: Gemma 3's own conversation format, as its instruction-tuned models write it
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_chat(load_tokenizer(tmp_path / "lm"), chat, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    load_served("g", tmp_path / "lm")  # so it serves the chat endpoint too
     tokens = ids[0].tolist()
     with torch.no_grad():
         for _ in range(16):
