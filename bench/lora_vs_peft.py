@@ -12,7 +12,9 @@ cross-entropy of ``ops/linear_cross_entropy.py``); transformers as ``model(input
 
 Peak memory (``--memory``): one child process each for lmforge full fine-tuning (every weight, AdamW), LoRA on the
 fp32 base and LoRA on an int8 base (``--lora.base int8``), each running 3 steps; the peak resident set
-(``ru_maxrss``) of each. The model is loaded in fp32 first, so the int8 run's peak includes that moment.
+(VmHWM) of each; then the same three with activation checkpointing (``--training.activation-checkpointing``: each
+block recomputed in the backward pass). The model is loaded in fp32 first, so the int8 runs' peak includes that
+moment.
 
     python bench/lora_vs_peft.py --model runs/smollm2 [--rounds 3] [--steps 5] [--threads 2] [--memory]
 
@@ -32,11 +34,8 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-from generate_vs_hf import _models
 
 from lmforge.models.lora import add_lora
 from lmforge.models.specs import LoRASpec
@@ -84,19 +83,34 @@ def adamw(model) -> torch.optim.Optimizer:
 
 
 def memory_child(model_dir: str, kind: str, threads: int) -> None:
-    """Run 3 steps of ``kind`` (full / lora) and print the peak resident set in MB."""
+    """Run 3 steps of ``kind`` (full / lora / lora-int8, ``+recompute`` for activation checkpointing) and print the
+    peak resident set in MB."""
     torch.set_num_threads(threads)
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models.registry import load_model
+    from lmforge.models.registry import load_model, transformer_blocks
+    from lmforge.train.loop import recompute_in_backward
 
+    kind, _, recompute = kind.partition("+")
     model = load_model(model_dir).train()
     if kind.startswith("lora"):
         add_lora(model, LoRASpec(rank=RANK, alpha=ALPHA, base="int8" if kind == "lora-int8" else "fp32"))
+    if recompute:
+        for block in transformer_blocks(model):
+            recompute_in_backward(block)
     optimizer = adamw(model)
     ids = batch_of_text(load_tokenizer(model_dir))
     for _ in range(3):
         lmforge_step(model, optimizer, ids)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _high_water_mb()}))
+
+
+def _high_water_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: on Linux a child started from a large parent
+    reports the parent's peak there."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak(model_dir: str, kind: str, threads: int) -> float:
@@ -118,7 +132,9 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.model, args.memory_child, args.threads)
     torch.set_num_threads(args.threads)
-    import peft
+    import peft  # (not imported by the memory children: only what lmforge's own training loads counts there)
+    import transformers
+    from generate_vs_hf import _models
 
     ours, tok, hf = _models(args.model)
     ours.train()
@@ -153,13 +169,18 @@ def main() -> None:
         "trainable_parameters": {"lmforge": trainable[0], "peft": trainable[1]},
     }
     if args.memory:
-        memory = {kind: peak(args.model, kind, args.threads) for kind in ("full", "lora")}
-        memory["lora_share_of_full"] = memory["lora"] / memory["full"]
+        memory = {}
+        for suffix in ("", "+recompute"):
+            for kind in ("full", "lora", "lora-int8"):
+                memory[kind + suffix] = peak(args.model, kind + suffix, args.threads)
+            for kind in ("lora", "lora-int8"):
+                memory[f"{kind}{suffix}_share_of_full"] = memory[kind + suffix] / memory["full" + suffix]
+            print(
+                f"peak RSS{suffix or ''}: full fine-tuning {memory['full' + suffix]:,.0f} MB, LoRA fp32 base "
+                f"{memory['lora' + suffix]:,.0f} MB ({memory[f'lora{suffix}_share_of_full']:.0%}), LoRA int8 base "
+                f"{memory['lora-int8' + suffix]:,.0f} MB ({memory[f'lora-int8{suffix}_share_of_full']:.0%})"
+            )
         result["peak_rss_mb"] = memory
-        print(
-            f"peak RSS: full fine-tuning {memory['full']:,.0f} MB, LoRA {memory['lora']:,.0f} MB "
-            f"({memory['lora_share_of_full']:.0%})"
-        )
     machine = {
         "processor": platform.processor() or platform.machine(),
         "threads": args.threads,

@@ -297,17 +297,27 @@ def load_model_state(model: nn.Module, checkpoint: Path) -> None:
     load_trained(model, read_safetensors(checkpoint / WEIGHTS), source=str(checkpoint / WEIGHTS))
 
 
+def _frozen_base(model: nn.Module) -> set[str]:
+    """The parameters of a pretrained model frozen under LoRA adapters (``models/lora.py``); none without adapters
+    (a parameter a recipe merely keeps from training, such as an MLM run's unused pooler, is still saved)."""
+    from lmforge.models.lora import lora_layers
+
+    if not lora_layers(model):
+        return set()
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
 def trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a checkpoint of ``model`` holds: its whole state, less the parameters that do not train (a frozen base
-    under adapters: only the adapters and the head change, so only they are saved)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    """What a checkpoint of ``model`` holds: its whole state, less a frozen base under adapters (only the adapters
+    and the head change, so only they are saved)."""
+    frozen = _frozen_base(model)
     return {k: v for k, v in state.items() if k not in frozen}
 
 
 def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
     """Load a checkpoint's tensors (``trained_state``) into ``model``: every tensor it lacks must be a frozen
-    parameter, which keeps the value it has."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    parameter under adapters, which keeps the value it has."""
+    frozen = _frozen_base(model)
     kept = {k: v for k, v in model.state_dict().items() if k in frozen and k not in tensors}
     check_state(model, {**kept, **tensors}, source=source)
     model.load_state_dict(tensors, strict=not kept)

@@ -82,6 +82,9 @@ class TrainConfig:
     avx512_bf16 / amx_bf16, else fp32 (a CPU without them emulates bf16, ~4x slower than fp32)."""
     compile: bool = False
     """torch.compile every transformer block."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward pass and recompute the rest (Chen et al. 2016):
+    activations take one block's worth of memory instead of all of them, for about a third more compute."""
     deterministic: bool = False
     """Deterministic kernels (exact repeatability, slower on GPU)."""
     seed: int = 1234

@@ -227,6 +227,21 @@ def _accumulation(cfg: TrainConfig, d: distributed.Dist) -> int:
     return accum
 
 
+def recompute_in_backward(block: nn.Module) -> None:
+    """Activation checkpointing of one block (``torch.utils.checkpoint``, non-reentrant, the RNG state kept so that
+    dropout draws the same masks when the forward is recomputed); only while gradients are being recorded."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return recompute(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    block.forward = checkpointed
+
+
 def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) -> _Run:
     """Restore a checkpoint (when resuming), wrap the model, build optimizer, schedule, batches and logger."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +264,9 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
     eval_twin = copy.deepcopy(model) if fsdp and isinstance(task, Evaluates) else None
     module = _LossModule(model, task)
     wrapped = distributed.wrap(module, d, cfg.distributed)
+    if cfg.activation_checkpointing:
+        for block in transformer_blocks(model):
+            recompute_in_backward(block)
     if cfg.compile:  # each transformer block on its own: the heads and losses have data-dependent shapes
         for block in transformer_blocks(model):
             block.compile(dynamic=True)

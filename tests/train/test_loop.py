@@ -285,6 +285,19 @@ def test_compiled_blocks_train_like_eager(tiny_train_config, task: MLMTask, tmp_
         assert abs(losses[1][step] - loss) < 1e-4, step
 
 
+def test_activation_checkpointing_gives_the_same_losses(tiny_train_config, task: MLMTask, tmp_path: Path) -> None:
+    """Recomputing each block in the backward pass changes no loss, dropout included (its RNG state is kept)."""
+    runs = {}
+    for name, recompute in (("plain", False), ("recomputed", True)):
+        cfg = tiny_train_config(max_steps=3, eval_every=3, activation_checkpointing=recompute)
+        runs[name] = fit(_model(task, dropout=0.1), task, cfg, run_dir=tmp_path / name)
+    assert runs["recomputed"]["best_val_loss"] == pytest.approx(runs["plain"]["best_val_loss"], abs=1e-5)
+    plain, recomputed = (_train_losses(tmp_path / name) for name in ("plain", "recomputed"))
+    assert plain.keys() == recomputed.keys() and len(plain) == 3
+    for step, loss in plain.items():
+        assert recomputed[step] == pytest.approx(loss, abs=1e-5), step
+
+
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(
     tiny_train_config,
