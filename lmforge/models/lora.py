@@ -21,7 +21,9 @@ an adapter made for a base of another shape.
 The frozen matrices may be held in bf16 or int8 (``LoRASpec.base``; the QLoRA idea, Dettmers et al. 2023, with
 int8 weight-only rows instead of NF4: the kernel decoding already uses on CPUs, ``torch._weight_int8pack_mm``).
 The adapters always train in fp32. Merging folds them into the weight the adapters were trained against (the
-dequantized int8 or the bf16 one widened to fp32).
+dequantized int8 or the bf16 one widened to fp32). With a narrow base the rest of the frozen model (embeddings,
+norms) is copied out of the memory-mapped weights file, so that the file's fp32 pages, read once to quantize, are
+released rather than kept resident for the whole run.
 
 Written here rather than wrapping the model with PEFT: PEFT matches Hugging Face module names and has no notion of
 one matrix holding three projections, so it could only adapt lmforge's fused ``qkv`` as a whole (one shared A, a
@@ -197,7 +199,8 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         shown = ", ".join(sorted({_pattern_of(n) for n in linears})[:20])
         raise UserError(f"lora.targets={list(patterns)} match no linear layer of this model; its layers: {shown}")
     cfg, prefix = _config(model), _base_prefix(model)
-    for p in (model.get_submodule(prefix.rstrip(".")) if prefix else model).parameters():
+    backbone = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    for p in backbone.parameters():
         p.requires_grad_(False)  # the pretrained model; a task's head outside it keeps training
     precision = base_precision(spec.base, next(model.parameters()).device)
     for name in chosen:
@@ -213,6 +216,11 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             base_precision=precision,
         )
         _replace(model, name, lora)
+    if precision != "fp32":  # the rest of the base leaves the memory-mapped file, so that its pages can be released
+        with torch.no_grad():
+            for p in backbone.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.clone()
     return chosen
 
 
