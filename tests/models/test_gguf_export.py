@@ -17,52 +17,13 @@ from lmforge.inference.config import GenerationConfig
 from lmforge.inference.generate import Generator
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import load_model, save_model
+from tests.models.families import DECODER_FAMILIES
 from tests.models.llamacpp import LlamaCpp
 
-FAMILIES = {  # lmforge configs of each family llama.cpp runs
-    "gpt2": dict(),
-    "llama": dict(
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        activation="silu",
-        n_kv_heads=2,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
-        tie_embeddings=False,
-    ),
-    "qwen2": dict(
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        activation="silu",
-        n_kv_heads=2,
-        qkv_bias=True,
-        out_bias=False,
-        ffn_bias=False,
-        rope_theta=1e6,
-    ),
-    "gemma3": dict(
-        norm="rmsnorm_plus_one",
-        positions="rope",
-        gated_ffn=True,
-        activation="gelu_tanh",
-        n_kv_heads=1,
-        head_dim=32,
-        qk_norm=True,
-        sandwich_norms=True,
-        embed_scale=True,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
-        sliding_window=8,
-        global_every=6,
-        rope_theta=1e6,
-        rope_local_theta=1e4,
-        norm_eps=1e-6,
-        n_layers=7,
-    ),
+FAMILIES = {  # each family llama.cpp runs; an untied Llama, and Gemma's layer pattern (5 local, 1 global) whole
+    **DECODER_FAMILIES,
+    "llama": {**DECODER_FAMILIES["llama"], "tie_embeddings": False},
+    "gemma3": {**DECODER_FAMILIES["gemma3"], "head_dim": 32, "sliding_window": 8, "global_every": 6, "n_layers": 7},
 }
 
 

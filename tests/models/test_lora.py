@@ -3,6 +3,7 @@ computes lmforge's logits; merging changes no output; only the adapters train; b
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import transformers
@@ -14,50 +15,12 @@ from lmforge.models.convert import to_hf
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.lora import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from lmforge.models.specs import LoRASpec
-
-peft = pytest.importorskip("peft")
+from tests.models.families import DECODER_FAMILIES
 
 VOCAB = 96
 DECODERS = {
-    "gpt2": dict(),
-    "llama": dict(
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        activation="silu",
-        n_kv_heads=2,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
-    ),
-    "qwen2": dict(
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        activation="silu",
-        n_kv_heads=2,
-        qkv_bias=True,
-        out_bias=False,
-        ffn_bias=False,
-    ),
-    "gemma3": dict(
-        norm="rmsnorm_plus_one",
-        positions="rope",
-        gated_ffn=True,
-        activation="gelu_tanh",
-        n_kv_heads=1,
-        head_dim=16,
-        qk_norm=True,
-        sandwich_norms=True,
-        embed_scale=True,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
-        sliding_window=4,
-        global_every=2,
-        rope_theta=1e6,
-        rope_local_theta=1e4,
-    ),
+    **DECODER_FAMILIES,
+    "gemma3": {**DECODER_FAMILIES["gemma3"], "head_dim": 16, "sliding_window": 4, "global_every": 2},
 }
 
 
