@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lmforge.errors import UserError
 from lmforge.files import atomic_write
 from lmforge.models.bert import Bert
-from lmforge.models.registry import build_model, read_config, read_safetensors
+from lmforge.models.registry import build_model, read_config, read_safetensors, replace_module
 from lmforge.ops.cpu_features import has_vnni
 
 INT8_WEIGHTS_FILE = "model.int8.safetensors"
@@ -70,11 +70,6 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _quantized_linear(weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
     out_features, in_features = weight_int8.shape
     zero = torch.zeros(out_features, dtype=torch.long)
@@ -99,7 +94,7 @@ def quantize_encoder(model: Bert) -> list[str]:
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        _replace(model, name, _quantized_linear(q.int_repr(), scale.float(), bias))
+        replace_module(model, name, _quantized_linear(q.int_repr(), scale.float(), bias))
         names.append(name)
     return names
 
@@ -164,5 +159,5 @@ def load_int8(directory: str | os.PathLike, quantized: list[str]) -> Bert:
         raise UserError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
     model.load_state_dict(tensors, strict=False)  # the fp32 tensors; the int8 Linears replace theirs below
     for name, (weight, scale, bias) in int8.items():
-        _replace(model, name, _quantized_linear(weight, scale, bias))
+        replace_module(model, name, _quantized_linear(weight, scale, bias))
     return model.eval()

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import UserError
 from lmforge.files import atomic_write, read_json_object, write_json
+from lmforge.models.registry import replace_module
 from lmforge.models.specs import LoRASpec
 
 ADAPTER_DIR = "adapter"
@@ -67,9 +68,10 @@ class _Int8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, int8: Tensor, scale: Tensor) -> Tensor:
+        from lmforge.models.decoding import int8_product
+
         ctx.save_for_backward(int8, scale)
-        flat = x.reshape(-1, x.shape[-1]).bfloat16().contiguous()
-        return torch._weight_int8pack_mm(flat, int8, scale).to(x.dtype).view(*x.shape[:-1], int8.shape[0])
+        return int8_product(x, int8, scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -198,14 +200,15 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     if not chosen:
         shown = ", ".join(sorted({_pattern_of(n) for n in linears})[:20])
         raise UserError(f"lora.targets={list(patterns)} match no linear layer of this model; its layers: {shown}")
-    cfg, prefix = _config(model), _base_prefix(model)
+    prefix = _base_prefix(model)
     backbone = model.get_submodule(prefix.rstrip(".")) if prefix else model
     for p in backbone.parameters():
         p.requires_grad_(False)  # the pretrained model; a task's head outside it keeps training
     precision = base_precision(spec.base, next(model.parameters()).device)
     for name in chosen:
         linear = linears[name]
-        parts = _parts(cfg, name.removeprefix(prefix), linear.out_features)
+        _, sizes, _ = _hf_parts(model, name)
+        parts = tuple(size or linear.out_features for size in sizes)
         lora = LoRALinear(
             linear,
             parts,
@@ -215,7 +218,7 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             rslora=spec.rslora,
             base_precision=precision,
         )
-        _replace(model, name, lora)
+        replace_module(model, name, lora)
     if precision != "fp32":  # the rest of the base leaves the memory-mapped file, so that its pages can be released
         with torch.no_grad():
             for p in backbone.parameters():
@@ -238,23 +241,6 @@ def _pattern_of(name: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
-def _parts(cfg, name: str, out_features: int) -> tuple[int, ...]:
-    """The row counts of the Hugging Face projections a lmforge linear layer fuses (one part when it fuses none)."""
-    from lmforge.models.convert import hf_weight_parts
-
-    try:
-        parts, _ = hf_weight_parts(cfg, f"{name}.weight")
-    except UserError:
-        return (out_features,)
-    sizes = tuple(size or out_features for _, size in parts)
-    return sizes if sum(sizes) == out_features else (out_features,)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -267,7 +253,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             plain.weight = nn.Parameter(layer.base_weight().detach().float() + layer.delta_weight().detach())
             if layer.bias is not None:
                 plain.bias = nn.Parameter(layer.bias.detach().clone())
-        _replace(model, name, plain)
+        replace_module(model, name, plain)
     return model
 
 
@@ -275,32 +261,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # PEFT's files
 
 
-def _peft_names(model: nn.Module, name: str, layer: LoRALinear) -> list[str]:
-    """The Hugging Face module names (in the base's export) of each part of ``layer``."""
-    names, _ = _hf_parts(model, name)
-    if len(names) != len(layer.parts):
-        raise UserError(f"{name}: {len(layer.parts)} adapters for {len(names)} Hugging Face projections")
-    return names
-
-
 def save_adapter(model: nn.Module, spec: LoRASpec, directory: str | os.PathLike, *, base: str = "") -> Path:
     """``directory``/adapter_config.json + adapter_model.safetensors in PEFT's format and names."""
-    from lmforge.models.convert import hf_family
+    from lmforge.models.convert import ROBERTA_PRE_LN, hf_family
 
     cfg = _config(model)
     directory = Path(directory)
     tensors, modules, fan_in_fan_out = {}, [], False
     for name, layer in lora_layers(model).items():
-        fan_in_fan_out |= _hf_parts(model, name)[1]
+        names, _, conv1d = _hf_parts(model, name)
+        fan_in_fan_out |= conv1d
         a_s, bs = layer.lora_A.split(layer.rank, dim=0), layer.lora_B.split(layer.parts, dim=0)
-        for hf, a, b in zip(_peft_names(model, name, layer), a_s, bs, strict=True):
+        for hf, a, b in zip(names, a_s, bs, strict=True):
             tensors[f"base_model.model.{hf}.lora_A.weight"] = a.detach().float().contiguous()
             tensors[f"base_model.model.{hf}.lora_B.weight"] = b.detach().float().contiguous()
             modules.append(hf)
     family = hf_family(cfg)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if family not in ("bert", "roberta-prelayernorm") else "FEATURE_EXTRACTION",
+        "task_type": "FEATURE_EXTRACTION" if family in ("bert", ROBERTA_PRE_LN) else "CAUSAL_LM",
         "base_model_name_or_path": base,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -357,7 +336,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
     chosen = {}
     for name in linears:
         try:
-            parts, _ = _hf_parts(model, name)
+            parts, _, _ = _hf_parts(model, name)
         except UserError:
             continue
         found = [target_of(hf) for hf in parts]
@@ -377,8 +356,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
     return spec
 
 
-def _hf_parts(model: nn.Module, name: str) -> tuple[list[str], bool]:
+def _hf_parts(model: nn.Module, name: str) -> tuple[list[str], list[int | None], bool]:
+    """The Hugging Face projections lmforge's linear layer ``name`` fuses: their module names in the base's export,
+    their row counts (None: the whole layer) and whether they are GPT-2 ``Conv1D`` layers; a UserError for a layer
+    that has no Hugging Face counterpart."""
     from lmforge.models.convert import hf_weight_parts
 
     parts, conv1d = hf_weight_parts(_config(model), f"{name.removeprefix(_base_prefix(model))}.weight")
-    return [hf.removesuffix(".weight") for hf, _ in parts], conv1d
+    return [hf.removesuffix(".weight") for hf, _ in parts], [size for _, size in parts], conv1d

@@ -188,6 +188,13 @@ def encoder_for_finetuning(
     return encoder, pooler
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model``'s submodule ``name`` (dotted) is: int8 layers (``inference/int8.py``) and LoRA
+    layers (``models/lora.py``) replace linear layers this way."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def transformer_blocks(model: nn.Module, *, self_contained: bool = False) -> list[nn.Module]:
     """Every transformer block of ``model``, found by module type (BERT layers, GPT blocks, seq2seq decoder
     layers), whatever wraps them: a task head, an encoder-decoder, ELECTRA's generator and discriminator.

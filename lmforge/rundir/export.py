@@ -47,7 +47,7 @@ def export_gguf(
     src = Path(source)
     if quant not in EXPORT_QUANTS:
         raise UserError(f"--quant {quant!r}: must be one of {', '.join(EXPORT_QUANTS)}")
-    (out,) = check_output_files([out], inputs=[src], flag="--out")
+    (out,) = check_output_files([out], inputs=[src, *([merge] if merge else [])], flag="--out")
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: name the GGUF file to write, ending in .gguf (e.g. {out.with_suffix('.gguf')})")
     if not (src / "tokenizer.json").is_file():
