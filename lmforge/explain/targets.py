@@ -44,6 +44,11 @@ def explain_classification(
     """Attribution of the probability of ``label`` (default: the predicted one) to the tokens of the text."""
     text = example["text"]
     task, model = run.task, run.model
+    if task.backbone != "bert":
+        raise UserError(
+            f"{run.directory}: a classifier on a {task.backbone} decoder; explanations of classifiers are computed for "
+            "BERT encoders ([CLS] / mean pooling), not for a decoder's last token"
+        )
     enc = encode_text(task.tokenizer, text, max_len=task.max_len, cls_id=task.cls_id, sep_id=task.sep_id)
     expected = task.encode([{"text": text}], split="explain", need_labels=False)[0][0]
     assert enc.ids[0].tolist() == expected.tolist(), "explain encodes texts as the task does"

@@ -25,7 +25,8 @@ class SequenceClassifier(nn.Module):
 
     Pooling: ``cls`` takes the first token; ``pooler`` passes it through dense + tanh first (BERT's
     pooler; the fine-tuning code copies a pretrained pooler's weights in when the checkpoint has one);
-    ``mean`` averages the real tokens.
+    ``mean`` averages the real tokens; ``last`` takes the last real token (a decoder's: the only position that has
+    read the whole text under a causal mask, as transformers' ``*ForSequenceClassification``).
     """
 
     def __init__(
@@ -34,29 +35,35 @@ class SequenceClassifier(nn.Module):
         n_classes: int,
         *,
         dropout: float = 0.1,
-        pooling: Literal["cls", "pooler", "mean"] = "pooler",
+        pooling: Literal["cls", "pooler", "mean", "last"] = "pooler",
     ) -> None:
         super().__init__()
-        if pooling not in ("cls", "pooler", "mean"):
-            raise UserError(f"pooling={pooling!r} must be 'cls', 'pooler' or 'mean'")
+        if pooling not in ("cls", "pooler", "mean", "last"):
+            raise UserError(f"pooling={pooling!r} must be 'cls', 'pooler', 'mean' or 'last'")
         self.pooling = pooling
         self.dense = nn.Linear(d_model, d_model) if pooling == "pooler" else None
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, n_classes)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        pooled = pool(hidden, attention_mask, "mean" if self.pooling == "mean" else "cls")  # (B, D)
+        pooled = pool(hidden, attention_mask, "cls" if self.pooling == "pooler" else self.pooling)  # (B, D)
         if self.dense is not None:
             pooled = torch.tanh(self.dense(pooled))
         return self.out(self.dropout(pooled))
 
 
-def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Literal["cls", "mean"]) -> Tensor:
-    """(B, D) sentence vectors from (B, T, D) hidden states: the first token, or the mean of real tokens."""
+def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Literal["cls", "mean", "last"]) -> Tensor:
+    """(B, D) sentence vectors from (B, T, D) hidden states: the first token, the mean of real tokens, or the last
+    real token (right padding)."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        if attention_mask is None:
+            return hidden[:, -1]
+        last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if pooling != "mean":
-        raise UserError(f"pooling={pooling!r} must be 'cls' or 'mean'")
+        raise UserError(f"pooling={pooling!r} must be 'cls', 'mean' or 'last'")
     weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
     weights = weights.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

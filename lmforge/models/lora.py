@@ -196,11 +196,15 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         ) from None
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     patterns = spec.targets or DEFAULT_TARGETS.get(_family(model), ())
-    chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    prefix = _base_prefix(model)  # a pattern matches a name within the pretrained model, or the whole name
+
+    def matches(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in {name, name.removeprefix(prefix)})
+
+    chosen = [name for name in linears if matches(name)]
     if not chosen:
         shown = ", ".join(sorted({_pattern_of(n) for n in linears})[:20])
         raise UserError(f"lora.targets={list(patterns)} match no linear layer of this model; its layers: {shown}")
-    prefix = _base_prefix(model)
     backbone = model.get_submodule(prefix.rstrip(".")) if prefix else model
     for p in backbone.parameters():
         p.requires_grad_(False)  # the pretrained model; a task's head outside it keeps training

@@ -103,9 +103,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
-def load_model(directory: str | os.PathLike) -> nn.Module:
-    """Load a lmforge model directory (config.json + model.safetensors), in eval mode."""
+def load_model(directory: str | os.PathLike, **changes) -> nn.Module:
+    """Load a lmforge model directory (config.json + model.safetensors), in eval mode; ``changes`` replace config
+    fields that do not change the weights' shapes (e.g. ``dropout`` for fine-tuning)."""
     cfg = read_config(directory)
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
@@ -186,6 +189,19 @@ def encoder_for_finetuning(
     pooler = Pooler(base.d_model)
     pooler.load_state_dict({k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")})
     return encoder, pooler
+
+
+def decoder_for_finetuning(
+    model_dir: str | os.PathLike, *, init: str = "pretrained", dropout: float | None = None, seed: int = 0
+) -> GPT:
+    """The GPT of ``model_dir`` for a task head on its hidden states (a decoder classifier): its pretrained weights,
+    or the same shape freshly initialised when ``init`` is scratch; ``dropout`` (None: the model's) replaces the
+    config's."""
+    changes = {} if dropout is None else {"dropout": dropout}
+    if init == "scratch":
+        torch.manual_seed(seed)
+        return GPT(dataclasses.replace(read_config(model_dir), **changes))
+    return load_model(model_dir, **changes)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -14,7 +14,7 @@ from lmforge.data.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from lmforge.errors import UserError
 from lmforge.files import write_json
 from lmforge.models.registry import CONFIG_FILE
-from lmforge.rundir.layout import BACKEND_FILE, HEAD_FILE, TASK_FILE, require_capability
+from lmforge.rundir.layout import BACKEND_FILE, HEAD_FILE, TASK_FILE, model_family, require_capability
 from lmforge.rundir.loading import backend_of
 
 _COPY_FILES = {CONFIG_FILE, TASK_FILE, HEAD_FILE, BACKEND_FILE, "model.int8.safetensors", "encoder.onnx"}
@@ -39,6 +39,11 @@ def write_compressed(
     if earlier is not None:
         raise UserError(f"--model {source}: already a {earlier['backend']} copy; pass the fp32 run it came from")
     require_capability(source, "compressible", command=f"an {backend['backend']} copy")
+    if model_family(source) != "bert":
+        raise UserError(
+            f"--model {source}: an {backend['backend']} copy holds a BERT encoder; this run's model is a "
+            f"{model_family(source)} (for a decoder: lmforge export --to gguf --quant q8_0)"
+        )
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out}: the source directory itself; write the copy to a new directory")
     if out.exists() and backend_of(out) is None:

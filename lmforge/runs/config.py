@@ -103,10 +103,12 @@ class EncoderFinetuneConfig(FinetuneConfig):
 
 @dataclass
 class ClassifyConfig(EncoderFinetuneConfig):
-    """Fine-tune a BERT for text or text-pair classification (CSV / TSV / JSONL: text, text_pair, label)."""
+    """Fine-tune a BERT or a decoder (GPT, SmolLM2, Gemma 3) for text or text-pair classification (CSV / TSV / JSONL:
+    text, text_pair, label)."""
 
-    pooling: Literal["cls", "pooler", "mean"] = "pooler"
-    """Sentence representation: first token, first token through dense + tanh, or mean of tokens."""
+    pooling: Literal["auto", "cls", "pooler", "mean", "last"] = "auto"
+    """Sentence representation: first token, first token through dense + tanh, mean of tokens, or last token (a
+    decoder's); auto = pooler on a BERT, last on a decoder."""
     selection: Literal["accuracy", "macro_f1"] = "accuracy"
     """Dev metric for early stopping and best-checkpoint selection."""
 

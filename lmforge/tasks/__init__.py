@@ -136,7 +136,7 @@ TASKS: dict[str, TaskEntry] = {
         builtin="classify",
         config="lmforge.runs.config:ClassifyConfig",
         use="lmforge predict --model {out} --input TEXTS --output OUT.jsonl",
-        summary="Fine-tune a BERT for text or text-pair classification",
+        summary="Fine-tune a BERT or a decoder (GPT, SmolLM2, Gemma 3) for text or text-pair classification",
         route="/v1/classify",
         explaining=Explaining(
             "lmforge.explain.targets:explain_classification", inputs="text-or-pair", label=True, in_report=True

@@ -1,11 +1,14 @@
-"""Text (and text-pair) classification: BERT fine-tuning as in Devlin et al. (2019), Section 4.1.
+"""Text (and text-pair) classification: BERT fine-tuning as in Devlin et al. (2019), Section 4.1, and the same head
+on a decoder (GPT, SmolLM2, Gemma 3), as transformers' ``*ForSequenceClassification`` (Radford et al. 2018, Section
+3.3: the last token's state into a linear classifier).
 
 Examples are ``{"text", "label"[, "text_pair"]}`` with string labels; the label set comes from the
-training data (sorted, so it does not depend on row order). A pair is encoded ``[CLS] a [SEP] b
-[SEP]`` with segment ids 0 / 1. Sequences longer than ``max_len`` are truncated (pairs: the
-longer side first) and counted, never silently. The head pools the hidden states (``cls`` /
-``pooler`` / ``mean``) into a linear classifier trained with cross-entropy. Batches are
-length-grouped and padded to their longest sequence.
+training data (sorted, so it does not depend on row order). On a BERT a pair is encoded ``[CLS] a [SEP] b
+[SEP]`` with segment ids 0 / 1; on a decoder as the tokenizer's own start (Gemma's ``<bos>``, else nothing), ``a``,
+a newline and ``b``. Sequences longer than ``max_len`` are truncated (pairs: the longer side first) and counted,
+never silently. The head pools the hidden states (a BERT's ``cls`` / ``pooler`` / ``mean``; a decoder's ``last``
+real token, the only one that has read the whole text under the causal mask, or ``mean``) into a linear classifier
+trained with cross-entropy. Batches are length-grouped and padded (on the right) to their longest sequence.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from lmforge.data.batching import length_sorted_batches, pad, padding_mask, to_d
 from lmforge.data.tokenizer import LMTokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.metrics import classification_metrics
+from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.heads import EncoderWithHead, SequenceClassifier
-from lmforge.models.registry import encoder_for_finetuning
+from lmforge.models.registry import decoder_for_finetuning, encoder_for_finetuning, read_config
 from lmforge.tasks.base import HeadOnEncoder, LossOutput, fit_max_len, flops_d_ff, transformer_train_flops
 
 Encoded = tuple  # (ids int32 array, segment ids int8 array or None, label index or -1) of one example
+BACKBONE_POOLING = {"bert": ("pooler", ("cls", "pooler", "mean")), "gpt": ("last", ("last", "mean"))}
+"""Per backbone: the pooling ``auto`` means, and the poolings it supports."""
 
 
 class ClassificationTask(HeadOnEncoder):
@@ -41,21 +47,32 @@ class ClassificationTask(HeadOnEncoder):
         labels: Sequence[str],
         *,
         max_len: int = 128,
-        pooling: str = "pooler",
+        pooling: str = "auto",
         dropout: float = 0.1,
         selection: str = "accuracy",
         train_examples: Sequence[dict] = (),
         dev_examples: Sequence[dict] = (),
         eval_batch_size: int = 64,
+        backbone: str = "bert",
     ) -> None:
         if selection not in ("accuracy", "macro_f1"):
             raise UserError(f"selection metric {selection!r} must be 'accuracy' or 'macro_f1'")
-        ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad")}
-        if None in ids.values():
-            raise UserError("classification needs a WordPiece (BERT) tokenizer with [CLS], [SEP] and [PAD]")
-        self.tokenizer, self.labels = tokenizer, list(labels)
+        pooling = resolve_pooling(pooling, backbone)
+        self.tokenizer, self.labels, self.backbone = tokenizer, list(labels), backbone
         self.label_index = {name: i for i, name in enumerate(self.labels)}
-        self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
+        if backbone == "bert":
+            ids = {r: tokenizer.token_id(r) for r in ("cls", "sep", "pad")}
+            if None in ids.values():
+                raise UserError("classification on a BERT needs a WordPiece tokenizer with [CLS], [SEP] and [PAD]")
+            self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
+            self.start, self.between, self.end = [self.cls_id], [self.sep_id], [self.sep_id]
+        else:  # a decoder: the tokenizer's own start token (Gemma's <bos>) if it adds one; a pair joined by a newline
+            pad, eos = tokenizer.token_id("pad"), tokenizer.token_id("eos")
+            self.cls_id = self.sep_id = None
+            self.pad_id = pad if pad is not None else eos
+            self.start, self.between, self.end = tokenizer.encode(""), tokenizer.encode("\n", special_tokens=False), []
+            if self.pad_id is None:
+                raise UserError("classification on a decoder needs a tokenizer with a padding or end-of-text token")
         self.max_len, self.pooling, self.dropout = max_len, pooling, dropout
         self.selection = (selection, "max")
         self.eval_batch_size = eval_batch_size
@@ -71,10 +88,17 @@ class ClassificationTask(HeadOnEncoder):
     def for_finetuning(
         cls, cfg: Any, splits: dict[str, list[dict]], run_dir: Path
     ) -> tuple[ClassificationTask, nn.Module]:
-        """The task over ``splits`` and the pretrained encoder of ``cfg.model`` with a fresh head."""
-        encoder, pooler = encoder_for_finetuning(
-            cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed, purpose="classification"
-        )
+        """The task over ``splits`` and the pretrained encoder (or decoder) of ``cfg.model`` with a fresh head."""
+        pooler = None
+        if isinstance(read_config(cfg.model), GPTConfig):
+            backbone = "gpt"
+            resolve_pooling(cfg.pooling, backbone)  # refused before the weights load
+            encoder: nn.Module = decoder_for_finetuning(cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed)
+        else:
+            backbone = "bert"
+            encoder, pooler = encoder_for_finetuning(
+                cfg.model, init=cfg.init, dropout=cfg.dropout, seed=cfg.seed, purpose="classification"
+            )
         task = cls(
             load_tokenizer(cfg.model),
             label_set(splits["train"]),
@@ -84,6 +108,7 @@ class ClassificationTask(HeadOnEncoder):
             selection=cfg.selection,
             train_examples=splits["train"],
             dev_examples=splits["dev"],
+            backbone=backbone,
         )
         return task, task.build_model(encoder, pretrained_pooler=pooler)
 
@@ -103,8 +128,9 @@ class ClassificationTask(HeadOnEncoder):
         )
 
     def report_input(self, example: dict) -> dict | None:
-        """The text a report explains (pairs are passed over: the report shows one text per row)."""
-        return None if example.get("text_pair") else {"text": example["text"]}
+        """The text a report explains (pairs are passed over: the report shows one text per row; so are a decoder's
+        texts: attributions are computed for BERT classifiers)."""
+        return None if example.get("text_pair") or self.backbone != "bert" else {"text": example["text"]}
 
     def report_outcome(self, example: dict, text: dict, prediction: dict) -> tuple[Any, Any]:
         return example["label"], prediction["label"]
@@ -117,6 +143,7 @@ class ClassificationTask(HeadOnEncoder):
             max_len=settings["max_len"],
             pooling=settings["pooling"],
             selection=settings.get("selection", "accuracy"),
+            backbone=settings.get("backbone", "bert"),
         )
 
     def settings(self) -> dict:
@@ -127,6 +154,7 @@ class ClassificationTask(HeadOnEncoder):
             "max_len": self.max_len,
             "pooling": self.pooling,
             "selection": self.selection[0],
+            "backbone": self.backbone,
         }
 
     # --- data --------------------------------------------------------------------------------
@@ -134,7 +162,7 @@ class ClassificationTask(HeadOnEncoder):
         """Token ids, segment ids and label index per example; counts truncation under ``split``."""
         if not examples:
             return []
-        budget = self.max_len - 2
+        budget = self.max_len - len(self.start) - len(self.end)
         texts = [ex["text"] for ex in examples]
         pairs = [ex.get("text_pair") for ex in examples]
         encode = self.tokenizer.tokenizer.encode_batch
@@ -147,14 +175,17 @@ class ClassificationTask(HeadOnEncoder):
             b = seconds[i].ids if i in seconds else None
             if b is None:
                 truncated += len(a) > budget
-                ids, types = [self.cls_id, *a[:budget], self.sep_id], None
+                ids, types = [*self.start, *a[:budget], *self.end], None
             else:
-                budget_pair = budget - 1
+                budget_pair = budget - len(self.between)
                 truncated += len(a) + len(b) > budget_pair
                 while len(a) + len(b) > budget_pair:  # longest first, as BERT's reference code
                     a, b = (a[:-1], b) if len(a) >= len(b) else (a, b[:-1])
-                ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
-                types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+                ids = [*self.start, *a, *self.between, *b, *self.end]
+                first = len(self.start) + len(a) + len(self.between)
+                types = [0] * first + [1] * (len(ids) - first) if self.backbone == "bert" else None
+            if not ids:  # an empty text on a decoder without a start token: read as its padding token alone
+                ids = [self.pad_id]
             label = -1
             if need_labels:
                 label = self.label_index.get(ex["label"], -1)
@@ -187,6 +218,7 @@ class ClassificationTask(HeadOnEncoder):
 
     # --- model -------------------------------------------------------------------------------
     def build_model(self, encoder: nn.Module, *, pretrained_pooler: nn.Module | None = None) -> EncoderWithHead:
+        """The head on ``encoder`` (a BERT, or a GPT whose hidden states it reads: ``logits``)."""
         head = SequenceClassifier(encoder.cfg.d_model, len(self.labels), dropout=self.dropout, pooling=self.pooling)
         if head.dense is not None and pretrained_pooler is not None:
             head.dense.load_state_dict(pretrained_pooler.dense.state_dict())
@@ -195,8 +227,11 @@ class ClassificationTask(HeadOnEncoder):
     @staticmethod
     def logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """(B, C) class logits. First-token pooling needs the last layer at [CLS] only: it computes just
-        that row (its keys and values still see every token), ~1/n_layers of the encoder's cost saved."""
+        that row (its keys and values still see every token), ~1/n_layers of the encoder's cost saved. A decoder
+        reads right-padded rows under its causal mask alone (no real position sees the padding after it)."""
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        if isinstance(model.encoder, GPT):
+            return model.head(model.encoder.hidden_states(ids), mask)
         if model.head.pooling == "mean":
             return model(ids, attention_mask=mask, token_type_ids=types)
         B, T = ids.shape
@@ -220,7 +255,7 @@ class ClassificationTask(HeadOnEncoder):
         cfg = model.encoder.cfg
         B, T = batch["input_ids"].shape
         d, head = cfg.d_model, 2 * cfg.d_model * (cfg.d_model + len(self.labels))
-        if model.head.pooling == "mean":
+        if isinstance(model.encoder, GPT) or model.head.pooling == "mean":
             return transformer_train_flops(
                 n_layers=cfg.n_layers,
                 d_model=d,
@@ -289,6 +324,19 @@ class ClassificationTask(HeadOnEncoder):
             }
             for p in probs
         ]
+
+
+def resolve_pooling(pooling: str, backbone: str) -> str:
+    """The pooling ``pooling`` means on ``backbone`` (``auto``: BERT's pooler, a decoder's last token); a UserError
+    for one the backbone cannot use."""
+    if backbone not in BACKBONE_POOLING:
+        raise UserError(f"backbone {backbone!r} is not one of {', '.join(BACKBONE_POOLING)}")
+    default, valid = BACKBONE_POOLING[backbone]
+    if pooling == "auto":
+        return default
+    if pooling not in valid:
+        raise UserError(f"--pooling {pooling}: a {backbone} classifier pools with {' or '.join(valid)} (or auto)")
+    return pooling
 
 
 def label_set(examples: Sequence[dict]) -> list[str]:
