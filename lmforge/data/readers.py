@@ -515,3 +515,78 @@ def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) 
         logger.warning(report.notes[-1])
     report.kept = len(examples)
     return examples, report
+
+
+def _reply_text(value: object, what: str) -> tuple[list[dict] | None, str | None, str | None]:
+    """A preference row's ``chosen`` or ``rejected``: (the messages before the reply, when given as a conversation;
+    the reply's text; a problem)."""
+    if isinstance(value, str):
+        return None, value, None if value.strip() else f"{what!r} is empty"
+    if isinstance(value, list) and value:
+        problem = conversation_problem({"messages": value})
+        if problem is not None:
+            return None, None, f"{what!r}: {problem}"
+        if value[-1]["role"] != "assistant":
+            return None, None, f"{what!r}: the last message must be the assistant's reply"
+        if not value[-1]["content"].strip():
+            return None, None, f"{what!r}: the assistant's reply is empty"
+        return value[:-1], value[-1]["content"], None
+    return None, None, f"{what!r} must be the reply's text or a list of messages ending with the assistant's"
+
+
+def preference_example(obj: object) -> tuple[dict | None, str | None]:
+    """A preference row as ``{"messages": the conversation before the reply, "chosen", "rejected"}`` (texts), or why
+    it is not one. Accepted (TRL's formats): ``{"prompt": text or messages, "chosen", "rejected"}``,
+    ``{"messages": [...], "chosen", "rejected"}``, and ``{"chosen": messages, "rejected": messages}`` whose shared
+    first messages are the prompt; ``chosen`` / ``rejected`` are texts or messages ending with the assistant's."""
+    if not isinstance(obj, dict):
+        return None, "expected a JSON object"
+    missing = [k for k in ("chosen", "rejected") if k not in obj]
+    if missing:
+        return None, f"a preference row needs 'chosen' and 'rejected'; missing {' and '.join(map(repr, missing))} " + (
+            f"(its keys: {', '.join(sorted(obj))})"
+        )
+    before_c, chosen, problem = _reply_text(obj["chosen"], "chosen")
+    before_r, rejected, problem_r = _reply_text(obj["rejected"], "rejected")
+    if problem or problem_r:
+        return None, problem or problem_r
+    prompt = obj.get("prompt", obj.get("messages"))
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt is None:
+        if before_c is None or before_c != before_r or not before_c:
+            return None, (
+                "no prompt: give 'prompt' (text or messages) or 'messages', or 'chosen' and 'rejected' as "
+                "conversations that share their first messages"
+            )
+        prompt = before_c
+    elif before_c:  # a conversation in chosen after a prompt: its own earlier messages follow the prompt
+        prompt = [*prompt, *before_c]
+    if not isinstance(prompt, list) or not prompt:
+        return None, "'prompt' must be a text or a non-empty list of messages"
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            return None, f"prompt message {i}: needs a role ({', '.join(CHAT_ROLES)}) and a string content"
+    if chosen == rejected:
+        return None, "'chosen' and 'rejected' are the same reply: the pair prefers nothing"
+    return {"messages": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+def read_preferences(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[list[dict], ReadReport]:
+    """Preference pairs from JSONL, one row per line (``preference_example``: a prompt, the preferred reply and the
+    rejected one), for DPO and ORPO."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise UserError(
+            f"{path}: preference pairs are read from .jsonl (one {{'prompt', 'chosen', 'rejected'}} per line)"
+        )
+    report = ReadReport(str(path))
+    examples = []
+    for lineno, obj, problem in _jsonl_objects(_decoded_lines(path, report, skip_bad_rows)):
+        example, problem = (None, problem) if problem else preference_example(obj)
+        if example is None:
+            report.reject(lineno, problem, skip=skip_bad_rows)
+            continue
+        examples.append({**example, "source": f"{path}:{lineno}"})
+    report.kept = len(examples)
+    return examples, report

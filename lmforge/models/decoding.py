@@ -233,4 +233,4 @@ def output_weight(model: GPT | Seq2Seq) -> Tensor:
     """The (V, D) matrix that maps hidden states to vocabulary logits."""
     if isinstance(model, Seq2Seq):
         return model.target_embedding
-    return model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+    return model.output_weight

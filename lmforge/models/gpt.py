@@ -241,10 +241,14 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.norm(x)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """The (V, D) vocabulary projection: the token embeddings when tied, else the output layer's."""
+        return self.embed.word.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (..., V) for hidden states (..., D)."""
-        weight = self.embed.word.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight)
+        return nn.functional.linear(hidden, self.output_weight)
 
     def forward(
         self,

@@ -195,6 +195,50 @@ class ChatTrainConfig(FinetuneConfig):
     training: TrainConfig = field(default_factory=_chat_training)
 
 
+def _preference_training(lr: float) -> TrainConfig:
+    return loop_defaults(batch=8, every=50, log_every=5, lr=lr, warmup=10, schedule="linear", patience=4)
+
+
+@dataclass
+class PreferenceConfig(FinetuneConfig):
+    """What DPO and ORPO take: a GPT and pairs of replies (JSONL {"prompt" or "messages", "chosen", "rejected"})."""
+
+    model: str
+    """lmforge GPT directory to tune (for DPO also the frozen reference)."""
+    max_len: int | None = None
+    """Longest prompt + reply in tokens (prompt cut from the left first, counted); None = min(512, the window)."""
+    epochs: float = 1.0
+    """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
+    beta: float = 0.1
+    """DPO: the pull towards the reference (Rafailov's beta); ORPO: the odds-ratio term's weight (Hong's lambda)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise UserError(f"beta={self.beta!r} must be > 0")
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """Direct Preference Optimization (Rafailov et al. 2023) against the starting model, frozen."""
+
+    label_smoothing: float = 0.0
+    """The share of pairs assumed to be flipped (conservative DPO, as TRL's label_smoothing); 0 = plain DPO."""
+    training: TrainConfig = field(default_factory=lambda: _preference_training(5e-6))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("label_smoothing", self.label_smoothing, at_least=0, below=0.5)
+
+
+@dataclass
+class ORPOConfig(PreferenceConfig):
+    """Odds-Ratio Preference Optimization (Hong et al. 2024): SFT on the chosen reply and the odds-ratio penalty in
+    one stage, no reference model."""
+
+    training: TrainConfig = field(default_factory=lambda: _preference_training(8e-6))
+
+
 def _embed_training() -> TrainConfig:
     return loop_defaults(
         batch=64, every=100, log_every=10, lr=3e-5, warmup=0, schedule="linear", weight_decay=0.0, max_steps=500

@@ -178,6 +178,10 @@ def load_splits(
         name = cfg.data.removeprefix("builtin:")
         if not cfg.data.startswith("builtin:") or name not in BUILTINS or BUILTINS[name].task != kind:
             names = [f"builtin:{n}" for n, b in BUILTINS.items() if b.task == kind]
+            if not names:
+                raise UserError(
+                    f"--data {cfg.data!r}: `lmforge {entry.command_name}` has no built-in corpus; pass --train FILE"
+                )
             raise UserError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
         if cfg.train or cfg.dev or cfg.test:
             raise UserError("give either --data builtin:NAME or --train/--dev/--test files, not both")

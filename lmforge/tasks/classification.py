@@ -220,6 +220,10 @@ class ClassificationTask(HeadOnEncoder):
     def build_model(self, encoder: nn.Module, *, pretrained_pooler: nn.Module | None = None) -> EncoderWithHead:
         """The head on ``encoder`` (a BERT, or a GPT whose hidden states it reads: ``logits``)."""
         head = SequenceClassifier(encoder.cfg.d_model, len(self.labels), dropout=self.dropout, pooling=self.pooling)
+        if isinstance(encoder, GPT):  # zero: every class equally likely at the start. A decoder's final hidden states
+            with torch.no_grad():  # are large (Gemma 3 270M's norms reach ~220), so transformers' N(0, 0.02) starts
+                head.out.weight.zero_()  # from logits of about +-5: a loss of ~1 and gradient norms of ~100
+                head.out.bias.zero_()
         if head.dense is not None and pretrained_pooler is not None:
             head.dense.load_state_dict(pretrained_pooler.dense.state_dict())
         return EncoderWithHead(encoder, head)

@@ -57,7 +57,7 @@ class CLMTask:
 def clm_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
     """Summed next-token loss through the chunked fused head."""
     hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
-    weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+    weight = model.output_weight
     loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1))
     return LossOutput(loss_sum, {"correct": float(correct)})
 

@@ -138,9 +138,7 @@ class DialogueTask(FinetuneDefaults):
         ):
             ids = enc.ids[: self.max_len]
             truncated += len(enc.ids) > self.max_len
-            flags = np.zeros(len(ids), dtype=bool)
-            for i, (a, b) in enumerate(enc.offsets[: len(ids)]):
-                flags[i] = any(lo <= a and b <= hi for lo, hi in targets) and b > a
+            flags = target_flags(enc.offsets[: len(ids)], targets)
             if not flags[1:].any():  # the first token is never a target (nothing precedes it)
                 dropped += 1
                 continue
@@ -150,12 +148,7 @@ class DialogueTask(FinetuneDefaults):
         return out
 
     def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
-        ids = pad([it[0] for it in items], self.pad_id)  # (B, T), right padding
-        labels = torch.full_like(ids, IGNORE)
-        for row, (seq, flags) in enumerate(items):
-            targets = torch.from_numpy(seq.astype(np.int64))
-            labels[row, : len(seq)] = torch.where(torch.from_numpy(flags), targets, IGNORE)
-        labels = torch.cat((labels[:, 1:], torch.full((len(items), 1), IGNORE)), dim=1)  # next-token targets
+        ids, labels = next_token_batch(items, self.pad_id)
         return {
             "input_ids": ids,
             "labels": labels,
@@ -167,7 +160,7 @@ class DialogueTask(FinetuneDefaults):
     def loss(self, model: GPT, batch: dict[str, Any]) -> LossOutput:
         # Right padding under a causal mask: real positions never see the padding after them.
         hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
-        weight = model.embed.word.weight if model.lm_head is None else model.lm_head.weight
+        weight = model.output_weight
         labels = batch["labels"].reshape(-1)
         loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels)
         return LossOutput(loss_sum, {"correct": float(correct)})
@@ -221,3 +214,22 @@ class DialogueTask(FinetuneDefaults):
             {"prompt": prompt, "reply": r.text, "reference": reference, "token_ids": r.token_ids}
             for (prompt, reference, _), r in zip(chosen, replies, strict=True)
         ]
+
+
+def target_flags(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """True at each token (given by its character ``offsets``) that lies inside one of the character ``spans``."""
+    flags = np.zeros(len(offsets), dtype=bool)
+    for i, (a, b) in enumerate(offsets):
+        flags[i] = b > a and any(lo <= a and b <= hi for lo, hi in spans)
+    return flags
+
+
+def next_token_batch(items: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) token ids and their next-token targets: the following token where it is flagged as a
+    target, IGNORE elsewhere (the prompt, the padding, the last position)."""
+    ids = pad([it[0] for it in items], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for row, (seq, flags) in enumerate(items):
+        targets = torch.from_numpy(seq.astype(np.int64))
+        labels[row, : len(seq)] = torch.where(torch.from_numpy(flags), targets, IGNORE)
+    return ids, torch.cat((labels[:, 1:], torch.full((len(items), 1), IGNORE)), dim=1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models.registry import build_model
 from lmforge.models.sizes import model_size
-from lmforge.ops.linear_cross_entropy import IGNORE, linear_cross_entropy
+from lmforge.ops.linear_cross_entropy import IGNORE, linear_cross_entropy, sequence_log_likelihoods
 from lmforge.tasks.clm import CLMTask
 from lmforge.tasks.mlm import MLMTask
 
@@ -100,6 +100,28 @@ def test_linear_cross_entropy_matches_reference(with_bias: bool) -> None:
     ref_grads = torch.autograd.grad(2.5 * ref, params)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_cross_entropy_with_a_frozen_vocabulary_and_per_sequence() -> None:
+    """Under adapters the vocabulary matrix is frozen: the hidden states' gradient is still exact, none is made for
+    the matrix; per-sequence log-likelihoods (preference tuning) are the rows' summed log-softmax of their targets."""
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16)  # frozen
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :3] = IGNORE
+    logps = sequence_log_likelihoods(hidden, weight, labels)
+    log_softmax = F.log_softmax(hidden @ weight.t(), -1)
+    ref = torch.stack(
+        [
+            log_softmax[r].gather(1, labels[r].clamp(min=0)[:, None]).squeeze(1)[labels[r] != IGNORE].sum()
+            for r in range(3)
+        ]
+    )
+    torch.testing.assert_close(logps, ref)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    (grad,) = torch.autograd.grad((weights * logps).sum(), hidden)
+    (ref_grad,) = torch.autograd.grad((weights * ref).sum(), hidden)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_cross_entropy_under_bf16_autocast() -> None:
