@@ -106,5 +106,6 @@ def sequence_log_likelihoods(hidden: Tensor, weight: Tensor, labels: Tensor) -> 
     """(R,) summed log-probabilities of each row's target tokens: hidden (R, T, D), labels (R, T) with IGNORE where
     a position is not scored. One fused call per row (preference tuning's log pi(y | x) of each completion), so no
     (T, V) logits matrix outlives its chunk; differentiable like ``linear_cross_entropy``."""
-    rows = [linear_cross_entropy(hidden[r], weight, labels[r])[0] for r in range(hidden.shape[0])]
+    scored = labels != IGNORE  # only the scored positions meet the vocabulary
+    rows = [linear_cross_entropy(hidden[r][scored[r]], weight, labels[r][scored[r]])[0] for r in range(len(hidden))]
     return -torch.stack(rows)

@@ -160,9 +160,10 @@ class DialogueTask(FinetuneDefaults):
     def loss(self, model: GPT, batch: dict[str, Any]) -> LossOutput:
         # Right padding under a causal mask: real positions never see the padding after them.
         hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
-        weight = model.output_weight
         labels = batch["labels"].reshape(-1)
-        loss_sum, correct = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels)
+        scored = labels != IGNORE  # only the assistant's tokens meet the vocabulary (prompts and padding never do)
+        rows = hidden.reshape(-1, hidden.shape[-1])[scored]
+        loss_sum, correct = linear_cross_entropy(rows, model.output_weight, labels[scored])
         return LossOutput(loss_sum, {"correct": float(correct)})
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
