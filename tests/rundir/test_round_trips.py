@@ -7,6 +7,7 @@ checkpoint, and ``predict`` answers. Pretraining objectives: a tiny pretraining,
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,15 @@ def _files(root: Path, tiny_mt: list[str]) -> dict[str, list[str]]:
     """The fine-tuning command of each task on tiny real data."""
     write_jsonl(root / "reviews.jsonl", load_builtin("reviews-sentiment")["train"][:32])
     write_conll(root / "ner.conll", load_builtin("peoples-daily-ner")["train"][:32])
-    write_jsonl(root / "chat.jsonl", load_builtin("chatterbot-zh")["train"][:32])
+    chats = load_builtin("chatterbot-zh")["train"][:32]
+    write_jsonl(root / "chat.jsonl", chats)
+    replies = [c["messages"][-1]["content"] for c in chats]
+    pairs = [  # each prompt's own reply preferred to the next conversation's
+        {"messages": c["messages"][:-1], "chosen": reply, "rejected": replies[(i + 1) % len(chats)]}
+        for i, (c, reply) in enumerate(zip(chats, replies, strict=True))
+        if reply != replies[(i + 1) % len(chats)]
+    ]
+    write_jsonl(root / "pairs.jsonl", pairs)
     lines = SAMPLE.read_text(encoding="utf-8-sig").splitlines()[:32]
     (root / "pairs.tsv").write_text("".join(f"{ln.split(chr(9))[1]}\t{ln.split(chr(9))[0]}\n" for ln in lines))
     return {
@@ -50,6 +59,8 @@ def _files(root: Path, tiny_mt: list[str]) -> dict[str, list[str]]:
         "ner": ["--train", str(root / "ner.conll"), "--max-len", "32"],
         "embed": ["--train", str(root / "reviews.jsonl"), "--max-len", "32"],
         "chat": ["--model", str(GENERATION / "gpt"), "--train", str(root / "chat.jsonl")],
+        "dpo": ["--model", str(GENERATION / "gpt"), "--train", str(root / "pairs.jsonl")],
+        "orpo": ["--model", str(GENERATION / "gpt"), "--train", str(root / "pairs.jsonl")],
         "translate": ["--train", str(root / "pairs.tsv"), "--max-len", "24", *tiny_mt],
     }
 
@@ -80,7 +91,7 @@ def test_every_fine_tuning_task_round_trips(
     model = [] if "--model" in args else ["--model", str(tiny_bert)]
     out = tmp_path / "run"
     command = entry.command_name.split()
-    if entry.saves_as:  # distillation; its teacher: a run of the task it writes, on the same data
+    if "teacher" in {f.name for f in fields(entry.load_config())}:  # distillation: a run of the task it writes
         teacher = tmp_path / "teacher"
         assert main(["finetune", entry.saves_as, *model, *args, "--out", str(teacher), *LOOP]) == 0
         command += ["--teacher", str(teacher)]
@@ -92,7 +103,7 @@ def test_every_fine_tuning_task_round_trips(
     assert set(state) == set(chosen)
     for name, tensor in chosen.items():
         torch.testing.assert_close(state[name], tensor, msg=name)
-    predictions = run.task.predict(run.model, _examples(task), device=torch.device("cpu"))
+    predictions = run.task.predict(run.model, _examples(written), device=torch.device("cpu"))
     assert len(predictions) == 2 and all(isinstance(p, dict) and p for p in predictions)
 
 
