@@ -16,7 +16,7 @@ way to llama.cpp (the merged model exported to GGUF at f16 and q8_0, decoded by 
 
     python bench/translation_sft.py --model runs/gemma --steps 700 [--out-dir runs/gemma-zh-en] [--skip-train]
 
-Writes bench/results/translation_sft-<model directory name>.json.
+Writes bench/results/translation_sft-<run directory name>.json.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     name = Path(args.model).resolve().name
     run_dir = Path(args.out_dir or ROOT / "runs" / f"{name}-zh-en-sft")
     splits = tatoeba_cmn_en(args.tatoeba)
-    out_file = RESULTS / f"translation_sft-{name}.json"
+    out_file = RESULTS / f"translation_sft-{run_dir.name}.json"
     report = json.loads(out_file.read_text()) if out_file.is_file() and args.skip_train else {}
     report.update(
         machine={

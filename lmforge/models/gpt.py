@@ -34,6 +34,7 @@ from lmforge.models.layers import (
     build_attention_mask,
     init_weights,
     make_norm,
+    packed_positions_and_mask,
     scale_residual_projections,
     sliding_window_mask,
 )
@@ -205,26 +206,36 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, D).
 
         ``attention_mask`` (B, S) is 1 at real tokens and covers the cached positions too
         (S = cached + T). Positions default to each sequence's count of real tokens so far, so
         left-padded prompts get the same positions as unpadded ones.
+
+        ``segment_ids`` (B, T): several sequences packed in one row (training, no cache). A token attends only to
+        the earlier tokens of its own segment and its position counts from its segment's start, so each packed
+        sequence gets exactly the hidden states it gets alone (the block-diagonal mask of packed fine-tuning).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None or position_ids is not None:
+                raise ValueError("segment_ids stand for the attention mask and the positions, without a cache")
+            position_ids, mask, is_causal = packed_positions_and_mask(segment_ids)
+        else:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            mask, is_causal = build_attention_mask(attention_mask, q_len=T, k_len=past + T, causal=True)
         x = self.embed(input_ids, position_ids)
         if self.cfg.embed_scale:  # Gemma: sqrt(d) cast to the weights' dtype first, as Gemma computes it
             x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         local_rope = self.local_rotary(position_ids, x.dtype) if self.local_rotary is not None else rope
-        mask, is_causal = build_attention_mask(attention_mask, q_len=T, k_len=past + T, causal=True)
         local_mask = None
         if self.cfg.sliding_window and past + T > 1:
             local_mask = sliding_window_mask(

@@ -251,6 +251,19 @@ def sliding_window_mask(
     return mask | ~mask.any(dim=-1, keepdim=True)  # a padding query that sees nothing sees everything (never read)
 
 
+def packed_positions_and_mask(segment_ids: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Positions and the SDPA (mask, is_causal) pair of rows that pack several sequences (``segment_ids`` (B, T),
+    equal along each sequence): a position counts from its sequence's start and a query sees the earlier keys of
+    its own sequence only (block-diagonal causal attention, as packed fine-tuning in TRL or torchtune)."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, index, 0), dim=-1).values  # each position's sequence start
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return index - first, (same & (index[None, :] <= index[:, None]))[:, None], False
+
+
 def build_attention_mask(
     key_valid: Tensor | None, *, q_len: int, k_len: int, causal: bool
 ) -> tuple[Tensor | None, bool]:

@@ -185,11 +185,13 @@ class ChatTrainConfig(FinetuneConfig):
     """Fine-tune a GPT on conversations (JSONL {"messages": [{"role", "content"}, ...]}), loss on assistant turns."""
 
     model: str
-    """Pretrained lmforge GPT directory (its tokenizer needs <|im_start|> / <|im_end|>)."""
+    """lmforge GPT directory: its chat template (an imported model's), else ChatML's <|im_start|> / <|im_end|>."""
     data: str | None = None
     """builtin:chatterbot-zh instead of --train/--dev/--test."""
     max_len: int | None = None
     """Longest conversation in tokens (longer ones are cut); None = the model's max_seq_len."""
+    packing: bool = False
+    """Pack short training conversations into rows of max-len tokens (each attends only to itself)."""
     epochs: float = 10.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
     training: TrainConfig = field(default_factory=_chat_training)

@@ -10,12 +10,17 @@ what the assistant says (its turn and the end-of-turn token that ends it, so the
 Gemma's ``<end_of_turn>``), found through the template and the tokenizer's character offsets: the InstructGPT /
 Alpaca recipe of masking the prompt (Ouyang et al., 2022).
 
+Packing (``--packing``): short training conversations share rows of up to ``max_len`` tokens, placed by best-fit
+decreasing (TRL's default strategy), each attending only to itself with positions from its own start
+(``models/layers.packed_positions_and_mask``), so a packed row's loss is exactly the sum of its conversations'.
+
 Evaluation: perplexity over the assistant tokens of held-out conversations, and distinct-1/2 (Li
 et al., 2016) of replies sampled for their prompts.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +44,7 @@ from lmforge.ops.linear_cross_entropy import IGNORE, linear_cross_entropy
 from lmforge.tasks.base import FinetuneDefaults, LossOutput, fit_max_len, lm_metrics
 from lmforge.tasks.clm import clm_train_flops
 
-Encoded = tuple  # (token ids int32 array, is-assistant-target bool array) of one conversation
+Encoded = tuple  # (token ids int32 array, is-assistant-target bool array[, segment ids int32 array when packed])
 
 
 class DialogueTask(FinetuneDefaults):
@@ -57,6 +62,7 @@ class DialogueTask(FinetuneDefaults):
         eval_batch_size: int = 16,
         eval_replies: int = 40,
         eval_generation: GenerationConfig | None = None,
+        packing: bool = False,
     ) -> None:
         if (train_examples or dev_examples) and tokenizer.chat_template is None:
             chat_tokens(tokenizer)  # learning from conversations needs a template, or ChatML's turn tokens
@@ -79,8 +85,13 @@ class DialogueTask(FinetuneDefaults):
         self.truncated: dict[str, int] = {}
         self.dev_examples = list(dev_examples)
         self.train_items = self.encode(train_examples, split="train")
+        self.packing: dict[str, int] = {}
+        if packing and self.train_items:
+            conversations = len(self.train_items)
+            self.train_items = pack(self.train_items, max_len)
+            self.packing = {"conversations": conversations, "rows": len(self.train_items), "row_tokens": max_len}
         self.val_items = self.encode(dev_examples, split="dev")
-        self.train_lengths = [len(ids) for ids, _ in self.train_items]
+        self.train_lengths = [len(item[0]) for item in self.train_items]
 
     # --- the fine-tuning recipe's hooks (tasks/base.py: FinetuneTask) -------------------------
     report_columns = ("perplexity", "accuracy", "distinct_1", "distinct_2")
@@ -98,7 +109,11 @@ class DialogueTask(FinetuneDefaults):
             raise UserError(f"--model {cfg.model}: chat fine-tuning needs a GPT model directory")
         max_len = fit_max_len(cfg.max_len, model.cfg, default=model.cfg.max_seq_len)
         task = cls(
-            load_tokenizer(cfg.model), max_len=max_len, train_examples=splits["train"], dev_examples=splits["dev"]
+            load_tokenizer(cfg.model),
+            max_len=max_len,
+            train_examples=splits["train"],
+            dev_examples=splits["dev"],
+            packing=cfg.packing,
         )
         if not task.train_items:
             raise UserError("no training conversation has an assistant token within max_len")
@@ -118,7 +133,8 @@ class DialogueTask(FinetuneDefaults):
         return [{"reply": r["reply"]} for r in self.sample_replies(model, examples)]
 
     def extras(self) -> dict:
-        return {"generation": dataclasses.asdict(self.eval_generation)}
+        packed = {"packing": self.packing} if self.packing else {}
+        return {"generation": dataclasses.asdict(self.eval_generation), **packed}
 
     def settings(self) -> dict:
         return {"task": self.name, "max_len": self.max_len}
@@ -149,9 +165,11 @@ class DialogueTask(FinetuneDefaults):
 
     def collate(self, items: list[Encoded], *, generator: torch.Generator | None = None) -> dict[str, Any]:
         ids, labels = next_token_batch(items, self.pad_id)
+        packed = {"segment_ids": pad([it[2] for it in items], 0)} if len(items[0]) == 3 else {}
         return {
             "input_ids": ids,
             "labels": labels,
+            **packed,
             "n_targets": int((labels != IGNORE).sum()),
             "n_tokens": sum(len(it[0]) for it in items),
         }
@@ -159,7 +177,7 @@ class DialogueTask(FinetuneDefaults):
     # --- loss, metrics ----------------------------------------------------------------------------
     def loss(self, model: GPT, batch: dict[str, Any]) -> LossOutput:
         # Right padding under a causal mask: real positions never see the padding after them.
-        hidden = model.hidden_states(batch["input_ids"])  # (B, T, D)
+        hidden = model.hidden_states(batch["input_ids"], segment_ids=batch.get("segment_ids"))  # (B, T, D)
         labels = batch["labels"].reshape(-1)
         scored = labels != IGNORE  # only the assistant's tokens meet the vocabulary (prompts and padding never do)
         rows = hidden.reshape(-1, hidden.shape[-1])[scored]
@@ -225,12 +243,42 @@ def target_flags(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, 
     return flags
 
 
+def pack(items: Sequence[Encoded], row_tokens: int) -> list[Encoded]:
+    """Conversations placed in rows of at most ``row_tokens`` tokens by best-fit decreasing (longest first, each
+    into the fullest row it fits), concatenated with segment ids 1, 2, ... (0 is left for padding). The first token
+    of a conversation is never a target, so the next-token targets never cross from one conversation to the next."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted
+    for i in order:
+        n = len(items[i][0])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            left, row = free.pop(at)
+        else:
+            left, row = row_tokens, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(free, (left - n, row))
+    packed = []
+    for members in rows:
+        segments = [np.full(len(items[i][0]), k + 1, dtype=np.int32) for k, i in enumerate(members)]
+        packed.append(
+            (
+                np.concatenate([items[i][0] for i in members]),
+                np.concatenate([items[i][1] for i in members]),
+                np.concatenate(segments),
+            )
+        )
+    return packed
+
+
 def next_token_batch(items: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) token ids and their next-token targets: the following token where it is flagged as a
     target, IGNORE elsewhere (the prompt, the padding, the last position)."""
     ids = pad([it[0] for it in items], pad_id)
     labels = torch.full_like(ids, IGNORE)
-    for row, (seq, flags) in enumerate(items):
+    for row, (seq, flags, *_) in enumerate(items):
         targets = torch.from_numpy(seq.astype(np.int64))
         labels[row, : len(seq)] = torch.where(torch.from_numpy(flags), targets, IGNORE)
     return ids, torch.cat((labels[:, 1:], torch.full((len(items), 1), IGNORE)), dim=1)

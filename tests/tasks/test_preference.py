@@ -14,10 +14,9 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.readers import preference_example, read_preferences, write_jsonl
-from lmforge.data.tokenizer import load_tokenizer, save_tokenizer
+from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
-from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.registry import load_model, save_model
+from lmforge.models.registry import load_model
 from lmforge.rundir import load_run
 from lmforge.tasks.preference import REFERENCE_DIR, DPOTask, ORPOTask, dpo_losses, orpo_losses
 from tests.commands.test_bad_inputs import _fails
@@ -90,19 +89,6 @@ def test_preference_rows_in_trls_formats_and_the_ones_refused(tmp_path: Path) ->
     assert len(examples) == 1 and examples[0]["source"].endswith("p.jsonl:5")
     problems = " | ".join(report.skipped)
     assert "the pair prefers nothing" in problems and "no prompt" in problems and "'chosen' is empty" in problems
-
-
-@pytest.fixture(scope="module")
-def chat_gpt(tmp_path_factory: pytest.TempPathFactory, review_bpe: Path) -> Path:
-    """A tiny GPT with a ChatML tokenizer (lmforge's BPE has the turn tokens)."""
-    directory = tmp_path_factory.mktemp("chat-gpt")
-    tok = load_tokenizer(review_bpe)
-    torch.manual_seed(0)
-    save_model(
-        GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=2, n_heads=2, d_model=32, d_ff=64, max_seq_len=64)), directory
-    )
-    save_tokenizer(tok, directory)
-    return directory
 
 
 def test_replies_are_scored_exactly_and_long_prompts_are_cut_from_the_left(chat_gpt: Path) -> None:
