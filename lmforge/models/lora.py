@@ -7,6 +7,11 @@ frozen, plus ``lora_A`` (r x in) and ``lora_B`` (out x r), so that it computes `
 a = sqrt(5)) and ``B`` at zero, so the adapted model starts as the base. Every other parameter of the pretrained
 model is frozen; a task's head around it (a classifier) keeps training.
 
+DoRA (Liu et al. 2024, ``spec.dora``) splits each adapted matrix into a magnitude and a direction: the layer computes
+``m / ||W + s B A|| * (W + s B A) x + b`` with ``m`` (one per output row, starting at the rows' norms ``||W||``, so
+again the adapted model starts as the base) trained beside A and B, and the row norms treated as a constant in the
+backward pass, as the paper's section 4.3 and PEFT do (``lora_magnitude_vector`` in PEFT's files).
+
 lmforge fuses the attention's query, key and value into one matrix (``attn.qkv``) where Hugging Face models keep
 three; PEFT puts one adapter on each. A ``LoRALinear`` over a fused matrix therefore holds one adapter per part
 (``parts``: the row counts ``models/convert.hf_weight_parts`` gives): ``lora_A`` stacks the parts' A matrices and
@@ -95,6 +100,7 @@ class LoRALinear(nn.Linear):
         dropout: float,
         rslora: bool,
         base_precision: str = "fp32",
+        dora: bool = False,
     ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -123,6 +129,9 @@ class LoRALinear(nn.Linear):
         for i in range(len(self.parts)):  # PEFT's initialisation of each part's A
             nn.init.kaiming_uniform_(self.lora_A[i * rank : (i + 1) * rank], a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_magnitude = None  # DoRA: the rows' norms, trained
+        if dora:
+            self.lora_magnitude = nn.Parameter(self.base_weight().detach().float().norm(dim=1))
 
     def base_weight(self) -> Tensor:
         """The frozen matrix (fp32; dequantized from int8, or widened from bf16)."""
@@ -132,22 +141,32 @@ class LoRALinear(nn.Linear):
             return self.base_bf16.float()
         return self.weight
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _base_product(self, x: Tensor) -> Tensor:
         if self.base_precision == "int8":
-            y = _Int8Matmul.apply(x, self.base_int8, self.base_scale)
-        elif self.base_precision == "bf16":
-            y = nn.functional.linear(x.to(torch.bfloat16), self.base_bf16).to(x.dtype)
-        else:
-            y = nn.functional.linear(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        z = nn.functional.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., parts * r)
+            return _Int8Matmul.apply(x, self.base_int8, self.base_scale)
+        if self.base_precision == "bf16":
+            return nn.functional.linear(x.to(torch.bfloat16), self.base_bf16).to(x.dtype)
+        return nn.functional.linear(x, self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._base_product(x)
+        dropped = self.lora_dropout(x)
+        z = nn.functional.linear(dropped.to(self.lora_A.dtype), self.lora_A)  # (..., parts * r)
         if len(self.parts) == 1:
             delta = nn.functional.linear(z, self.lora_B)
         else:
             zs, bs = z.split(self.rank, dim=-1), self.lora_B.split(self.parts, dim=0)
             delta = torch.cat([nn.functional.linear(zi, bi) for zi, bi in zip(zs, bs, strict=True)], dim=-1)
-        return y + (delta * self.scaling).to(y.dtype)
+        delta = (delta * self.scaling).to(y.dtype)
+        if self.lora_magnitude is None:
+            out = y + delta
+        else:  # PEFT's order of operations: the base's product (on the dropped input while training) rescaled
+            norm = (self.base_weight().detach().float() + self.delta_weight().detach()).norm(dim=1)
+            scale = (self.lora_magnitude / norm).to(y.dtype)
+            undropped = isinstance(self.lora_dropout, nn.Identity) or not self.training
+            plain = y if undropped else self._base_product(dropped)
+            out = y + (scale - 1) * plain + scale * delta
+        return out if self.bias is None else out + self.bias
 
     def delta_weight(self) -> Tensor:
         """``s * B A`` as one (out, in) matrix, part by part."""
@@ -155,9 +174,18 @@ class LoRALinear(nn.Linear):
         a_s = self.lora_A.split(self.rank, dim=0)
         return torch.cat([b @ a for b, a in zip(bs, a_s, strict=True)], dim=0) * self.scaling
 
+    def merged_weight(self) -> Tensor:
+        """The plain layer's weight that computes what this one does (without dropout): ``W + s B A``, for DoRA
+        rescaled row by row to the trained magnitudes."""
+        weight = self.base_weight().detach().float() + self.delta_weight().detach()
+        if self.lora_magnitude is not None:
+            weight = weight * (self.lora_magnitude.detach() / weight.norm(dim=1))[:, None]
+        return weight
+
     def extra_repr(self) -> str:
         shape = f"in_features={self.in_features}, out_features={self.out_features}, base={self.base_precision}"
-        return f"{shape}, rank={self.rank}, parts={list(self.parts)}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"{shape}, rank={self.rank}, parts={list(self.parts)}, scaling={self.scaling:g}{dora}"
 
 
 def _family(model: nn.Module) -> str:
@@ -221,6 +249,7 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             dropout=spec.dropout,
             rslora=spec.rslora,
             base_precision=precision,
+            dora=spec.dora,
         )
         replace_module(model, name, lora)
     if precision != "fp32":  # the rest of the base leaves the memory-mapped file, so that its pages can be released
@@ -254,7 +283,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         with torch.no_grad():
-            plain.weight = nn.Parameter(layer.base_weight().detach().float() + layer.delta_weight().detach())
+            plain.weight = nn.Parameter(layer.merged_weight())
             if layer.bias is not None:
                 plain.bias = nn.Parameter(layer.bias.detach().clone())
         replace_module(model, name, plain)
@@ -276,9 +305,12 @@ def save_adapter(model: nn.Module, spec: LoRASpec, directory: str | os.PathLike,
         names, _, conv1d = _hf_parts(model, name)
         fan_in_fan_out |= conv1d
         a_s, bs = layer.lora_A.split(layer.rank, dim=0), layer.lora_B.split(layer.parts, dim=0)
-        for hf, a, b in zip(names, a_s, bs, strict=True):
+        magnitudes = layer.lora_magnitude.split(layer.parts) if layer.lora_magnitude is not None else [None] * len(bs)
+        for hf, a, b, m in zip(names, a_s, bs, magnitudes, strict=True):
             tensors[f"base_model.model.{hf}.lora_A.weight"] = a.detach().float().contiguous()
             tensors[f"base_model.model.{hf}.lora_B.weight"] = b.detach().float().contiguous()
+            if m is not None:
+                tensors[f"base_model.model.{hf}.lora_magnitude_vector"] = m.detach().float().contiguous()
             modules.append(hf)
     family = hf_family(cfg)
     config = {
@@ -289,7 +321,7 @@ def save_adapter(model: nn.Module, spec: LoRASpec, directory: str | os.PathLike,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.rslora,
-        "use_dora": False,
+        "use_dora": spec.dora,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "target_modules": modules,
@@ -329,6 +361,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
         alpha=float(config["lora_alpha"]),
         dropout=float(config.get("lora_dropout", 0.0)),
         rslora=bool(config.get("use_rslora", False)),
+        dora=bool(config.get("use_dora", False)),
     )
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     targets = list(config["target_modules"])
@@ -357,6 +390,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
         with torch.no_grad():
             layer.lora_A.copy_(torch.cat([tensors[f"base_model.model.{t}.lora_A.weight"] for t in found]))
             layer.lora_B.copy_(torch.cat([tensors[f"base_model.model.{t}.lora_B.weight"] for t in found]))
+            if layer.lora_magnitude is not None:
+                magnitudes = [tensors[f"base_model.model.{t}.lora_magnitude_vector"] for t in found]
+                layer.lora_magnitude.copy_(torch.cat(magnitudes))
     return spec
 
 

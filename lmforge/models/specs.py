@@ -121,6 +121,9 @@ class LoRASpec:
     family's default (``models/lora.DEFAULT_TARGETS``: attention and feed-forward projections)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajievski 2023)."""
+    dora: bool = False
+    """Weight-decomposed adapters (DoRA, Liu et al. 2024): a trained magnitude per output row times the direction of
+    W + (alpha / r) B A."""
     base: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     """How the frozen base's adapted matrices are held: fp32; bf16 (half the memory); int8 weight-only with one scale
     per row (a quarter: the QLoRA idea with the int8 kernels decoding uses); auto = bf16 where bf16 arithmetic is

@@ -13,7 +13,7 @@ from lmforge.errors import UserError
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.convert import to_hf
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.lora import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lmforge.models.lora import _hf_parts, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from lmforge.models.specs import LoRASpec
 from tests.models.families import DECODER_FAMILIES
 
@@ -31,10 +31,12 @@ def _decoder(family: str) -> GPT:
 
 
 def _train_adapters_a_little(model: nn.Module) -> None:
-    """B starts at zero (the adapted model is the base); give every adapter a nonzero update."""
+    """B starts at zero (the adapted model is the base); give every adapter a nonzero update (DoRA's magnitudes too)."""
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(0, 0.5)
+            if layer.lora_magnitude is not None:
+                layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
 
 
 def _hf(model: GPT | Bert) -> nn.Module:
@@ -48,21 +50,39 @@ def _hf(model: GPT | Bert) -> nn.Module:
     return hf.eval()
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family", list(DECODERS))
-def test_peft_loads_the_adapter_and_computes_the_same_logits(family: str, tmp_path) -> None:
+def test_peft_loads_the_adapter_and_computes_the_same_logits(family: str, dora: bool, tmp_path) -> None:
     model = _decoder(family)
     hf = _hf(model)  # the base, before adapters
-    spec = LoRASpec(rank=4, alpha=8, rslora=family == "qwen2")
+    spec = LoRASpec(rank=4, alpha=8, rslora=family == "qwen2", dora=dora)
     adapted = add_lora(model, spec)
+    with torch.no_grad():
+        ids = torch.randint(0, VOCAB, (2, 12))
+        torch.testing.assert_close(model(ids), _decoder(family)(ids), atol=1e-5, rtol=1e-5)  # starts as the base
     assert len(adapted) == 2 * (5 if family != "gpt2" else 4)
     _train_adapters_a_little(model)
     save_adapter(model, spec, tmp_path / "adapter")
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).eval()
     ids = torch.randint(0, VOCAB, (2, 12))
-    with torch.no_grad():
-        ours, theirs = model(ids), peft_model(input_ids=ids).logits
+    ours, theirs = model(ids), peft_model(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (ours - _decoder(family)(ids)).abs().max() > 1e-2  # the adapters change the outputs
+    ours.square().mean().backward()  # the same gradients too (DoRA: the rows' norms held constant on both sides)
+    theirs.square().mean().backward()
+    peft_grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name, layer in lora_layers(model).items():
+        names, _, _ = _hf_parts(model, name)
+        grads = {
+            "lora_A.weight": layer.lora_A.grad.split(layer.rank),
+            "lora_B.weight": layer.lora_B.grad.split(layer.parts),
+            **({"lora_magnitude_vector.weight": layer.lora_magnitude.grad.split(layer.parts)} if dora else {}),
+        }
+        for key, parts in grads.items():
+            for hf_name, grad in zip(names, parts, strict=True):
+                expected = peft_grads.pop(f"base_model.model.{hf_name}.{key}")
+                torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=f"{hf_name}.{key}")
+    assert not peft_grads  # every PEFT parameter compared
 
 
 def test_an_encoder_takes_adapters_peft_reads(tmp_path) -> None:
@@ -85,17 +105,19 @@ def test_an_encoder_takes_adapters_peft_reads(tmp_path) -> None:
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_only_adapters_train_and_merging_changes_no_output(tmp_path) -> None:
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_only_adapters_train_and_merging_changes_no_output(dora: bool, tmp_path) -> None:
     model = _decoder("llama")
-    add_lora(model, LoRASpec(rank=4, alpha=8, targets=["layers.*.attn.qkv", "layers.1.ffn.down"]))
+    spec = LoRASpec(rank=4, alpha=8, targets=["layers.*.attn.qkv", "layers.1.ffn.down"], dora=dora)
+    add_lora(model, spec)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
         f"{layer}.{ab}"
         for layer in ("layers.0.attn.qkv", "layers.1.attn.qkv", "layers.1.ffn.down")
-        for ab in ("lora_A", "lora_B")
+        for ab in ("lora_A", "lora_B", *(["lora_magnitude"] if dora else []))
     }
     _train_adapters_a_little(model)
-    save_adapter(model, LoRASpec(rank=4, alpha=8), tmp_path / "a")
+    save_adapter(model, spec, tmp_path / "a")
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         adapted = model(ids)
