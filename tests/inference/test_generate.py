@@ -13,7 +13,14 @@ import torch
 import transformers
 
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.inference.generate import GenerationConfig, Generator, _banned_ngram_tokens, _LogitsProcessor
+from lmforge.inference.generate import (
+    NUCLEUS_CANDIDATES,
+    GenerationConfig,
+    Generator,
+    _banned_ngram_tokens,
+    _LogitsProcessor,
+    _top_p,
+)
 from lmforge.models.bert import BertConfig
 from lmforge.models.convert import to_hf
 from lmforge.models.decoding import GPTSteps
@@ -171,6 +178,25 @@ def test_a_vanishing_temperature_samples_the_greedy_tokens() -> None:
     for temperature in (1e-300, 1e-40):
         cold = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=temperature, seed=3)
         assert [o.token_ids for o in gen.generate(prompts, cold)] == greedy
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0], ids=["flat", "peaked"])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_among_the_candidates_keeps_what_the_full_sort_keeps(spread: float, top_p: float) -> None:
+    """The nucleus is looked for among the most probable tokens first; a flat row (the nucleus beyond them) falls
+    back to sorting the whole vocabulary: either way exactly the tokens of the full sort are kept."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20_000) * spread
+    logits[1] *= 40 if spread < 1 else 1  # a flat batch with one peaked row: only the flat rows are sorted whole
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    expected = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    kept = _top_p(logits, top_p)
+    assert torch.equal(torch.isfinite(kept), torch.isfinite(expected))
+    assert torch.equal(kept[torch.isfinite(kept)], logits[torch.isfinite(expected)])
+    beyond = (torch.isfinite(expected).sum(-1) > NUCLEUS_CANDIDATES).tolist()
+    assert beyond == ([True, False, True] if spread < 1 else [False, False, False])  # both paths are taken
 
 
 def test_logits_processor_filters_and_penalties_by_hand() -> None:
