@@ -12,7 +12,7 @@ BPE, 16,000 tokens, trained on ``builtin:pretrain-zh`` exactly as ``configs/pret
 3. Transcripts: the user turns of the first ``--transcripts`` test conversations typed into ``lmforge chat`` (its
    default sampling), one process per conversation, printed as they come.
 
-    python bench/chat_zh_sft.py --model runs/gemma-chat [--epochs 3] [--out-dir runs/gemma-chat-zh]
+    python bench/chat_zh_sft.py --model runs/gemma [--epochs 3] [--out-dir runs/gemma-chat-zh]
 
 Writes bench/results/chat_zh_sft-<run directory name>.json.
 """
