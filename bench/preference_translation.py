@@ -3,7 +3,7 @@
 same source by sentence chrF, and the test BLEU / chrF after it beside the SFT model's.
 
 1. ``--pairs`` training pairs of the Tatoeba split (from the end of the training split; the test split produces no
-   pair): ``--samples`` sampled translations each (temperature 1.0, top-p 0.95, seed 0) by the SFT run; the one
+   pair): ``--samples`` sampled translations each (temperature 1.0, no top-p, seed 0) by the SFT run; the one
    with the lowest sentence chrF against the reference is the rejected reply (a source whose worst sample is the
    reference itself teaches nothing and is left out).
 2. ``lmforge finetune dpo|orpo --model SFT_RUN`` with LoRA adapters, in a child process (wall time, peak RSS).
@@ -53,7 +53,7 @@ def preference_pairs(run, pairs: list[dict], samples: int, batch: int) -> tuple[
         max_new_tokens=64,
         do_sample=True,
         temperature=1.0,
-        top_p=0.95,
+        top_p=1.0,  # plain sampling: top-p over a 262k vocabulary sorts every flat row, the cost of the decoding itself
         seed=0,
         num_return_sequences=samples,
         stop_token_ids=eot,
