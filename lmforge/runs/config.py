@@ -191,10 +191,18 @@ class ChatTrainConfig(FinetuneConfig):
     max_len: int | None = None
     """Longest conversation in tokens (longer ones are cut); None = the model's max_seq_len."""
     packing: bool = False
-    """Pack short training conversations into rows of max-len tokens (each attends only to itself)."""
+    """Pack short training conversations into rows of --max-len tokens (each attends only to itself)."""
     epochs: float = 10.0
     """Training epochs (sets training.max_steps); 0 = use training.max_steps."""
     training: TrainConfig = field(default_factory=_chat_training)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing and self.max_len is None:
+            raise UserError(
+                "--packing needs --max-len, the length of the rows conversations are packed into (e.g. 512): rows "
+                "of the model's whole window would each carry an attention mask of that length squared"
+            )
 
 
 def _preference_training(lr: float) -> TrainConfig:

@@ -18,6 +18,7 @@ from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.registry import load_model
 from lmforge.tasks.dialogue import DialogueTask, pack
+from tests.commands.test_bad_inputs import _fails
 from tests.models.families import DECODER_FAMILIES
 
 FAMILIES = {
@@ -81,3 +82,10 @@ def test_finetune_chat_with_packing_reports_its_rows(tmp_path: Path, chat_gpt: P
     packing, conversations = results["packing"], results["data"]["examples"]["train"]  # some held out as dev
     assert packing["conversations"] == conversations and packing["rows"] < conversations
     assert packing["row_tokens"] == 64
+
+
+def test_packing_without_a_row_length_is_refused(tmp_path: Path, chat_gpt: Path, capsys) -> None:
+    write_jsonl(tmp_path / "chat.jsonl", load_builtin("chatterbot-zh")["train"][:8])
+    args = ["finetune", "chat", "--model", str(chat_gpt), "--train", str(tmp_path / "chat.jsonl"), "--packing"]
+    _fails(capsys, [*args, "--out", str(tmp_path / "run")], "--packing needs --max-len")
+    assert not (tmp_path / "run").exists()
