@@ -11,6 +11,7 @@ same source by sentence chrF, and the test BLEU / chrF after it beside the SFT m
    and the SFT run's scores read from its results file.
 
     python bench/preference_translation.py --sft runs/gemma-zh-en [--method dpo] [--pairs 256] [--steps 64]
+    python bench/preference_translation.py --sft runs/gemma-zh-en --method orpo --pairs-file runs/gemma-zh-en-dpo-pairs.jsonl
 
 Writes bench/results/preference_translation-<method>-<SFT run directory name>.json.
 """
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=None, help="the run directory (default: SFT_RUN-<method>)")
+    parser.add_argument(
+        "--pairs-file", default=None, help="train on the pairs another method's run wrote (same signal, no sampling)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sft_dir = Path(args.sft)
@@ -128,9 +132,13 @@ def main() -> None:
     splits = tatoeba_cmn_en(args.tatoeba)
     report = {"sft": str(sft_dir), "method": args.method}
     data = run_dir.parent / f"{run_dir.name}-pairs.jsonl"
-    sources = splits["train"][-args.pairs :]
-    rows, report["pairs"] = preference_pairs(load_run(sft_dir), sources, args.samples, args.batch)
-    write_jsonl(data, rows)
+    if args.pairs_file:
+        data = Path(args.pairs_file)
+        report["pairs"] = {"file": str(data), "pairs": sum(1 for line in data.open(encoding="utf-8") if line.strip())}
+    else:
+        sources = splits["train"][-args.pairs :]
+        rows, report["pairs"] = preference_pairs(load_run(sft_dir), sources, args.samples, args.batch)
+        write_jsonl(data, rows)
     print(json.dumps(report["pairs"], indent=1), flush=True)
     report["training"] = train(args, data, run_dir)
     print(json.dumps(report["training"], indent=1), flush=True)

@@ -243,3 +243,21 @@ def tiny_train_config():
     """``tiny_train_config(**changes)``: a TrainConfig for loop tests (one step of 8 items, constant lr 1e-3, no
     evaluation, checkpoint or progress bar, deterministic, a fixed peak of 1 TFLOP/s), with ``changes`` applied."""
     return _tiny_train_config
+
+
+@pytest.fixture(scope="session")
+def chat_gpt(tmp_path_factory: pytest.TempPathFactory, review_bpe: Path) -> Path:
+    """A tiny GPT with a ChatML tokenizer (lmforge's BPE has the turn tokens): preference tuning, packed chat
+    fine-tuning, language-model evaluation."""
+    from lmforge.data.tokenizer import load_tokenizer, save_tokenizer
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.registry import save_model
+
+    directory = tmp_path_factory.mktemp("chat-gpt")
+    tok = load_tokenizer(review_bpe)
+    torch.manual_seed(0)
+    save_model(
+        GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=2, n_heads=2, d_model=32, d_ff=64, max_seq_len=64)), directory
+    )
+    save_tokenizer(tok, directory)
+    return directory

@@ -33,6 +33,7 @@ LAYERS = [
     {"inference"},
     {"tasks"},
     {"explain", "rundir"},
+    {"evals"},
     {"train"},
     {"runs", "nas", "serve"},
     {"commands"},

@@ -1,9 +1,11 @@
-"""``lmforge evaluate``: score a fine-tuned run on labelled data with the task's own ``evaluate``."""
+"""``lmforge evaluate``: score a fine-tuned run on labelled data with the task's own ``evaluate`` (``--data``), or
+a decoder on language-model tasks (``--task`` / ``--suite``: perplexity, multiple choice, generation; ``evals/``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lmforge.commands._console import console, print_table
 from lmforge.errors import UserError
@@ -11,12 +13,42 @@ from lmforge.errors import UserError
 
 @dataclass
 class Config:
-    """Evaluate a fine-tuned run directory on labelled data."""
+    """Evaluate a fine-tuned run on labelled data (--data), or a decoder on language-model tasks (--task, --suite)."""
 
     model: str
-    """Run directory written by `lmforge finetune`."""
-    data: str
-    """Labelled file (CSV / TSV / JSONL, or CoNLL for NER), or builtin:NAME[:SPLIT] (default split: test)."""
+    """Run directory written by `lmforge finetune`, or (for --task) any decoder model directory."""
+    data: str | None = None
+    """classify / NER runs: a labelled file (CSV / TSV / JSONL, or CoNLL for NER), or builtin:NAME[:SPLIT]
+    (default split: test)."""
+    task: tuple[str, ...] = ()
+    """Decoders: built-in tasks (tang-next-line, tatoeba-zh-en-choice, reviews-sentiment-prompt, tatoeba-zh-en,
+    tatoeba-en-zh, peoples-daily-text:test, tang-verse:test, chatterbot-zh:test) or files: JSONL rows of
+    {question, choices, answer} (multiple choice), {prompt, reference} (generation) or {text} (perplexity), or a
+    .txt document (perplexity)."""
+    suite: bool = False
+    """Decoders: every built-in task."""
+    shots: int = 0
+    """Choice tasks: solved examples before each row (from the train / dev split, or a file's other rows)."""
+    shots_file: str | None = None
+    """Choice tasks from a file: draw the k shots from this JSONL of the same shape instead of the file's other rows."""
+    seed: int = 1234
+    """Seed of the k-shot draw."""
+    limit: int | None = None
+    """Score only the first N rows of each task (a quick check; the count is in the results)."""
+    window: int | None = None
+    """Tokens a request may span before it is cut or slid (default: the model's max_seq_len, at most 2048)."""
+    stride: int | None = None
+    """Perplexity of long texts: tokens scored per window after the first (default: the window, disjoint)."""
+    batch_size: int = 16
+    """Requests scored (or prompts decoded) together."""
+    max_new_tokens: int = 64
+    """Generation tasks: most tokens generated per prompt (greedy)."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Render prompts and conversations in the model's chat template: auto = for chat fine-tunes and imported
+    instruct models (as `lmforge chat` decides)."""
+    choice_format: Literal["letters", "text"] = "letters"
+    """Choice files: letters = the choices listed with letters after the question, the letter scored (as the
+    harness's mmlu / ceval); text = each choice's own text scored after the question."""
     output: str | None = None
     """Write the metrics here as JSON (and, for classification, a confusion-matrix PNG beside it)."""
     skip_bad_rows: bool = False
@@ -24,6 +56,7 @@ class Config:
 
 
 def evaluate(cfg: Config) -> dict:
+    """--data: a classify / NER run's metrics on labelled data."""
     import torch
 
     from lmforge.data.builtin import BUILTINS, load_builtin
@@ -58,7 +91,85 @@ def evaluate(cfg: Config) -> dict:
     return metrics
 
 
+def evaluate_lm(cfg: Config) -> list[dict]:
+    """--task / --suite: each task's metrics for a decoder, every task and setting checked before any weight loads."""
+    from lmforge.data.readers import check_output_file
+    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, evaluate_task
+    from lmforge.evals.tasks import BUILTIN_EVALS, load_task, read_task_file
+    from lmforge.files import write_json
+    from lmforge.models.registry import read_config
+    from lmforge.rundir import load_run
+    from lmforge.rundir.layout import model_family, task_name_of
+    from lmforge.tasks import task_entry, with_capability
+
+    names = list(BUILTIN_EVALS) if cfg.suite else list(cfg.task)
+    entry = task_entry(task_name_of(cfg.model), kind="finetune", where=f"{cfg.model}: task")
+    if not entry.language_model:
+        hint = "; score it on labelled data with --data" if entry.files else ""
+        raise UserError(
+            f"--model {cfg.model}: language-model tasks score a decoder (a GPT-family model directory, or a run of "
+            f"{', '.join(with_capability('language_model'))} or a preference tuning that writes one); this is a "
+            f"{model_family(cfg.model)} model in a {entry.name!r} directory{hint}"
+        )
+    if cfg.output:
+        check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
+    settings = EvalSettings(
+        shots=cfg.shots,
+        seed=cfg.seed,
+        limit=cfg.limit,
+        window=cfg.window,
+        stride=cfg.stride,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        chat_template=cfg.chat_template,
+    )
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise UserError(f"--batch-size {cfg.batch_size} / --max-new-tokens {cfg.max_new_tokens}: must be 1 or more")
+    max_seq_len = read_config(cfg.model).max_seq_len
+    tasks = [load_task(n, choice_format=cfg.choice_format, skip_bad_rows=cfg.skip_bad_rows) for n in names]
+    if cfg.shots_file:
+        pool = read_task_file(cfg.shots_file, choice_format=cfg.choice_format)
+        for task in tasks:
+            if task.kind != "choice" or pool.kind != "choice":
+                raise UserError(f"--shots-file {cfg.shots_file}: shots are for choice tasks ({task.name}: {task.kind})")
+            task.shots = pool.items
+    for task in tasks:
+        check(task, settings, max_seq_len=max_seq_len)
+    run = load_run(cfg.model)
+    results = []
+    for task in tasks:
+        console.print(f"[bold]{task.name}[/bold]: {len(task.items[: cfg.limit or None])} rows ({task.source})")
+        results.append(evaluate_task(run, task, settings))
+    if cfg.output:
+        write_json(cfg.output, {"model": cfg.model, "results": results, "definitions": DEFINITIONS})
+    return results
+
+
+def _lm_table(cfg: Config, results: list[dict]) -> None:
+    keys = ("perplexity", "perplexity_per_char", "acc", "acc_norm", "chance", "bleu", "chrf", "exact_match")
+    rows = []
+    for result in results:
+        for key in keys:
+            if key in result:
+                err = result.get(f"{key}_stderr")
+                value = f"{result[key]:.4f}" + (f" ± {err:.4f}" if err is not None and err == err else "")
+                rows.append([result["task"], key, value, str(result["rows"]), f"{result['seconds']:.1f}"])
+    print_table(f"{cfg.model}", ["task", "metric", "score", "rows", "seconds"], rows)
+
+
 def run(cfg: Config) -> None:
+    chosen = [flag for flag, given in (("--data", cfg.data), ("--task", cfg.task), ("--suite", cfg.suite)) if given]
+    if len(chosen) != 1:
+        raise UserError(
+            "give exactly one of --data (a classify / NER run's labelled file), --task (language-model tasks) or "
+            f"--suite (every built-in language-model task); got {' and '.join(chosen) or 'none'}"
+        )
+    if cfg.data is None:
+        results = evaluate_lm(cfg)
+        _lm_table(cfg, results)
+        if cfg.output:
+            console.print(f"[green]wrote[/green] {cfg.output}")
+        return
     metrics = evaluate(cfg)
     scalars = [[k, f"{v:.4f}"] for k, v in metrics.items() if isinstance(v, float)]
     print_table(f"{cfg.model} on {cfg.data}", ["metric", "score"], scalars)

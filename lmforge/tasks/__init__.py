@@ -108,6 +108,9 @@ class TaskEntry:
     """``lmforge nas`` searches encoders for it (the class implements ``Searchable``)."""
     opens_pretrained: Literal["bert", "gpt"] | None = None
     """A pretrained model directory of this family (no task.json) loads as this task (``OpensPretrained``)."""
+    language_model: bool = False
+    """Its runs are decoders with their vocabulary head: ``lmforge evaluate --task`` scores them on perplexity,
+    multiple-choice and generation tasks (``evals/``), and its fine-tuned runs count as chat models there."""
 
     def load(self) -> type:
         return resolve(self.cls)
@@ -216,6 +219,7 @@ TASKS: dict[str, TaskEntry] = {
             "lmforge.explain.targets:explain_continuation", methods=("ig", "grad-x-input", "attention"), baselines=False
         ),
         opens_pretrained="gpt",
+        language_model=True,
     ),
     "dpo": TaskEntry(
         "dpo",

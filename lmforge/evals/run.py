@@ -1,0 +1,274 @@
+"""Scoring a decoder on an ``EvalTask`` (``tasks.py``): the three runners and the checks made before any work.
+
+``check`` refuses, before a weight is read, what cannot be scored: a model that is not a decoder, a k-shot pool
+smaller than k, a window longer than the model's. ``evaluate_task`` then renders each item's context (the chat
+template where the model is a chat model, as ``lmforge chat`` decides: a chat fine-tune or an imported instruct
+model; one line per turn otherwise), says how many requests are longer than the window and how they are cut, and
+returns the task's metrics with their definitions. Log-likelihoods come from ``scoring.py``, greedy decoding from
+``inference/generate.py``, BLEU and chrF from ``metrics.translation_metrics`` (sacreBLEU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.errors import UserError
+from lmforge.evals.tasks import (
+    SHOT_DELIMITER,
+    ChoiceItem,
+    EvalTask,
+    GenerationItem,
+    TextItem,
+    chance,
+    mean_and_stderr,
+)
+
+log = logging.getLogger(__name__)
+
+DEFINITIONS = {
+    "perplexity": "exp(-(sum of the scored tokens' log-probabilities) / scored tokens)",
+    "perplexity_per_char": "exp(-(the same sum) / characters of the scored texts): comparable across tokenizers",
+    "acc": "share of rows whose answer has the highest summed log-likelihood (lm-evaluation-harness acc)",
+    "acc_norm": "the same, each log-likelihood divided by its continuation's length in characters (harness acc_norm)",
+    "stderr": "sample standard deviation / sqrt(n) of the per-row scores",
+    "bleu": "sacreBLEU corpus BLEU (13a tokenization; zh for Chinese references)",
+    "chrf": "sacreBLEU chrF",
+    "exact_match": "share of outputs equal to the reference after stripping surrounding whitespace",
+}
+
+
+@dataclass
+class EvalSettings:
+    """How to score: the k-shot count and its seed, the first N rows, the window and stride, the batch, the
+    generation length, and whether to use the chat template."""
+
+    shots: int = 0
+    seed: int = 1234
+    limit: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    chat_template: Literal["auto", "on", "off"] = "auto"
+
+
+def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
+    """What makes this task unscorable with these settings, refused before any work."""
+    if settings.shots < 0:
+        raise UserError(f"--shots {settings.shots}: must be 0 or more")
+    if settings.shots and task.kind != "choice":
+        raise UserError(f"--shots {settings.shots}: k-shot examples are for choice tasks; {task.name} is {task.kind}")
+    if settings.shots:
+        pool = len(task.shots) if task.shots else len(task.items) - 1
+        if settings.shots > pool:
+            where = "its shot pool" if task.shots else "the file's other rows (pass --shots-file for more)"
+            raise UserError(f"--shots {settings.shots}: {task.name} has only {pool} examples in {where}")
+    if settings.window is not None and not 1 < settings.window <= max_seq_len:
+        raise UserError(f"--window {settings.window}: must be 2..{max_seq_len} (the model's max_seq_len)")
+    window = settings.window or min(max_seq_len, 2048)
+    if settings.stride is not None and not 0 < settings.stride <= window:
+        raise UserError(f"--stride {settings.stride}: must be 1..{window} (the window)")
+    if settings.limit is not None and settings.limit < 1:
+        raise UserError(f"--limit {settings.limit}: must be 1 or more")
+
+
+def is_chat(run, settings: EvalSettings) -> bool:
+    """Whether contexts are rendered in the model's chat template."""
+    from lmforge.rundir.convert import converted_chat_model
+    from lmforge.tasks import task_entry
+
+    if settings.chat_template != "auto":
+        return settings.chat_template == "on"
+    return (run.finetuned and task_entry(run.task_name).language_model) or converted_chat_model(run.directory)
+
+
+def evaluate_task(run, task: EvalTask, settings: EvalSettings) -> dict:
+    """Score ``run`` (a loaded decoder run, ``rundir.load_run``) on ``task``: its metrics, counts and seconds."""
+    import torch
+
+    check(task, settings, max_seq_len=run.model.cfg.max_seq_len)
+    items = task.items[: settings.limit] if settings.limit else task.items
+    chat = is_chat(run, settings)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if task.kind == "perplexity":
+            metrics = _perplexity(run, items, settings, chat)
+        elif task.kind == "choice":
+            metrics = _choice(run, task, items, settings)
+        else:
+            metrics = _generation(run, task, items, settings, chat)
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "source": task.source,
+        "rows": len(items),
+        **({"chance": chance(items)} if task.kind == "choice" else {}),
+        **metrics,
+        "chat_template": chat if task.kind != "choice" else False,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _window(run, settings: EvalSettings) -> tuple[int, int]:
+    window = settings.window or min(run.model.cfg.max_seq_len, 2048)
+    return window, settings.stride or window
+
+
+def _score(run, requests: list, settings: EvalSettings, what: str) -> list:
+    from lmforge.evals.scoring import score
+
+    window, stride = _window(run, settings)
+    long = sum(len(c) + len(x) - 1 > window for c, x in requests)
+    if long:
+        log.warning(
+            "%d of %d %s are longer than the %d-token window: a continuation that fits keeps the last tokens before "
+            "it (its context cut from the left, as lm-evaluation-harness cuts); a longer one is scored in pieces "
+            "of a sliding window (stride %d)",
+            long,
+            len(requests),
+            what,
+            window,
+            stride,
+        )
+    pad = run.task.tokenizer.token_id("pad") or 0
+    return score(run.model, requests, window=window, stride=stride, batch_size=settings.batch_size, pad_id=pad)
+
+
+def _rendered_history(run, history: tuple[dict, ...], chat: bool) -> str:
+    from lmforge.inference.chat import render_chat
+
+    if not history:
+        return ""
+    if chat:
+        return render_chat(run.task.tokenizer, history, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in history)
+
+
+def _perplexity(run, items: list[TextItem], settings: EvalSettings, chat: bool) -> dict:
+    from lmforge.evals.scoring import encode_pair
+
+    tok = run.task.tokenizer
+    requests = [encode_pair(tok, _rendered_history(run, item.history, chat), item.text) for item in items]
+    scored = _score(run, requests, settings, "texts")
+    logprob = sum(s.logprob for s in scored)
+    tokens, chars = sum(s.tokens for s in scored), sum(len(item.text) for item in items)
+    window, stride = _window(run, settings)
+    return {
+        "perplexity": math.exp(-logprob / tokens),
+        "perplexity_per_char": math.exp(-logprob / chars),
+        "tokens": tokens,
+        "characters": chars,
+        "window": window,
+        "stride": stride,
+        "contexts_cut": sum(s.cut > 0 for s in scored),
+    }
+
+
+def shot_examples(task: EvalTask, items: list[ChoiceItem], k: int, seed: int) -> list[str]:
+    """Each row's k-shot prefix: k solved examples from the task's pool (or, without one, the other rows), drawn
+    with ``random.Random(seed + row)``, each its context and right answer, then the delimiter."""
+    if not k:
+        return [""] * len(items)
+    prefixes = []
+    for row in range(len(items)):
+        pool = task.shots or [other for i, other in enumerate(task.items) if i != row]
+        shots = random.Random(seed + row).sample(pool, k)
+        prefixes.append("".join(s.context + s.delimiter + s.choices[s.answer] + SHOT_DELIMITER for s in shots))
+    return prefixes
+
+
+def choice_scores(items: list[ChoiceItem], loglikelihoods: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Per row, 1.0 where the answer has the highest log-likelihood (acc), and the highest log-likelihood per
+    character of its continuation (acc_norm), else 0.0; ties go to the first choice, as numpy's argmax."""
+    acc, acc_norm = [], []
+    for item, lls in zip(items, loglikelihoods, strict=True):
+        normed = [ll / len(choice) for ll, choice in zip(lls, item.choices, strict=True)]
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == item.answer))
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == item.answer))
+    return acc, acc_norm
+
+
+def _choice(run, task: EvalTask, items: list[ChoiceItem], settings: EvalSettings) -> dict:
+    from lmforge.evals.scoring import encode_pair
+
+    tok = run.task.tokenizer
+    prefixes = shot_examples(task, items, settings.shots, settings.seed)
+    requests, owners = [], []
+    for row, (item, prefix) in enumerate(zip(items, prefixes, strict=True)):
+        for choice in item.choices:
+            requests.append(encode_pair(tok, prefix + item.context, item.delimiter + choice))
+            owners.append(row)
+    scored = _score(run, requests, settings, "context + choice requests")
+    per_row: list[list[float]] = [[] for _ in items]
+    for row, result in zip(owners, scored, strict=True):
+        per_row[row].append(result.logprob)
+    acc, acc_norm = choice_scores(items, per_row)
+    (a, a_err), (n, n_err) = mean_and_stderr(acc), mean_and_stderr(acc_norm)
+    return {
+        "acc": a,
+        "acc_stderr": a_err,
+        "acc_norm": n,
+        "acc_norm_stderr": n_err,
+        "shots": settings.shots,
+        "seed": settings.seed,
+        "contexts_cut": sum(s.cut > 0 for s in scored),
+    }
+
+
+def _generation(run, task: EvalTask, items: list[GenerationItem], settings: EvalSettings, chat: bool) -> dict:
+    from lmforge.evals.scoring import prefix_ids
+    from lmforge.inference.chat import chat_prompt_ids
+    from lmforge.inference.config import GenerationConfig
+    from lmforge.inference.generate import Generator
+    from lmforge.metrics import translation_metrics
+
+    tok = run.task.tokenizer
+    window = _window(run, settings)[0]
+    limit = window - settings.max_new_tokens
+    if limit < 1:
+        raise UserError(f"--max-new-tokens {settings.max_new_tokens}: leaves no room for a prompt in {window} tokens")
+    if chat:
+        ids = [chat_prompt_ids(tok, [{"role": "user", "content": it.prompt}], limit=limit) for it in items]
+        stops = [i for i in (tok.token_id("eot"), tok.token_id("im_end")) if i is not None]
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, stop_token_ids=stops)
+    else:
+        ids = [prefix_ids(tok) + tok.encode(it.prompt + "\n", special_tokens=False) for it in items]
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, stop_strings=["\n"])
+    too_long = [i for i, x in enumerate(ids) if x is None or len(x) > limit]
+    if too_long:
+        log.warning(
+            "%d of %d prompts are longer than %d tokens (the window less --max-new-tokens): cut from the left",
+            len(too_long),
+            len(ids),
+            limit,
+        )
+        for i in too_long:
+            full = ids[i] or tok.encode(items[i].prompt, special_tokens=False)
+            ids[i] = full[-limit:]
+    generator = Generator(run.model, tok)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outputs = [""] * len(ids)
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        for i, reply in zip(chunk, generator.generate([ids[i] for i in chunk], config), strict=True):
+            outputs[i] = reply.text.strip()
+    references = [it.reference.strip() for it in items]
+    metrics = translation_metrics(outputs, references, target_lang=task.target_lang)
+    exact, exact_err = mean_and_stderr([float(o == r) for o, r in zip(outputs, references, strict=True)])
+    triples = zip(items[:5], references, outputs, strict=False)
+    samples = [{"prompt": it.prompt, "reference": r, "output": o} for it, r, o in triples]
+    return {
+        "bleu": metrics["bleu"],
+        "chrf": metrics["chrf"],
+        "exact_match": exact,
+        "exact_match_stderr": exact_err,
+        "bleu_signature": metrics["bleu_signature"],
+        "chrf_signature": metrics["chrf_signature"],
+        "prompts_cut": len(too_long),
+        "samples": samples,
+    }
