@@ -11,7 +11,8 @@ same source by sentence chrF, and the test BLEU / chrF after it beside the SFT m
    and the SFT run's scores read from its results file.
 
     python bench/preference_translation.py --sft runs/gemma-zh-en [--method dpo] [--pairs 256] [--steps 64]
-    python bench/preference_translation.py --sft runs/gemma-zh-en --method orpo --pairs-file runs/gemma-zh-en-dpo-pairs.jsonl
+    python bench/preference_translation.py --sft runs/gemma-zh-en --method orpo \
+        --pairs-file runs/gemma-zh-en-dpo-pairs.jsonl   # the DPO run's pairs: the same signal, no sampling
 
 Writes bench/results/preference_translation-<method>-<SFT run directory name>.json.
 """

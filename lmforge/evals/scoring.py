@@ -129,3 +129,26 @@ def score(
                 greedy[index] = greedy[index] and bool((logits.argmax(-1) == target).all())
             count[index] += targets
     return [Scored(lp, n, g, c) for lp, n, g, c in zip(logprob, count, greedy, cut, strict=True)]
+
+
+@torch.inference_mode()
+def token_logprobs(
+    model: torch.nn.Module, ids: Sequence[int], *, start: int, top: int = 0
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The log-probability of each ``ids[i]`` for ``i >= start`` (at least 1) given ``ids[:i]``, and at each of those
+    positions the ``top`` most probable tokens with theirs (an OpenAI completion's ``token_logprobs`` and
+    ``top_logprobs``); one forward pass, the vocabulary met ``LOGIT_ROWS`` positions at a time."""
+    if not 1 <= start <= len(ids):
+        raise ValueError(f"start {start} must be in 1..{len(ids)}")
+    hidden = model.hidden_states(torch.tensor([list(ids[:-1])]))[0]
+    targets = torch.tensor(list(ids[start:]))
+    chosen: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
+    for chunk in range(start - 1, len(ids) - 1, LOGIT_ROWS):
+        rows = slice(chunk, min(chunk + LOGIT_ROWS, len(ids) - 1))
+        logprobs = model.logits(hidden[rows]).float().log_softmax(-1)
+        picked = targets[rows.start - start + 1 : rows.stop - start + 1]
+        chosen.extend(logprobs.gather(-1, picked[:, None])[:, 0].tolist())
+        values, indices = logprobs.topk(top, dim=-1)  # top 0: an empty list per position
+        tops.extend(list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True))
+    return chosen, tops

@@ -2,10 +2,11 @@
 
 Endpoints: ``POST /v1/classify``, ``/v1/ner``, ``/v1/translate`` (``{"model", "input": [...]}`` ->
 ``{"model", "data": [...]}``), ``/v1/explain`` (``{"model", "input", "method", "label", "steps"}``: token
-attributions, ``explain/``), ``/v1/embeddings`` and ``/v1/chat/completions`` in OpenAI's request and
-response shapes (``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
-``/healthz``, ``/metrics`` (Prometheus text) and the page at ``/``. The OpenAPI schema is at
-``/openapi.json``.
+attributions, ``explain/``), ``/v1/embeddings``, ``/v1/chat/completions`` and ``/v1/completions`` (decoders;
+with ``echo`` and ``logprobs`` the prompt's token log-probabilities, what lm-evaluation-harness's
+``local-completions`` scores with) in OpenAI's request and response shapes (chat's ``stream: true`` as server-sent
+events ending in ``data: [DONE]``), ``GET /v1/models``, ``/healthz``, ``/metrics`` (Prometheus text) and the
+page at ``/``. The OpenAPI schema is at ``/openapi.json``.
 
 Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the field at
 fault in ``param``: 413 for a body, text or input list over its limit, 422 for invalid values (e.g.
@@ -48,9 +49,10 @@ from lmforge.inference.config import GenerationConfig
 from lmforge.serve.batching import MicroBatcher, QueueFull
 from lmforge.serve.errors import BODY_CUT, APIError, BodyLimit, error_response
 from lmforge.serve.limits import Limits
-from lmforge.serve.models import CHAT, CLASSIFY, EMBEDDINGS, NER, TRANSLATE, Served
+from lmforge.serve.models import CHAT, CLASSIFY, COMPLETIONS, EMBEDDINGS, NER, TRANSLATE, Served
 from lmforge.serve.schema import (
     ChatRequest,
+    CompletionRequest,
     EmbeddingRequest,
     ExplainRequest,
     InputRequest,
@@ -172,6 +174,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     _add_encoder_routes(app, gateway)
     _add_explain_route(app, gateway)
     _add_chat_route(app, gateway)
+    _add_completions_route(app, gateway)
     page = resources.files("lmforge.serve") / "static"
     app.mount("/", StaticFiles(directory=str(page), html=True), name="page")
     app.add_middleware(
@@ -353,6 +356,66 @@ def _add_chat_route(app: FastAPI, gateway: _Gateway) -> None:
         return _completion(reply_id, created, m.name, prompt, reply)
 
 
+def _add_completions_route(app: FastAPI, gateway: _Gateway) -> None:
+    limits = gateway.limits
+
+    @app.post(COMPLETIONS)
+    async def completions(req: CompletionRequest) -> dict:
+        m = gateway.served(req.model)
+        if not m.entry.language_model:
+            what = f"model {req.model!r} serves {m.route} ({m.run.task_name}), not {COMPLETIONS}"
+            raise APIError(400, what, param="model")
+        prompts = _prompt_ids(req, m, limits)
+        if req.max_tokens == 0 and not req.echo:
+            message = "max_tokens=0 generates nothing: pass echo=true to score the prompt"
+            raise APIError(422, message, param="max_tokens")
+        _max_tokens(req.max_tokens, limits, default=0)  # 422 above the server's limit
+        window = m.model.cfg.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + req.max_tokens > window:
+                what = f"prompt[{i}] has {len(prompt)} tokens; with max_tokens={req.max_tokens} it passes the window"
+                raise APIError(413, f"{what} of {window} tokens", param="prompt")
+        cfg = _sampling(req, req.max_tokens)
+        choices, n_new = await gateway.call_alone(
+            m.name, lambda: m.completions(prompts, cfg, echo=req.echo, top=req.logprobs)
+        )
+        n_prompt = sum(len(p) for p in prompts)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": m.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new},
+        }
+
+
+def _prompt_ids(req: CompletionRequest, m: Served, limits: Limits) -> list[list[int]]:
+    """The prompts as token-id lists: texts encoded (with the tokenizer's special tokens, as a text prompt is read
+    elsewhere), ids checked against the vocabulary; at most ``limits.max_inputs`` prompts."""
+    raw = req.prompt
+    prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    if not prompts:
+        raise APIError(422, "prompt is empty: give a text or token ids", param="prompt")
+    if len(prompts) > limits.max_inputs:
+        raise APIError(413, f"prompt has {len(prompts)} items; the limit is {limits.max_inputs}", param="prompt")
+    tok, vocab = m.task.tokenizer, m.model.cfg.vocab_size
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if len(prompt) > limits.max_text_chars:
+                what = f"prompt[{i}] has {len(prompt)} characters; the limit is {limits.max_text_chars}"
+                raise APIError(413, what, param="prompt")
+            prompt = tok.encode(prompt, special_tokens=True)
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(422, f"prompt[{i}] has token id {bad}; ids are 0..{vocab - 1}", param="prompt")
+        if not prompt:
+            raise APIError(422, f"prompt[{i}] is empty", param="prompt")
+        out.append(list(prompt))
+    return out
+
+
 def _check_message_sizes(req: ChatRequest, limits: Limits) -> None:
     for i, message in enumerate(req.messages):
         if len(message.content) > limits.max_text_chars:
@@ -418,7 +481,7 @@ def _max_tokens(asked: int | None, limits: Limits, *, default: int) -> int:
     return asked or min(default, limits.max_tokens)
 
 
-def _sampling(req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
+def _sampling(req: ChatRequest | CompletionRequest, max_new_tokens: int) -> GenerationConfig:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.temperature == 0:  # OpenAI's convention: temperature 0 is greedy
         return GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=stops)

@@ -27,7 +27,7 @@ from lmforge.tasks import TASKS, TaskEntry, with_capability
 
 CPU = torch.device("cpu")
 CLASSIFY, NER, TRANSLATE = "/v1/classify", "/v1/ner", "/v1/translate"
-EMBEDDINGS, CHAT = "/v1/embeddings", "/v1/chat/completions"
+EMBEDDINGS, CHAT, COMPLETIONS = "/v1/embeddings", "/v1/chat/completions", "/v1/completions"
 
 
 @dataclass
@@ -87,6 +87,37 @@ class Served:
     def complete(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[Generation]:
         """Replies to several prompts decoded together (left-padded batch)."""
         return self.generator.generate(prompts, self.chat_config(cfg))
+
+    def completions(
+        self, prompts: list[list[int]], cfg: GenerationConfig, *, echo: bool, top: int | None
+    ) -> tuple[list[dict], int]:
+        """OpenAI completion choices for token-id prompts, and the tokens generated: the continuation (``cfg``; none
+        for 0 tokens), and with ``top`` set the log-probability of each returned token (the prompt's too when
+        ``echo``; its first token has none) with the ``top`` most probable tokens at each position
+        (``evals/scoring.token_logprobs``, on the fp32 model whatever the decoding precision)."""
+        from lmforge.evals.scoring import token_logprobs
+
+        tok = self.task.tokenizer
+        replies = self.generator.generate(prompts, cfg) if cfg.max_new_tokens else [None] * len(prompts)
+        choices, generated = [], 0
+        for index, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
+            new = list(reply.token_ids) if reply is not None else []
+            generated += len(new)
+            text = tok.decode(new) if new else ""
+            choice = {"index": index, "text": (tok.decode(prompt) if echo else "") + text, "logprobs": None}
+            choice["finish_reason"] = "length" if reply is None or reply.finish_reason == "length" else "stop"
+            if top is not None:
+                ids, start = prompt + new, 1 if echo else len(prompt)
+                scored, tops = token_logprobs(self.model, ids, start=start, top=top) if start < len(ids) else ([], [])
+                shown = ids if echo else new
+                choice["logprobs"] = {
+                    "tokens": [tok.tokenizer.id_to_token(i) for i in shown],
+                    "token_logprobs": ([None] if echo else []) + scored,
+                    "top_logprobs": ([None] if echo else [])
+                    + [{tok.tokenizer.id_to_token(i): lp for i, lp in row} for row in tops],
+                }
+            choices.append(choice)
+        return choices, generated
 
     def stream(self, prompt: list[int], cfg: GenerationConfig):
         return self.generator.stream(prompt, self.chat_config(cfg))

@@ -67,6 +67,25 @@ class ChatRequest(_Lenient):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
 
+class CompletionRequest(_Lenient):
+    """OpenAI's legacy completions: a prompt (text or token ids, one or several) continued, with the token
+    log-probabilities of the prompt itself when ``echo`` (what lm-evaluation-harness's ``local-completions`` asks
+    for to score log-likelihood tasks)."""
+
+    model: Text
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="a text, texts, a list of token ids, or lists of token ids"
+    )
+    max_tokens: int = Field(16, ge=0, description="tokens generated (0 with echo: only the prompt is scored)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5, description="the most probable tokens listed at each position")
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+
+
 class ExplainRequest(_Lenient):
     model: Text
     input: Text | list[Text] = Field(description="a text, or [text, text_pair] (embedding models: two texts)")
