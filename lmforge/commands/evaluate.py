@@ -28,7 +28,8 @@ class Config:
     suite: bool = False
     """Decoders: every built-in task."""
     shots: int = 0
-    """Choice tasks: solved examples before each row (from the train / dev split, or a file's other rows)."""
+    """Choice tasks (the others in the list take none): solved examples before each row (from the train / dev
+    split, or a file's other rows)."""
     shots_file: str | None = None
     """Choice tasks from a file: draw the k shots from this JSONL of the same shape instead of the file's other rows."""
     seed: int = 1234
@@ -94,7 +95,7 @@ def evaluate(cfg: Config) -> dict:
 def evaluate_lm(cfg: Config) -> list[dict]:
     """--task / --suite: each task's metrics for a decoder, every task and setting checked before any weight loads."""
     from lmforge.data.readers import check_output_file
-    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, evaluate_task
+    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, check_shots, evaluate_task
     from lmforge.evals.tasks import BUILTIN_EVALS, load_task, read_task_file
     from lmforge.files import write_json
     from lmforge.models.registry import read_config
@@ -133,6 +134,7 @@ def evaluate_lm(cfg: Config) -> list[dict]:
             if task.kind != "choice" or pool.kind != "choice":
                 raise UserError(f"--shots-file {cfg.shots_file}: shots are for choice tasks ({task.name}: {task.kind})")
             task.shots = pool.items
+    check_shots(tasks, cfg.shots)
     for task in tasks:
         check(task, settings, max_seq_len=max_seq_len)
     run = load_run(cfg.model)

@@ -58,12 +58,11 @@ class EvalSettings:
 
 
 def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
-    """What makes this task unscorable with these settings, refused before any work."""
+    """What makes this task unscorable with these settings, refused before any work (k shots are drawn for choice
+    tasks only; ``check_shots`` refuses them for a list without one)."""
     if settings.shots < 0:
         raise UserError(f"--shots {settings.shots}: must be 0 or more")
-    if settings.shots and task.kind != "choice":
-        raise UserError(f"--shots {settings.shots}: k-shot examples are for choice tasks; {task.name} is {task.kind}")
-    if settings.shots:
+    if settings.shots and task.kind == "choice":
         pool = len(task.shots) if task.shots else len(task.items) - 1
         if settings.shots > pool:
             where = "its shot pool" if task.shots else "the file's other rows (pass --shots-file for more)"
@@ -75,6 +74,13 @@ def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
         raise UserError(f"--stride {settings.stride}: must be 1..{window} (the window)")
     if settings.limit is not None and settings.limit < 1:
         raise UserError(f"--limit {settings.limit}: must be 1 or more")
+
+
+def check_shots(tasks: list[EvalTask], shots: int) -> None:
+    """k-shot examples asked for tasks none of which is a choice task: refused, not ignored."""
+    if shots and not any(task.kind == "choice" for task in tasks):
+        kinds = ", ".join(f"{task.name} ({task.kind})" for task in tasks)
+        raise UserError(f"--shots {shots}: k-shot examples are for choice tasks; none of {kinds} is one")
 
 
 def is_chat(run, settings: EvalSettings) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.evals.run import choice_scores, shot_examples
-from lmforge.evals.tasks import ChoiceItem, EvalTask, load_task, mean_and_stderr, read_task_file
+from lmforge.evals.tasks import ChoiceItem, load_task, mean_and_stderr, read_task_file
 
 ROWS = [
     {"question": "中国的首都是哪里？", "choices": ["北京", "上海", "广州", "深圳"], "answer": 0},
@@ -215,10 +215,7 @@ def test_a_window_beyond_the_model_is_refused(chat_gpt: Path, tmp_path: Path, ca
     _fails(capsys, args, "--window 65: must be 2..64")
 
 
-def test_shots_on_a_perplexity_task_are_refused() -> None:
-    from lmforge.errors import UserError
-    from lmforge.evals.run import EvalSettings, check
-    from lmforge.evals.tasks import TextItem
-
-    with pytest.raises(UserError, match="k-shot examples are for choice tasks"):
-        check(EvalTask("doc", "perplexity", [TextItem("x")], "x"), EvalSettings(shots=1), max_seq_len=64)
+def test_shots_without_a_choice_task_are_refused(chat_gpt: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "doc.txt").write_text("文本", encoding="utf-8")
+    args = ["evaluate", "--model", str(chat_gpt), "--task", str(tmp_path / "doc.txt"), "--shots", "1"]
+    _fails(capsys, args, "--shots 1: k-shot examples are for choice tasks; none of doc.txt (perplexity) is one")
