@@ -80,15 +80,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"models": {}}
-    report.update(
-        machine={"cpu": platform.processor() or platform.machine(), "threads": args.threads},
-        limit=args.limit,
-        shots=args.shots,
-    )
+    report.update(machine={"cpu": platform.processor() or platform.machine(), "threads": args.threads})
     for spec in args.model:
         name, _, directory = spec.partition("=")
         results, cost = evaluate(directory, ["--suite", "--limit", str(args.limit)], args.threads)
-        model = {"directory": directory, "runs": [cost], "results": {r["task"]: r for r in results}}
+        model = {"directory": directory, "limit": args.limit, "runs": [cost]}
+        model["results"] = {r["task"]: r for r in results}
         if args.shots:
             choice = [r["task"] for r in results if r["kind"] == "choice"]
             extra = ["--task", *choice, "--shots", str(args.shots), "--limit", str(args.limit)]

@@ -348,7 +348,10 @@ BUILTIN_EVALS: dict[str, BuiltinEval] = {
 def load_task(name: str, *, choice_format: str = "letters", skip_bad_rows: bool = False) -> EvalTask:
     """A built-in task by name, or a user's file."""
     if name in BUILTIN_EVALS:
-        return BUILTIN_EVALS[name].build()
+        try:
+            return BUILTIN_EVALS[name].build()
+        except UserError as e:  # its data is missing: say which task needs it
+            raise UserError(f"task {name}: {e}") from None
     if Path(name).exists():
         return read_task_file(name, choice_format=choice_format, skip_bad_rows=skip_bad_rows)
     raise UserError(f"--task {name}: neither a file nor a built-in task ({', '.join(BUILTIN_EVALS)})")

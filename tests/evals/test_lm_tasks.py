@@ -149,14 +149,17 @@ def test_a_choice_file_is_scored_end_to_end(chat_gpt: Path, tmp_path: Path) -> N
     assert result["chance"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2) / 3)
 
 
-def test_a_generation_file_is_decoded_and_scored(chat_gpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("template", ["on", "off"])
+def test_a_generation_file_is_decoded_and_scored(chat_gpt: Path, tmp_path: Path, template: str) -> None:
     rows = _jsonl(tmp_path / "gen.jsonl", [{"prompt": "把下面的中文翻译成英文：\n你好", "reference": "Hello."}] * 3)
     out = tmp_path / "gen.json"
-    args = ["evaluate", "--model", str(chat_gpt), "--task", str(rows), "--max-new-tokens", "4", "--output", str(out)]
-    assert main([*args, "--chat-template", "on"]) == 0
+    args = ["evaluate", "--model", str(chat_gpt), "--task", str(rows), "--max-new-tokens", "12", "--output", str(out)]
+    assert main([*args, "--chat-template", template]) == 0
     (result,) = json.loads(out.read_text())["results"]
-    assert result["chat_template"] is True and result["rows"] == 3 and result["exact_match"] == 0.0
+    assert result["chat_template"] is (template == "on") and result["rows"] == 3 and result["exact_match"] == 0.0
     assert len(result["samples"]) == 3 and 0.0 <= result["chrf"] <= 100.0
+    if template == "off":  # plain continuation stops at the end of the line
+        assert all("\n" not in s["output"] for s in result["samples"])
 
 
 @pytest.mark.parametrize(
@@ -219,3 +222,19 @@ def test_shots_without_a_choice_task_are_refused(chat_gpt: Path, tmp_path: Path,
     (tmp_path / "doc.txt").write_text("文本", encoding="utf-8")
     args = ["evaluate", "--model", str(chat_gpt), "--task", str(tmp_path / "doc.txt"), "--shots", "1"]
     _fails(capsys, args, "--shots 1: k-shot examples are for choice tasks; none of doc.txt (perplexity) is one")
+
+
+def test_a_built_in_task_without_its_data_says_which_and_how(
+    chat_gpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from lmforge.data import builtin
+
+    monkeypatch.setenv("LMFORGE_DATA", str(tmp_path))
+    builtin.tang_poems.cache_clear()
+    builtin.tang_verse.cache_clear()
+    try:
+        args = ["evaluate", "--model", str(chat_gpt), "--task", "tang-next-line"]
+        _fails(capsys, args, "task tang-next-line: tang-poems is not fetched yet", "lmforge data fetch tang-poems")
+    finally:
+        builtin.tang_poems.cache_clear()
+        builtin.tang_verse.cache_clear()
