@@ -1,12 +1,13 @@
 """One table: every model on every built-in language-model task of ``lmforge evaluate`` (issue 34), with wall times.
 
 Each ``--model NAME=DIR`` is scored by ``lmforge evaluate --model DIR --suite --limit N`` in a child process (its
-wall time and peak resident memory recorded), then, for ``--shots K`` > 0, once more on the choice tasks with k
-shots. The first ``--limit`` rows of each task's test split are scored (the same rows for every model); the
-standard errors in the JSON say how far apart two models must be to differ. Chance levels come from the rows.
+wall time and peak resident memory recorded), then, for ``--shots K`` > 0, once more on the choice tasks of
+``--shot-tasks`` with k shots. The first ``--limit`` rows of each task's test split are scored (the same rows for
+every model); the standard errors in the JSON say how far apart two models must be to differ. Chance levels come
+from the rows.
 
     python bench/lm_eval_table.py --model smollm2=runs/smollm2 --model gemma=runs/gemma \\
-        --model gemma-zh-en=runs/gemma-zh-en [--limit 200] [--shots 5]
+        --model gemma-zh-en=runs/gemma-zh-en [--limit 100] [--shots 5] [--shot-tasks tang-next-line ...]
 
 Writes bench/results/lm_eval_table.json and prints the table as Markdown (main metric per task: perplexity per
 character, acc, BLEU).
@@ -73,8 +74,15 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR (repeat)")
-    parser.add_argument("--limit", type=int, default=200, help="rows per task (the first N of its test split)")
+    parser.add_argument("--limit", type=int, default=100, help="rows per task (the first N of its test split)")
     parser.add_argument("--shots", type=int, default=5, help="a second pass of the choice tasks with k shots (0: none)")
+    parser.add_argument(
+        "--shot-tasks",
+        nargs="*",
+        default=["tang-next-line", "tatoeba-zh-en-choice"],
+        help="the choice tasks of the k-shot pass (reviews-sentiment-prompt's 5-shot contexts are ~1,000 tokens: "
+        "about 6x its 0-shot cost)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "lm_eval_table.json"))
     args = parser.parse_args()
@@ -87,7 +95,7 @@ def main() -> None:
         model = {"directory": directory, "limit": args.limit, "runs": [cost]}
         model["results"] = {r["task"]: r for r in results}
         if args.shots:
-            choice = [r["task"] for r in results if r["kind"] == "choice"]
+            choice = [r["task"] for r in results if r["kind"] == "choice" and r["task"] in args.shot_tasks]
             extra = ["--task", *choice, "--shots", str(args.shots), "--limit", str(args.limit)]
             shot_results, shot_cost = evaluate(directory, extra, args.threads)
             model["runs"].append(shot_cost)
