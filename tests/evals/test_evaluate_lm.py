@@ -16,26 +16,13 @@ import torch
 from lmforge.cli import main
 from lmforge.evals.run import choice_scores, shot_examples
 from lmforge.evals.tasks import ChoiceItem, load_task, mean_and_stderr, read_task_file
+from tests.commands.test_bad_inputs import _fails
 
 ROWS = [
     {"question": "中国的首都是哪里？", "choices": ["北京", "上海", "广州", "深圳"], "answer": 0},
     {"question": "一年有几个月？", "choices": ["十个", "十二个", "十五个"], "answer": "B"},
     {"question": "What colour is a clear sky?", "choices": ["green", "blue"], "answer": 1},
 ]
-
-
-def _fails(capsys, args: list[str], *expected: str) -> str:
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    text = " ".join((out.out + out.err).split())
-    assert code == 2, text
-    assert "Traceback" not in text
-    for piece in expected:
-        assert piece in text, text
-    return text
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
