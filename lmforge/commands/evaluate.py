@@ -3,6 +3,7 @@ a decoder on language-model tasks (``--task`` / ``--suite``: perplexity, multipl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,9 @@ from lmforge.errors import UserError
 
 @dataclass
 class Config:
-    """Evaluate a fine-tuned run on labelled data (--data), or a decoder on language-model tasks (--task, --suite)."""
+    """Evaluate a fine-tuned run on labelled data (--data), or a decoder on language-model tasks (--task, --suite).
+
+    The fields from ``shots`` to ``chat_template`` are ``evals.run.EvalSettings``' own, passed on by name."""
 
     model: str
     """Run directory written by `lmforge finetune`, or (for --task) any decoder model directory."""
@@ -114,25 +117,17 @@ def evaluate_lm(cfg: Config) -> list[dict]:
         )
     if cfg.output:
         check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
-    settings = EvalSettings(
-        shots=cfg.shots,
-        seed=cfg.seed,
-        limit=cfg.limit,
-        window=cfg.window,
-        stride=cfg.stride,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        chat_template=cfg.chat_template,
-    )
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise UserError(f"--batch-size {cfg.batch_size} / --max-new-tokens {cfg.max_new_tokens}: must be 1 or more")
+    settings = EvalSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalSettings)})
     max_seq_len = read_config(cfg.model).max_seq_len
     tasks = [load_task(n, choice_format=cfg.choice_format, skip_bad_rows=cfg.skip_bad_rows) for n in names]
     if cfg.shots_file:
+        if not cfg.shots:
+            raise UserError(f"--shots-file {cfg.shots_file}: give --shots K, the number of shots to draw from it")
         pool = read_task_file(cfg.shots_file, choice_format=cfg.choice_format)
+        for task in [pool, *tasks]:
+            if task.kind != "choice":
+                raise UserError(f"--shots-file {cfg.shots_file}: shots are for choice tasks; {task.name}: {task.kind}")
         for task in tasks:
-            if task.kind != "choice" or pool.kind != "choice":
-                raise UserError(f"--shots-file {cfg.shots_file}: shots are for choice tasks ({task.name}: {task.kind})")
             task.shots = pool.items
     check_shots(tasks, cfg.shots)
     for task in tasks:

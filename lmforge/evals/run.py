@@ -74,6 +74,9 @@ def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
         raise UserError(f"--stride {settings.stride}: must be 1..{window} (the window)")
     if settings.limit is not None and settings.limit < 1:
         raise UserError(f"--limit {settings.limit}: must be 1 or more")
+    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+        sizes = f"--batch-size {settings.batch_size} / --max-new-tokens {settings.max_new_tokens}"
+        raise UserError(f"{sizes}: must be 1 or more")
 
 
 def check_shots(tasks: list[EvalTask], shots: int) -> None:

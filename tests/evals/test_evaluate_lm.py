@@ -225,3 +225,9 @@ def test_a_built_in_task_without_its_data_says_which_and_how(
     finally:
         builtin.tang_poems.cache_clear()
         builtin.tang_verse.cache_clear()
+
+
+def test_a_shots_file_without_shots_is_refused(chat_gpt: Path, tmp_path: Path, capsys) -> None:
+    path = _jsonl(tmp_path / "mc.jsonl", ROWS)
+    args = ["evaluate", "--model", str(chat_gpt), "--task", str(path), "--shots-file", str(path)]
+    _fails(capsys, args, "give --shots K, the number of shots to draw from it")
