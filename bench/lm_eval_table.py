@@ -1,13 +1,14 @@
 """One table: every model on every built-in language-model task of ``lmforge evaluate`` (issue 34), with wall times.
 
 Each ``--model NAME=DIR`` is scored by ``lmforge evaluate --model DIR --suite --limit N`` in a child process (its
-wall time and peak resident memory recorded), then, for ``--shots K`` > 0, once more on the choice tasks of
-``--shot-tasks`` with k shots. The first ``--limit`` rows of each task's test split are scored (the same rows for
-every model); the standard errors in the JSON say how far apart two models must be to differ. Chance levels come
-from the rows.
+wall time and peak resident memory recorded), then, for ``--shots K`` > 0, once more on the choice and generation
+tasks of ``--shot-tasks`` with k shots (``--shots-only``: that pass alone, added to the model's earlier results).
+The first ``--limit`` rows of each task's test split are scored (the same rows for every model); the standard errors
+in the JSON say how far apart two models must be to differ. Chance levels come from the rows.
 
     python bench/lm_eval_table.py --model smollm2=runs/smollm2 --model gemma=runs/gemma \\
-        --model gemma-zh-en=runs/gemma-zh-en [--limit 100] [--shots 5] [--shot-tasks tang-next-line ...]
+        --model gemma-zh-en=runs/gemma-zh-en [--limit 100] [--shots 5] [--shot-tasks tang-next-line ...] \\
+        [--shots-only]
 
 Writes bench/results/lm_eval_table.json and prints the table as Markdown (main metric per task: perplexity per
 character, acc, BLEU).
@@ -75,13 +76,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR (repeat)")
     parser.add_argument("--limit", type=int, default=100, help="rows per task (the first N of its test split)")
-    parser.add_argument("--shots", type=int, default=5, help="a second pass of the choice tasks with k shots (0: none)")
+    parser.add_argument("--shots", type=int, default=5, help="a second pass of the tasks with k shots (0: none)")
     parser.add_argument(
         "--shot-tasks",
         nargs="*",
-        default=["tang-next-line", "tatoeba-zh-en-choice"],
-        help="the choice tasks of the k-shot pass (reviews-sentiment-prompt's 5-shot contexts are ~1,000 tokens: "
-        "about 6x its 0-shot cost)",
+        default=["tang-next-line", "tatoeba-zh-en-choice", "tatoeba-zh-en", "tatoeba-en-zh"],
+        help="the choice and generation tasks of the k-shot pass (reviews-sentiment-prompt's 5-shot contexts are "
+        "~1,000 tokens: about 6x its 0-shot cost)",
+    )
+    parser.add_argument(
+        "--shots-only", action="store_true", help="run the k-shot pass alone, beside the model's earlier results"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "lm_eval_table.json"))
@@ -91,22 +95,32 @@ def main() -> None:
     report.update(machine={"cpu": platform.processor() or platform.machine(), "threads": args.threads})
     for spec in args.model:
         name, _, directory = spec.partition("=")
-        results, cost = evaluate(directory, ["--suite", "--limit", str(args.limit)], args.threads)
-        model = {"directory": directory, "limit": args.limit, "runs": [cost]}
-        model["results"] = {r["task"]: r for r in results}
-        if args.shots:
-            choice = [r["task"] for r in results if r["kind"] == "choice" and r["task"] in args.shot_tasks]
-            extra = ["--task", *choice, "--shots", str(args.shots), "--limit", str(args.limit)]
-            shot_results, shot_cost = evaluate(directory, extra, args.threads)
-            model["runs"].append(shot_cost)
+        earlier = report["models"].get(name)
+        if args.shots_only:
+            if not args.shots or earlier is None or earlier["limit"] != args.limit:
+                parser.error(f"--shots-only: {name} needs --shots K and an earlier run at --limit {args.limit}")
+            model = earlier
+        else:
+            results, cost = evaluate(directory, ["--suite", "--limit", str(args.limit)], args.threads)
+            model = {"directory": directory, "limit": args.limit, "runs": [cost]}
+            model["results"] = {r["task"]: r for r in results}
+        kinds = {task: r["kind"] for task, r in model["results"].items()}
+        shot_tasks = [t for t in args.shot_tasks if kinds.get(t) in ("choice", "generation")]
+        if args.shots and shot_tasks:
+            extra = ["--task", *shot_tasks, "--shots", str(args.shots), "--limit", str(args.limit)]
+            shot_results, cost = evaluate(directory, extra, args.threads)
+            model["runs"].append(cost)
             model["results"].update({f"{r['task']} {args.shots}-shot": r for r in shot_results})
         report["models"][name] = model
         print(json.dumps({name: cost}, indent=1), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    first = next(iter(report["models"].values()))["results"]
-    report["tasks"] = {task: MAIN_METRIC[r["kind"]] for task, r in first.items()}
-    report["chance"] = {task: r["chance"] for task, r in first.items() if "chance" in r}
+    report["tasks"], report["chance"] = {}, {}
+    for model in report["models"].values():  # every task any model was scored on, in first-seen order
+        for task, r in model["results"].items():
+            report["tasks"].setdefault(task, MAIN_METRIC[r["kind"]])
+            if "chance" in r:
+                report["chance"].setdefault(task, r["chance"])
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(markdown(report))
     print(f"wrote {out}")

@@ -31,10 +31,10 @@ class Config:
     suite: bool = False
     """Decoders: every built-in task."""
     shots: int = 0
-    """Choice tasks (the others in the list take none): solved examples before each row (from the train / dev
-    split, or a file's other rows)."""
+    """Choice and generation tasks (perplexity takes none): solved examples before each row (from the train / dev
+    split, or a file's other rows); in a chat model's template, earlier turns of the conversation."""
     shots_file: str | None = None
-    """Choice tasks from a file: draw the k shots from this JSONL of the same shape instead of the file's other rows."""
+    """Tasks from a file: draw the k shots from this JSONL of the same shape instead of the file's other rows."""
     seed: int = 1234
     """Seed of the k-shot draw."""
     limit: int | None = None
@@ -125,8 +125,11 @@ def evaluate_lm(cfg: Config) -> list[dict]:
             raise UserError(f"--shots-file {cfg.shots_file}: give --shots K, the number of shots to draw from it")
         pool = read_task_file(cfg.shots_file, choice_format=cfg.choice_format)
         for task in [pool, *tasks]:
-            if task.kind != "choice":
-                raise UserError(f"--shots-file {cfg.shots_file}: shots are for choice tasks; {task.name}: {task.kind}")
+            if task.kind == "perplexity" or task.kind != pool.kind:
+                raise UserError(
+                    f"--shots-file {cfg.shots_file}: {pool.kind} rows; shots are for choice and generation tasks of "
+                    f"the same kind, and {task.name} is a {task.kind} task"
+                )
         for task in tasks:
             task.shots = pool.items
     check_shots(tasks, cfg.shots)

@@ -10,10 +10,12 @@ returns the task's metrics with their definitions. Log-likelihoods come from ``s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,7 @@ from lmforge.evals.tasks import (
 )
 
 log = logging.getLogger(__name__)
+SHOT_KINDS = ("choice", "generation")  # the task kinds that take k solved examples before each row
 
 DEFINITIONS = {
     "perplexity": "exp(-(sum of the scored tokens' log-probabilities) / scored tokens)",
@@ -59,10 +62,10 @@ class EvalSettings:
 
 def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
     """What makes this task unscorable with these settings, refused before any work (k shots are drawn for choice
-    tasks only; ``check_shots`` refuses them for a list without one)."""
+    and generation tasks; ``check_shots`` refuses them for a list with neither)."""
     if settings.shots < 0:
         raise UserError(f"--shots {settings.shots}: must be 0 or more")
-    if settings.shots and task.kind == "choice":
+    if settings.shots and task.kind in SHOT_KINDS:
         pool = len(task.shots) if task.shots else len(task.items) - 1
         if settings.shots > pool:
             where = "its shot pool" if task.shots else "the file's other rows (pass --shots-file for more)"
@@ -80,10 +83,10 @@ def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
 
 
 def check_shots(tasks: list[EvalTask], shots: int) -> None:
-    """k-shot examples asked for tasks none of which is a choice task: refused, not ignored."""
-    if shots and not any(task.kind == "choice" for task in tasks):
+    """k-shot examples asked for tasks none of which takes them (perplexity): refused, not ignored."""
+    if shots and not any(task.kind in SHOT_KINDS for task in tasks):
         kinds = ", ".join(f"{task.name} ({task.kind})" for task in tasks)
-        raise UserError(f"--shots {shots}: k-shot examples are for choice tasks; none of {kinds} is one")
+        raise UserError(f"--shots {shots}: k-shot examples are for choice and generation tasks; none of {kinds} is one")
 
 
 def is_chat(run, settings: EvalSettings) -> bool:
@@ -178,17 +181,50 @@ def _perplexity(run, items: list[TextItem], settings: EvalSettings, chat: bool) 
     }
 
 
-def shot_examples(task: EvalTask, items: list[ChoiceItem], k: int, seed: int) -> list[str]:
-    """Each row's k-shot prefix: k solved examples from the task's pool (or, without one, the other rows), drawn
-    with ``random.Random(seed + row)``, each its context and right answer, then the delimiter."""
+def draw_shots(task: EvalTask, rows: int, k: int, seed: int) -> list[list]:
+    """Each of the first ``rows`` rows' k solved examples: drawn from the task's pool (or, without one, the other
+    rows) with ``random.Random(seed + row)``, so a row's shots do not depend on the limit or the batch."""
     if not k:
-        return [""] * len(items)
-    prefixes = []
-    for row in range(len(items)):
+        return [[] for _ in range(rows)]
+    drawn = []
+    for row in range(rows):
         pool = task.shots or [other for i, other in enumerate(task.items) if i != row]
-        shots = random.Random(seed + row).sample(pool, k)
-        prefixes.append("".join(s.context + s.delimiter + s.choices[s.answer] + SHOT_DELIMITER for s in shots))
-    return prefixes
+        drawn.append(random.Random(seed + row).sample(pool, k))
+    return drawn
+
+
+def shot_examples(task: EvalTask, items: list[ChoiceItem], k: int, seed: int) -> list[str]:
+    """Each choice row's k-shot prefix: its shots (``draw_shots``), each its context and right answer, then the
+    delimiter (the harness's ``fewshot_delimiter``)."""
+    return [
+        "".join(s.context + s.delimiter + s.choices[s.answer] + SHOT_DELIMITER for s in shots)
+        for shots in draw_shots(task, len(items), k, seed)
+    ]
+
+
+def plain_prompt(item: GenerationItem, shots: list[GenerationItem]) -> str:
+    """A generation row as plain text: its shots as prompt, newline, reference and the delimiter, then its own
+    prompt and a newline, after which the model answers until the next newline."""
+    return "".join(s.prompt + "\n" + s.reference + SHOT_DELIMITER for s in shots) + item.prompt + "\n"
+
+
+def chat_messages(item: GenerationItem, shots: list[GenerationItem]) -> list[dict]:
+    """A generation row as a conversation: its shots as earlier user / assistant turns (the harness's
+    ``fewshot_as_multiturn``), then its prompt as the user's message."""
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": shot.prompt}, {"role": "assistant", "content": shot.reference}]
+    return [*messages, {"role": "user", "content": item.prompt}]
+
+
+def fit_shots(render: Callable[[list], list[int]], shots: list, limit: int) -> tuple[list[int] | None, int]:
+    """The ids of ``render(shots)`` with the oldest shots dropped, a whole example at a time, until at most
+    ``limit`` tokens remain; None if the row alone does not fit. Also the number of shots dropped."""
+    for dropped in range(len(shots) + 1):
+        ids = render(shots[dropped:])
+        if len(ids) <= limit:
+            return ids, dropped
+    return None, len(shots)
 
 
 def choice_scores(items: list[ChoiceItem], loglikelihoods: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -231,7 +267,7 @@ def _choice(run, task: EvalTask, items: list[ChoiceItem], settings: EvalSettings
 
 def _generation(run, task: EvalTask, items: list[GenerationItem], settings: EvalSettings, chat: bool) -> dict:
     from lmforge.evals.scoring import prefix_ids
-    from lmforge.inference.chat import chat_prompt_ids
+    from lmforge.inference.chat import render_chat
     from lmforge.inference.config import GenerationConfig
     from lmforge.inference.generate import Generator
     from lmforge.metrics import translation_metrics
@@ -242,13 +278,26 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
     if limit < 1:
         raise UserError(f"--max-new-tokens {settings.max_new_tokens}: leaves no room for a prompt in {window} tokens")
     if chat:
-        ids = [chat_prompt_ids(tok, [{"role": "user", "content": it.prompt}], limit=limit) for it in items]
         stops = [i for i in (tok.token_id("eot"), tok.token_id("im_end")) if i is not None]
         config = GenerationConfig(max_new_tokens=settings.max_new_tokens, stop_token_ids=stops)
+
+        def render(item: GenerationItem, shots: list) -> list[int]:
+            text = render_chat(tok, chat_messages(item, shots), add_generation_prompt=True)
+            return tok.encode(text, special_tokens=False)
     else:
-        ids = [prefix_ids(tok) + tok.encode(it.prompt + "\n", special_tokens=False) for it in items]
         config = GenerationConfig(max_new_tokens=settings.max_new_tokens, stop_strings=["\n"])
-    too_long = [i for i, x in enumerate(ids) if x is None or len(x) > limit]
+
+        def render(item: GenerationItem, shots: list) -> list[int]:
+            return prefix_ids(tok) + tok.encode(plain_prompt(item, shots), special_tokens=False)
+
+    ids, shots_dropped = [], 0
+    for item, shots in zip(items, draw_shots(task, len(items), settings.shots, settings.seed), strict=True):
+        row_ids, dropped = fit_shots(functools.partial(render, item), shots, limit)
+        ids.append(row_ids)
+        shots_dropped += dropped
+    if shots_dropped:
+        log.warning("%d shots dropped (the oldest first) to fit prompts in %d tokens", shots_dropped, limit)
+    too_long = [i for i, x in enumerate(ids) if x is None]
     if too_long:
         log.warning(
             "%d of %d prompts are longer than %d tokens (the window less --max-new-tokens): cut from the left",
@@ -257,8 +306,7 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
             limit,
         )
         for i in too_long:
-            full = ids[i] or tok.encode(items[i].prompt, special_tokens=False)
-            ids[i] = full[-limit:]
+            ids[i] = render(items[i], [])[-limit:]
     generator = Generator(run.model, tok)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outputs = [""] * len(ids)
@@ -278,6 +326,9 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
         "exact_match_stderr": exact_err,
         "bleu_signature": metrics["bleu_signature"],
         "chrf_signature": metrics["chrf_signature"],
+        "shots": settings.shots,
+        "seed": settings.seed,
+        "shots_dropped": shots_dropped,
         "prompts_cut": len(too_long),
         "samples": samples,
     }

@@ -12,7 +12,9 @@ Three kinds of task, each a list of items:
   (``lm_eval.api.metrics``). k-shot: k solved examples, drawn per row with a fixed seed from a pool that never
   holds the row itself, before the row's context, separated by a blank line (the harness's ``fewshot_delimiter``).
 - ``generation``: a prompt and a reference; greedy decoding, then sacreBLEU (13a, or ``zh`` for Chinese), chrF and
-  exact match of the stripped texts.
+  exact match of the stripped texts. k-shot: the shots, drawn as for choice, before the prompt as prompt, newline,
+  reference and a blank line (plain text), or as earlier user / assistant turns (a chat model's template, the
+  harness's ``fewshot_as_multiturn``); the oldest shots are dropped, whole, where a prompt would not fit.
 
 A user's file: JSONL rows of one shape (``text`` -> perplexity; ``question`` / ``choices`` / ``answer`` ->
 choice; ``prompt`` / ``reference`` -> generation), or a ``.txt`` file (one document's perplexity). A choice row's
@@ -21,7 +23,7 @@ the continuations are `` A``, `` B``... as the harness's ``ceval`` / ``mmlu`` ta
 (``choice_format="letters"``), or the question then ``答案：`` and each choice's own text (``"text"``).
 
 Built-in tasks are made from the data lmforge ships (``BUILTIN_EVALS``, documented with their chance levels in
-docs/en/evaluate.md); each reads its test split, and k-shot examples only from the train or dev split.
+docs/en/applications/evaluate-llm.md); each reads its test split, and k-shot examples only from the train or dev split.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ class GenerationItem:
 
 @dataclass
 class EvalTask:
-    """One task: its name, kind, items, the k-shot pool (choice), the answer's language (generation) and a line
-    saying where its data comes from."""
+    """One task: its name, kind, items, the k-shot pool (choice and generation; empty: the other rows), the
+    answer's language (generation) and a line saying where its data comes from."""
 
     name: str
     kind: Kind
@@ -274,20 +276,33 @@ def reviews_sentiment_prompt() -> EvalTask:
     )
 
 
-def tatoeba_zh_en() -> EvalTask:
+def _tatoeba_translation(split: str, source: str, target: str) -> list[GenerationItem]:
     from lmforge.data.builtin import tatoeba_cmn_en
 
-    pairs = tatoeba_cmn_en()["test"]
-    items = [GenerationItem(ZH_EN_PROMPT.format(zh=p["zh"]), p["en"]) for p in pairs]
-    return EvalTask("tatoeba-zh-en", "generation", items, source="Tatoeba zh-en test pairs, zh -> en", target_lang="en")
+    prompt = ZH_EN_PROMPT if source == "zh" else EN_ZH_PROMPT
+    return [GenerationItem(prompt.format(**pair), pair[target]) for pair in tatoeba_cmn_en()[split]]
+
+
+def tatoeba_zh_en() -> EvalTask:
+    return EvalTask(
+        "tatoeba-zh-en",
+        "generation",
+        _tatoeba_translation("test", "zh", "en"),
+        source="Tatoeba zh-en test pairs, zh -> en (shots from the dev split)",
+        shots=_tatoeba_translation("dev", "zh", "en"),
+        target_lang="en",
+    )
 
 
 def tatoeba_en_zh() -> EvalTask:
-    from lmforge.data.builtin import tatoeba_cmn_en
-
-    pairs = tatoeba_cmn_en()["test"]
-    items = [GenerationItem(EN_ZH_PROMPT.format(en=p["en"]), p["zh"]) for p in pairs]
-    return EvalTask("tatoeba-en-zh", "generation", items, source="Tatoeba zh-en test pairs, en -> zh", target_lang="zh")
+    return EvalTask(
+        "tatoeba-en-zh",
+        "generation",
+        _tatoeba_translation("test", "en", "zh"),
+        source="Tatoeba zh-en test pairs, en -> zh (shots from the dev split)",
+        shots=_tatoeba_translation("dev", "en", "zh"),
+        target_lang="zh",
+    )
 
 
 def peoples_daily_perplexity() -> EvalTask:

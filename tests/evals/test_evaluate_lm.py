@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.evals.run import choice_scores, shot_examples
-from lmforge.evals.tasks import ChoiceItem, load_task, mean_and_stderr, read_task_file
+from lmforge.evals.run import chat_messages, choice_scores, draw_shots, fit_shots, plain_prompt, shot_examples
+from lmforge.evals.tasks import ChoiceItem, GenerationItem, load_task, mean_and_stderr, read_task_file
 from tests.commands.test_bad_inputs import _fails
 
 ROWS = [
@@ -65,6 +65,52 @@ def test_k_shots_are_other_rows_drawn_with_the_seed(tmp_path: Path) -> None:
         for shot in shots:  # each shot is another row's context with its right answer
             other = next(i for i in task.items if shot.startswith(i.context))
             assert shot == other.context + " " + other.choices[other.answer]
+
+
+def test_generation_shots_precede_the_prompt_as_text_or_as_earlier_turns(tmp_path: Path) -> None:
+    rows = [{"prompt": f"翻译：第{i}句", "reference": f"Sentence {i}."} for i in range(6)]
+    task = read_task_file(_jsonl(tmp_path / "gen.jsonl", rows))
+    drawn = draw_shots(task, len(task.items), 2, seed=3)
+    assert drawn == draw_shots(task, len(task.items), 2, seed=3)
+    for row, (item, shots) in enumerate(zip(task.items, drawn, strict=True)):
+        assert len(shots) == 2 and item not in shots and all(s in task.items for s in shots)
+        first, second = shots
+        text = f"{first.prompt}\n{first.reference}\n\n{second.prompt}\n{second.reference}\n\n{item.prompt}\n"
+        assert plain_prompt(item, shots) == text, row
+        turns = chat_messages(item, shots)
+        assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant", "user"]
+        contents = [first.prompt, first.reference, second.prompt, second.reference, item.prompt]
+        assert [m["content"] for m in turns] == contents
+
+
+def test_shots_that_do_not_fit_are_dropped_whole_the_oldest_first() -> None:
+    shots = [GenerationItem(f"p{i}", f"r{i}") for i in range(4)]
+    seen = []
+
+    def render(kept: list) -> list[int]:  # 10 tokens a shot, 5 for the row itself
+        seen.append([s.prompt for s in kept])
+        return [0] * (10 * len(kept) + 5)
+
+    assert fit_shots(render, shots, 26) == ([0] * 25, 2)
+    assert seen[-1] == ["p2", "p3"]  # the two most recent shots kept
+    assert fit_shots(render, shots, 100) == ([0] * 45, 0)
+    assert fit_shots(render, shots, 4) == (None, 4)
+
+
+def test_the_translation_tasks_draw_their_shots_from_the_dev_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.data.builtin import tatoeba_cmn_en
+
+    tsv = tmp_path / "pairs.tsv"  # 1,000 test and 1,000 dev pairs are taken first: 2,100 leave 100 for train
+    tsv.write_text("".join(f"Sentence number {i}.\t第{i}句话。\n" for i in range(2100)), encoding="utf-8")
+    monkeypatch.setenv("LMFORGE_TATOEBA", str(tsv))
+    splits = tatoeba_cmn_en()
+    for name, source, target in (("tatoeba-zh-en", "zh", "en"), ("tatoeba-en-zh", "en", "zh")):
+        task = load_task(name)
+        assert [i.reference for i in task.items] == [p[target] for p in splits["test"]]
+        assert [s.reference for s in task.shots] == [p[target] for p in splits["dev"]]
+        assert all(p[source] in s.prompt for s, p in zip(task.shots, splits["dev"], strict=True))
 
 
 def test_the_sentiment_task_is_the_test_reviews_with_their_label_words() -> None:
@@ -149,6 +195,22 @@ def test_a_generation_file_is_decoded_and_scored(chat_gpt: Path, tmp_path: Path,
         assert all("\n" not in s["output"] for s in result["samples"])
 
 
+@pytest.mark.parametrize("template", ["on", "off"])
+def test_k_shot_generation_drops_shots_that_do_not_fit_the_window(
+    chat_gpt: Path, tmp_path: Path, caplog, template: str
+) -> None:
+    rows = [{"prompt": f"翻译成英文：我有{n}本书", "reference": f"I have {n} books."} for n in "一二三四五六"]
+    path = _jsonl(tmp_path / "gen.jsonl", rows)
+    out = tmp_path / "gen.json"
+    args = ["evaluate", "--model", str(chat_gpt), "--task", str(path), "--shots", "3", "--max-new-tokens", "8"]
+    assert main([*args, "--chat-template", template, "--output", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["shots"] == 3 and result["rows"] == 6 and result["prompts_cut"] == 0
+    # a row with its shots is ~20 byte-level tokens per example (more in the chat template): 56 tokens hold fewer
+    assert 0 < result["shots_dropped"] <= 3 * 6
+    assert f"{result['shots_dropped']} shots dropped (the oldest first) to fit prompts in 56 tokens" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [
@@ -205,10 +267,10 @@ def test_a_window_beyond_the_model_is_refused(chat_gpt: Path, tmp_path: Path, ca
     _fails(capsys, args, "--window 65: must be 2..64")
 
 
-def test_shots_without_a_choice_task_are_refused(chat_gpt: Path, tmp_path: Path, capsys) -> None:
+def test_shots_for_perplexity_alone_are_refused(chat_gpt: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "doc.txt").write_text("文本", encoding="utf-8")
     args = ["evaluate", "--model", str(chat_gpt), "--task", str(tmp_path / "doc.txt"), "--shots", "1"]
-    _fails(capsys, args, "--shots 1: k-shot examples are for choice tasks; none of doc.txt (perplexity) is one")
+    _fails(capsys, args, "--shots 1: k-shot examples are for choice and generation tasks; none of doc.txt")
 
 
 def test_a_built_in_task_without_its_data_says_which_and_how(
@@ -231,3 +293,11 @@ def test_a_shots_file_without_shots_is_refused(chat_gpt: Path, tmp_path: Path, c
     path = _jsonl(tmp_path / "mc.jsonl", ROWS)
     args = ["evaluate", "--model", str(chat_gpt), "--task", str(path), "--shots-file", str(path)]
     _fails(capsys, args, "give --shots K, the number of shots to draw from it")
+
+
+def test_a_shots_file_of_another_kind_is_refused(chat_gpt: Path, tmp_path: Path, capsys) -> None:
+    choice = _jsonl(tmp_path / "mc.jsonl", ROWS)
+    generation = _jsonl(tmp_path / "gen.jsonl", [{"prompt": "你好", "reference": "Hello."}])
+    args = ["evaluate", "--model", str(chat_gpt), "--task", str(choice), "--shots", "1"]
+    args += ["--shots-file", str(generation)]
+    _fails(capsys, args, f"--shots-file {generation}: generation rows", "mc.jsonl is a choice task")
