@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -260,4 +262,15 @@ def chat_gpt(tmp_path_factory: pytest.TempPathFactory, review_bpe: Path) -> Path
         GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=2, n_heads=2, d_model=32, d_ff=64, max_seq_len=64)), directory
     )
     save_tokenizer(tok, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_translator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zh -> en translate run: the committed tiny encoder-decoder (tests/fixtures/generation/seq2seq) with the
+    task file a fine-tuning writes."""
+    directory = tmp_path_factory.mktemp("translator") / "translate"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "generation" / "seq2seq", directory)
+    settings = {"task": "translate", "src": "zh", "tgt": "en", "max_len": 24, "label_smoothing": 0.1}
+    (directory / "task.json").write_text(json.dumps({**settings, "source_special_tokens": False}))
     return directory

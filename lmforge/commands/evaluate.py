@@ -19,7 +19,7 @@ class Config:
     The fields from ``shots`` to ``chat_template`` are ``evals.run.EvalSettings``' own, passed on by name."""
 
     model: str
-    """Run directory written by `lmforge finetune`, or (for --task) any decoder model directory."""
+    """Run directory written by `lmforge finetune`, or (for --task) any decoder model directory or translate run."""
     data: str | None = None
     """classify / NER runs: a labelled file (CSV / TSV / JSONL, or CoNLL for NER), or builtin:NAME[:SPLIT]
     (default split: test)."""
@@ -29,7 +29,8 @@ class Config:
     {question, choices, answer} (multiple choice), {prompt, reference} (generation) or {text} (perplexity), or a
     .txt document (perplexity)."""
     suite: bool = False
-    """Decoders: every built-in task."""
+    """Decoders: every built-in task; a translate run (an encoder-decoder): the built-in translation tasks in its
+    direction."""
     shots: int = 0
     """Choice and generation tasks (perplexity takes none): solved examples before each row (from the train / dev
     split, or a file's other rows); in a chat model's template, earlier turns of the conversation."""
@@ -95,26 +96,46 @@ def evaluate(cfg: Config) -> dict:
     return metrics
 
 
-def evaluate_lm(cfg: Config) -> list[dict]:
-    """--task / --suite: each task's metrics for a decoder, every task and setting checked before any weight loads."""
-    from lmforge.data.readers import check_output_file
-    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, check_shots, evaluate_task
-    from lmforge.evals.tasks import BUILTIN_EVALS, load_task, read_task_file
-    from lmforge.files import write_json
-    from lmforge.models.registry import read_config
-    from lmforge.rundir import load_run
-    from lmforge.rundir.layout import model_family, task_name_of
+def _task_names(cfg: Config) -> tuple[list[str], tuple[str, str] | None]:
+    """The tasks to score (--task, or --suite: every built-in one, or a translator's in its direction) and, for an
+    encoder-decoder, its direction; a model that is neither a decoder nor a translator refused."""
+    from lmforge.evals.run import translator_tasks
+    from lmforge.evals.tasks import BUILTIN_EVALS
+    from lmforge.rundir.layout import model_family, task_name_of, task_settings
     from lmforge.tasks import task_entry, with_capability
 
-    names = list(BUILTIN_EVALS) if cfg.suite else list(cfg.task)
     entry = task_entry(task_name_of(cfg.model), kind="finetune", where=f"{cfg.model}: task")
-    if not entry.language_model:
+    if not entry.language_model and not entry.translator:
         hint = "; score it on labelled data with --data" if entry.files else ""
         raise UserError(
             f"--model {cfg.model}: language-model tasks score a decoder (a GPT-family model directory, or a run of "
-            f"{', '.join(with_capability('language_model'))} or a preference tuning that writes one); this is a "
-            f"{model_family(cfg.model)} model in a {entry.name!r} directory{hint}"
+            f"{', '.join(with_capability('language_model'))} or a preference tuning that writes one) or an "
+            f"encoder-decoder ({', '.join(with_capability('translator'))}); this is a {model_family(cfg.model)} "
+            f"model in a {entry.name!r} directory{hint}"
         )
+    if not entry.translator:
+        return (list(BUILTIN_EVALS) if cfg.suite else list(cfg.task)), None
+    saved = task_settings(cfg.model) or {}
+    source, target = saved.get("src"), saved.get("tgt")
+    if not cfg.suite:
+        return list(cfg.task), (source, target)
+    names = translator_tasks(source, target)
+    if not names:
+        raise UserError(f"--suite: no built-in task translates {source} -> {target}, as this model does")
+    return names, (source, target)
+
+
+def evaluate_lm(cfg: Config) -> list[dict]:
+    """--task / --suite: each task's metrics for a decoder or a translator, every task and setting checked before
+    any weight loads."""
+    from lmforge.data.readers import check_output_file
+    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, check_shots, check_translator, evaluate_task
+    from lmforge.evals.tasks import load_task, read_task_file
+    from lmforge.files import write_json
+    from lmforge.models.registry import read_config
+    from lmforge.rundir import load_run
+
+    names, direction = _task_names(cfg)
     if cfg.output:
         check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
     settings = EvalSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalSettings)})
@@ -134,6 +155,8 @@ def evaluate_lm(cfg: Config) -> list[dict]:
             task.shots = pool.items
     check_shots(tasks, cfg.shots)
     for task in tasks:
+        if direction:
+            check_translator(task, settings, src=direction[0], tgt=direction[1])
         check(task, settings, max_seq_len=max_seq_len)
     run = load_run(cfg.model)
     results = []

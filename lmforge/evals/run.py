@@ -99,16 +99,52 @@ def is_chat(run, settings: EvalSettings) -> bool:
     return (run.finetuned and task_entry(run.task_name).language_model) or converted_chat_model(run.directory)
 
 
+def check_translator(task: EvalTask, settings: EvalSettings, *, src: str, tgt: str) -> None:
+    """What an encoder-decoder translating ``src`` into ``tgt`` cannot be scored on, refused before any work: a
+    task that is not a translation (perplexity, a choice file), a translation the other way, k shots (it reads one
+    source sentence, with no room for examples)."""
+    direction = f"{src} -> {tgt}"
+    if task.kind == "perplexity" or (task.kind == "choice" and task.translation is None):
+        raise UserError(
+            f"--task {task.name}: a {task.kind} task; an encoder-decoder ({direction}) is scored on translation tasks: "
+            "the built-in ones in its direction, or a JSONL of {prompt, reference} rows whose prompt is the source"
+        )
+    if task.translation is not None and task.translation != (src, tgt):
+        source, target = task.translation
+        raise UserError(f"--task {task.name}: translates {source} -> {target}; this model translates {direction}")
+    if settings.shots:
+        raise UserError(f"--shots {settings.shots}: an encoder-decoder reads the source sentence alone; give 0")
+
+
+def translator_tasks(src: str, tgt: str) -> list[str]:
+    """The built-in tasks an encoder-decoder translating ``src`` into ``tgt`` is scored on (``--suite``)."""
+    from lmforge.evals.tasks import BUILTIN_EVALS
+
+    return [name for name, builtin in BUILTIN_EVALS.items() if builtin.translation == (src, tgt)]
+
+
 def evaluate_task(run, task: EvalTask, settings: EvalSettings) -> dict:
-    """Score ``run`` (a loaded decoder run, ``rundir.load_run``) on ``task``: its metrics, counts and seconds."""
+    """Score ``run`` (a loaded decoder or encoder-decoder run, ``rundir.load_run``) on ``task``: its metrics, counts
+    and seconds."""
     import torch
 
+    from lmforge.tasks import task_entry
+
+    translator = task_entry(run.task_name).translator
+    if translator:
+        check_translator(task, settings, src=run.task.src_lang, tgt=run.task.tgt_lang)
     check(task, settings, max_seq_len=run.model.cfg.max_seq_len)
     items = task.items[: settings.limit] if settings.limit else task.items
-    chat = is_chat(run, settings)
+    chat = not translator and is_chat(run, settings)
     started = time.perf_counter()
     with torch.inference_mode():
-        if task.kind == "perplexity":
+        if translator:
+            metrics = (
+                _translator_choice(run, items)
+                if task.kind == "choice"
+                else _translator_generation(run, task, items, settings)
+            )
+        elif task.kind == "perplexity":
             metrics = _perplexity(run, items, settings, chat)
         elif task.kind == "choice":
             metrics = _choice(run, task, items, settings)
@@ -252,17 +288,58 @@ def _choice(run, task: EvalTask, items: list[ChoiceItem], settings: EvalSettings
     per_row: list[list[float]] = [[] for _ in items]
     for row, result in zip(owners, scored, strict=True):
         per_row[row].append(result.logprob)
-    acc, acc_norm = choice_scores(items, per_row)
-    (a, a_err), (n, n_err) = mean_and_stderr(acc), mean_and_stderr(acc_norm)
     return {
-        "acc": a,
-        "acc_stderr": a_err,
-        "acc_norm": n,
-        "acc_norm_stderr": n_err,
+        **_choice_metrics(items, per_row),
         "shots": settings.shots,
         "seed": settings.seed,
         "contexts_cut": sum(s.cut > 0 for s in scored),
     }
+
+
+def _choice_metrics(items: list[ChoiceItem], loglikelihoods: list[list[float]]) -> dict:
+    acc, acc_norm = choice_scores(items, loglikelihoods)
+    (a, a_err), (n, n_err) = mean_and_stderr(acc), mean_and_stderr(acc_norm)
+    return {"acc": a, "acc_stderr": a_err, "acc_norm": n, "acc_norm_stderr": n_err}
+
+
+def _translator_choice(run, items: list[ChoiceItem]) -> dict:
+    """Each candidate's log-likelihood as the translation of the row's source: the sum of the log-probabilities
+    of its tokens and the end token, read by the decoder after the encoded source (teacher forcing); sources
+    and candidates longer than the task's ``max_len`` are cut as fine-tuning cuts them, and counted."""
+    import torch
+
+    from lmforge.tasks.base import IGNORE
+
+    task = run.task
+    examples = [{"src": item.source or item.context, "tgt": c} for item in items for c in item.choices]
+    encoded = task.encode(examples, split="evaluate")
+    loglikelihoods: list[float] = []
+    for start in range(0, len(encoded), task.eval_batch_size):
+        batch = task.collate(encoded[start : start + task.eval_batch_size])
+        logits = run.model(batch["input_ids"], batch["decoder_input_ids"], src_mask=batch["src_mask"])
+        labels = batch["labels"].long()
+        scored = labels != IGNORE
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))[..., 0]
+        loglikelihoods += (logprobs * scored).sum(-1).tolist()
+    per_row, position = [], 0
+    for item in items:
+        per_row.append(loglikelihoods[position : position + len(item.choices)])
+        position += len(item.choices)
+    return {**_choice_metrics(items, per_row), "shots": 0, "contexts_cut": task.truncated["evaluate"]}
+
+
+def _translator_generation(run, task: EvalTask, items: list[GenerationItem], settings: EvalSettings) -> dict:
+    """Greedy translations of the rows' sources (``TranslationTask.translate``: length-sorted batches), scored
+    against the references as the decoders' generation tasks are."""
+    import torch
+
+    from lmforge.inference.config import GenerationConfig
+
+    sources = [item.source or item.prompt for item in items]
+    greedy = GenerationConfig(max_new_tokens=settings.max_new_tokens)
+    outputs = run.task.translate(run.model, sources, device=torch.device("cpu"), generation=greedy)
+    _, cut = run.task.encode_sources(sources)
+    return {**_generation_metrics(task, items, outputs), "shots": 0, "prompts_cut": cut}
 
 
 def _generation(run, task: EvalTask, items: list[GenerationItem], settings: EvalSettings, chat: bool) -> dict:
@@ -270,7 +347,6 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
     from lmforge.inference.chat import render_chat
     from lmforge.inference.config import GenerationConfig
     from lmforge.inference.generate import Generator
-    from lmforge.metrics import translation_metrics
 
     tok = run.task.tokenizer
     window = _window(run, settings)[0]
@@ -314,11 +390,23 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
         chunk = order[start : start + settings.batch_size]
         for i, reply in zip(chunk, generator.generate([ids[i] for i in chunk], config), strict=True):
             outputs[i] = reply.text.strip()
+    return {
+        **_generation_metrics(task, items, outputs),
+        "shots": settings.shots,
+        "seed": settings.seed,
+        "shots_dropped": shots_dropped,
+        "prompts_cut": len(too_long),
+    }
+
+
+def _generation_metrics(task: EvalTask, items: list[GenerationItem], outputs: list[str]) -> dict:
+    """sacreBLEU, chrF and exact match of ``outputs`` against the rows' references, and the first five rows."""
+    from lmforge.metrics import translation_metrics
+
     references = [it.reference.strip() for it in items]
     metrics = translation_metrics(outputs, references, target_lang=task.target_lang)
     exact, exact_err = mean_and_stderr([float(o == r) for o, r in zip(outputs, references, strict=True)])
     triples = zip(items[:5], references, outputs, strict=False)
-    samples = [{"prompt": it.prompt, "reference": r, "output": o} for it, r, o in triples]
     return {
         "bleu": metrics["bleu"],
         "chrf": metrics["chrf"],
@@ -326,9 +414,5 @@ def _generation(run, task: EvalTask, items: list[GenerationItem], settings: Eval
         "exact_match_stderr": exact_err,
         "bleu_signature": metrics["bleu_signature"],
         "chrf_signature": metrics["chrf_signature"],
-        "shots": settings.shots,
-        "seed": settings.seed,
-        "shots_dropped": shots_dropped,
-        "prompts_cut": len(too_long),
-        "samples": samples,
+        "samples": [{"prompt": it.prompt, "reference": r, "output": o} for it, r, o in triples],
     }

@@ -66,20 +66,24 @@ class ChoiceItem:
     choices: tuple[str, ...]
     answer: int
     delimiter: str = ""
+    source: str = ""  # translation tasks: the bare sentence an encoder-decoder reads instead of the context
 
 
 @dataclass(frozen=True)
 class GenerationItem:
-    """A prompt (a user message in a chat model's template, else plain text) and its reference answer."""
+    """A prompt (a user message in a chat model's template, else plain text) and its reference answer; an
+    encoder-decoder reads ``source`` (translation tasks: the bare sentence; empty: the prompt) instead."""
 
     prompt: str
     reference: str
+    source: str = ""
 
 
 @dataclass
 class EvalTask:
     """One task: its name, kind, items, the k-shot pool (choice and generation; empty: the other rows), the
-    answer's language (generation) and a line saying where its data comes from."""
+    answer's language (generation), its translation direction (the tasks an encoder-decoder takes) and a line
+    saying where its data comes from."""
 
     name: str
     kind: Kind
@@ -87,6 +91,7 @@ class EvalTask:
     source: str
     shots: list = field(default_factory=list)
     target_lang: str = "en"
+    translation: tuple[str, str] | None = None  # a built-in translation task's (source, target) languages
 
 
 def chance(items: list[ChoiceItem]) -> float:
@@ -242,7 +247,7 @@ def _tatoeba_choice(split: str, seed: int) -> list[ChoiceItem]:
     for pair in pairs:  # no distractor shares the sentence: it could be another right translation
         others = [p["en"] for p in pairs if p["zh"] != pair["zh"]]
         choices, answer = _choices(rng, pair["en"], others, 4)
-        items.append(ChoiceItem(ZH_EN_PROMPT.format(zh=pair["zh"]) + "\n", choices, answer))
+        items.append(ChoiceItem(ZH_EN_PROMPT.format(zh=pair["zh"]) + "\n", choices, answer, source=pair["zh"]))
     return items
 
 
@@ -280,7 +285,8 @@ def _tatoeba_translation(split: str, source: str, target: str) -> list[Generatio
     from lmforge.data.builtin import tatoeba_cmn_en
 
     prompt = ZH_EN_PROMPT if source == "zh" else EN_ZH_PROMPT
-    return [GenerationItem(prompt.format(**pair), pair[target]) for pair in tatoeba_cmn_en()[split]]
+    pairs = tatoeba_cmn_en()[split]
+    return [GenerationItem(prompt.format(**pair), pair[target], source=pair[source]) for pair in pairs]
 
 
 def tatoeba_zh_en() -> EvalTask:
@@ -338,22 +344,30 @@ def chatterbot_replies() -> EvalTask:
 
 @dataclass(frozen=True)
 class BuiltinEval:
-    """A built-in task: its loader and one line for the docs and ``--help``."""
+    """A built-in task: its loader, one line for the docs and ``--help``, and its translation direction (an
+    encoder-decoder translating that way is scored on it)."""
 
     build: Callable[[], EvalTask]
     summary: str
+    translation: tuple[str, str] | None = None
 
 
 BUILTIN_EVALS: dict[str, BuiltinEval] = {
     "tang-next-line": BuiltinEval(tang_next_line, "choice: a test poem's true second line among 4 (chance 0.25)"),
     "tatoeba-zh-en-choice": BuiltinEval(
-        tatoeba_zh_en_choice, "choice: a test sentence's English among 4 test translations (chance 0.25)"
+        tatoeba_zh_en_choice,
+        "choice: a test sentence's English among 4 test translations (chance 0.25)",
+        translation=("zh", "en"),
     ),
     "reviews-sentiment-prompt": BuiltinEval(
         reviews_sentiment_prompt, "choice: 正面 / 负面 for a test review, zero- or k-shot (chance 0.5)"
     ),
-    "tatoeba-zh-en": BuiltinEval(tatoeba_zh_en, "generation: test sentences zh -> en, sacreBLEU and chrF"),
-    "tatoeba-en-zh": BuiltinEval(tatoeba_en_zh, "generation: test sentences en -> zh, sacreBLEU (zh) and chrF"),
+    "tatoeba-zh-en": BuiltinEval(
+        tatoeba_zh_en, "generation: test sentences zh -> en, sacreBLEU and chrF", translation=("zh", "en")
+    ),
+    "tatoeba-en-zh": BuiltinEval(
+        tatoeba_en_zh, "generation: test sentences en -> zh, sacreBLEU (zh) and chrF", translation=("en", "zh")
+    ),
     "peoples-daily-text:test": BuiltinEval(peoples_daily_perplexity, "perplexity of People's Daily test sentences"),
     "tang-verse:test": BuiltinEval(tang_verse_perplexity, "perplexity of tang-verse test poems"),
     "chatterbot-zh:test": BuiltinEval(chatterbot_replies, "perplexity of chatterbot-zh test replies after their turns"),
@@ -363,10 +377,13 @@ BUILTIN_EVALS: dict[str, BuiltinEval] = {
 def load_task(name: str, *, choice_format: str = "letters", skip_bad_rows: bool = False) -> EvalTask:
     """A built-in task by name, or a user's file."""
     if name in BUILTIN_EVALS:
+        builtin = BUILTIN_EVALS[name]
         try:
-            return BUILTIN_EVALS[name].build()
+            task = builtin.build()
         except UserError as e:  # its data is missing: say which task needs it
             raise UserError(f"task {name}: {e}") from None
+        task.translation = builtin.translation
+        return task
     if Path(name).exists():
         return read_task_file(name, choice_format=choice_format, skip_bad_rows=skip_bad_rows)
     raise UserError(f"--task {name}: neither a file nor a built-in task ({', '.join(BUILTIN_EVALS)})")

@@ -111,6 +111,10 @@ class TaskEntry:
     language_model: bool = False
     """Its runs are decoders with their vocabulary head: ``lmforge evaluate --task`` scores them on perplexity,
     multiple-choice and generation tasks (``evals/``), and its fine-tuned runs count as chat models there."""
+    translator: bool = False
+    """Its runs are encoder-decoders translating ``src`` into ``tgt``: ``lmforge evaluate --task`` scores them on
+    the translation tasks in their direction (a reference's log-likelihood among candidates, greedy translations
+    against references; ``evals/``)."""
 
     def load(self) -> type:
         return resolve(self.cls)
@@ -201,6 +205,7 @@ TASKS: dict[str, TaskEntry] = {
         use="lmforge translate --model {out} --input TEXTS --output OUT.jsonl",
         summary="Train a Transformer encoder-decoder for translation",
         route="/v1/translate",
+        translator=True,
         explaining=Explaining(
             "lmforge.explain.targets:explain_translation", methods=("ig", "grad-x-input", "attention"), baselines=False
         ),

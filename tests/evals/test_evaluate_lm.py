@@ -30,6 +30,15 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture()
+def synthetic_tatoeba(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """2,100 made-up pairs in Tatoeba's TSV shape: 1,000 test, 1,000 dev and 100 train pairs."""
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"Sentence number {i}.\t第{i}句话。\n" for i in range(2100)), encoding="utf-8")
+    monkeypatch.setenv("LMFORGE_TATOEBA", str(tsv))
+    return tsv
+
+
 def test_acc_and_acc_norm_follow_the_harness_definitions() -> None:
     items = [ChoiceItem("q", ("a", "bbbb"), 1), ChoiceItem("q", ("aa", "b"), 0), ChoiceItem("q", ("x", "y"), 1)]
     lls = [[-3.0, -4.0], [-2.0, -1.0], [-1.0, -1.0]]
@@ -97,14 +106,9 @@ def test_shots_that_do_not_fit_are_dropped_whole_the_oldest_first() -> None:
     assert fit_shots(render, shots, 4) == (None, 4)
 
 
-def test_the_translation_tasks_draw_their_shots_from_the_dev_split(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_translation_tasks_draw_their_shots_from_the_dev_split(synthetic_tatoeba: Path) -> None:
     from lmforge.data.builtin import tatoeba_cmn_en
 
-    tsv = tmp_path / "pairs.tsv"  # 1,000 test and 1,000 dev pairs are taken first: 2,100 leave 100 for train
-    tsv.write_text("".join(f"Sentence number {i}.\t第{i}句话。\n" for i in range(2100)), encoding="utf-8")
-    monkeypatch.setenv("LMFORGE_TATOEBA", str(tsv))
     splits = tatoeba_cmn_en()
     for name, source, target in (("tatoeba-zh-en", "zh", "en"), ("tatoeba-en-zh", "en", "zh")):
         task = load_task(name)
@@ -301,3 +305,49 @@ def test_a_shots_file_of_another_kind_is_refused(chat_gpt: Path, tmp_path: Path,
     args = ["evaluate", "--model", str(chat_gpt), "--task", str(choice), "--shots", "1"]
     args += ["--shots-file", str(generation)]
     _fails(capsys, args, f"--shots-file {generation}: generation rows", "mc.jsonl is a choice task")
+
+
+def test_a_translator_chooses_the_candidate_it_gives_the_highest_likelihood(
+    tiny_translator: Path, synthetic_tatoeba: Path, tmp_path: Path
+) -> None:
+    from lmforge.rundir import load_run
+
+    out = tmp_path / "mt.json"
+    args = ["evaluate", "--model", str(tiny_translator), "--suite", "--limit", "6", "--output", str(out)]
+    assert main(args) == 0
+    choice, generation = json.loads(out.read_text())["results"]
+    assert (choice["task"], generation["task"]) == ("tatoeba-zh-en-choice", "tatoeba-zh-en")
+    run, items = load_run(tiny_translator), load_task("tatoeba-zh-en-choice").items[:6]
+    acc, acc_norm = [], []
+    for item in items:  # each candidate alone, unpadded: log p(its tokens, then the end token | the source)
+        lls = []
+        for candidate in item.choices:
+            ((src, tgt),) = run.task.encode([{"src": item.source, "tgt": candidate}], split="check")
+            decoder_in = torch.tensor([[run.task.eos_id, *tgt]])
+            with torch.inference_mode():
+                logits = run.model(torch.as_tensor(src, dtype=torch.long)[None], decoder_in)[0]
+            labels = torch.tensor([*tgt, run.task.eos_id])
+            lls.append(torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).sum().item())
+        best = max(range(len(lls)), key=lls.__getitem__)
+        normed = [ll / len(c) for ll, c in zip(lls, item.choices, strict=True)]
+        acc.append(float(best == item.answer))
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == item.answer))
+    assert choice["acc"] == pytest.approx(sum(acc) / 6) and choice["acc_norm"] == pytest.approx(sum(acc_norm) / 6)
+    sources = [item.source for item in load_task("tatoeba-zh-en").items[:5]]
+    greedy = run.task.translate(run.model, sources, device=torch.device("cpu"))
+    assert [s["output"] for s in generation["samples"]] == greedy
+    assert generation["rows"] == 6 and generation["chat_template"] is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--task", "tang-verse:test"], "a perplexity task; an encoder-decoder (zh -> en) is scored on translation"),
+        (["--task", "tatoeba-en-zh"], "--task tatoeba-en-zh: translates en -> zh; this model translates zh -> en"),
+        (["--task", "tatoeba-zh-en", "--shots", "2"], "--shots 2: an encoder-decoder reads the source sentence alone"),
+    ],
+)
+def test_a_translator_is_refused_what_it_cannot_be_scored_on(
+    tiny_translator: Path, synthetic_tatoeba: Path, capsys, flags: list[str], message: str
+) -> None:
+    _fails(capsys, ["evaluate", "--model", str(tiny_translator), *flags], message)

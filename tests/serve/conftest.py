@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
 import threading
 import time
@@ -41,7 +39,9 @@ FAST = [
 
 
 @pytest.fixture(scope="session")
-def run_dirs(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -> dict[str, Path]:
+def run_dirs(
+    tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path, tiny_translator: Path
+) -> dict[str, Path]:
     """name -> run directory: classify, ner (tiny BERTs fine-tuned a few steps), translate (the zh->en
     fixture), embed (a plain BERT: first-token vectors), chat (the GPT fixture)."""
     root = tmp_path_factory.mktemp("serve")
@@ -94,24 +94,10 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory, review_wordpiece: Path) -
         )
         == 0
     )
-    mt = root / "translate"
-    shutil.copytree(GENERATION / "seq2seq", mt)
-    (mt / "task.json").write_text(
-        json.dumps(
-            {
-                "task": "translate",
-                "src": "zh",
-                "tgt": "en",
-                "max_len": 24,
-                "label_smoothing": 0.1,
-                "source_special_tokens": False,
-            }
-        )
-    )
     return {
         "classify": root / "classify",
         "ner": root / "ner",
-        "translate": mt,
+        "translate": tiny_translator,
         "embed": bert,
         "chat": GENERATION / "gpt",
     }
