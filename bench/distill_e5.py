@@ -106,7 +106,9 @@ def main() -> None:
     parser.add_argument("--demo", default="runs/demo1200-b", help="a `make demo` output directory (the student)")
     parser.add_argument("--out", default="runs/distill")
     parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--tatoeba", default=os.environ.get("LMFORGE_TATOEBA", "../shared/data/tatoeba-cmn-en.tsv"))
+    parser.add_argument(
+        "--tatoeba", default=None, help="another Tatoeba TSV (default: $LMFORGE_TATOEBA, else the shipped pairs)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-texts", type=int, default=320, help="test texts per latency round")

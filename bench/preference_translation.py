@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -109,7 +108,7 @@ def main() -> None:
     parser.add_argument("--sft", required=True, help="the chat run of bench/translation_sft.py")
     parser.add_argument("--sft-results", default=None, help="its results (default: bench/results/translation_sft-*)")
     parser.add_argument(
-        "--tatoeba", default=os.environ.get("LMFORGE_TATOEBA", str(ROOT.parent / "shared/data/tatoeba-cmn-en.tsv"))
+        "--tatoeba", default=None, help="another Tatoeba TSV (default: $LMFORGE_TATOEBA, else the shipped pairs)"
     )
     parser.add_argument("--method", choices=["dpo", "orpo"], default="dpo")
     parser.add_argument("--pairs", type=int, default=256)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -123,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="lmforge decoder directory (lmforge convert --builtin ...)")
     parser.add_argument(
-        "--tatoeba", default=os.environ.get("LMFORGE_TATOEBA", str(ROOT.parent / "shared/data/tatoeba-cmn-en.tsv"))
+        "--tatoeba", default=None, help="another Tatoeba TSV (default: $LMFORGE_TATOEBA, else the shipped pairs)"
     )
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--rank", type=int, default=16)

@@ -34,7 +34,6 @@ settings.register_profile(
 settings.load_profile("lmforge")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tatoeba-cmn-en.tsv"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -114,9 +113,10 @@ def bpe_dir(tmp_path_factory: pytest.TempPathFactory, mixed_corpus: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def tatoeba_path() -> Path:
-    if not TATOEBA.is_file():
-        pytest.skip(f"{TATOEBA} not present")
-    return TATOEBA
+    """The Tatoeba pairs shipped with lmforge (lmforge/data/tatoeba)."""
+    from lmforge.data.builtin import TATOEBA_SHIPPED
+
+    return TATOEBA_SHIPPED
 
 
 @pytest.fixture(scope="session")

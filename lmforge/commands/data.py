@@ -17,7 +17,7 @@ class ListConfig:
     """List the built-in corpora with their split sizes."""
 
     path: str | None = None
-    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+    """Another Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA, else the pairs shipped with lmforge)."""
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ExportConfig:
     out: str
     """Directory to write train/dev/test files into."""
     path: str | None = None
-    """Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+    """Another Tatoeba TSV for tatoeba-cmn-en (else $LMFORGE_TATOEBA, else the pairs shipped with lmforge)."""
 
 
 def run_list(cfg: ListConfig) -> None:

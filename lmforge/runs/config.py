@@ -311,9 +311,9 @@ class TranslateTrainConfig(FinetuneConfig):
     tgt: str = "en"
     """Target language code."""
     data: str | None = None
-    """builtin:tatoeba-cmn-en instead of --train/--dev/--test (the TSV comes from --data-path)."""
+    """builtin:tatoeba-cmn-en (the Tatoeba pairs shipped with lmforge) instead of --train/--dev/--test."""
     data_path: str | None = None
-    """The Tatoeba TSV for builtin:tatoeba-cmn-en (else $LMFORGE_TATOEBA)."""
+    """Another Tatoeba TSV export for builtin:tatoeba-cmn-en (else $LMFORGE_TATOEBA, else the shipped pairs)."""
 
     def builtin_path(self) -> str | None:
         return self.data_path

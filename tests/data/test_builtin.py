@@ -79,9 +79,24 @@ def test_tatoeba_groups_never_cross_splits(tatoeba_path: Path) -> None:
         assert not {ex["zh"] for ex in splits[split]} & train_zh
 
 
-def test_tatoeba_without_a_path_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tatoeba_ships_with_lmforge_each_pair_with_its_attribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lzma
+
+    from lmforge.data.builtin import TATOEBA_SHIPPED
+
     monkeypatch.delenv("LMFORGE_TATOEBA", raising=False)
-    with pytest.raises(ValueError, match="--path FILE or set LMFORGE_TATOEBA"):
+    splits = load_builtin("tatoeba-cmn-en")  # no path, no variable: the shipped pairs
+    assert [len(splits[s]) for s in ("test", "dev")] == [1000, 1000] and len(splits["train"]) > 27_000
+    with lzma.open(TATOEBA_SHIPPED, "rt", encoding="utf-8-sig") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    assert len(lines) == 29_155  # CC-BY 2.0 FR: every line keeps the credit of its two sentences
+    assert all(line.split("\t")[2].startswith("CC-BY 2.0 (France) Attribution: tatoeba.org #") for line in lines)
+    assert "CC-BY 2.0 FR" in (TATOEBA_SHIPPED.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_tatoeba_variable_naming_no_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_TATOEBA", str(tmp_path / "missing.tsv"))
+    with pytest.raises(ValueError, match="missing.tsv: Tatoeba TSV not found \\(LMFORGE_TATOEBA; unset it"):
         load_builtin("tatoeba-cmn-en")
 
 
