@@ -55,7 +55,14 @@ def commands_reference() -> str:
 def run_directory_reference() -> str:
     source = (ROOT / "lmforge" / "rundir" / "__init__.py").read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(source)) or ""
-    return doc.split("\n", 1)[1].strip().replace("``", "`")
+    lines, in_fence = [], False
+    for line in doc.split("\n", 1)[1].strip().splitlines():
+        if line.startswith("```"):  # the layout block stays a code block (reST's ``x`` would turn it inline)
+            lines.append("```text" if not in_fence else line)
+            in_fence = not in_fence
+        else:  # reST literals: `x` in Markdown text, plain inside the code block
+            lines.append(line.replace("``", "" if in_fence else "`"))
+    return "\n".join(lines)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

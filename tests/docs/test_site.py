@@ -80,6 +80,11 @@ def test_the_command_reference_is_the_cli_help(site: Path) -> None:
     assert "usage: lmforge data fetch" in page and "lmforge:commands" not in page
     layout = (site / "en" / "reference" / "run-directory.html").read_text(encoding="utf-8")
     assert "trainer_state/step-NNNNNNN/" in layout and "lmforge:run-directory" not in layout
+    block = re.search(r"<pre\b.*?</pre>", layout, flags=re.S)  # the layout is a code block, one file per line
+    assert block is not None and "RUN_DIR/task.json" in block.group(0) and "``" not in block.group(0)
+    assert block.group(0).count("RUN_DIR/") == 8 and "(--resume RUN_DIR reads it)" in re.sub(
+        r"<[^>]+>", "", block.group(0)
+    )
 
 
 _CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
