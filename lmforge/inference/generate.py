@@ -50,7 +50,8 @@ FinishReason = Literal["stop", "length"]
 class Generation:
     """One generated sequence: its text, token ids (without the prompt), why it ended and its score
     (beam search: the length-penalised log-probability; greedy / sampling with ``output_scores``: the
-    summed log-probability; otherwise None)."""
+    summed log-probability; otherwise None). A byte-level model can emit bytes that are not UTF-8: the text
+    leaves them out (no U+FFFD is shown for them), the token ids keep them."""
 
     text: str
     token_ids: list[int]
@@ -216,8 +217,8 @@ class Generator:
         """Yield the generated text of one prompt piece by piece (greedy or sampling).
 
         The pieces concatenate to the text ``generate`` returns. A piece is held back while the
-        text decoded so far ends in U+FFFD (an incomplete UTF-8 sequence) or could still become
-        a stop string.
+        text decoded so far ends in U+FFFD (an incomplete UTF-8 sequence, which the next bytes may
+        complete) or could still become a stop string; bytes that never form a character are left out.
         """
         cfg = cfg or GenerationConfig()
         if cfg.num_beams > 1:
@@ -231,7 +232,7 @@ class Generator:
                 if token in self._stop_ids(cfg):
                     break
                 tokens.append(token)
-                text = self.tokenizer.decode(tokens)
+                text = _shown(self.tokenizer.decode(tokens).rstrip("\ufffd"))  # the tail may still complete
                 cut = _stop_cut(text, cfg.stop_strings)
                 if cut is not None:
                     if cut > len(sent):
@@ -241,7 +242,7 @@ class Generator:
                 if safe > len(sent):
                     yield text[len(sent) : safe]
                     sent = text[:safe]
-        text = self.tokenizer.decode(tokens)
+        text = _shown(self.tokenizer.decode(tokens))
         if len(text) > len(sent):
             yield text[len(sent) :]
 
@@ -340,7 +341,7 @@ class Generator:
         return tokens, reasons, scores.tolist() if scores is not None else [None] * n
 
     def _finish(self, tokens: list[int], reason: FinishReason, score: float | None, stop_strings=()) -> Generation:
-        text = self.tokenizer.decode(tokens)
+        text = _shown(self.tokenizer.decode(tokens))
         cut = _stop_cut(text, stop_strings)
         if cut is not None:
             text, reason = text[:cut], "stop"
@@ -430,6 +431,12 @@ def _beam_done(hyps: list, k: int, best_live: float, length: int, cfg: Generatio
     return min(h[0] for h in hyps) >= best_live / length**cfg.length_penalty
 
 
+def _shown(text: str) -> str:
+    """``text`` without U+FFFD: what a byte-level tokenizer decodes from bytes that are not valid UTF-8 (a model
+    can emit any byte sequence); a user is never shown a replacement character for them."""
+    return text.replace("\ufffd", "")
+
+
 def _stop_cut(text: str, stop_strings: Sequence[str]) -> int | None:
     """Index where the first stop string starts in ``text``, or None."""
     found = [i for s in stop_strings if s and (i := text.find(s)) >= 0]
@@ -437,13 +444,11 @@ def _stop_cut(text: str, stop_strings: Sequence[str]) -> int | None:
 
 
 def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """Characters at the end of ``text`` not yet safe to emit: an incomplete UTF-8 sequence, or the
-    start of a stop string."""
-    complete = text.rstrip("\ufffd")
+    """Characters at the end of ``text`` not yet safe to emit: the start of a stop string."""
     partial = 0
     for s in stop_strings:
-        for n in range(min(len(s) - 1, len(complete)), 0, -1):
-            if complete.endswith(s[:n]):
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
                 partial = max(partial, n)
                 break
-    return len(text) - len(complete) + partial
+    return partial

@@ -271,6 +271,34 @@ def test_stream_holds_back_split_utf8_characters(bpe_dir, monkeypatch) -> None:
     assert "".join(stopped) == "你好，"
 
 
+def test_bytes_that_never_form_a_character_are_left_out(bpe_dir, monkeypatch) -> None:
+    """A byte-level model may emit a lone lead byte followed by ASCII: those bytes never become a character, so
+    neither the stream nor the generated text shows a U+FFFD for them; the token ids keep them."""
+    from tokenizers import pre_tokenizers
+
+    tok = load_tokenizer(bpe_dir)
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    lead = to_bytes.pre_tokenize_str("你")[0][0][0]  # the first of its three bytes, alone
+    byte_chars = lead + "".join(to_bytes.pre_tokenize_str("A好")[0][0]) + lead
+    script = [tok.tokenizer.token_to_id(ch) for ch in byte_chars] + [tok.token_id("eos")]
+    assert None not in script and "\ufffd" in tok.decode(script[:-1])
+
+    def step(self, tokens=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        logits = torch.full((1, tok.vocab_size), -1e4)
+        logits[0, script[min(self.calls - 1, len(script) - 1)]] = 0.0
+        return logits
+
+    monkeypatch.setattr(GPTSteps, "first", step)
+    monkeypatch.setattr(GPTSteps, "next", step)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layers=1, n_heads=2, d_model=16, d_ff=32, max_seq_len=64))
+    gen = Generator(model.eval(), tok)
+    generated = gen.generate(["x"], GenerationConfig(max_new_tokens=40))[0]
+    assert generated.text == "A好" and generated.token_ids == script[:-1]
+    pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=40)))
+    assert "".join(pieces) == "A好" and all("\ufffd" not in p for p in pieces)
+
+
 def test_generation_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)
