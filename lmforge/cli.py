@@ -243,7 +243,26 @@ def _parse(name: str, rest: list[str]) -> Any:
             raise UserError(f"{flag} needs a YAML file")
         default = _recipe_defaults(cls, rest[i + 1])
         rest = rest[:i] + rest[i + 2 :]
+        _command_line_data_wins(default, rest)
     return tyro.cli(cls, args=rest, prog=f"lmforge {name}", default=default)
+
+
+_FILE_FLAGS = ("--train", "--dev", "--test")
+
+
+def _command_line_data_wins(recipe: Any, rest: list[str]) -> None:
+    """Data named on the command line replaces the recipe's: ``--train/--dev/--test`` files drop its built-in
+    ``data`` corpus, ``--data`` drops its files (as any flag overrides the recipe's value); both on the command
+    line are still refused, by the fine-tuning that reads them."""
+    fields = {f.name for f in dataclasses.fields(recipe)}
+    if not {"data", "train", "dev", "test"} <= fields:
+        return
+    if any(flag in rest for flag in _FILE_FLAGS) and getattr(recipe, "data", None):
+        object.__setattr__(recipe, "data", None)
+    if "--data" in rest:
+        for split in ("train", "dev", "test"):
+            if getattr(recipe, split, None):
+                object.__setattr__(recipe, split, None)
 
 
 def command_name(argv: list[str]) -> str | None:

@@ -249,3 +249,19 @@ def test_evaluate_and_predict_refuse_other_runs_before_loading(command: str, tmp
     assert main(args) == 2
     text = " ".join(capsys.readouterr().out.split())
     assert f"{gpt}: lmforge {command}" in text and "a pretrained model directory (no task.json)" in text
+
+
+def test_data_files_on_the_command_line_replace_the_recipe_corpus(tmp_path: Path) -> None:
+    from lmforge.cli import parse
+
+    recipe = ["finetune", "translate", "-c", "configs/translate/seq2seq-tiny-zh-en.yaml", "--out", "runs/mt"]
+    _, cfg = parse([*recipe, "--train", "pairs.tsv", "--dev", "dev.tsv"])
+    assert cfg.data is None and (cfg.train, cfg.dev) == ("pairs.tsv", "dev.tsv")
+    _, cfg = parse(recipe)
+    assert cfg.data == "builtin:tatoeba-cmn-en" and cfg.train is None
+    own = tmp_path / "own.yaml"
+    own.write_text("train: mine.csv\ndev: mine-dev.csv\n", encoding="utf-8")
+    _, cfg = parse(
+        ["finetune", "classify", "-c", str(own), "--model", "m", "--out", "o", "--data", "builtin:reviews-sentiment"]
+    )
+    assert cfg.data == "builtin:reviews-sentiment" and cfg.train is None and cfg.dev is None
