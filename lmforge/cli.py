@@ -241,10 +241,56 @@ def _parse(name: str, rest: list[str]) -> Any:
         i = rest.index(flag)
         if i + 1 >= len(rest):
             raise UserError(f"{flag} needs a YAML file")
-        default = _recipe_defaults(cls, rest[i + 1])
+        recipe = rest[i + 1]
+        default = _recipe_defaults(cls, recipe)
         rest = rest[:i] + rest[i + 2 :]
         _command_line_data_wins(default, rest)
+        _recipe_steps_or_epochs(default, recipe, rest)
+    rest = _steps_or_epochs(cls, rest)
     return tyro.cli(cls, args=rest, prog=f"lmforge {name}", default=default)
+
+
+_MAX_STEPS_FLAGS = ("--training.max-steps", "--training.max_steps")
+
+
+def _steps_or_epochs(cls: type, rest: list[str]) -> list[str]:
+    """A fine-tuning's length is ``--epochs`` or ``--training.max-steps``: the steps given on the command line are
+    honoured (epochs 0), both given are refused (commands without epochs pass through)."""
+    if "epochs" not in {f.name for f in dataclasses.fields(cls)} or not any(f in rest for f in _MAX_STEPS_FLAGS):
+        return rest
+    steps = next(_flag_value(rest, f) for f in _MAX_STEPS_FLAGS if f in rest)
+    epochs = _flag_value(rest, "--epochs")
+    if epochs is None:
+        return [*rest, "--epochs", "0"]
+    if epochs.strip() not in ("0", "0.0"):
+        raise UserError(
+            f"--epochs {epochs} and --training.max-steps {steps} both set the length of the run: give one "
+            f"(--training.max-steps alone trains {steps} steps)"
+        )
+    return rest
+
+
+def _recipe_steps_or_epochs(recipe_cfg: Any, path: str, rest: list[str]) -> None:
+    """The same rule for a recipe that sets ``training.max_steps``: it runs that many steps unless it (or the
+    command line) sets epochs too, which is refused unless the epochs are 0. A resumed run's config.yaml holds
+    the length it was started with and is read as it is."""
+    from lmforge.files import read_yaml
+
+    if "--resume" in rest or "epochs" not in {f.name for f in dataclasses.fields(recipe_cfg)}:
+        return
+    data = read_yaml(path)
+    steps = (data.get("training") or {}).get("max_steps") if isinstance(data.get("training"), dict) else None
+    if steps is None or any(f in rest for f in _MAX_STEPS_FLAGS):
+        return
+    epochs = _flag_value(rest, "--epochs") if "--epochs" in rest else data.get("epochs")
+    if epochs is None:
+        object.__setattr__(recipe_cfg, "epochs", 0.0)
+    elif float(epochs) != 0:
+        where = "--epochs" if "--epochs" in rest else f"{path}: epochs"
+        raise UserError(
+            f"{where} {epochs} and {path}: training.max_steps {steps} both set the length of the run: give one "
+            "(epochs 0 trains max_steps steps)"
+        )
 
 
 _FILE_FLAGS = ("--train", "--dev", "--test")

@@ -265,3 +265,23 @@ def test_data_files_on_the_command_line_replace_the_recipe_corpus(tmp_path: Path
         ["finetune", "classify", "-c", str(own), "--model", "m", "--out", "o", "--data", "builtin:reviews-sentiment"]
     )
     assert cfg.data == "builtin:reviews-sentiment" and cfg.train is None and cfg.dev is None
+
+
+def test_max_steps_given_is_honoured_and_given_with_epochs_is_refused(tmp_path: Path) -> None:
+    from lmforge.cli import parse
+    from lmforge.errors import UserError
+
+    command = ["finetune", "classify", "--model", "m", "--train", "t.csv", "--out", "o"]
+    assert parse(command)[1].epochs == 3.0  # the default length: 3 epochs
+    _, cfg = parse([*command, "--training.max-steps", "20"])
+    assert cfg.epochs == 0 and cfg.training.max_steps == 20
+    with pytest.raises(UserError, match="--epochs 2 and --training.max-steps 20 both set the length of the run"):
+        parse([*command, "--epochs", "2", "--training.max-steps", "20"])
+    recipe = tmp_path / "steps.yaml"
+    recipe.write_text("training:\n  max_steps: 30\n", encoding="utf-8")
+    _, cfg = parse([*command, "-c", str(recipe)])
+    assert cfg.epochs == 0 and cfg.training.max_steps == 30
+    both = tmp_path / "both.yaml"
+    both.write_text("epochs: 2\ntraining:\n  max_steps: 30\n", encoding="utf-8")
+    with pytest.raises(UserError, match="epochs 2 and .*both.yaml: training.max_steps 30 both set the length"):
+        parse([*command, "-c", str(both)])
