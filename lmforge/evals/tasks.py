@@ -28,6 +28,7 @@ docs/en/applications/evaluate-llm.md); each reads its test split, and k-shot exa
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -289,25 +290,15 @@ def _tatoeba_translation(split: str, source: str, target: str) -> list[Generatio
     return [GenerationItem(prompt.format(**pair), pair[target], source=pair[source]) for pair in pairs]
 
 
-def tatoeba_zh_en() -> EvalTask:
+def tatoeba_translation(source: str, target: str) -> EvalTask:
+    """``tatoeba-SOURCE-TARGET``: the test pairs translated one way, the shots from the dev pairs."""
     return EvalTask(
-        "tatoeba-zh-en",
+        f"tatoeba-{source}-{target}",
         "generation",
-        _tatoeba_translation("test", "zh", "en"),
-        source="Tatoeba zh-en test pairs, zh -> en (shots from the dev split)",
-        shots=_tatoeba_translation("dev", "zh", "en"),
-        target_lang="en",
-    )
-
-
-def tatoeba_en_zh() -> EvalTask:
-    return EvalTask(
-        "tatoeba-en-zh",
-        "generation",
-        _tatoeba_translation("test", "en", "zh"),
-        source="Tatoeba zh-en test pairs, en -> zh (shots from the dev split)",
-        shots=_tatoeba_translation("dev", "en", "zh"),
-        target_lang="zh",
+        _tatoeba_translation("test", source, target),
+        source=f"Tatoeba zh-en test pairs, {source} -> {target} (shots from the dev split)",
+        shots=_tatoeba_translation("dev", source, target),
+        target_lang=target,
     )
 
 
@@ -363,10 +354,14 @@ BUILTIN_EVALS: dict[str, BuiltinEval] = {
         reviews_sentiment_prompt, "choice: 正面 / 负面 for a test review, zero- or k-shot (chance 0.5)"
     ),
     "tatoeba-zh-en": BuiltinEval(
-        tatoeba_zh_en, "generation: test sentences zh -> en, sacreBLEU and chrF", translation=("zh", "en")
+        functools.partial(tatoeba_translation, "zh", "en"),
+        "generation: test sentences zh -> en, sacreBLEU and chrF",
+        translation=("zh", "en"),
     ),
     "tatoeba-en-zh": BuiltinEval(
-        tatoeba_en_zh, "generation: test sentences en -> zh, sacreBLEU (zh) and chrF", translation=("en", "zh")
+        functools.partial(tatoeba_translation, "en", "zh"),
+        "generation: test sentences en -> zh, sacreBLEU (zh) and chrF",
+        translation=("en", "zh"),
     ),
     "peoples-daily-text:test": BuiltinEval(peoples_daily_perplexity, "perplexity of People's Daily test sentences"),
     "tang-verse:test": BuiltinEval(tang_verse_perplexity, "perplexity of tang-verse test poems"),
