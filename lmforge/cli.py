@@ -253,27 +253,37 @@ def _parse(name: str, rest: list[str]) -> Any:
 _MAX_STEPS_FLAGS = ("--training.max-steps", "--training.max_steps")
 
 
+def _refuse_both_lengths(epochs: object, steps: object, epochs_where: str, steps_where: str) -> None:
+    """A fine-tuning's length is its epochs or training.max_steps: both set (epochs not 0) is refused, never one
+    silently ignored. A value that is not a number is left for the parser to name."""
+    try:
+        nonzero = float(str(epochs)) != 0
+    except ValueError:
+        return
+    if nonzero:
+        raise UserError(
+            f"{epochs_where} {epochs} and {steps_where} {steps} both set the length of the run: give one "
+            "(epochs 0 trains max_steps steps)"
+        )
+
+
 def _steps_or_epochs(cls: type, rest: list[str]) -> list[str]:
-    """A fine-tuning's length is ``--epochs`` or ``--training.max-steps``: the steps given on the command line are
-    honoured (epochs 0), both given are refused (commands without epochs pass through)."""
+    """``--training.max-steps`` on the command line is honoured (epochs 0) and refused beside ``--epochs`` > 0
+    (commands without epochs pass through)."""
     if "epochs" not in {f.name for f in dataclasses.fields(cls)} or not any(f in rest for f in _MAX_STEPS_FLAGS):
         return rest
     steps = next(_flag_value(rest, f) for f in _MAX_STEPS_FLAGS if f in rest)
     epochs = _flag_value(rest, "--epochs")
     if epochs is None:
         return [*rest, "--epochs", "0"]
-    if epochs.strip() not in ("0", "0.0"):
-        raise UserError(
-            f"--epochs {epochs} and --training.max-steps {steps} both set the length of the run: give one "
-            f"(--training.max-steps alone trains {steps} steps)"
-        )
+    _refuse_both_lengths(epochs, steps, "--epochs", "--training.max-steps")
     return rest
 
 
 def _recipe_steps_or_epochs(recipe_cfg: Any, path: str, rest: list[str]) -> None:
     """The same rule for a recipe that sets ``training.max_steps``: it runs that many steps unless it (or the
-    command line) sets epochs too, which is refused unless the epochs are 0. A resumed run's config.yaml holds
-    the length it was started with and is read as it is."""
+    command line) sets epochs too. A resumed run's config.yaml holds the length it was started with and is read
+    as it is; steps given on the command line are ``_steps_or_epochs``'."""
     from lmforge.files import read_yaml
 
     if "--resume" in rest or "epochs" not in {f.name for f in dataclasses.fields(recipe_cfg)}:
@@ -285,12 +295,9 @@ def _recipe_steps_or_epochs(recipe_cfg: Any, path: str, rest: list[str]) -> None
     epochs = _flag_value(rest, "--epochs") if "--epochs" in rest else data.get("epochs")
     if epochs is None:
         object.__setattr__(recipe_cfg, "epochs", 0.0)
-    elif float(epochs) != 0:
-        where = "--epochs" if "--epochs" in rest else f"{path}: epochs"
-        raise UserError(
-            f"{where} {epochs} and {path}: training.max_steps {steps} both set the length of the run: give one "
-            "(epochs 0 trains max_steps steps)"
-        )
+        return
+    where = "--epochs" if "--epochs" in rest else f"{path}: epochs"
+    _refuse_both_lengths(epochs, steps, where, f"{path}: training.max_steps")
 
 
 _FILE_FLAGS = ("--train", "--dev", "--test")

@@ -275,6 +275,7 @@ def test_max_steps_given_is_honoured_and_given_with_epochs_is_refused(tmp_path: 
     assert parse(command)[1].epochs == 3.0  # the default length: 3 epochs
     _, cfg = parse([*command, "--training.max-steps", "20"])
     assert cfg.epochs == 0 and cfg.training.max_steps == 20
+    assert parse([*command, "--epochs", "0.00", "--training.max-steps", "20"])[1].training.max_steps == 20
     with pytest.raises(UserError, match="--epochs 2 and --training.max-steps 20 both set the length of the run"):
         parse([*command, "--epochs", "2", "--training.max-steps", "20"])
     recipe = tmp_path / "steps.yaml"
