@@ -129,8 +129,16 @@ def evaluate_lm(cfg: Config) -> list[dict]:
     """--task / --suite: each task's metrics for a decoder or a translator, every task and setting checked before
     any weight loads."""
     from lmforge.data.readers import check_output_file
-    from lmforge.evals.run import DEFINITIONS, EvalSettings, check, check_shots, check_translator, evaluate_task
-    from lmforge.evals.tasks import load_task, read_task_file
+    from lmforge.evals.run import (
+        DEFINITIONS,
+        EvalSettings,
+        check,
+        check_shots,
+        check_translation_direction,
+        check_translator,
+        evaluate_task,
+    )
+    from lmforge.evals.tasks import BUILTIN_EVALS, load_task, read_task_file
     from lmforge.files import write_json
     from lmforge.models.registry import read_config
     from lmforge.rundir import load_run
@@ -140,6 +148,10 @@ def evaluate_lm(cfg: Config) -> list[dict]:
         check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
     settings = EvalSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalSettings)})
     max_seq_len = read_config(cfg.model).max_seq_len
+    for name in names if direction else ():  # a built-in task a translator cannot take, refused before its data loads
+        if name in BUILTIN_EVALS:
+            builtin = BUILTIN_EVALS[name]
+            check_translation_direction(name, builtin.kind, builtin.translation, src=direction[0], tgt=direction[1])
     tasks = [load_task(n, choice_format=cfg.choice_format, skip_bad_rows=cfg.skip_bad_rows) for n in names]
     if cfg.shots_file:
         if not cfg.shots:

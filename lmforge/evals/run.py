@@ -103,17 +103,25 @@ def check_translator(task: EvalTask, settings: EvalSettings, *, src: str, tgt: s
     """What an encoder-decoder translating ``src`` into ``tgt`` cannot be scored on, refused before any work: a
     task that is not a translation (perplexity, a choice file), a translation the other way, k shots (it reads one
     source sentence, with no room for examples)."""
-    direction = f"{src} -> {tgt}"
-    if task.kind == "perplexity" or (task.kind == "choice" and task.translation is None):
-        raise UserError(
-            f"--task {task.name}: a {task.kind} task; an encoder-decoder ({direction}) is scored on translation tasks: "
-            "the built-in ones in its direction, or a JSONL of {prompt, reference} rows whose prompt is the source"
-        )
-    if task.translation is not None and task.translation != (src, tgt):
-        source, target = task.translation
-        raise UserError(f"--task {task.name}: translates {source} -> {target}; this model translates {direction}")
+    check_translation_direction(task.name, task.kind, task.translation, src=src, tgt=tgt)
     if settings.shots:
         raise UserError(f"--shots {settings.shots}: an encoder-decoder reads the source sentence alone; give 0")
+
+
+def check_translation_direction(
+    name: str, kind: str, translation: tuple[str, str] | None, *, src: str, tgt: str
+) -> None:
+    """``check_translator``'s test of a task's kind and direction, which a built-in task passes or fails before its
+    data is read (``BuiltinEval.kind`` / ``translation``)."""
+    direction = f"{src} -> {tgt}"
+    if kind == "perplexity" or (kind == "choice" and translation is None):
+        raise UserError(
+            f"--task {name}: a {kind} task; an encoder-decoder ({direction}) is scored on translation tasks: "
+            "the built-in ones in its direction, or a JSONL of {prompt, reference} rows whose prompt is the source"
+        )
+    if translation is not None and translation != (src, tgt):
+        source, target = translation
+        raise UserError(f"--task {name}: translates {source} -> {target}; this model translates {direction}")
 
 
 def translator_tasks(src: str, tgt: str) -> list[str]:

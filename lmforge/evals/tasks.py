@@ -342,6 +342,11 @@ class BuiltinEval:
     summary: str
     translation: tuple[str, str] | None = None
 
+    @property
+    def kind(self) -> str:
+        """choice, generation or perplexity: what its summary opens with (known before its data is read)."""
+        return "perplexity" if self.summary.startswith("perplexity") else self.summary.split(":")[0]
+
 
 BUILTIN_EVALS: dict[str, BuiltinEval] = {
     "tang-next-line": BuiltinEval(tang_next_line, "choice: a test poem's true second line among 4 (chance 0.25)"),

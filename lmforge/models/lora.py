@@ -341,9 +341,11 @@ def _shape_of(cfg) -> dict:
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base: str = "fp32") -> LoRASpec:
     """Add the adapters of ``directory`` (PEFT's files, as ``save_adapter`` writes them) to ``model``; a UserError
-    when they were made for a base of another shape or name layers this model does not have."""
+    when they were made for a base of another shape or name layers this model does not have. ``base``: how the
+    adapted matrices are held (LoRASpec.base); fp32 by default, so that a merge (``export --merge``) folds the
+    adapters into the exact base on every machine, not into a bf16 copy where the CPU has native bf16."""
     directory = Path(directory)
     config = read_json_object(directory / ADAPTER_CONFIG, what="adapter config")
     if config.get("peft_type") != "LORA":
@@ -384,7 +386,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRASpec:
     missing = sorted(set(targets) - {t for found in chosen.values() for t in found})
     if missing:
         raise UserError(f"{directory}: adapters for layers this model does not have: {', '.join(missing[:5])}")
-    add_lora(model, LoRASpec(**{**spec.__dict__, "targets": list(chosen)}))
+    add_lora(model, LoRASpec(**{**spec.__dict__, "targets": list(chosen), "base": base}))
     for name, layer in lora_layers(model).items():
         found = chosen[name]
         with torch.no_grad():

@@ -22,7 +22,9 @@ from lmforge.train.config import TrainConfig, loop_defaults
 
 
 def _finetune_training() -> TrainConfig:
-    return loop_defaults(batch=32, every=200, log_every=20, lr=1e-4, warmup=100, schedule="linear", patience=5)
+    return loop_defaults(
+        batch=32, every=200, log_every=20, lr=1e-4, warmup=100, schedule="linear", patience=5, min_evals=4
+    )
 
 
 RECIPE_FIELDS = ("out", "train", "dev", "test", "skip_bad_rows", "epochs", "average_last", "training", "resume", "lora")

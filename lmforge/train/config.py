@@ -33,15 +33,28 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_steps: int = 100
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps from 0 to lr (at most warmup_share of the run)."""
+    warmup_share: float = 0.25
+    """The largest share of the run's steps that warm-up may take: a run shorter than warmup_steps / warmup_share
+    warms up for that share of its steps instead, so a short run still reaches its peak learning rate
+    (1 = warmup_steps as given, even if the run ends inside it)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warm-up steps of a run of ``total_steps``: warmup_steps, capped at warmup_share of the run (a share of
+        1 caps nothing)."""
+        if self.warmup_share >= 1:
+            return self.warmup_steps
+        return min(self.warmup_steps, int(self.warmup_share * total_steps))
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"optim.lr={self.lr} must be a finite positive number")
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 < self.warmup_share <= 1.0:
+            raise UserError(f"optim.warmup_share={self.warmup_share} must be in (0, 1]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
@@ -91,6 +104,9 @@ class TrainConfig:
     """Seed for initialisation, data order, masking and dropout."""
     eval_every: int = 200
     """Evaluate every N steps (and at the end); 0 = only at the end."""
+    min_evals: int = 0
+    """Evaluate at least this many times in a run: a run shorter than eval_every x min_evals steps evaluates every
+    max_steps / min_evals steps instead (0 = eval_every as given)."""
     eval_batches: int = 50
     """Validation micro-batches per evaluation (tasks with their own evaluate() use the whole dev set)."""
     patience: int = 0
@@ -124,10 +140,26 @@ class TrainConfig:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
             if getattr(self, key) <= 0:
                 raise UserError(f"training.{key}={getattr(self, key)} must be positive")
-        for key in ("max_minutes", "grad_clip", "eval_every", "patience", "save_every", "keep_last", "adv_steps"):
+        for key in (
+            "max_minutes",
+            "grad_clip",
+            "eval_every",
+            "min_evals",
+            "patience",
+            "save_every",
+            "keep_last",
+            "adv_steps",
+        ):
             check_range(f"training.{key}", getattr(self, key), at_least=0)
         check_range("training.max_bad_steps", self.max_bad_steps, at_least=1)
         check_device(self.device, key="training.device")
+
+    def eval_interval(self) -> int:
+        """Steps between evaluations: eval_every, shortened so that the run evaluates min_evals times (0: only at
+        the end)."""
+        if not (self.eval_every and self.min_evals):
+            return self.eval_every
+        return max(1, min(self.eval_every, self.max_steps // self.min_evals))
 
 
 def loop_defaults(

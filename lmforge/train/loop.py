@@ -173,6 +173,8 @@ class _Run:
     stop: _StopOnSignal = field(default_factory=lambda: _StopOnSignal())
     window_start: float = 0.0
     window: dict = field(default_factory=lambda: {"tokens": 0, "loss": 0.0, "n": 0.0})
+    warnings: list[str] = field(default_factory=list)
+    """What made the run too short to learn (``length_warnings``): logged at the start, kept in results.json."""
 
 
 def fit(
@@ -210,7 +212,7 @@ def fit(
         _save(run)
         run.logger.close()
         raise TrainingInterrupted(stopped_by, run.state.step, run.run_dir)
-    if not (cfg.eval_every and run.state.step % cfg.eval_every == 0):
+    if not (cfg.eval_interval() and run.state.step % cfg.eval_interval() == 0):
         _evaluate(run)
     _save(run)
     run.logger.close()
@@ -284,6 +286,9 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
         logger.info(f"resumed from {ckpt} (step {state.step})")
     if precision != cfg_precision:
         logger.info(f"training.precision=auto: {precision} on this {d.device.type}")
+    warnings = length_warnings(cfg, len(task.train_items))
+    for warning in warnings:
+        logger.info(f"warning: {warning}")
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(
         d.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     )
@@ -311,7 +316,33 @@ def _setup(model, task, cfg: TrainConfig, run_dir: Path, resume: bool, on_eval) 
         on_eval=on_eval,
         window_start=time.perf_counter(),
         eval_twin=eval_twin,
+        warnings=warnings,
     )
+
+
+SHORT_RUN_STEPS = 50
+"""Fewer optimizer steps than this and a model rarely learns anything from a random or pretrained start."""
+
+
+def length_warnings(cfg: TrainConfig, n_items: int) -> list[str]:
+    """What makes a run too short to learn, said before it starts: fewer than SHORT_RUN_STEPS optimizer steps,
+    or a run that ends inside its warm-up (the learning rate never reaches optim.lr)."""
+    found = []
+    if cfg.max_steps < SHORT_RUN_STEPS:
+        epochs = cfg.max_steps * cfg.global_batch_size / max(1, n_items)
+        found.append(
+            f"this run is only {cfg.max_steps} optimizer step(s) ({n_items} training examples, "
+            f"{cfg.global_batch_size} per step, {epochs:.3g} pass(es) over them); a model rarely learns in fewer "
+            f"than {SHORT_RUN_STEPS}: give more --epochs (or --training.max-steps), or fewer examples per step "
+            "(--training.global-batch-size and --training.micro-batch-size)"
+        )
+    warmup = cfg.optim.warmup_for(cfg.max_steps)
+    if warmup >= cfg.max_steps:
+        found.append(
+            f"the run ends inside its warm-up ({warmup} steps of {cfg.max_steps}): the learning rate never reaches "
+            f"optim.lr {cfg.optim.lr:g}; lower --training.optim.warmup-steps or --training.optim.warmup-share"
+        )
+    return found
 
 
 def _optimizer(module: nn.Module, cfg: TrainConfig, ckpt: Path | None, d: distributed.Dist):
@@ -340,7 +371,7 @@ def _train_steps(run: _Run) -> str | None:
             )
             break
         _step(run)
-        if cfg.eval_every and state.step % cfg.eval_every == 0:
+        if cfg.eval_interval() and state.step % cfg.eval_interval() == 0:
             _evaluate(run)
         # a new best is always saved, so the best checkpoint exists whatever save_every is
         if (cfg.save_every and state.step % cfg.save_every == 0) or state.best_step == state.step:
@@ -499,6 +530,7 @@ def _finish(run: _Run, write_results: bool) -> dict:
         "best_dev": None if state.best_metric is None else {run.selection: state.best_metric * run.sign},
         "best_step": state.best_step,
         "processes": d.world_size,
+        "warnings": run.warnings,
         "train_config": asdict(run.cfg),
     }
     if d.is_main:

@@ -3,7 +3,9 @@
 AdamW (Loshchilov & Hutter, 2019) with torch's fused kernel (CPU and CUDA), or SGD with
 momentum. Weight decay applies to matrices only: norms, biases and other 1-D parameters are
 exempt (as in BERT and GPT-2 training code). Schedules: linear warmup, then cosine or linear
-decay to ``min_lr_ratio`` of the peak, or constant.
+decay to ``min_lr_ratio`` of the peak, or constant. Warm-up never takes more than ``warmup_share`` of the run
+(a quarter by default), the cap that transformers' ``warmup_ratio`` expresses as a share: a 3-step fine-tune on a
+30-row file otherwise ends inside a 100-step warm-up at a hundredth of its learning rate.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 def lr_factor(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_for(total_steps)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 

@@ -18,6 +18,9 @@ from lmforge.models.specs import LoRASpec
 from tests.models.families import DECODER_FAMILIES
 
 VOCAB = 96
+# Every adapter here holds an fp32 base, as the fp32 models it is compared with (PEFT, transformers, the plain
+# base): LoRASpec's default, auto, holds it in bf16 on a CPU with native bf16 (avx512_bf16, AMX), and the
+# comparisons at 1e-4 would then depend on the machine.
 DECODERS = {
     **DECODER_FAMILIES,
     "gemma3": {**DECODER_FAMILIES["gemma3"], "head_dim": 16, "sliding_window": 4, "global_every": 2},
@@ -55,7 +58,7 @@ def _hf(model: GPT | Bert) -> nn.Module:
 def test_peft_loads_the_adapter_and_computes_the_same_logits(family: str, dora: bool, tmp_path) -> None:
     model = _decoder(family)
     hf = _hf(model)  # the base, before adapters
-    spec = LoRASpec(rank=4, alpha=8, rslora=family == "qwen2", dora=dora)
+    spec = LoRASpec(rank=4, alpha=8, rslora=family == "qwen2", dora=dora, base="fp32")
     adapted = add_lora(model, spec)
     with torch.no_grad():
         ids = torch.randint(0, VOCAB, (2, 12))
@@ -91,7 +94,7 @@ def test_an_encoder_takes_adapters_peft_reads(tmp_path) -> None:
     cfg = BertConfig(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=32, mlm_head=False)
     model = Bert(cfg).eval()
     hf = _hf(model)
-    spec = LoRASpec(rank=2, alpha=4)
+    spec = LoRASpec(rank=2, alpha=4, base="fp32")
     add_lora(model, spec)
     assert lora_layers(model)["layers.0.attn.qkv"].parts == (32, 32, 32)
     _train_adapters_a_little(model)
@@ -108,7 +111,7 @@ def test_an_encoder_takes_adapters_peft_reads(tmp_path) -> None:
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_only_adapters_train_and_merging_changes_no_output(dora: bool, tmp_path) -> None:
     model = _decoder("llama")
-    spec = LoRASpec(rank=4, alpha=8, targets=["layers.*.attn.qkv", "layers.1.ffn.down"], dora=dora)
+    spec = LoRASpec(rank=4, alpha=8, targets=["layers.*.attn.qkv", "layers.1.ffn.down"], dora=dora, base="fp32")
     add_lora(model, spec)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
@@ -134,10 +137,10 @@ def test_bad_adapter_requests_are_refused(tmp_path) -> None:
     with pytest.raises(UserError, match="lora.rank=-1"):
         LoRASpec(rank=-1)
     with pytest.raises(UserError, match=r"match no linear layer.*layers\.\*\.attn\.qkv"):
-        add_lora(_decoder("llama"), LoRASpec(rank=2, targets=["*.q_proj"]))
+        add_lora(_decoder("llama"), LoRASpec(rank=2, targets=["*.q_proj"], base="fp32"))
     model = _decoder("llama")
-    add_lora(model, LoRASpec(rank=2))
-    save_adapter(model, LoRASpec(rank=2), tmp_path / "a")
+    add_lora(model, LoRASpec(rank=2, base="fp32"))
+    save_adapter(model, LoRASpec(rank=2, base="fp32"), tmp_path / "a")
     other = GPT(GPTConfig(**{**model.cfg.__dict__, "d_ff": 96}))
     with pytest.raises(UserError, match="made for a base of shape"):
         load_adapter(other, tmp_path / "a")
@@ -159,9 +162,9 @@ def test_export_merges_an_adapter_into_hf_and_gguf(tmp_path, bpe_dir) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(bpe_dir / name, tmp_path / "base" / name)
     adapted = load_model(tmp_path / "base")
-    add_lora(adapted, LoRASpec(rank=4, alpha=8))
+    add_lora(adapted, LoRASpec(rank=4, alpha=8, base="fp32"))
     _train_adapters_a_little(adapted)
-    save_adapter(adapted, LoRASpec(rank=4, alpha=8), tmp_path / "adapter")
+    save_adapter(adapted, LoRASpec(rank=4, alpha=8, base="fp32"), tmp_path / "adapter")
     args = ["export", str(tmp_path / "base"), "--merge", str(tmp_path / "adapter")]
     assert main([*args, "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -211,7 +214,7 @@ def test_attention_for_a_few_queries_keeps_the_adapters() -> None:
     layer rather than slicing its weight, so the adapters count there too."""
     torch.manual_seed(0)
     model = Bert(BertConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=32)).eval()
-    add_lora(model, LoRASpec(rank=2, alpha=4))
+    add_lora(model, LoRASpec(rank=2, alpha=4, base="fp32"))
     _train_adapters_a_little(model)
     attn, x = model.layers[0].attn, torch.randn(2, 7, 32)
     with torch.no_grad():

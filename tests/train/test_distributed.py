@@ -21,9 +21,11 @@ task: mlm
 model: {{size: bert-tiny, dropout: 0.0}}
 data: {{input: [{corpus}], tokenizer: {tokenizer}, shards: {shards}, seq_len: 64}}
 training: {{max_steps: 6, global_batch_size: 8, micro_batch_size: 4, log_every: 1, eval_every: 3, eval_batches: 2,
-         save_every: 3, progress: false, deterministic: true, peak_tflops: 1.0}}
+         save_every: 3, progress: false, deterministic: true, peak_tflops: 1.0,
+         optim: {{warmup_steps: 100, warmup_share: 1.0}}}}
 """
-    )
+    )  # the whole run inside a 100-step warm-up taken as given: the rate depends on the step only, so a 6-step run
+    # resumed to 9 steps follows the 9-step run (a warm-up that is a share of the run would differ between them)
     return recipe
 
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import UserError
 from lmforge.models.registry import build_model
 from lmforge.models.sizes import model_size
 from lmforge.tasks.base import LossOutput
 from lmforge.tasks.mlm import MLMTask
 from lmforge.train import checkpoint
-from lmforge.train.loop import TrainingDiverged, fit
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import SHORT_RUN_STEPS, TrainingDiverged, fit, length_warnings
 from lmforge.train.optim import OptimConfig, build_optimizer, lr_factor
 
 
@@ -97,6 +99,8 @@ def test_summary_accounts_tokens_flops_and_writes_the_run_files(
     summary = fit(_model(task), task, tiny_train_config(max_steps=3, eval_every=2), run_dir=tmp_path)
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 8 * 64
     assert summary["train_flops"] > 0 and 0 < summary["mfu"] < 1  # against the given 1 TFLOP/s peak
+    assert summary["warnings"] == length_warnings(tiny_train_config(max_steps=3), len(task.train_items))
+    assert "only 3 optimizer step(s)" in summary["warnings"][0]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
     assert {"loss", "perplexity", "accuracy"} <= set(next(r for r in records if r["kind"] == "eval"))
@@ -180,6 +184,41 @@ def test_learning_rate_schedule_and_decay_groups(task: MLMTask) -> None:
     groups = build_optimizer(_model(task), OptimConfig(weight_decay=0.1)).param_groups
     assert groups[0]["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_a_short_run_warms_up_for_a_share_of_it_evaluates_often_and_says_it_is_short() -> None:
+    """The small-data case: 30 rows at 32 per step for 3 epochs are 3 steps. They still reach the peak learning
+    rate (warm-up is at most a quarter of the run), are evaluated min_evals times, and are warned about."""
+    short = OptimConfig(lr=1.0, warmup_steps=100, min_lr_ratio=0.0, schedule="linear")
+    assert short.warmup_for(8) == 2 and short.warmup_for(1000) == 100
+    assert [round(lr_factor(s, cfg=short, total_steps=8), 4) for s in range(8)] == [
+        0.5,
+        1.0,
+        1.0,
+        0.8333,
+        0.6667,
+        0.5,
+        0.3333,
+        0.1667,
+    ]
+    as_given = dataclasses.replace(short, warmup_share=1.0)
+    assert lr_factor(7, cfg=as_given, total_steps=8) == pytest.approx(0.08)  # the run ends inside its warm-up
+    with pytest.raises(UserError, match="warmup_share=0"):
+        OptimConfig(warmup_share=0.0)
+
+    assert TrainConfig(max_steps=10, eval_every=200, min_evals=4).eval_interval() == 2
+    assert TrainConfig(max_steps=3, eval_every=200, min_evals=4).eval_interval() == 1
+    assert TrainConfig(max_steps=1000, eval_every=200, min_evals=4).eval_interval() == 200
+    assert TrainConfig(max_steps=10, eval_every=200).eval_interval() == 200  # min_evals 0: as given
+    assert TrainConfig(max_steps=10, eval_every=0, min_evals=4).eval_interval() == 0  # only at the end
+
+    three = TrainConfig(max_steps=3, global_batch_size=32, micro_batch_size=32)
+    (said,) = length_warnings(three, 30)
+    assert "only 3 optimizer step(s) (30 training examples, 32 per step, 3.2 pass(es)" in said and "--epochs" in said
+    inside = TrainConfig(max_steps=SHORT_RUN_STEPS, optim=as_given)
+    (said,) = length_warnings(inside, 1000)
+    assert f"ends inside its warm-up (100 steps of {SHORT_RUN_STEPS})" in said
+    assert length_warnings(TrainConfig(max_steps=SHORT_RUN_STEPS), 1000) == []
 
 
 def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, shards: Path) -> Path:
