@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-quick demo-e5 docs docs-serve
+.PHONY: install test lint format clean demo demo-quick demo-e5 docs docs-serve docs-run
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ demo-e5: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The learner's path of the tutorial (the basics, getting started, the tutorial, classification, NER, translation,
+# dialogue), every block run as written in one fresh directory, at the tiny budgets the pages' markers give
+# (tests/docs/test_docs_run.py; about 15 minutes on 2 cores). CI runs it after `make test`.
+docs-run: $(STAMP)
+	LMFORGE_DOCS_RUN=1 $(PY) -m pytest -q tests/docs/test_docs_run.py
 
 # The tutorial site (docs/zh, docs/en; mkdocs.yml) into build/site, strictly: a broken link or a missing page fails.
 # Open build/site/index.html straight from the disk, or `make docs-serve` for http://127.0.0.1:8001/.

@@ -4,7 +4,8 @@ Markdown turns a line break inside a paragraph into a newline, and browsers show
 is right between two English words and wrong between two Chinese characters ("带字二元组 哈希嵌入"). CSS Text
 Level 3 lets a browser drop such a break between CJK characters, but the browsers in use do not. So, before
 Markdown reads a page, every line that ends with a CJK character (ideographs, CJK and full-width punctuation)
-is joined to the next line when that one starts with one, outside fenced code blocks, tables and headings
+(or with one and a closing ``**`` / ``*``) is joined to the next line when that one starts with one, outside fenced
+code blocks, tables and headings
 (a line ending in two spaces, Markdown's hard break, keeps its break). Lines that end
 or start with anything else (a Latin word, inline code, a link) keep their break and its space.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 
 CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
-_ENDS_CJK = re.compile(f"[{CJK}]$")
+_ENDS_CJK = re.compile(f"[{CJK}](\\*\\*|\\*|__|_)?$")  # a closing emphasis after it shows nothing
 _STARTS_CJK = re.compile(f"^[ \t]*[{CJK}]")
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,46 @@ def test_the_line_join_keeps_code_tables_headings_and_latin_breaks() -> None:
     rest = "\nEnglish\n## 标题\n正文 end\n硬换行  \n下一行\n```\n代码\n行\n```\n| 表 |\n格"
     source = "带字二元组\n哈希嵌入，\n  继续。" + rest
     assert join_cjk_lines(source) == "带字二元组哈希嵌入，继续。" + rest
+    assert join_cjk_lines("**问题？**\n回答，*强调。*\n下一句") == "**问题？**回答，*强调。*下一句"
+
+
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not (CHROMIUM or os.environ.get("CI")), reason="no Chromium installed (apt-get install chromium)")
+def test_the_diagrams_are_drawn_offline_in_a_browser(site: Path) -> None:
+    """The ```mermaid blocks become diagrams in headless Chromium opened on the files, with every http(s) request
+    refused: the Mermaid shipped in docs/assets/mermaid draws them (Material would otherwise fetch unpkg.com's). A
+    diagram Mermaid could not draw stays an empty box, 0 pixels high. CI installs Chromium, so there this runs."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "CI must run the browser test: install Debian's chromium (see .ci/run)"
+    pages = sorted({p for p in site.rglob("*.html") if '<pre class="mermaid">' in p.read_text(encoding="utf-8")})
+    assert site / "concepts" / "basics.html" in pages and site / "en" / "concepts" / "basics.html" in pages
+    refused: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route(
+            "**/*",
+            lambda route: (
+                (refused.append(route.request.url), route.abort())
+                if route.request.url.startswith(("http:", "https:"))
+                else route.continue_()
+            ),
+        )
+        for html in pages:
+            source = html.read_text(encoding="utf-8").count('<pre class="mermaid">')
+            page.goto(html.as_uri())
+            diagrams = page.locator("div.mermaid")
+            page.wait_for_function(
+                f"Array.from(document.querySelectorAll('div.mermaid')).filter(d => d.offsetHeight > 40).length"
+                f" === {source}",
+                timeout=20_000,
+            )
+            heights = [diagrams.nth(i).bounding_box()["height"] for i in range(diagrams.count())]
+            assert len(heights) == source and min(heights) > 40, (html, heights)
+        browser.close()
+    assert not refused and not errors, (refused[:5], errors[:5])
