@@ -16,12 +16,16 @@ before the block says so (the rendered page does not show it):
   runs, so that ``add`` reaches it);
 - ``<!-- run stdin: TEXT -->``: TEXT (with ``\\n`` for line breaks) is the block's standard input (``lmforge chat``).
 
+What a page claims from its runs is checked against them where ``CLAIMS`` names a check (the tutorial's 30-row
+run learns, its default run is warned about and does not).
+
 The blocks run with ``bash -euo pipefail`` (Python blocks with the project's interpreter) and the ``configs/``
 of this checkout; a block that fails fails its page with the page, line, command and output.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -161,6 +165,24 @@ def _run(block: Block, where: Path) -> None:
     )
 
 
+def _small_data_claims(where: Path) -> None:
+    """The tutorial's "a few dozen rows" table: the default run (3 steps) is warned about and predicts one class
+    (test accuracy at the majority share, 0.542), the small-data settings (75 steps) learn (0.726 on the page)."""
+    default, small = (
+        json.loads((where / "runs" / run / "results.json").read_text()) for run in ("tiny-defaults", "tiny")
+    )
+    assert default["training"]["steps"] == 3 and "only 3 optimizer step(s)" in default["training"]["warnings"][0]
+    assert small["training"]["steps"] == 75 and small["training"]["warnings"] == []
+    matrix = default["test"]["confusion_matrix"]  # rows: the true classes
+    majority = max(sum(row) for row in matrix) / default["test"]["n"]
+    assert default["test"]["accuracy"] <= majority + 0.02, (default["test"]["accuracy"], majority)
+    assert small["test"]["accuracy"] >= majority + 0.1, (small["test"]["accuracy"], majority)
+
+
+CLAIMS = {"tutorial.md": _small_data_claims}
+"""Checks of what a page says its runs give, run after the page."""
+
+
 @pytest.mark.skipif(not RUN, reason="opt-in: make docs-run (LMFORGE_DOCS_RUN=1)")
 @pytest.mark.parametrize("name", LEARNER_PATH)
 def test_the_page_runs_as_written(name: str, workspace: Path) -> None:
@@ -169,3 +191,5 @@ def test_the_page_runs_as_written(name: str, workspace: Path) -> None:
     assert ran or name == "getting-started.md", f"docs/zh/{name}: every block is skipped"
     for block in ran:
         _run(block, workspace)
+    if name in CLAIMS:
+        CLAIMS[name](workspace)
