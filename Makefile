@@ -38,8 +38,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The learner's path of the tutorial (the basics, getting started, the tutorial, classification, NER, translation,
-# dialogue), every block run as written in one fresh directory, at the tiny budgets the pages' markers give
-# (tests/docs/test_docs_run.py; about 15 minutes on 2 cores). CI runs it after `make test`.
+# dialogue) and the concept pages that build on it, every block run as written in one fresh directory, at the tiny
+# budgets the pages' markers give (tests/docs/test_docs_run.py; about 15 minutes on 2 cores). CI runs it after
+# `make test`.
 docs-run: $(STAMP)
 	LMFORGE_DOCS_RUN=1 $(PY) -m pytest -q tests/docs/test_docs_run.py
 

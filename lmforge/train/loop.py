@@ -333,8 +333,8 @@ def length_warnings(cfg: TrainConfig, n_items: int) -> list[str]:
         found.append(
             f"this run is only {cfg.max_steps} optimizer step(s) ({n_items} training examples, "
             f"{cfg.global_batch_size} per step, {epochs:.3g} pass(es) over them); a model rarely learns in fewer "
-            f"than {SHORT_RUN_STEPS}: give more --epochs (or --training.max-steps), or fewer examples per step "
-            "(--training.global-batch-size and --training.micro-batch-size)"
+            f"than {SHORT_RUN_STEPS}: lengthen it (--epochs where the command has it, or --training.max-steps), or "
+            "give fewer examples per step (--training.global-batch-size and --training.micro-batch-size)"
         )
     warmup = cfg.optim.warmup_for(cfg.max_steps)
     if warmup >= cfg.max_steps:

@@ -45,8 +45,14 @@ LEARNER_PATH = (
     "applications/ner.md",
     "applications/translation.md",
     "applications/dialogue.md",
+    "applications/embeddings.md",
+    "concepts/tokenization.md",
+    "concepts/models.md",
+    "concepts/contrastive.md",
+    "concepts/math.md",
 )
-"""The pages a learner follows from the home page, in order; each later page may use the runs of earlier ones."""
+"""The pages a learner follows from the home page, in order, then the concept pages that build on them; each later
+page may use the runs of earlier ones."""
 
 RUN = os.environ.get("LMFORGE_DOCS_RUN") == "1"
 _BLOCK = re.compile(r"((?:^<!-- run [a-z]+:[^\n]*-->\n)*)^```(bash|sh|console|python)[^\n]*\n(.*?)^```", re.M | re.S)
