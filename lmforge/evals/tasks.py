@@ -335,42 +335,48 @@ def chatterbot_replies() -> EvalTask:
 
 @dataclass(frozen=True)
 class BuiltinEval:
-    """A built-in task: its loader, one line for the docs and ``--help``, and its translation direction (an
-    encoder-decoder translating that way is scored on it)."""
+    """A built-in task: its loader, its kind, one line for the docs and ``--help``, and its translation direction (an
+    encoder-decoder translating that way is scored on it). The kind and direction are known before its data is
+    read, so a model that cannot take the task is refused first."""
 
     build: Callable[[], EvalTask]
+    kind: Literal["choice", "generation", "perplexity"]
     summary: str
     translation: tuple[str, str] | None = None
 
-    @property
-    def kind(self) -> str:
-        """choice, generation or perplexity: what its summary opens with (known before its data is read)."""
-        return "perplexity" if self.summary.startswith("perplexity") else self.summary.split(":")[0]
-
 
 BUILTIN_EVALS: dict[str, BuiltinEval] = {
-    "tang-next-line": BuiltinEval(tang_next_line, "choice: a test poem's true second line among 4 (chance 0.25)"),
+    "tang-next-line": BuiltinEval(
+        tang_next_line, "choice", "choice: a test poem's true second line among 4 (chance 0.25)"
+    ),
     "tatoeba-zh-en-choice": BuiltinEval(
         tatoeba_zh_en_choice,
+        "choice",
         "choice: a test sentence's English among 4 test translations (chance 0.25)",
         translation=("zh", "en"),
     ),
     "reviews-sentiment-prompt": BuiltinEval(
-        reviews_sentiment_prompt, "choice: 正面 / 负面 for a test review, zero- or k-shot (chance 0.5)"
+        reviews_sentiment_prompt, "choice", "choice: 正面 / 负面 for a test review, zero- or k-shot (chance 0.5)"
     ),
     "tatoeba-zh-en": BuiltinEval(
         functools.partial(tatoeba_translation, "zh", "en"),
+        "generation",
         "generation: test sentences zh -> en, sacreBLEU and chrF",
         translation=("zh", "en"),
     ),
     "tatoeba-en-zh": BuiltinEval(
         functools.partial(tatoeba_translation, "en", "zh"),
+        "generation",
         "generation: test sentences en -> zh, sacreBLEU (zh) and chrF",
         translation=("en", "zh"),
     ),
-    "peoples-daily-text:test": BuiltinEval(peoples_daily_perplexity, "perplexity of People's Daily test sentences"),
-    "tang-verse:test": BuiltinEval(tang_verse_perplexity, "perplexity of tang-verse test poems"),
-    "chatterbot-zh:test": BuiltinEval(chatterbot_replies, "perplexity of chatterbot-zh test replies after their turns"),
+    "peoples-daily-text:test": BuiltinEval(
+        peoples_daily_perplexity, "perplexity", "perplexity of People's Daily test sentences"
+    ),
+    "tang-verse:test": BuiltinEval(tang_verse_perplexity, "perplexity", "perplexity of tang-verse test poems"),
+    "chatterbot-zh:test": BuiltinEval(
+        chatterbot_replies, "perplexity", "perplexity of chatterbot-zh test replies after their turns"
+    ),
 }
 
 

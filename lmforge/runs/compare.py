@@ -53,7 +53,9 @@ from lmforge.train.optim import OptimConfig
 def pretrain_config(cfg: CompareConfig, name: str, seed: int, steps: int, corpus: Path) -> PretrainConfig:
     """The pretraining run of objective ``name`` with ``seed`` for ``steps`` steps (shared tokenizer and shards)."""
     objective = OBJECTIVES[name]
-    optim = OptimConfig(lr=objective.lr, warmup_steps=min(100, steps // 5), schedule="cosine", min_lr_ratio=0.1)
+    optim = OptimConfig(
+        lr=objective.lr, warmup_steps=100, warmup_share=0.2, schedule="cosine", min_lr_ratio=0.1
+    )  # at most a fifth of a short comparison warms up
     train = TrainConfig(
         max_steps=steps,
         global_batch_size=cfg.batch_size,

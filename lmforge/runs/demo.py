@@ -128,7 +128,8 @@ def pretrain_config(
     """
     optim = OptimConfig(
         lr=recipe.lr,
-        warmup_steps=min(recipe.warmup_steps, steps // 5),
+        warmup_steps=recipe.warmup_steps,
+        warmup_share=0.2,  # a short --pretrain-steps run warms up for a fifth of its steps
         schedule=recipe.schedule,  # type: ignore[arg-type]
         min_lr_ratio=recipe.min_lr_ratio,
     )

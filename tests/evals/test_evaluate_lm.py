@@ -117,6 +117,17 @@ def test_the_translation_tasks_draw_their_shots_from_the_dev_split(synthetic_tat
         assert all(p[source] in s.prompt for s, p in zip(task.shots, splits["dev"], strict=True))
 
 
+def test_a_built_in_task_is_of_the_kind_it_declares(synthetic_tatoeba: Path) -> None:
+    """BuiltinEval.kind refuses a task before its data is read: it must be the kind the built task has (the tasks
+    whose data the tests have: Tatoeba, the reviews, People's Daily, chatterbot)."""
+    from lmforge.evals.tasks import BUILTIN_EVALS
+
+    built = [n for n in BUILTIN_EVALS if not n.startswith("tang-")]
+    assert len(built) == 6
+    for name in built:
+        assert load_task(name).kind == BUILTIN_EVALS[name].kind, name
+
+
 def test_the_sentiment_task_is_the_test_reviews_with_their_label_words() -> None:
     from lmforge.data.builtin import reviews_sentiment
 
