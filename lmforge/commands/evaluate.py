@@ -88,9 +88,11 @@ def evaluate(cfg: Config) -> dict:
         examples, _ = resolve(entry.files.reader)(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
     if not examples:
         raise UserError(f"--data {cfg.data}: no examples to evaluate on")
+    examples = examples[: cfg.limit or None]
     metrics = run.task.evaluate(run.model, examples, device=torch.device("cpu"))
     if cfg.output:
-        write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **metrics, "definitions": DEFINITIONS})
+        limited = {"limit": cfg.limit, "rows": len(examples)} if cfg.limit else {}
+        write_json(cfg.output, {"data": cfg.data, "model": cfg.model, **limited, **metrics, "definitions": DEFINITIONS})
         if "confusion_matrix" in metrics:
             plot_confusion(metrics["confusion_matrix"], metrics["labels"], Path(cfg.output).with_suffix(".png"))
     return metrics
@@ -192,12 +194,26 @@ def _lm_table(cfg: Config, results: list[dict]) -> None:
     print_table(f"{cfg.model}", ["task", "metric", "score", "rows", "seconds"], rows)
 
 
+LM_ONLY = ("shots", "shots_file", "seed", "window", "stride", "batch_size", "max_new_tokens", "chat_template")
+LM_ONLY += ("choice_format",)
+"""The settings of language-model tasks, which --data (a classify / NER run on labelled rows) has no use for."""
+
+
 def run(cfg: Config) -> None:
     chosen = [flag for flag, given in (("--data", cfg.data), ("--task", cfg.task), ("--suite", cfg.suite)) if given]
     if len(chosen) != 1:
         raise UserError(
             "give exactly one of --data (a classify / NER run's labelled file), --task (language-model tasks) or "
             f"--suite (every built-in language-model task); got {' and '.join(chosen) or 'none'}"
+        )
+    if cfg.data and cfg.limit is not None and cfg.limit < 1:  # --task / --suite: checked with their settings
+        raise UserError(f"--limit {cfg.limit}: must be 1 or more")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    ignored = [f"--{name.replace('_', '-')}" for name in LM_ONLY if cfg.data and getattr(cfg, name) != defaults[name]]
+    if ignored:
+        raise UserError(
+            f"{', '.join(ignored)}: settings of language-model tasks (--task, --suite); --data scores a classify / "
+            "NER run on labelled rows and takes --limit, --output and --skip-bad-rows"
         )
     if cfg.data is None:
         results = evaluate_lm(cfg)

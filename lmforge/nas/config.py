@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lmforge.config import check_range
 from lmforge.errors import UserError
 from lmforge.nas.space import SearchSpace
 from lmforge.tasks import SEARCH_TASKS
@@ -75,6 +76,8 @@ class NASConfig:
     """Test file for the retrained picks."""
     skip_bad_rows: bool = False
     """Skip malformed rows (reported) instead of stopping at the first."""
+    limit: int = 0
+    """Use only the first N examples of each split (0 = all): a quick check of a recipe, not a result."""
     tokenizer: str | None = None
     """Directory with a WordPiece tokenizer.json; None = train one on the training texts."""
     vocab_size: int = 8000
@@ -96,6 +99,7 @@ class NASConfig:
     training: TrainConfig = field(default_factory=_training)
 
     def __post_init__(self) -> None:
+        check_range("limit", self.limit, at_least=0)
         if not self.strategies:
             raise UserError("strategies: choose at least one of supernet, multi-trial")
         if self.space.family != "bert":

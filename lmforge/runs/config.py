@@ -27,7 +27,19 @@ def _finetune_training() -> TrainConfig:
     )
 
 
-RECIPE_FIELDS = ("out", "train", "dev", "test", "skip_bad_rows", "epochs", "average_last", "training", "resume", "lora")
+RECIPE_FIELDS = (
+    "out",
+    "train",
+    "dev",
+    "test",
+    "skip_bad_rows",
+    "limit",
+    "epochs",
+    "average_last",
+    "training",
+    "resume",
+    "lora",
+)
 """The fields of a fine-tuning config that the recipe reads and the task never sees (``task_settings``)."""
 
 
@@ -49,6 +61,8 @@ class FinetuneConfig:
     """Test file, evaluated once with the best checkpoint."""
     skip_bad_rows: bool = False
     """Skip malformed rows / sentences (reported with file:line) instead of stopping at the first."""
+    limit: int = 0
+    """Use only the first N examples of each split (0 = all): a quick check of a recipe, not a result."""
     max_len: int | None = None
     """Longest input in tokens (with special tokens); None = min(128, the model's max_seq_len)."""
     epochs: float = 3.0
@@ -80,6 +94,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, at_least=0)
+        check_range("limit", self.limit, at_least=0)
         check_range("max_len", self.max_len, at_least=3)  # [CLS], at least one token, [SEP]
         check_range("average_last", self.average_last, at_least=0)
         if self.average_last > self.training.keep_last:

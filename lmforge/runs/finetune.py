@@ -136,6 +136,7 @@ def data_report(cfg: FinetuneConfig, splits: dict, reports: list[ReadReport], ta
     return {
         "source": cfg.data or {s: getattr(cfg, s) for s in ("train", "dev", "test") if getattr(cfg, s)},
         "examples": {s: len(v) for s, v in splits.items()},
+        **({"limit": cfg.limit} if cfg.limit else {}),
         "training_items": len(task.train_items),
         "skipped_rows": skipped_rows(reports),
         **({"read_as": notes} if (notes := [n for r in reports for n in r.notes]) else {}),
@@ -167,11 +168,11 @@ def load_splits(
 ) -> tuple[dict[str, list[dict]], list[ReadReport]]:
     """train / dev / test examples from --data builtin:NAME or the files, and what reading skipped.
 
-    ``cfg`` needs ``data``, ``train``, ``dev``, ``test``, ``skip_bad_rows`` and ``training.seed``;
+    ``cfg`` needs ``data``, ``train``, ``dev``, ``test``, ``skip_bad_rows``, ``limit`` and ``training.seed``;
     ``entry.builtin`` is the built-in corpora's task (classify, ner, dialogue, translate); ``read(path,
     skip_bad_rows=...)`` reads one file (default: the reader of the task's labelled ``files``, after which dev
     or test labels the training data never has are refused). Without a dev file, 10% of train (fixed seed) is
-    held out.
+    held out. ``limit`` (> 0) keeps the first that many examples of each split, after the hold-out.
     """
     kind = entry.builtin
     if cfg.data:
@@ -185,7 +186,7 @@ def load_splits(
             raise UserError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
         if cfg.train or cfg.dev or cfg.test:
             raise UserError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        return load_builtin(name, path=builtin_path), []
+        return _first(load_builtin(name, path=builtin_path), cfg.limit), []
     if not cfg.train:
         raise UserError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
     default_reader = read is None
@@ -201,8 +202,6 @@ def load_splits(
             reports.append(report)
             if not splits[split]:
                 raise UserError(f"{path}: no usable examples")
-    if default_reader:  # a head over labels or tags predicts the training labels only
-        _check_labels_seen_in_training(splits, cfg.train)
     if "dev" not in splits:
         n = len(splits["train"])
         if n - max(1, n // 10) < 2:  # what is left to train on after the held-out 10% (at least one row)
@@ -211,7 +210,14 @@ def load_splits(
                 "on. Give --dev FILE, or more rows"
             )
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
+    splits = _first(splits, cfg.limit)
+    if default_reader:  # a head over labels or tags predicts the training labels only
+        _check_labels_seen_in_training(splits, cfg.train)
     return splits, reports
+
+
+def _first(splits: dict[str, list[dict]], limit: int) -> dict[str, list[dict]]:
+    return {name: examples[:limit] for name, examples in splits.items()} if limit else splits
 
 
 def _check_labels_seen_in_training(splits: dict[str, list[dict]], train_path: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.data.builtin import load_builtin
 from lmforge.data.readers import write_conll, write_jsonl
+from tests.commands.test_bad_inputs import _fails
 
 FAST = ["--training.no-progress", "--training.peak-tflops", "1", "--training.log-every", "1"]
 
@@ -123,6 +124,26 @@ def test_finetune_names_the_bad_row(tmp_path: Path, tiny_bert: Path, capsys: pyt
     assert "train.csv:4: empty text" in " ".join(capsys.readouterr().out.split())
     assert main([*base, "--out", str(tmp_path / "b"), "--skip-bad-rows"]) == 2
     assert "dev.csv:3: label 'meh' never occurs in the training data" in " ".join(capsys.readouterr().out.split())
+
+
+def test_limit_keeps_the_first_examples_of_each_split_and_says_so(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--limit N` (the docs run's quick check of a recipe) trains and scores on the first N examples of each split,
+    the held-out dev included, and results.json records it."""
+    reviews = load_builtin("reviews-sentiment")
+    write_jsonl(tmp_path / "train.jsonl", reviews["train"][:100])
+    base = ["finetune", "classify", "--model", str(tiny_bert), "--epochs", "1", "--max-len", "16", *FAST]
+    assert main([*base, "--data", "builtin:reviews-sentiment", "--limit", "12", "--out", str(tmp_path / "a")]) == 0
+    data = json.loads((tmp_path / "a" / "results.json").read_text())["data"]
+    assert data["examples"] == {"train": 12, "dev": 12, "test": 12} and data["limit"] == 12
+    assert data["training_items"] == 12
+    assert main([*base, "--train", str(tmp_path / "train.jsonl"), "--limit", "7", "--out", str(tmp_path / "b")]) == 0
+    data = json.loads((tmp_path / "b" / "results.json").read_text())["data"]
+    assert data["examples"] == {"train": 7, "dev": 7}  # 90 / 10 held out first, then the first 7 of each
+    _fails(
+        capsys, [*base, "--data", "builtin:reviews-sentiment", "--out", str(tmp_path / "c"), "--limit", "-1"], "limit"
+    )
 
 
 def test_ner_finetune_with_crf_and_predict_spans(tmp_path: Path, tiny_bert: Path) -> None:
@@ -383,3 +404,21 @@ def test_lora_finetune_saves_peft_adapters_checkpoints_only_what_trains_and_resu
     out = tmp_path / "out.jsonl"
     assert main(["predict", "--model", str(straight), "--input", str(tmp_path / "in.txt"), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["text"] == "质量很好"  # the merged run loads like any other
+
+
+def test_evaluate_on_labelled_data_honours_limit_and_refuses_language_model_settings(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`evaluate --data` scores the first --limit rows and says so; a language-model setting it has no use for
+    (--shots, --window, ...) is refused, not ignored."""
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--model", str(tiny_bert), "--data", "builtin:reviews-sentiment", "--limit", "8"]
+    assert main([*args, "--epochs", "1", "--max-len", "16", "--out", str(out), *FAST]) == 0
+    evaluate = ["evaluate", "--model", str(out), "--data", "builtin:reviews-sentiment:dev"]
+    assert main([*evaluate, "--limit", "5", "--output", str(tmp_path / "e.json")]) == 0
+    scored = json.loads((tmp_path / "e.json").read_text())
+    assert (scored["limit"], scored["rows"], sum(map(sum, scored["confusion_matrix"]))) == (5, 5, 5)
+    capsys.readouterr()
+    assert main([*evaluate, "--shots", "2", "--window", "64"]) == 2
+    assert "--shots, --window: settings of language-model tasks" in " ".join(capsys.readouterr().out.split())
+    assert main([*evaluate, "--limit", "0"]) == 2

@@ -10,11 +10,20 @@ A page shows the real command; where the test must change how it runs, an HTML c
 before the block says so (the rendered page does not show it):
 
 - ``<!-- run skip: REASON -->``: not run (installs, a 15-minute original run elsewhere, the network);
-- ``<!-- run add: FLAGS -->``: FLAGS appended to every ``lmforge pretrain / finetune / demo / nas`` line of the
-  block, the tiny budget (``--training.max-steps 2``, ``--limit 60``);
+- ``<!-- run add: FLAGS -->``: FLAGS appended to every ``lmforge pretrain / finetune / demo / nas / compare /
+  distill`` line of the block (``torchrun ... -m lmforge pretrain`` included), the tiny budget
+  (``--training.max-steps 2``, ``--limit 60``), less the flags a line already gives (a ``replace`` sets those);
+  ``run add: nas: FLAGS`` to the ``lmforge nas`` lines only;
 - ``<!-- run replace: OLD => NEW -->``: the text OLD in the block read as NEW (``make demo`` as the command it
-  runs, so that ``add`` reaches it);
-- ``<!-- run stdin: TEXT -->``: TEXT (with ``\\n`` for line breaks) is the block's standard input (``lmforge chat``).
+  runs, so that ``add`` reaches it; ``\\n`` in NEW is a line break; ``$DOCS_RUN_PORT`` is a free port);
+- ``<!-- run stdin: TEXT -->``: TEXT (with ``\\n`` for line breaks) is the block's standard input (``lmforge chat``);
+- ``<!-- run parallel: WHY -->``: the block's commands run at the same time (two machines' commands, shown one
+  per machine), and the block fails if any of them does;
+- ``<!-- run file: NAME -->`` on a ``json`` / ``text`` block: the block is the file NAME of the reader's directory
+  (the example file the page's commands read), written before the page's commands run.
+
+A ``lmforge serve`` line runs in the background on a free port (the block's ``localhost:8000`` and ``--port
+8000`` follow it) until the block ends; the rest of the block runs once the server answers ``/healthz``.
 
 What a page claims from its runs is checked against them where ``CLAIMS`` names a check (the tutorial's 30-row
 run learns, its default run is warned about and does not).
@@ -29,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -50,16 +60,28 @@ LEARNER_PATH = (
     "concepts/models.md",
     "concepts/contrastive.md",
     "concepts/math.md",
+    "concepts/objectives.md",
+    "concepts/nas.md",
+    "applications/llms.md",
+    "applications/finetune-llm.md",
+    "applications/evaluate-llm.md",
+    "applications/serving.md",
+    "scaling.md",
+    "future.md",
 )
-"""The pages a learner follows from the home page, in order, then the concept pages that build on them; each later
-page may use the runs of earlier ones."""
+"""Every page with commands: the pages a learner follows from the home page, in order, then the concept pages that
+build on them, the real LLMs, serving, scaling and the future; each later page may use the runs of earlier ones."""
 
 RUN = os.environ.get("LMFORGE_DOCS_RUN") == "1"
-_BLOCK = re.compile(r"((?:^<!-- run [a-z]+:[^\n]*-->\n)*)^```(bash|sh|console|python)[^\n]*\n(.*?)^```", re.M | re.S)
+_BLOCK = re.compile(
+    r"((?:^<!-- run [a-z]+:[^\n]*-->\n)*)^```(bash|sh|console|python|json|text)[^\n]*\n(.*?)^```", re.M | re.S
+)
 _MARKER = re.compile(r"^<!-- run ([a-z]+):\s*(.*?)\s*-->$", re.M)
-_BUDGETED = re.compile(r"^\s*(?:\$\s+)?lmforge\s+(pretrain|finetune|demo|nas)\b")
+_BUDGETED = re.compile(r"^\s*(?:\$\s+)?(?:torchrun\s.*?-m\s+)?lmforge\s+(pretrain|finetune|demo|nas|compare|distill)\b")
+_SERVE = re.compile(r"^\s*lmforge\s+serve\b")
+_RUNNABLE = ("bash", "sh", "console", "python")
 _COMMENT = re.compile(r"\s+#[^'\"]*$")
-MARKERS = ("skip", "add", "replace", "stdin")
+MARKERS = ("skip", "add", "replace", "stdin", "parallel", "file")
 
 
 @dataclass
@@ -73,30 +95,64 @@ class Block:
     def __str__(self) -> str:
         return f"docs/zh/{self.page}:{self.line}"
 
-    def script(self) -> str:
-        """The block as it runs: continuation lines joined, replacements made, the budget flags added."""
+    def script(self, port: int = 8000) -> str:
+        """The block as it runs: continuation lines joined, replacements made, the budget flags added, a server
+        started in the background on ``port``, parallel commands started together."""
         text = self.text
         for rule in self.markers.get("replace", []):
             old, new = (part.strip() for part in rule.split("=>"))
             assert old in text, f"{self}: `run replace: {rule}` but the block has no {old!r}"
-            text = text.replace(old, new)
+            text = text.replace(old, new.replace("\\n", "\n"))
         if self.language == "python":
             return text
         text = text.replace("\\\n", " ")
-        flags = " ".join(self.markers.get("add", []))
+        adds = [re.match(r"(?:([a-z]+):\s+)?(.*)", rule).groups() for rule in self.markers.get("add", [])]
+        parallel = "parallel" in self.markers
         lines = []
         for line in text.splitlines():
             line = re.sub(r"^\s*\$\s+", "", line)
-            if flags and _BUDGETED.match(line):
+            budgeted = _BUDGETED.match(line)
+            flags = " ".join(
+                flag
+                for command, given in adds
+                if command in (None, budgeted and budgeted.group(1))
+                for flag in re.findall(r"--\S+(?:\s+(?!--)\S+)*", given)
+                if not re.search(rf"\s{re.escape(flag.split()[0])}(\s|$)", line)  # the line's own value stays
+            )
+            if flags and budgeted:
                 comment = _COMMENT.search(line)
                 cut = comment.start() if comment else len(line)
                 line = f"{line[:cut]} {flags}{line[cut:]}"
-            lines.append(line)
-        return "\n".join(lines) + "\n"
+            if _SERVE.match(line):
+                lines += _server(line, port)
+            elif parallel and line.strip() and not line.lstrip().startswith("#"):
+                comment = _COMMENT.search(line)
+                lines += [f"{line[: comment.start()] if comment else line} &", "_pids+=($!)"]
+            else:
+                lines.append(line)
+        if parallel:
+            lines = ["_pids=()", *lines, 'for _pid in "${_pids[@]}"; do wait "$_pid"; done']
+        script = "\n".join(lines) + "\n"
+        return re.sub(r"(localhost|127\.0\.0\.1):8000\b", rf"\g<1>:{port}", script)
+
+
+def _server(line: str, port: int) -> list[str]:
+    """``lmforge serve`` in the background on ``port`` (stopped when the block ends), then a wait for /healthz."""
+    comment = _COMMENT.search(line)
+    line = line[: comment.start()] if comment else line
+    line = re.sub(r"--port\s+\d+", f"--port {port}", line) if "--port" in line else f"{line} --port {port}"
+    return [
+        f"{line} &",
+        "_server=$!",
+        "trap 'kill $_server 2>/dev/null || true; wait $_server 2>/dev/null || true' EXIT",
+        f"for _ in $(seq 2400); do curl -sf localhost:{port}/healthz > /dev/null && break; "
+        "kill -0 $_server 2>/dev/null || exit 1; sleep 0.25; done",
+        f"curl -sf localhost:{port}/healthz > /dev/null",
+    ]
 
 
 def blocks(page: Path, name: str) -> list[Block]:
-    """The runnable blocks of ``page`` with the markers right above each."""
+    """The runnable blocks of ``page`` and its example files (``run file:``), with the markers right above each."""
     text = page.read_text(encoding="utf-8")
     found = []
     for match in _BLOCK.finditer(text):
@@ -104,8 +160,12 @@ def blocks(page: Path, name: str) -> list[Block]:
         for key, value in _MARKER.findall(match.group(1)):
             assert key in MARKERS, f"{page}: unknown marker `run {key}:`; markers: {', '.join(MARKERS)}"
             markers.setdefault(key, []).append(value)
+        language = match.group(2)
+        if ("file" in markers) != (language not in _RUNNABLE):
+            assert language not in _RUNNABLE, f"{page}: `run file:` on a {language} block; it marks json / text"
+            continue  # an example of a format that no command reads
         line = text.count("\n", 0, match.start(2)) + 1
-        found.append(Block(name, line, match.group(2), match.group(3), markers))
+        found.append(Block(name, line, language, match.group(3), markers))
     return found
 
 
@@ -133,21 +193,59 @@ def test_the_block_reader_and_the_budget_flags(tmp_path: Path) -> None:
         "$ lmforge finetune classify --model m \\\n"
         "    --out runs/c   # a comment\n"
         "lmforge predict --model runs/c --input t.txt\n"
+        "torchrun --nproc-per-node 2 -m lmforge pretrain -c p.yaml\n"
+        "lmforge pretrain --resume r --training.max-steps 4\n"
         "```\n"
         "text\n\n"
         "<!-- run skip: needs the network -->\n"
         "```bash\nlmforge data fetch tang-poems\n```\n"
-        "```python\nprint(1)\n```\n",
+        "```python\nprint(1)\n```\n"
+        '```json\n{"an": "example nothing reads"}\n```\n'
+        "<!-- run file: pairs.jsonl -->\n"
+        '```json\n{"prompt": "p"}\n```\n'
+        "<!-- run parallel: two machines -->\n"
+        "<!-- run add: --limit 5 -->\n"
+        "<!-- run add: nas: --trials.n-trials 1 --space.d-model 16 32 -->\n"
+        "```bash\nlmforge nas --out a   # on one\nlmforge finetune ner --out b\n```\n"
+        "```bash\nlmforge serve --model m=runs/c   # a server\n"
+        "curl -s localhost:8000/v1/classify -d '{}'\n```\n",
         encoding="utf-8",
     )
-    first, second, third = blocks(page, "page.md")
+    first, second, third, example, parallel, serve = blocks(page, "page.md")
     assert first.script() == (
         "lmforge demo --out runs/demo --training.max-steps 2\n"
         "lmforge finetune classify --model m      --out runs/c --training.max-steps 2   # a comment\n"
         "lmforge predict --model runs/c --input t.txt\n"
+        "torchrun --nproc-per-node 2 -m lmforge pretrain -c p.yaml --training.max-steps 2\n"
+        "lmforge pretrain --resume r --training.max-steps 4\n"
     )
-    assert second.markers == {"skip": ["needs the network"]} and second.line == 12
+    assert second.markers == {"skip": ["needs the network"]} and second.line == 14
     assert (third.language, third.markers, third.script()) == ("python", {}, "print(1)\n")
+    assert (example.markers, example.text) == ({"file": ["pairs.jsonl"]}, '{"prompt": "p"}\n')
+    assert parallel.script().splitlines() == [
+        "_pids=()",
+        "lmforge nas --out a --limit 5 --trials.n-trials 1 --space.d-model 16 32 &",
+        "_pids+=($!)",
+        "lmforge finetune ner --out b --limit 5 &",
+        "_pids+=($!)",
+        'for _pid in "${_pids[@]}"; do wait "$_pid"; done',
+    ]
+    lines = serve.script(port=8123).splitlines()
+    assert lines[0] == "lmforge serve --model m=runs/c --port 8123 &" and "kill $_server" in lines[2]
+    assert lines[-1] == "curl -s localhost:8123/v1/classify -d '{}'"
+    assert "curl -sf localhost:8123/healthz" in lines[-2]
+    page.write_text("<!-- run file: x.json -->\n```bash\nls\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="marks json / text"):
+        blocks(page, "page.md")
+
+
+def test_a_served_block_stops_its_server_and_fails_when_the_server_does(tmp_path: Path) -> None:
+    """The server line's process is stopped when the block ends; a server that exits fails the block quickly."""
+    page = tmp_path / "page.md"
+    page.write_text("```bash\nlmforge serve --model nothing=no/such/run\n```\n", encoding="utf-8")
+    (block,) = blocks(page, "page.md")
+    with pytest.raises(AssertionError, match="exit 1"):
+        _run(block, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +256,27 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(block: Block, where: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DOCS_RUN_PORT": str(_free_port()),  # for a replacement's rendezvous endpoint: 127.0.0.1:$DOCS_RUN_PORT
+    }
     stdin = "\n".join(block.markers.get("stdin", [])).replace("\\n", "\n")
+    script = block.script(port=_free_port())
     if block.language == "python":
-        command = [sys.executable, "-c", block.script()]
+        command = [sys.executable, "-c", script]
     else:
-        command = [shutil.which("bash") or "bash", "-euo", "pipefail", "-c", block.script()]
+        command = [shutil.which("bash") or "bash", "-euo", "pipefail", "-c", script]
     done = subprocess.run(command, cwd=where, env=env, input=stdin, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (
-        f"{block}: exit {done.returncode}\n--- ran\n{block.script()}--- output\n{(done.stdout + done.stderr)[-4000:]}"
+        f"{block}: exit {done.returncode}\n--- ran\n{script}--- output\n{(done.stdout + done.stderr)[-4000:]}"
     )
 
 
@@ -193,7 +302,9 @@ CLAIMS = {"tutorial.md": _small_data_claims}
 @pytest.mark.parametrize("name", LEARNER_PATH)
 def test_the_page_runs_as_written(name: str, workspace: Path) -> None:
     page_blocks = _path_blocks("zh")[name]
-    ran = [b for b in page_blocks if "skip" not in b.markers]
+    for example in (b for b in page_blocks if "file" in b.markers):
+        (workspace / example.markers["file"][0]).write_text(example.text, encoding="utf-8")
+    ran = [b for b in page_blocks if not {"skip", "file"} & b.markers.keys()]
     assert ran or name == "getting-started.md", f"docs/zh/{name}: every block is skipped"
     for block in ran:
         _run(block, workspace)

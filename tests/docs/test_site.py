@@ -70,6 +70,20 @@ def test_the_search_index_splits_chinese_into_words(site: Path) -> None:
     assert (site / "search" / "search_index.js").is_file()  # inlined for file:// by the offline plugin
 
 
+def test_each_language_has_its_own_search_index(site: Path) -> None:
+    """docs/hooks/search_index.py splits mkdocs-static-i18n's merged index; English pages look in en/search/."""
+    zh, en = (json.loads((d / "search" / "search_index.json").read_text(encoding="utf-8")) for d in (site, site / "en"))
+    assert {doc["location"].split("#")[0] for doc in zh["docs"]} == {
+        doc["location"].split("#")[0] for doc in en["docs"]
+    }
+    assert "tutorial.html" in {doc["location"] for doc in en["docs"]}  # relative to en/
+    titles = [{doc["location"]: doc["title"] for doc in index["docs"]}["tutorial.html"] for index in (zh, en)]
+    assert re.search(r"[\u4e00-\u9fff]", titles[0]) and not re.search(r"[\u4e00-\u9fff]", titles[1]), titles
+    assert (site / "en" / "search" / "search_index.js").read_text(encoding="utf-8").startswith("var __index = {")
+    for page, base in (("en/index.html", "."), ("en/concepts/nas.html", ".."), ("concepts/nas.html", "..")):
+        assert f'"base": "{base}"' in (site / page).read_text(encoding="utf-8"), page
+
+
 def test_the_command_reference_is_the_cli_help(site: Path) -> None:
     from lmforge.cli import COMMANDS
 
@@ -161,3 +175,41 @@ def test_the_diagrams_are_drawn_offline_in_a_browser(site: Path) -> None:
             assert len(heights) == source and min(heights) > 40, (html, heights)
         browser.close()
     assert not refused and not errors, (refused[:5], errors[:5])
+
+
+def _search(page, html: Path, query: str) -> list[tuple[str, str]]:
+    """The (link, missing terms) of each result of ``query`` in the search box of ``html``, opened from the disk."""
+    page.goto(html.as_uri())
+    page.wait_for_function("document.querySelector('.md-search-result__meta') !== null")
+    page.click("input.md-search__input")
+    page.fill("input.md-search__input", query)
+    page.keyboard.press("End")  # the search listens for keys; fill alone types nothing it hears
+    page.wait_for_selector("li.md-search-result__item", timeout=30_000)  # the worker reads the index first
+    items = page.locator("li.md-search-result__item")
+    found = []
+    for i in range(items.count()):
+        terms = items.nth(i).locator(".md-search-result__terms")
+        missing = terms.first.inner_text().split(":", 1)[-1].strip() if terms.count() else ""
+        found.append((items.nth(i).locator("a").first.get_attribute("href"), missing))
+    return found
+
+
+@pytest.mark.skipif(not (CHROMIUM or os.environ.get("CI")), reason="no Chromium installed (apt-get install chromium)")
+def test_search_finds_chinese_words_and_stays_in_its_language(site: Path) -> None:
+    """In headless Chromium on the files: "预训练" finds the pages that hold it with nothing listed as missing
+    (Material's own cutter searched "预* 训" and listed "缺少: 预*" on every result; docs/hooks/search_index.py),
+    and each language's search lists only its own pages (mkdocs-static-i18n merges the two indexes)."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "CI must run the browser test: install Debian's chromium (see .ci/run)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        chinese = _search(page, site / "index.html", "预训练")
+        english = _search(page, site / "en" / "concepts" / "nas.html", "checkpoint")
+        browser.close()
+    assert len(chinese) >= 5 and not any("/en/" in link for link, _ in chinese), chinese
+    top = [link.split("?")[0].removeprefix(site.as_uri()) for link, _ in chinese[:2]]
+    assert top == ["/tutorial.html", "/concepts/objectives.html"], chinese[:2]  # the pages titled with the word
+    assert [missing for _, missing in chinese[:2]] == ["", ""], chinese[:2]
+    assert len(english) >= 5 and all(link.startswith((site / "en").as_uri() + "/") for link, _ in english), english
