@@ -130,6 +130,7 @@ def _task_names(cfg: Config) -> tuple[list[str], tuple[str, str] | None]:
 def evaluate_lm(cfg: Config) -> list[dict]:
     """--task / --suite: each task's metrics for a decoder or a translator, every task and setting checked before
     any weight loads."""
+    from lmforge.data.poems import is_fetched
     from lmforge.data.readers import check_output_file
     from lmforge.evals.run import (
         DEFINITIONS,
@@ -146,6 +147,18 @@ def evaluate_lm(cfg: Config) -> list[dict]:
     from lmforge.rundir import load_run
 
     names, direction = _task_names(cfg)
+    skipped = {}  # --suite: the built-in tasks whose data is not fetched yet -> that corpus; said, not scored
+    if cfg.suite:
+        skipped = {
+            n: BUILTIN_EVALS[n].fetch
+            for n in names
+            if BUILTIN_EVALS[n].fetch and not is_fetched(BUILTIN_EVALS[n].fetch)
+        }
+        names = [n for n in names if n not in skipped]
+        if not names:
+            raise UserError(
+                f"--suite: every task's data is still to fetch: lmforge data fetch {' '.join(set(skipped.values()))}"
+            )
     if cfg.output:
         check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
     settings = EvalSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalSettings)})
@@ -173,12 +186,15 @@ def evaluate_lm(cfg: Config) -> list[dict]:
             check_translator(task, settings, src=direction[0], tgt=direction[1])
         check(task, settings, max_seq_len=max_seq_len)
     run = load_run(cfg.model)
+    for name, corpus in skipped.items():
+        console.print(f"[yellow]skipped[/yellow] {name}: {corpus} is not fetched yet (`lmforge data fetch {corpus}`)")
     results = []
     for task in tasks:
         console.print(f"[bold]{task.name}[/bold]: {len(task.items[: cfg.limit or None])} rows ({task.source})")
         results.append(evaluate_task(run, task, settings))
     if cfg.output:
-        write_json(cfg.output, {"model": cfg.model, "results": results, "definitions": DEFINITIONS})
+        skips = {"skipped": {name: f"{corpus} is not fetched" for name, corpus in skipped.items()}} if skipped else {}
+        write_json(cfg.output, {"model": cfg.model, "results": results, **skips, "definitions": DEFINITIONS})
     return results
 
 

@@ -123,6 +123,13 @@ def poem_text(poem: dict) -> str:
     return f"{poem['title']}\n{poem['body']}"
 
 
+def is_fetched(corpus: str) -> bool:
+    """Whether ``lmforge data fetch CORPUS`` has written its file where it is read (tang-poems: ``read_tang``)."""
+    if corpus != "tang-poems":
+        raise ValueError(f"{corpus!r}: only tang-poems is fetched")
+    return (data_dir() / TANG_FILE).is_file()
+
+
 def read_tang(path: str | os.PathLike | None = None) -> list[dict]:
     """The converted poems (``fetch``), each ``{title, author, body, text}``."""
     from lmforge.data.readers import read_jsonl

@@ -80,6 +80,11 @@ def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
     if settings.batch_size < 1 or settings.max_new_tokens < 1:
         sizes = f"--batch-size {settings.batch_size} / --max-new-tokens {settings.max_new_tokens}"
         raise UserError(f"{sizes}: must be 1 or more")
+    if task.kind == "generation" and settings.max_new_tokens >= window:
+        raise UserError(
+            f"--max-new-tokens {settings.max_new_tokens}: leaves no room for {task.name}'s prompts in the {window}-token "
+            f"window (the model's max_seq_len {max_seq_len}); give fewer"
+        )
 
 
 def check_shots(tasks: list[EvalTask], shots: int) -> None:

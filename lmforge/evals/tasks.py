@@ -343,11 +343,13 @@ class BuiltinEval:
     kind: Literal["choice", "generation", "perplexity"]
     summary: str
     translation: tuple[str, str] | None = None
+    fetch: str | None = None
+    """The corpus ``lmforge data fetch`` downloads for this task (``--suite`` skips the task, saying so, until then)."""
 
 
 BUILTIN_EVALS: dict[str, BuiltinEval] = {
     "tang-next-line": BuiltinEval(
-        tang_next_line, "choice", "choice: a test poem's true second line among 4 (chance 0.25)"
+        tang_next_line, "choice", "choice: a test poem's true second line among 4 (chance 0.25)", fetch="tang-poems"
     ),
     "tatoeba-zh-en-choice": BuiltinEval(
         tatoeba_zh_en_choice,
@@ -373,7 +375,9 @@ BUILTIN_EVALS: dict[str, BuiltinEval] = {
     "peoples-daily-text:test": BuiltinEval(
         peoples_daily_perplexity, "perplexity", "perplexity of People's Daily test sentences"
     ),
-    "tang-verse:test": BuiltinEval(tang_verse_perplexity, "perplexity", "perplexity of tang-verse test poems"),
+    "tang-verse:test": BuiltinEval(
+        tang_verse_perplexity, "perplexity", "perplexity of tang-verse test poems", fetch="tang-poems"
+    ),
     "chatterbot-zh:test": BuiltinEval(
         chatterbot_replies, "perplexity", "perplexity of chatterbot-zh test replies after their turns"
     ),

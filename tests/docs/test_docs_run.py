@@ -26,7 +26,7 @@ A ``lmforge serve`` line runs in the background on a free port (the block's ``lo
 8000`` follow it) until the block ends; the rest of the block runs once the server answers ``/healthz``.
 
 What a page claims from its runs is checked against them where ``CLAIMS`` names a check (the tutorial's 30-row
-run learns, its default run is warned about and does not).
+run learns, its default run is warned about and does not; the real LLMs' greedy generations are the ones shown).
 
 The blocks run with ``bash -euo pipefail`` (Python blocks with the project's interpreter) and the ``configs/``
 of this checkout; a block that fails fails its page with the page, line, command and output.
@@ -41,6 +41,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,12 +263,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict[str, str]:
+    """The reader's shell: this interpreter's environment first on PATH (its ``lmforge``)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def _run(block: Block, where: Path) -> None:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DOCS_RUN_PORT": str(_free_port()),  # for a replacement's rendezvous endpoint: 127.0.0.1:$DOCS_RUN_PORT
-    }
+    env = {**_env(), "DOCS_RUN_PORT": str(_free_port())}  # for a replacement's rendezvous endpoint
     stdin = "\n".join(block.markers.get("stdin", [])).replace("\\n", "\n")
     script = block.script(port=_free_port())
     if block.language == "python":
@@ -294,7 +296,38 @@ def _small_data_claims(where: Path) -> None:
     assert small["test"]["accuracy"] >= majority + 0.1, (small["test"]["accuracy"], majority)
 
 
-CLAIMS = {"tutorial.md": _small_data_claims}
+_SHOWN = re.compile(r"^```text\n(.*?)^```", re.M | re.S)
+
+
+def _greedy_outputs_shown(page: str) -> Callable[[Path], None]:
+    """The page's unedited greedy generations (a ``$ lmforge generate ... --generation.no-do-sample`` line in a
+    ``text`` block, then its output up to the next ``$`` line): each command, run again, prints what is shown."""
+
+    def check(where: Path) -> None:
+        text = (ROOT / "docs" / "zh" / page).read_text(encoding="utf-8")
+        shown = [
+            (command, output)
+            for block in _SHOWN.findall(text)
+            for command, output in re.findall(r"^\$ (lmforge generate .*?)\n(.*?)(?=^\$ |\Z)", block, re.M | re.S)
+            if "--generation.no-do-sample" in command
+        ]
+        assert shown, f"docs/zh/{page}: no greedy generation shown"
+        for command, output in shown:
+            done = subprocess.run(
+                [shutil.which("bash") or "bash", "-c", command],
+                cwd=where,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert done.stdout.strip() == output.strip(), f"docs/zh/{page}: {command}\n{done.stdout}"
+
+    return check
+
+
+CLAIMS = {"tutorial.md": _small_data_claims, "applications/llms.md": _greedy_outputs_shown("applications/llms.md")}
 """Checks of what a page says its runs give, run after the page."""
 
 

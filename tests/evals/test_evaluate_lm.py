@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
+from lmforge.evals.tasks import BUILTIN_EVALS
 from lmforge.evals.run import chat_messages, choice_scores, draw_shots, fit_shots, plain_prompt, shot_examples
 from lmforge.evals.tasks import ChoiceItem, GenerationItem, load_task, mean_and_stderr, read_task_file
 from tests.commands.test_bad_inputs import _fails
@@ -299,6 +300,18 @@ def test_a_built_in_task_without_its_data_says_which_and_how(
     try:
         args = ["evaluate", "--model", str(chat_gpt), "--task", "tang-next-line"]
         _fails(capsys, args, "task tang-next-line: tang-poems is not fetched yet", "lmforge data fetch tang-poems")
+        # --suite scores what it can and says what it skipped (a fresh clone has not fetched the poems)
+        out = tmp_path / "suite.json"
+        suite = ["evaluate", "--model", str(chat_gpt), "--suite", "--limit", "2", "--output", str(out)]
+        _fails(capsys, suite, "--max-new-tokens 64: leaves no room for tatoeba-zh-en's prompts in the 64-token window")
+        assert not out.exists()  # refused before any task was scored
+        assert main([*suite, "--max-new-tokens", "8"]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert "skipped tang-next-line: tang-poems is not fetched yet (`lmforge data fetch tang-poems`)" in said
+        written = json.loads(out.read_text(encoding="utf-8"))
+        fetched = [name for name, b in BUILTIN_EVALS.items() if b.fetch is None]
+        assert [r["task"] for r in written["results"]] == fetched and len(fetched) == len(BUILTIN_EVALS) - 2
+        assert written["skipped"] == {n: "tang-poems is not fetched" for n in ("tang-next-line", "tang-verse:test")}
     finally:
         builtin.tang_poems.cache_clear()
         builtin.tang_verse.cache_clear()
