@@ -127,10 +127,24 @@ def _task_names(cfg: Config) -> tuple[list[str], tuple[str, str] | None]:
     return names, (source, target)
 
 
+def _not_fetched(names: list[str]) -> dict[str, str]:
+    """--suite: the built-in tasks whose data ``lmforge data fetch`` has not downloaded yet -> that corpus; refused
+    when that is every task."""
+    from lmforge.data.poems import is_fetched
+    from lmforge.evals.tasks import BUILTIN_EVALS
+
+    fetch = {n: BUILTIN_EVALS[n].fetch for n in names if BUILTIN_EVALS[n].fetch}
+    skipped = {n: corpus for n, corpus in fetch.items() if not is_fetched(corpus)}
+    if len(skipped) == len(names):
+        raise UserError(
+            f"--suite: every task's data is still to fetch: lmforge data fetch {' '.join(set(skipped.values()))}"
+        )
+    return skipped
+
+
 def evaluate_lm(cfg: Config) -> list[dict]:
     """--task / --suite: each task's metrics for a decoder or a translator, every task and setting checked before
     any weight loads."""
-    from lmforge.data.poems import is_fetched
     from lmforge.data.readers import check_output_file
     from lmforge.evals.run import (
         DEFINITIONS,
@@ -147,18 +161,8 @@ def evaluate_lm(cfg: Config) -> list[dict]:
     from lmforge.rundir import load_run
 
     names, direction = _task_names(cfg)
-    skipped = {}  # --suite: the built-in tasks whose data is not fetched yet -> that corpus; said, not scored
-    if cfg.suite:
-        skipped = {
-            n: BUILTIN_EVALS[n].fetch
-            for n in names
-            if BUILTIN_EVALS[n].fetch and not is_fetched(BUILTIN_EVALS[n].fetch)
-        }
-        names = [n for n in names if n not in skipped]
-        if not names:
-            raise UserError(
-                f"--suite: every task's data is still to fetch: lmforge data fetch {' '.join(set(skipped.values()))}"
-            )
+    skipped = _not_fetched(names) if cfg.suite else {}  # said, not scored
+    names = [n for n in names if n not in skipped]
     if cfg.output:
         check_output_file(cfg.output, inputs=[n for n in names if Path(n).exists()])
     settings = EvalSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalSettings)})
@@ -184,7 +188,7 @@ def evaluate_lm(cfg: Config) -> list[dict]:
     for task in tasks:
         if direction:
             check_translator(task, settings, src=direction[0], tgt=direction[1])
-        check(task, settings, max_seq_len=max_seq_len)
+        check(task, settings, max_seq_len=max_seq_len, translator=direction is not None)
     run = load_run(cfg.model)
     for name, corpus in skipped.items():
         console.print(f"[yellow]skipped[/yellow] {name}: {corpus} is not fetched yet (`lmforge data fetch {corpus}`)")

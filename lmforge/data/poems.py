@@ -146,6 +146,11 @@ def read_tang(path: str | os.PathLike | None = None) -> list[dict]:
 _LINE = re.compile(r"([^，。！？；、：]+)([，。！？；])")
 
 
+def poem_lines(body: str) -> list[tuple[str, str]]:
+    """Each line of a poem's body as (its characters, its closing punctuation)."""
+    return _LINE.findall(body)
+
+
 def poem_form(body: str) -> int | None:
     """5 or 7 when ``body`` is a well-formed regulated poem of that line length, else None.
 

@@ -60,9 +60,10 @@ class EvalSettings:
     chat_template: Literal["auto", "on", "off"] = "auto"
 
 
-def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
+def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int, translator: bool = False) -> None:
     """What makes this task unscorable with these settings, refused before any work (k shots are drawn for choice
-    and generation tasks; ``check_shots`` refuses them for a list with neither)."""
+    and generation tasks; ``check_shots`` refuses them for a list with neither). ``translator``: an
+    encoder-decoder, whose prompt (the source sentence) does not share the decoder's window with what it writes."""
     if settings.shots < 0:
         raise UserError(f"--shots {settings.shots}: must be 0 or more")
     if settings.shots and task.kind in SHOT_KINDS:
@@ -80,10 +81,10 @@ def check(task: EvalTask, settings: EvalSettings, *, max_seq_len: int) -> None:
     if settings.batch_size < 1 or settings.max_new_tokens < 1:
         sizes = f"--batch-size {settings.batch_size} / --max-new-tokens {settings.max_new_tokens}"
         raise UserError(f"{sizes}: must be 1 or more")
-    if task.kind == "generation" and settings.max_new_tokens >= window:
+    if task.kind == "generation" and not translator and settings.max_new_tokens >= window:
         raise UserError(
-            f"--max-new-tokens {settings.max_new_tokens}: leaves no room for {task.name}'s prompts in the {window}-token "
-            f"window (the model's max_seq_len {max_seq_len}); give fewer"
+            f"--max-new-tokens {settings.max_new_tokens}: leaves no room for {task.name}'s prompts in the "
+            f"{window}-token window (the model's max_seq_len {max_seq_len}); give fewer"
         )
 
 
@@ -146,7 +147,7 @@ def evaluate_task(run, task: EvalTask, settings: EvalSettings) -> dict:
     translator = task_entry(run.task_name).translator
     if translator:
         check_translator(task, settings, src=run.task.src_lang, tgt=run.task.tgt_lang)
-    check(task, settings, max_seq_len=run.model.cfg.max_seq_len)
+    check(task, settings, max_seq_len=run.model.cfg.max_seq_len, translator=translator)
     items = task.items[: settings.limit] if settings.limit else task.items
     chat = not translator and is_chat(run, settings)
     started = time.perf_counter()

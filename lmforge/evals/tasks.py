@@ -211,9 +211,9 @@ def _choices(rng: random.Random, true: str, others: list[str], k: int) -> tuple[
 
 
 def _poem_lines(body: str) -> list[str]:
-    from lmforge.data.poems import _LINE
+    from lmforge.data.poems import poem_lines
 
-    return [text + mark for text, mark in _LINE.findall(body)]
+    return [text + mark for text, mark in poem_lines(body)]
 
 
 def _tang_next_line(split: str, seed: int) -> list[ChoiceItem]:

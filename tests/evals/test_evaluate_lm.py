@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.evals.tasks import BUILTIN_EVALS
 from lmforge.evals.run import chat_messages, choice_scores, draw_shots, fit_shots, plain_prompt, shot_examples
-from lmforge.evals.tasks import ChoiceItem, GenerationItem, load_task, mean_and_stderr, read_task_file
+from lmforge.evals.tasks import BUILTIN_EVALS, ChoiceItem, GenerationItem, load_task, mean_and_stderr, read_task_file
 from tests.commands.test_bad_inputs import _fails
 
 ROWS = [
