@@ -128,11 +128,17 @@ def test_tokenizer_train_names_the_bad_line(tmp_path: Path, capsys: pytest.Captu
     assert "d.jsonl:2" in " ".join(capsys.readouterr().out.split())
 
 
-def test_data_list_prints_sizes(capsys: pytest.CaptureFixture, tatoeba_path: Path) -> None:
+def test_data_list_prints_sizes(
+    capsys: pytest.CaptureFixture, tatoeba_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMFORGE_DATA", str(tmp_path))  # the poems are not fetched there
     assert main(["data", "list", "--path", str(tatoeba_path)]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     for name in ("reviews-sentiment", "peoples-daily-ner", "pretrain-zh", "tatoeba-cmn-en", "13,890"):
         assert name in out
+    # the corpora still to fetch are said once, after the table, with the command (no error text above it)
+    assert "is missing" not in out and out.index("Built-in corpora") < out.index("tang-poems, tang-verse: not fetched")
+    assert "tang-poems, tang-verse: not fetched yet; `lmforge data fetch tang-poems` downloads it once" in out
 
 
 def test_data_export_writes_files(tmp_path: Path) -> None:

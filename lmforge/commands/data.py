@@ -33,16 +33,24 @@ class ExportConfig:
 
 
 def run_list(cfg: ListConfig) -> None:
-    rows = []
+    from lmforge.data.poems import is_fetched
+
+    rows, unfetched = [], {}
     for name, b in builtin.BUILTINS.items():
-        try:
-            splits = builtin.load_builtin(name, path=cfg.path)
-            sizes = [f"{len(splits[s]):,}" for s in builtin.SPLITS]
-        except ValueError as e:
+        if b.fetch and not is_fetched(b.fetch):
             sizes = ["-", "-", "-"]
-            console.print(f"[yellow]{name}[/yellow]: {e}")
+            unfetched.setdefault(b.fetch, []).append(name)
+        else:
+            try:
+                splits = builtin.load_builtin(name, path=cfg.path)
+                sizes = [f"{len(splits[s]):,}" for s in builtin.SPLITS]
+            except ValueError as e:
+                sizes = ["-", "-", "-"]
+                console.print(f"[yellow]{name}[/yellow]: {e}")
         rows.append([name, b.task, *sizes, b.source])
     print_table("Built-in corpora", ["name", "task", "train", "dev", "test", "source"], rows)
+    for corpus, names in unfetched.items():
+        console.print(f"{', '.join(names)}: not fetched yet; `lmforge data fetch {corpus}` downloads it once")
 
 
 def run_export(cfg: ExportConfig) -> None:

