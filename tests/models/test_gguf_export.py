@@ -82,7 +82,10 @@ def _ours(model_dir: Path, prompts: list[str], n: int) -> tuple[list[list[int]],
 def test_llamacpp_generates_what_lmforge_generates(
     models: dict[str, Path], family: str, tmp_path: Path, mixed_corpus: Path
 ) -> None:
-    """f16: the same 32 greedy tokens for each of 10 prompts; q8_0: at least 95% of them; q4_0 runs."""
+    """f16: the same 32 greedy tokens for each of 10 prompts. q8_0: llama.cpp's next token after each prefix of ours
+    is ours at least 95% of the time (teacher-forced: a free-running comparison counts every token after a first
+    near-tie flip as a mismatch, and where near-ties fall depends on the CPU's int8 kernels: on an AMX Xeon the gpt2
+    and llama models agreed 0.90 and 0.95 free-running, 0.994 step by step). q4_0 runs."""
     texts = _prompts(mixed_corpus)
     ours, prompts = _ours(models[family], texts, 32)
     assert all(len(a) == 32 for a in ours)  # the models learnt no end token: 32 tokens each, compared one by one
@@ -95,13 +98,14 @@ def test_llamacpp_generates_what_lmforge_generates(
             if quant == "f16":
                 for text, ids in zip(texts, prompts, strict=True):
                     assert llama.tokenize(text) == ids, text
-            theirs = [llama.greedy(ids, 32) for ids in prompts]
+                theirs = [llama.greedy(ids, 32) for ids in prompts]
+                assert theirs == ours
+                continue
+            nexts = [[llama.greedy(ids + a[:k], 1)[0] for k in range(32)] for ids, a in zip(prompts, ours, strict=True)]
         finally:
             llama.close()
-        assert all(len(b) == 32 for b in theirs)
-        same = sum(x == y for a, b in zip(ours, theirs, strict=True) for x, y in zip(a, b, strict=False))
+        same = sum(x == y for a, b in zip(ours, nexts, strict=True) for x, y in zip(a, b, strict=True))
         agreement[quant] = same / sum(len(a) for a in ours)
-    assert agreement["f16"] == 1.0, agreement
     assert agreement["q8_0"] >= 0.95, agreement
 
 
