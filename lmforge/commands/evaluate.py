@@ -214,8 +214,17 @@ def _lm_table(cfg: Config, results: list[dict]) -> None:
     print_table(f"{cfg.model}", ["task", "metric", "score", "rows", "seconds"], rows)
 
 
-LM_ONLY = ("shots", "shots_file", "seed", "window", "stride", "batch_size", "max_new_tokens", "chat_template")
-LM_ONLY += ("choice_format",)
+LM_ONLY = (
+    "shots",
+    "shots_file",
+    "seed",
+    "window",
+    "stride",
+    "batch_size",
+    "max_new_tokens",
+    "chat_template",
+    "choice_format",
+)
 """The settings of language-model tasks, which --data (a classify / NER run on labelled rows) has no use for."""
 
 

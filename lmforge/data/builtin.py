@@ -301,6 +301,11 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 
+def first_examples(splits: Splits, limit: int) -> Splits:
+    """The first ``limit`` examples of each split (``--limit``, a quick check of a recipe); all of them when 0."""
+    return {name: examples[:limit] for name, examples in splits.items()} if limit else splits
+
+
 def load_builtin(name: str, *, path: str | os.PathLike | None = None) -> Splits:
     """The splits of built-in corpus ``name`` (``path`` only for tatoeba-cmn-en)."""
     if name not in BUILTINS:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.builtin import load_builtin
+from lmforge.data.builtin import first_examples, load_builtin
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import atomic_write, read_yaml, write_json, write_text, write_yaml
@@ -212,7 +212,7 @@ def finetune_on_tasks(
     is reused. ``epochs``: per corpus. Returns {corpus: {"test", "dev": scalar metrics, "steps", "seconds"}}."""
     found = {}
     for data, plan in BUILTIN_FINETUNES.items():
-        splits = {k: v[:limit] for k, v in load_builtin(data).items()} if limit else None
+        splits = first_examples(load_builtin(data), limit) if limit else None
         run_dir = root / data
         ft = finetune_config(
             out=run_dir,

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.builtin import load_builtin
+from lmforge.data.builtin import first_examples, load_builtin
 from lmforge.files import write_json, write_text
 from lmforge.metrics import DEFINITIONS
 from lmforge.rundir.convert import convert_builtin
@@ -151,10 +151,6 @@ def pretrain_config(
     )
 
 
-def _limited(splits: dict, limit: int) -> dict:
-    return {k: v[:limit] for k, v in splits.items()} if limit else splits
-
-
 @holds_out_dir
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns (and writes) results.json's content."""
@@ -210,7 +206,7 @@ def _finetune_corpus(
     """The demo's systems on one built-in corpus: the pretrained BERT, the same from scratch, e5-small (with
     ``--with-e5``) and the baseline; their scores, with wall times and speeds added to ``wall`` / ``speed``."""
     plan = BUILTIN_FINETUNES[data]
-    splits = _limited(load_builtin(data), cfg.limit)
+    splits = first_examples(load_builtin(data), cfg.limit)
     configs = {init: _finetune_config(cfg, budget, out, data, init, splits) for init in ("pretrained", "scratch")}
     if cfg.with_e5:
         configs[E5] = _e5_finetune_config(cfg, out, data, splits)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.data.builtin import BUILTINS, load_builtin
+from lmforge.data.builtin import BUILTINS, first_examples, load_builtin
 from lmforge.data.readers import ReadReport
 from lmforge.errors import UserError
 from lmforge.files import write_json, write_yaml
@@ -186,7 +186,7 @@ def load_splits(
             raise UserError(f"--data {cfg.data!r}: expected one of {', '.join(names)} (or --train/--dev files)")
         if cfg.train or cfg.dev or cfg.test:
             raise UserError("give either --data builtin:NAME or --train/--dev/--test files, not both")
-        return _first(load_builtin(name, path=builtin_path), cfg.limit), []
+        return first_examples(load_builtin(name, path=builtin_path), cfg.limit), []
     if not cfg.train:
         raise UserError("no training data: pass --train FILE (and --dev, --test) or --data builtin:NAME")
     default_reader = read is None
@@ -210,14 +210,10 @@ def load_splits(
                 "on. Give --dev FILE, or more rows"
             )
         splits["train"], splits["dev"] = split_off_dev(splits["train"], cfg.training.seed)
-    splits = _first(splits, cfg.limit)
+    splits = first_examples(splits, cfg.limit)
     if default_reader:  # a head over labels or tags predicts the training labels only
         _check_labels_seen_in_training(splits, cfg.train)
     return splits, reports
-
-
-def _first(splits: dict[str, list[dict]], limit: int) -> dict[str, list[dict]]:
-    return {name: examples[:limit] for name, examples in splits.items()} if limit else splits
 
 
 def _check_labels_seen_in_training(splits: dict[str, list[dict]], train_path: str) -> None:
